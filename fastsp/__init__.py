@@ -1,0 +1,1 @@
+"""fastsp: performance-first diffusion training with the self-perceptual objective."""

@@ -1,0 +1,1 @@
+"""Triton kernels of fastsp, installed as `fastsp.kernels`."""

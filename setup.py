@@ -1,0 +1,40 @@
+"""fastsp: a performance-first trainer for diffusion models with the self-perceptual objective.
+
+`kernels/` (the Triton kernels) is installed as the subpackage `fastsp.kernels`: a bare top-level
+`kernels` would collide with an unrelated PyPI project.
+"""
+
+from setuptools import setup
+
+setup(
+    name="fastsp",
+    version="0.1.0",
+    description="Performance-first PyTorch trainer for diffusion models with the self-perceptual objective",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastsp", "fastsp.kernels"],
+    package_dir={"fastsp": "fastsp", "fastsp.kernels": "kernels"},
+    install_requires=[
+        # No upper pin: on CPU machines install torch first (README) so pip keeps that build.
+        "torch>=2.10",
+        "triton>=3.2; platform_system == 'Linux'",
+        # xformers has CUDA operators only; torch SDPA serves every other device.
+        "xformers>=0.0.30; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy>=1.24",
+        # The embedded default data set (8x8 digits) ships inside scikit-learn.
+        "scikit-learn>=1.3",
+        "pillow>=10.0",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "build>=1.0", "wheel"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fastsp-train=fastsp.train:main",
+            "fastsp-sample=fastsp.sample:main",
+        ],
+    },
+)
