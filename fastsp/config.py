@@ -1,0 +1,296 @@
+"""Typed training configuration, named presets, and the command-line layer over them.
+
+One flat dataclass holds every training field; the UNet's architecture is its own dataclass
+(`fastsp.unet.UNetConfig`). On the command line every field of both is `--field-name VALUE`
+(booleans: `--field-name` / `--no-field-name`; tuples: comma-separated). A preset fills in the
+defaults; explicit options override it. Everything is validated before any work starts, and the
+resolved configuration is written into the run folder and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsp.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS
+from fastsp.unet import UNET_PRESETS, UNetConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field, the value and what is allowed."""
+
+
+CONDITIONINGS = ("none", "class", "context")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "apex_fused_adam")
+DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs, besides the UNet's shape (see `UNetConfig`)."""
+
+    preset: str = "digits"  # the preset these values started from (informational once resolved)
+    # data
+    data: str = "digits"  # "digits" (built in), "synthetic", or a folder of images / latent shards
+    data_format: str = "auto"  # how to read `data`; auto detects latents vs images
+    resolution: int = 16  # image (or latent) side length the model trains at
+    channels: int = 1  # image folders: 1 = grayscale, 3 = RGB; synthetic data: any (sd21: 4)
+    latent_scale: float = 1.0  # multiplies latents read from shards (SD's VAE: 0.18215)
+    random_flip: bool = True  # horizontal flips for image folders (never for digits)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    # conditioning
+    cond: str = "class"  # none | class (labels, with a null label) | context (cross-attention)
+    label_dropout: float = 0.1  # probability a label (or context) is replaced by the null one (CFG)
+    context_len: int = 77  # context sequence length for synthetic context data
+    # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction)
+    beta_schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = True
+    prediction_type: str = "v"
+    # optimisation
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 64  # global batch: summed over ranks and gradient-accumulation micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3
+    lr_warmup_steps: int = 100  # linear warm-up from 0 to lr
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw (torch; fused kernel on CUDA) | apex_fused_adam (needs apex)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.999  # EMA of the weights, used for samples
+    # execution
+    device: str = "auto"  # auto = cuda when available, else cpu
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = False  # channels_last memory format for the model and its inputs
+    seed: int = 0
+    # outputs
+    out: str = "runs/digits"  # run folder: config, metrics, samples, checkpoints
+    resume: bool = False  # continue from the run folder's latest checkpoint (fresh if none)
+    log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
+    checkpoint_every: int = 1000  # steps between checkpoints; one is always written at the end
+    sample_every: int = 1000  # steps between sample grids; one is always written at the end
+    sample_num: int = 64  # images in a sample grid
+    sample_steps: int = 50  # sampler steps for sample grids
+    sample_sampler: str = "ddim"  # ddim | euler
+    sample_cfg: float = 1.0  # classifier-free guidance scale for sample grids (1 = none)
+    sample_cfg_rescale: float = 0.0  # CFG rescale phi for sample grids
+
+    def __post_init__(self):
+        _require_choice("data_format", self.data_format, DATA_FORMATS)
+        _require_choice("cond", self.cond, CONDITIONINGS)
+        _require_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _require_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require_choice("device", self.device, DEVICES)
+        _require_choice("precision", self.precision, PRECISIONS)
+        _require_choice("sample_sampler", self.sample_sampler, SAMPLERS)
+        for name in ("resolution", "num_timesteps", "steps", "batch_size", "grad_accum"):
+            _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("sample_num", "sample_steps", "log_every", "context_len"):
+            _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("num_workers", "lr_warmup_steps", "checkpoint_every", "sample_every"):
+            _require(self, name, getattr(self, name) >= 0, "an integer >= 0 (0 disables)")
+        _require(self, "channels", self.channels >= 1, "an integer >= 1 (image folders: 1 or 3)")
+        _require(self, "lr", self.lr > 0, "a number > 0")
+        _require(self, "latent_scale", self.latent_scale > 0, "a number > 0")
+        _require(self, "label_dropout", 0 <= self.label_dropout < 1, "a probability in [0, 1)")
+        _require(self, "beta_start", 0 < self.beta_start < 1, "a number in (0, 1)")
+        _require(self, "beta_end", self.beta_start <= self.beta_end < 1, "a number in [beta_start, 1)")
+        _require(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
+        _require(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)")
+        _require(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)")
+        _require(self, "adam_eps", self.adam_eps > 0, "a number > 0")
+        _require(self, "grad_clip", self.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
+        _require(self, "ema_decay", 0 <= self.ema_decay < 1, "a number in [0, 1)")
+        _require(self, "sample_cfg", self.sample_cfg >= 0, "a number >= 0 (1 = no guidance)")
+        _require(self, "sample_cfg_rescale", 0 <= self.sample_cfg_rescale <= 1, "a number in [0, 1]")
+        if self.prediction_type == "eps" and self.zero_terminal_snr:
+            raise ConfigError(
+                "prediction_type='eps' cannot be trained with zero_terminal_snr: at the last "
+                "timestep sqrt(alpha_bar) = 0, so x0 = (x_t - s*eps)/a divides by zero. Use "
+                "--prediction-type v (the paper's choice) or --no-zero-terminal-snr."
+            )
+
+
+# The presets. Each names its UNet shape (fastsp.unet.UNET_PRESETS) and overrides TrainConfig's
+# defaults. `digits` is the CPU demo and the default; `tiny` is for tests; `sd21` is the Stable
+# Diffusion 2.1-base UNet for GPU benchmarks (synthetic latents and context unless --data is set).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        resolution=8,
+        batch_size=8,
+        steps=20,
+        lr=1e-3,
+        lr_warmup_steps=0,
+        log_every=5,
+        checkpoint_every=0,
+        sample_every=0,
+        sample_num=16,
+        sample_steps=4,
+        out="runs/tiny",
+    ),
+    "digits": dict(out="runs/digits"),
+    "sd21": dict(
+        data="synthetic",
+        resolution=64,
+        channels=4,
+        cond="context",
+        batch_size=32,
+        steps=1000,
+        lr=1e-4,
+        lr_warmup_steps=500,
+        weight_decay=0.01,
+        ema_decay=0.9999,
+        channels_last=True,
+        checkpoint_every=0,
+        sample_every=0,
+        sample_num=4,
+        out="runs/sd21",
+    ),
+}
+
+
+def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value {getattr(config, name)!r} for {name}: it must be {allowed}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid value {value!r} for {name}: choose one of {', '.join(choices)}")
+
+
+def resolve(
+    preset: str, train_overrides: dict[str, Any], model_overrides: dict[str, Any]
+) -> tuple[TrainConfig, UNetConfig]:
+    """Preset defaults, then explicit overrides; both dataclasses validate on construction."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    try:
+        train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
+        model = dataclasses.replace(UNET_PRESETS[preset], **model_overrides)
+    except ValueError as error:  # UNetConfig validates with ValueError; present both the same way
+        raise ConfigError(str(error)) from None
+    return train, model
+
+
+def to_dict(train: TrainConfig, model: UNetConfig) -> dict[str, Any]:
+    """The resolved configuration as written to config.json (tuples become lists)."""
+    return {"train": dataclasses.asdict(train), "model": dataclasses.asdict(model)}
+
+
+def model_config_from_dict(values: dict[str, Any]) -> UNetConfig:
+    """Rebuild a UNetConfig from config.json (JSON has lists where the dataclass has tuples)."""
+    known = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config.json has unknown model fields {unknown}: written by another version?")
+    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config.json has unknown training fields {unknown}: written by another version?")
+    return TrainConfig(**values)
+
+
+def dumps(train: TrainConfig, model: UNetConfig) -> str:
+    return json.dumps(to_dict(train, model), indent=2, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error that suggests the closest option and exits with status 2."""
+
+    def error(self, message: str):
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            options = [o for action in self._actions for o in action.option_strings]
+            for word in words:
+                close = difflib.get_close_matches(word, options, n=1)
+                if close:
+                    hint = f" (did you mean {close[0]}?)"
+                    break
+        sys.stderr.write(f"error: {message}{hint}\nrun with --help to list every option\n")
+        raise SystemExit(2)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int; `tuple[int, ...]` -> tuple."""
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        dest = f"{cls.__name__}.{f.name}"
+        if kind is bool:
+            parser.add_argument(
+                _option(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None
+            )
+        elif kind is tuple:
+            parser.add_argument(_option(f.name), dest=dest, type=_int_tuple, default=None, metavar="A,B,...")
+        else:
+            parser.add_argument(_option(f.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastsp/train.py",
+        description="Train a diffusion model (MSE objective). Every config field is an option; "
+        "a preset supplies the defaults.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--preset", default="digits", help=f"one of {', '.join(PRESETS)} (default: digits)")
+    _add_dataclass_options(parser, TrainConfig, skip={"preset"})
+    # in_channels and num_classes come from the data set; the rest of the UNet shape is an option.
+    _add_dataclass_options(parser, UNetConfig, skip={"in_channels", "num_classes"})
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, UNetConfig]:
+    """Parse the command line into validated configs; a bad value exits with status 2."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    train_overrides = {k.split(".", 1)[1]: v for k, v in args.items() if k.startswith("TrainConfig.") and v is not None}
+    model_overrides = {k.split(".", 1)[1]: v for k, v in args.items() if k.startswith("UNetConfig.") and v is not None}
+    try:
+        return resolve(args["preset"], train_overrides, model_overrides)
+    except ConfigError as error:
+        parser.error(str(error))

@@ -1,0 +1,777 @@
+"""Data sets and the sharded, resumable batch stream.
+
+Data sets: the built-in 8x8 digits (scikit-learn ships them, so nothing is downloaded), a folder of
+images (one subfolder per class), a folder of precomputed VAE latent shards, and synthetic noise
+for benchmarks. Every data set is indexed by a key `(index, flip)` and returns
+`{"x": [C, R, R] float32 in [-1, 1], "label": int64 0-d, "context": [L, D] (optional)}`.
+
+The stream: training reads one infinite sequence of keys, the concatenation of per-epoch
+permutations `perm_e = randperm(N)` drawn from a generator seeded by a hash of `(seed, e)`; the
+flip bit of each position is drawn from the same generator. Nothing depends on worker RNG, the
+world size or how many steps ran before.
+
+Sharding: step `s` covers stream positions `[s*B, (s+1)*B)` for the global batch `B`; rank `r`
+of `W` takes the contiguous slice `[r*B/W, (r+1)*B/W)`. Concatenating the ranks' slices gives the
+one-process batch, so a run's data does not change with the number of GPUs.
+
+Resume: a step's keys are a pure function of `(seed, N, B, step)`, so starting the sampler at
+`start_step = k` (from a checkpoint) continues mid-epoch exactly where step `k` of an
+uninterrupted run would be; only the current epoch's permutation is computed and cached.
+"""
+
+from __future__ import annotations
+
+import bisect
+import numbers
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "DATA_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "LatentsDataset",
+    "ShardedBatchSampler",
+    "SyntheticDataset",
+    "build_dataset",
+    "make_loader",
+]
+
+DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+
+DIGITS_HELDOUT = 297  # held-out images of the 1,797; the other 1,500 train
+_DIGITS_SPLIT_SEED = 0  # fixed forever: the split must not move with a run's --seed
+_SYNTHETIC_ITEMS = 10_000
+
+_FIX_DATA = (
+    "pass --data PATH to a folder of images (one subfolder per class) or of latent shards, "
+    "or --data digits for the built-in data set"
+)
+
+
+class DataError(ValueError):
+    """Bad user data: the message names the file or folder, the problem and the fix."""
+
+
+def _split_key(key) -> tuple[int, bool]:
+    """A sampler key `(index, flip)`; a bare int means no flip."""
+    if isinstance(key, tuple):
+        index, flip = key
+        return int(index), bool(flip)
+    return int(key), False
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_index(index: int, n: int) -> int:
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for a data set of {n} items")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in digits
+# ---------------------------------------------------------------------------------------------
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits, upsampled to `resolution`, fixed train/held-out split.
+
+    1,797 images of 10 classes; pixel values 0..16 map linearly to [-1, 1], then bilinear
+    (half-pixel centers, no antialias) upsampling 8 -> resolution. The split is a permutation from
+    `numpy.random.default_rng(0)`: its first 297 indices are held out, the other 1,500 train.
+    The whole split is precomputed as `images` [N, 1, R, R] and `labels` [N]; flip is ignored
+    (digits are not mirror-symmetric).
+    """
+
+    num_classes = 10
+    channels = 1
+    has_context = False
+    context_shape = None
+
+    def __init__(self, split: str = "train", resolution: int = 16):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if not _is_int(resolution) or resolution < 8:
+            raise ValueError(
+                f"digits resolution must be an integer >= 8 (the source images are 8x8), "
+                f"got {resolution!r}"
+            )
+        from sklearn.datasets import load_digits  # local: a slow import that only digits needs
+
+        digits = load_digits()
+        perm = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(digits.target))
+        indices = np.sort(perm[:DIGITS_HELDOUT] if split == "heldout" else perm[DIGITS_HELDOUT:])
+        pixels = torch.from_numpy(digits.images[indices].astype(np.float32))  # [N, 8, 8], 0..16
+        x = (pixels / 8.0 - 1.0).unsqueeze(1)  # [N, 1, 8, 8] in [-1, 1]
+        if resolution != 8:
+            x = F.interpolate(
+                x,
+                size=(resolution, resolution),
+                mode="bilinear",
+                align_corners=False,
+                antialias=False,
+            )
+        self.split = split
+        self.resolution = resolution
+        self.indices = indices  # rows of load_digits() in this split
+        self.images = x.clamp_(-1.0, 1.0).contiguous()  # [N, 1, R, R] float32
+        self.labels = torch.from_numpy(digits.target[indices].astype(np.int64))  # [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index = _check_index(_split_key(key)[0], len(self))
+        return {"x": self.images[index], "label": self.labels[index]}
+
+    def get_batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One index op per batch: `index` [B] int64 -> {"x": [B, 1, R, R], "label": [B]}."""
+        return {"x": self.images[index], "label": self.labels[index]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _find_images(folder: str) -> list[str]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return found
+
+
+def _header_error(path: str) -> str | None:
+    """Why PIL cannot open `path` (reads only the header), or None when it can."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except UnidentifiedImageError:
+        return "not an image PIL can identify: empty, truncated or another format"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    if width < 1 or height < 1:
+        return f"it has size {width}x{height}"
+    return None
+
+
+def _missing_folder(kind: str, root: str) -> DataError:
+    return DataError(f"{kind} '{root}' does not exist; {_FIX_DATA}")
+
+
+class ImageFolderDataset(Dataset):
+    """A folder of images: one subfolder per class, or images directly in `root` (unlabeled).
+
+    Classes are the subfolders that hold images, in sorted order (`class_names[label]`); a class
+    folder is searched recursively. Each image is decoded with PIL, converted to RGB (channels 3)
+    or L (channels 1), resized so its short side is `resolution` (bicubic, antialiased),
+    center-cropped to `resolution` x `resolution` and scaled to [-1, 1]; it is mirrored
+    horizontally when the key's flip bit is set and `random_flip` is on. Every file's header is
+    checked at construction, so a broken file fails the run at start, not hours in.
+    """
+
+    has_context = False
+    context_shape = None
+
+    def __init__(self, root, resolution: int, channels: int = 3, random_flip: bool = True):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        if not _is_int(resolution) or resolution < 1:
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        root = os.fspath(root)
+        if not os.path.exists(root):
+            raise _missing_folder("image folder", root)
+        if not os.path.isdir(root):
+            raise DataError(f"image folder '{root}' is a file, not a folder; {_FIX_DATA}")
+
+        top = sorted(e for e in os.listdir(root) if not e.startswith("."))
+        top_images = [os.path.join(root, e) for e in top if _is_image(e)]
+        top_images = [p for p in top_images if os.path.isfile(p)]
+        classes = []
+        for name in top:
+            sub = os.path.join(root, name)
+            if os.path.isdir(sub):
+                images = _find_images(sub)
+                if images:
+                    classes.append((name, images))
+        if classes and top_images:
+            raise DataError(
+                f"image folder '{root}' has images both directly in it (e.g. '{top_images[0]}') "
+                f"and in class subfolders; move every image into a class subfolder, "
+                f"or every image into '{root}' for an unlabeled data set"
+            )
+        if classes:
+            self.class_names = [name for name, _ in classes]
+            self.files = [path for _, images in classes for path in images]
+            self.file_labels = [lab for lab, (_, imgs) in enumerate(classes) for _ in imgs]
+        else:
+            self.class_names = []
+            self.files = top_images
+            self.file_labels = [0] * len(top_images)
+        if not self.files:
+            raise DataError(
+                f"no images found in '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)} files, "
+                f"any case, directly in it or in its subfolders); put images there, one subfolder "
+                f"per class, or pass --data digits for the built-in data set"
+            )
+        self._check_headers()
+
+        self.root = root
+        self.resolution = resolution
+        self.channels = channels
+        self.random_flip = random_flip
+        self.num_classes = len(self.class_names)
+
+    def _check_headers(self) -> None:
+        # Threads: opening a header is file-system latency bound, PIL releases the GIL on I/O.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            errors = list(pool.map(_header_error, self.files))
+        bad = [(path, err) for path, err in zip(self.files, errors, strict=True) if err]
+        if bad:
+            path, err = bad[0]
+            more = f" ({len(bad) - 1} more unreadable files)" if len(bad) > 1 else ""
+            raise DataError(
+                f"cannot read image '{path}' ({err}){more}; remove the file or replace it "
+                f"with a valid image"
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, path: str) -> torch.Tensor:
+        """Decode, convert, resize the short side, center-crop: -> [C, R, R] float32 in [-1, 1]."""
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                if img.mode == "P" and "transparency" in img.info:
+                    img = img.convert("RGBA")  # PIL's own advice for palette transparency
+                img = img.convert("RGB" if self.channels == 3 else "L")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(
+                f"cannot decode image '{path}' ({type(e).__name__}: {e}); remove the file or "
+                f"replace it with a valid image"
+            ) from e
+        r = self.resolution
+        width, height = img.size
+        scale = r / min(width, height)
+        size = (max(r, round(width * scale)), max(r, round(height * scale)))
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        left, top = (size[0] - r) // 2, (size[1] - r) // 2
+        img = img.crop((left, top, left + r, top + r))
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [R, R, C] or [R, R]
+        pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+        return pixels.float().div_(127.5).sub_(1.0).contiguous()
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, flip = _split_key(key)
+        index = _check_index(index, len(self))
+        x = self._load(self.files[index])
+        if flip and self.random_flip:
+            x = torch.flip(x, dims=(-1,))
+        return {"x": x, "label": torch.tensor(self.file_labels[index], dtype=torch.int64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent shards
+# ---------------------------------------------------------------------------------------------
+
+_ST_FLOAT = {"F16", "BF16", "F32", "F64"}
+_ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+_NPY_SIDE = (".labels.npy", ".context.npy")
+
+
+class LatentsDataset(Dataset):
+    """A folder of precomputed VAE latent shards, read lazily (memory-mapped).
+
+    A shard is `NAME.npy` ([N, C, H, W] float; optional siblings `NAME.labels.npy` [N] int and
+    `NAME.context.npy` [N, L, D] float) or `NAME.safetensors` (keys "latents", optional "labels"
+    and "context", same shapes). Shards are read in sorted name order; all must agree on C, H == W,
+    on having labels and on the context shape. Items are `latents * latent_scale` in float32;
+    flipping latents is off unless `random_flip` (valid for SD's VAE, not for every VAE).
+    """
+
+    def __init__(self, root, latent_scale: float = 1.0, random_flip: bool = False):
+        root = os.fspath(root)
+        if not os.path.exists(root):
+            raise _missing_folder("latents folder", root)
+        if not os.path.isdir(root):
+            raise DataError(f"latents folder '{root}' is a file, not a folder; {_FIX_DATA}")
+        names = sorted(e for e in os.listdir(root) if not e.startswith("."))
+        shard_names = [
+            n
+            for n in names
+            if n.endswith(".safetensors") or (n.endswith(".npy") and not n.endswith(_NPY_SIDE))
+        ]
+        for n in names:
+            for suffix in _NPY_SIDE:
+                base = n[: -len(suffix)] + ".npy"
+                if n.endswith(suffix) and base not in shard_names:
+                    raise DataError(
+                        f"'{os.path.join(root, n)}' has no latents shard '{base}' beside it; "
+                        f"add the shard or remove the file"
+                    )
+        if not shard_names:
+            raise DataError(
+                f"no latent shards (*.npy or *.safetensors) found in '{root}'; write the "
+                f"precomputed latents there, or {_FIX_DATA}"
+            )
+
+        self.root = root
+        self.latent_scale = float(latent_scale)
+        self.random_flip = random_flip
+        self.shards: list[str] = []
+        sizes: list[int] = []
+        first = None  # (path, (C, H, W), has_labels, context_shape)
+        max_label = -1
+        for name in shard_names:
+            path = os.path.join(root, name)
+            n, chw, labels_max, context_shape = self._inspect(path)
+            has_labels = labels_max is not None
+            if first is None:
+                first = (path, chw, has_labels, context_shape)
+            elif chw != first[1]:
+                raise DataError(
+                    f"latent shard '{path}' has shape [N, {', '.join(map(str, chw))}] but "
+                    f"'{first[0]}' has [N, {', '.join(map(str, first[1]))}]; every shard must "
+                    f"come from the same VAE and resolution: regenerate or remove the shard"
+                )
+            elif has_labels != first[2]:
+                have, lack = (path, first[0]) if has_labels else (first[0], path)
+                raise DataError(
+                    f"latent shard '{have}' has labels but '{lack}' has none; give every shard "
+                    f"labels or none"
+                )
+            elif context_shape != first[3]:
+                raise DataError(
+                    f"latent shard '{path}' has context shape {context_shape} but '{first[0]}' "
+                    f"has {first[3]}; every shard needs the same text-encoder context (or none)"
+                )
+            if has_labels:
+                max_label = max(max_label, labels_max)
+            if n:
+                self.shards.append(path)
+                sizes.append(n)
+        if not sizes:
+            raise DataError(f"every latent shard in '{root}' is empty; write latents into them")
+        self.offsets = np.cumsum([0] + sizes).tolist()  # shard i holds [offsets[i], offsets[i+1])
+        self.channels, height, _ = first[1]
+        self.resolution = height
+        self.has_labels = first[2]
+        self.num_classes = max_label + 1 if first[2] else 0
+        self.context_shape = first[3]
+        self.has_context = first[3] is not None
+        self._open: dict[str, dict] = {}  # per process, never pickled to workers
+
+    @staticmethod
+    def _inspect(path: str) -> tuple[int, tuple[int, int, int], int | None, tuple | None]:
+        """Validate one shard without reading its latents: (N, (C, H, W), max label, context)."""
+        if path.endswith(".npy"):
+            try:
+                lat = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(
+                    f"cannot read latent shard '{path}' ({e}); remove it or write it again with "
+                    f"numpy.save"
+                ) from e
+            shape, is_float = tuple(lat.shape), np.issubdtype(lat.dtype, np.floating)
+            dtype = str(lat.dtype)
+            labels = context = None
+            base = path[: -len(".npy")]
+            if os.path.exists(base + ".labels.npy"):
+                labels = np.load(base + ".labels.npy", mmap_mode="r")
+                labels = (tuple(labels.shape), np.issubdtype(labels.dtype, np.integer), labels)
+            if os.path.exists(base + ".context.npy"):
+                ctx = np.load(base + ".context.npy", mmap_mode="r")
+                context = (tuple(ctx.shape), np.issubdtype(ctx.dtype, np.floating))
+        else:
+            from safetensors import safe_open
+
+            try:
+                f = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise DataError(
+                    f"cannot read latent shard '{path}' ({e}); remove it or write it again with "
+                    f"safetensors.torch.save_file"
+                ) from e
+            keys = set(f.keys())
+            if "latents" not in keys:
+                raise DataError(
+                    f"latent shard '{path}' has no tensor named 'latents' (it has "
+                    f"{sorted(keys)}); save the latents under the key 'latents'"
+                )
+            sl = f.get_slice("latents")
+            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            is_float = dtype in _ST_FLOAT
+            labels = context = None
+            if "labels" in keys:
+                ls = f.get_slice("labels")
+                labels = (tuple(ls.get_shape()), ls.get_dtype() in _ST_INT, None)
+                if labels[1]:
+                    labels = (*labels[:2], f.get_tensor("labels").numpy())
+            if "context" in keys:
+                cs = f.get_slice("context")
+                context = (tuple(cs.get_shape()), cs.get_dtype() in _ST_FLOAT)
+
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise DataError(
+                f"latent shard '{path}' has shape {list(shape)}; latents must be [N, C, H, W] "
+                f"with H == W: write square latents, one row per image"
+            )
+        if not is_float:
+            raise DataError(
+                f"latent shard '{path}' has dtype {dtype}; latents must be floating point "
+                f"(float16, bfloat16 or float32): save the VAE output without quantizing it"
+            )
+        n = shape[0]
+        labels_max = None
+        if labels is not None:
+            lshape, is_int, values = labels
+            if len(lshape) != 1 or lshape[0] != n or not is_int:
+                raise DataError(
+                    f"labels of latent shard '{path}' have shape {list(lshape)}"
+                    f"{'' if is_int else ' and a non-integer dtype'}; labels must be [{n}] "
+                    f"integers, one per latent"
+                )
+            if n:
+                lo, hi = int(values.min()), int(values.max())
+                if lo < 0:
+                    raise DataError(
+                        f"labels of latent shard '{path}' include {lo}; class labels must be "
+                        f"0, 1, 2, ... (no negatives)"
+                    )
+                labels_max = hi
+            else:
+                labels_max = -1
+        context_shape = None
+        if context is not None:
+            cshape, is_ctx_float = context
+            if len(cshape) != 3 or cshape[0] != n or not is_ctx_float:
+                raise DataError(
+                    f"context of latent shard '{path}' has shape {list(cshape)}; context must be "
+                    f"[{n}, L, D] floating point, one sequence per latent"
+                )
+            context_shape = tuple(cshape[1:])
+        return n, tuple(shape[1:]), labels_max, context_shape
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = {}  # memory maps and safetensors handles reopen in each worker
+        return state
+
+    def _handle(self, path: str) -> dict:
+        h = self._open.get(path)
+        if h is None:
+            if path.endswith(".npy"):
+                base = path[: -len(".npy")]
+                h = {"latents": np.load(path, mmap_mode="r")}
+                if self.has_labels:
+                    h["labels"] = np.load(base + ".labels.npy", mmap_mode="r")
+                if self.has_context:
+                    h["context"] = np.load(base + ".context.npy", mmap_mode="r")
+            else:
+                from safetensors import safe_open
+
+                f = safe_open(path, framework="pt")
+                h = {k: f.get_slice(k) for k in ("latents", "labels", "context") if k in f.keys()}
+                h["_file"] = f
+            self._open[path] = h
+        return h
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, flip = _split_key(key)
+        index = _check_index(index, len(self))
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        row = index - self.offsets[shard]
+        h = self._handle(self.shards[shard])
+
+        def read(name: str) -> torch.Tensor:
+            if isinstance(h[name], np.ndarray):
+                return torch.from_numpy(np.array(h[name][row]))
+            return h[name][row : row + 1][0]
+
+        x = read("latents").float() * self.latent_scale
+        if flip and self.random_flip:
+            x = torch.flip(x, dims=(-1,))
+        label = read("labels").to(torch.int64) if self.has_labels else torch.tensor(0)
+        item = {"x": x.contiguous(), "label": label.reshape(())}
+        if self.has_context:
+            item["context"] = read("context").float().contiguous()
+        return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic
+# ---------------------------------------------------------------------------------------------
+
+
+class SyntheticDataset(Dataset):
+    """Deterministic Gaussian items for benchmarks: item i is drawn from a generator seeded by
+    `seed * 1_000_003 + i`; label `i % num_classes` (0 when unlabeled); flip is ignored."""
+
+    def __init__(
+        self,
+        num_items: int,
+        channels: int,
+        resolution: int,
+        num_classes: int = 0,
+        context_len: int = 0,
+        context_dim: int = 0,
+        seed: int = 0,
+    ):
+        if num_items < 1 or channels < 1 or resolution < 1 or num_classes < 0:
+            raise ValueError(
+                f"synthetic data needs num_items, channels, resolution >= 1 and num_classes >= 0, "
+                f"got {num_items}, {channels}, {resolution}, {num_classes}"
+            )
+        if (context_len > 0) != (context_dim > 0) or context_len < 0 or context_dim < 0:
+            raise ValueError(
+                f"context_len and context_dim must both be positive (with context) or both 0, "
+                f"got {context_len} and {context_dim}"
+            )
+        self.num_items = num_items
+        self.channels = channels
+        self.resolution = resolution
+        self.num_classes = num_classes
+        self.has_context = context_len > 0
+        self.context_shape = (context_len, context_dim) if self.has_context else None
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index = _check_index(_split_key(key)[0], len(self))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        r = self.resolution
+        item = {
+            "x": torch.randn(self.channels, r, r, generator=g),
+            "label": torch.tensor(index % self.num_classes if self.num_classes else 0),
+        }
+        if self.has_context:
+            item["context"] = torch.randn(self.context_shape, generator=g)
+        return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataset(
+    data: str,
+    data_format: str = "auto",
+    resolution: int = 16,
+    channels: int = 3,
+    latent_scale: float = 1.0,
+    split: str = "train",
+    random_flip: bool = True,
+) -> Dataset:
+    """The data set that `--data` names: "digits", "synthetic" or a folder.
+
+    A folder holding any *.npy or *.safetensors file directly is read as latents, else as images;
+    `data_format` forces one. `split` applies to digits only (give a folder of held-out images or
+    latents as its own `--data`); `random_flip` applies to image folders (latents never flip here).
+    """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    fmt = data_format
+    if fmt == "auto" and data in ("digits", "synthetic"):
+        fmt = data
+    if fmt in ("digits", "synthetic") and data not in (fmt, "", None):
+        raise DataError(
+            f"data format '{fmt}' is built in and reads no files, but --data is '{data}'; "
+            f"pass --data {fmt}, or a different --data-format for the folder"
+        )
+    if fmt == "digits":
+        return DigitsDataset(split, resolution)
+    if fmt == "synthetic":
+        return SyntheticDataset(_SYNTHETIC_ITEMS, channels, resolution)
+
+    path = os.fspath(data)
+    if not os.path.exists(path):
+        raise DataError(f"data folder '{path}' does not exist; {_FIX_DATA}")
+    if not os.path.isdir(path):
+        raise DataError(f"data path '{path}' is a file, not a folder; {_FIX_DATA}")
+    if fmt == "auto":
+        names = os.listdir(path)
+        is_latents = any(
+            n.endswith((".npy", ".safetensors")) and not n.startswith(".") for n in names
+        )
+        fmt = "latents" if is_latents else "images"
+    if fmt == "latents":
+        return LatentsDataset(path, latent_scale=latent_scale)
+    return ImageFolderDataset(path, resolution, channels=channels, random_flip=random_flip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler and loader
+# ---------------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit generator seed from a tuple of ints (nearby tuples give unrelated seeds)."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 1
+
+
+class ShardedBatchSampler(Sampler):
+    """Infinite, deterministic, rank-sharded and resumable stream of batches of keys (index, flip).
+
+    Yields, for steps `start_step, start_step + 1, ...`, this rank's `global_batch // world_size`
+    keys: the slice `[rank*b, (rank+1)*b)` of stream positions `[step*B, (step+1)*B)`, where the
+    stream is the concatenation of per-epoch permutations (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+    ):
+        if dataset_len < 1:
+            raise ValueError(f"dataset_len must be >= 1, got {dataset_len}")
+        if global_batch < 1 or world_size < 1:
+            raise ValueError(
+                f"global_batch and world_size must be >= 1, got {global_batch} and {world_size}"
+            )
+        if global_batch % world_size:
+            raise ValueError(
+                f"global_batch {global_batch} is not divisible by world_size {world_size}; "
+                f"pick a global batch that is a multiple of the number of processes"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.dataset_len = dataset_len
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_step = start_step
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Epoch `e`'s permutation [N] int64 and flip bits [N] bool (cached while in use)."""
+        if e not in self._cache:
+            g = torch.Generator().manual_seed(_mix(self.seed, e))
+            perm = torch.randperm(self.dataset_len, generator=g)
+            flips = torch.randint(0, 2, (self.dataset_len,), generator=g).bool()
+            self._cache = {k: v for k, v in self._cache.items() if k > e - 2}
+            self._cache[e] = (perm, flips)
+        return self._cache[e]
+
+    def step_tensors(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's indices [b] int64 and flip bits [b] bool for training step `step`."""
+        n = self.dataset_len
+        pos = step * self.global_batch + self.rank * self.local_batch
+        end = pos + self.local_batch
+        indices, flips = [], []
+        while pos < end:
+            e, off = divmod(pos, n)
+            take = min(end - pos, n - off)
+            perm, flip = self.epoch(e)
+            indices.append(perm[off : off + take])
+            flips.append(flip[off : off + take])
+            pos += take
+        if len(indices) == 1:
+            return indices[0], flips[0]
+        return torch.cat(indices), torch.cat(flips)
+
+    def keys(self, step: int) -> list[tuple[int, bool]]:
+        """This rank's keys `(index, flip)` for training step `step`."""
+        indices, flips = self.step_tensors(step)
+        return list(zip(indices.tolist(), flips.tolist(), strict=True))
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        step = self.start_step
+        while True:
+            yield self.keys(step)
+            step += 1
+
+
+class InMemoryLoader:
+    """The loader for in-memory data sets (those with `get_batch`): one gather per step, no
+    per-item collation, no workers. Yields exactly what the DataLoader path would."""
+
+    def __init__(self, dataset, batch_sampler: ShardedBatchSampler, pin_memory: bool = False):
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.pin_memory = pin_memory
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.batch_sampler.start_step
+        while True:
+            indices, _ = self.batch_sampler.step_tensors(step)  # flip: ignored by these data sets
+            batch = self.dataset.get_batch(indices)
+            if self.pin_memory:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            yield batch
+            step += 1
+
+
+def make_loader(
+    dataset,
+    global_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    start_step: int = 0,
+    num_workers: int = 0,
+):
+    """An endless iterable of this rank's batches, one per training step from `start_step`:
+    {"x": [B/W, C, R, R] float32, "label": [B/W] int64, "context": [B/W, L, D] (if any)}."""
+    sampler = ShardedBatchSampler(len(dataset), global_batch, rank, world_size, seed, start_step)
+    pin = torch.cuda.is_available()
+    if hasattr(dataset, "get_batch"):
+        return InMemoryLoader(dataset, sampler, pin_memory=pin)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin,
+        persistent_workers=num_workers > 0,
+    )

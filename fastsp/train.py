@@ -1,0 +1,37 @@
+"""Train a diffusion model.
+
+    python fastsp/train.py --preset digits                          # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 fastsp/train.py --preset sd21 --data /latents --cond none
+    python fastsp/train.py --preset digits --out runs/digits --resume   # continue a run
+
+Every config field is an option (`--help` lists them); the loop itself is fastsp.trainer.train.
+Exit status: 0 on success, 2 on invalid input (the message names the problem and the fix).
+"""
+
+import os
+import sys
+
+# Run as a script (`python fastsp/train.py`, `torchrun fastsp/train.py`), Python puts fastsp/
+# itself first on sys.path, where fastsp/data.py would shadow any top-level `data` module. Drop it:
+# the package is imported as `fastsp` from its installed location.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+from fastsp import config as config_lib  # noqa: E402
+from fastsp.checkpoint import CheckpointError  # noqa: E402
+from fastsp.data import DataError  # noqa: E402
+from fastsp.trainer import train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    train_config, model_config = config_lib.parse_args(argv)
+    try:
+        train(train_config, model_config)
+    except (config_lib.ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

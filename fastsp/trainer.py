@@ -1,0 +1,365 @@
+"""The training loop: `train(train_config, model_config)`, read top to bottom.
+
+Determinism across world sizes: the data stream (fastsp.data.ShardedBatchSampler) and the noise,
+timesteps and label dropout of a step are functions of (seed, step) over the *global* batch; each
+rank takes its contiguous slice. With equal-size micro-batches the mean of the ranks' mean losses
+is the global mean, so N processes compute the same update as one process with the same global
+batch (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from fastsp import checkpoint as checkpoint_lib
+from fastsp import config as config_lib
+from fastsp import dist
+from fastsp.config import ConfigError, TrainConfig
+from fastsp.data import SyntheticDataset, build_dataset, make_loader
+from fastsp.diffusion import NoiseSchedule
+from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config
+from fastsp.unet import UNet, UNetConfig
+
+
+def mse_loss(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    context: torch.Tensor | None,
+) -> torch.Tensor:
+    """PAPER.md stage 1: mean((f(x_t, t, c) - target)^2), target v = a_t eps - s_t x0 (or eps / x0)."""
+    x_t = schedule.add_noise(x0, noise, t)
+    prediction = model(x_t, t, labels=labels, context=context)
+    return F.mse_loss(prediction.float(), schedule.training_target(x0, noise, t).float())
+
+
+def step_randomness(
+    seed: int, step: int, global_batch: int, shape: tuple[int, ...], schedule: NoiseSchedule, label_dropout: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise [B, *shape], timesteps [B] and the CFG-dropout mask [B] of one step, for the global batch."""
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    noise = torch.randn((global_batch, *shape), generator=generator, device=device)
+    t = schedule.sample_timesteps(global_batch, device, generator=generator)
+    drop = torch.rand(global_batch, generator=generator, device=device) < label_dropout
+    return noise, t, drop
+
+
+def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
+    """The training data set, and the model config completed from it (channels, classes, context)."""
+    if cfg.data == "synthetic" and cfg.data_format in ("auto", "synthetic"):
+        context_dim = model_cfg.context_dim if cfg.cond == "context" else 0
+        if cfg.cond == "context" and context_dim == 0:
+            raise ConfigError("--cond context with --data synthetic needs --context-dim > 0 (e.g. 1024)")
+        dataset = SyntheticDataset(
+            10_000,
+            cfg.channels,
+            cfg.resolution,
+            num_classes=10 if cfg.cond == "class" else 0,
+            context_len=cfg.context_len if context_dim else 0,
+            context_dim=context_dim,
+            seed=cfg.seed,
+        )
+    else:
+        dataset = build_dataset(
+            cfg.data,
+            cfg.data_format,
+            resolution=cfg.resolution,
+            channels=cfg.channels,
+            latent_scale=cfg.latent_scale,
+            random_flip=cfg.random_flip,
+        )
+    if cfg.cond == "class" and dataset.num_classes == 0:
+        raise ConfigError(
+            f"--cond class needs labelled data, but {cfg.data} has no labels "
+            "(images need one subfolder per class); pass --cond none to train unconditionally"
+        )
+    if cfg.cond == "context" and not dataset.has_context:
+        raise ConfigError(
+            f"--cond context needs a context sequence per item, but {cfg.data} has none "
+            "(latent shards need a 'context' array); pass --cond class or --cond none"
+        )
+    model_cfg = dataclasses.replace(
+        model_cfg,
+        in_channels=dataset.channels,
+        num_classes=dataset.num_classes if cfg.cond == "class" else 0,
+        context_dim=dataset.context_shape[-1] if cfg.cond == "context" else 0,
+    )
+    return dataset, model_cfg
+
+
+def check_batch(cfg: TrainConfig, world_size: int) -> None:
+    if cfg.batch_size % (world_size * cfg.grad_accum) != 0:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} (global) must be divisible by world size {world_size} x "
+            f"--grad-accum {cfg.grad_accum} = {world_size * cfg.grad_accum}; pick a multiple of it"
+        )
+
+
+def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig) -> None:
+    factor = 2 ** (len(model_cfg.channel_mult) - 1)
+    if cfg.resolution % factor != 0:
+        raise ConfigError(
+            f"--resolution {cfg.resolution} must be divisible by {factor} (the UNet halves it "
+            f"{len(model_cfg.channel_mult) - 1} times); pick a multiple of {factor}"
+        )
+
+
+def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: UNetConfig) -> None:
+    """A checkpoint can only be resumed by a run of the same model shape and global batch."""
+    saved = checkpoint_lib.read_config(checkpoint)
+    ours = config_lib.to_dict(cfg, model_cfg)
+    model_diff = {k: (saved["model"].get(k), v) for k, v in json.loads(json.dumps(ours["model"])).items() if saved["model"].get(k) != v}
+    if model_diff:
+        details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in model_diff.items())
+        raise checkpoint_lib.CheckpointError(
+            f"{checkpoint} holds a model of another shape ({details}); resume with the original "
+            "options, or pass another --out to start a new run"
+        )
+    for name in ("batch_size", "seed"):
+        if saved["train"][name] != getattr(cfg, name):
+            raise checkpoint_lib.CheckpointError(
+                f"{checkpoint} was trained with --{name.replace('_', '-')} {saved['train'][name]}, not "
+                f"{getattr(cfg, name)}; the data stream depends on it. Resume with the original value"
+            )
+
+
+def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "apex_fused_adam":
+        from apex.optimizers import FusedAdam  # checked importable in check_optimizer
+
+        return FusedAdam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, adam_w_mode=True)
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",  # torch's single-kernel AdamW on CUDA
+    )
+
+
+def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.optimizer != "apex_fused_adam":
+        return
+    reasons = []
+    try:
+        import apex.optimizers  # noqa: F401
+    except ImportError as error:
+        reasons.append(f"apex is not importable ({error}); build it from NVIDIA's source, not PyPI's 'apex'")
+    if device.type != "cuda":
+        reasons.append("apex FusedAdam needs CUDA tensors")
+    if reasons:
+        raise ConfigError("--optimizer apex_fused_adam cannot run: " + "; ".join(reasons) + ". Use --optimizer adamw")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over lr_warmup_steps, then constant."""
+    if cfg.lr_warmup_steps == 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, in one foreach launch per dtype."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+class MetricsWriter:
+    """Rank 0's metrics: JSON lines always, TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path):
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torch.device) -> None:
+    """A grid of EMA samples, without guidance unless sample_cfg says otherwise."""
+    num = cfg.sample_num
+    labels = torch.arange(num) % ema.config.num_classes if ema.config.num_classes > 0 else None
+    context = torch.stack([dataset[(i, False)]["context"] for i in range(num)]) if ema.config.context_dim > 0 else None
+    images = generate(
+        ema,
+        schedule_from_config(dataclasses.asdict(cfg)),
+        num,
+        (ema.config.in_channels, cfg.resolution, cfg.resolution),
+        labels=labels,
+        context=context,
+        num_steps=cfg.sample_steps,
+        sampler=cfg.sample_sampler,
+        guidance_scale=cfg.sample_cfg,
+        guidance_rescale=cfg.sample_cfg_rescale,
+        seed=cfg.seed,
+        device=device,
+    )
+    save_png(image_grid(images), path, scale=display_scale(cfg.resolution))
+
+
+def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
+    """Run (or resume) training; returns the final checkpoint's folder.
+
+    Every check that can fail on user input runs before the first file is written.
+    """
+    # ---- validate everything before any work -------------------------------------------------
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    schedule = schedule_from_config(dataclasses.asdict(cfg))
+    dataset, model_cfg = build_data(cfg, model_cfg)
+    check_resolution(cfg, model_cfg)
+    info = dist.init(cfg.device)
+    device = info.device
+    check_batch(cfg, info.world_size)
+    check_optimizer(cfg, device)
+    run_dir = Path(cfg.out)
+    resume_from = checkpoint_lib.latest_checkpoint(run_dir)
+    if resume_from is not None and not cfg.resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (latest: {resume_from.name}); pass --resume to "
+            "continue that run, or another --out to start a new one"
+        )
+    if resume_from is not None:
+        check_resume(resume_from, cfg, model_cfg)
+    config_text = config_lib.dumps(cfg, model_cfg)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+
+    # ---- model, EMA, optimizer ---------------------------------------------------------------
+    model = UNet(model_cfg).to(device, memory_format=memory_format)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = build_optimizer(cfg, model.parameters(), device)
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint_lib.load_training_state(resume_from, model, ema, optimizer)
+        start_step = state["step"]
+    ddp_model = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.world_size > 1
+        else model
+    )
+
+    # ---- outputs (rank 0) ----------------------------------------------------------------------
+    metrics = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_lib.atomic_write_text(run_dir / "config.json", config_text)
+        metrics = MetricsWriter(run_dir)
+        if cfg.resume and resume_from is None:
+            print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
+        elif resume_from is not None:
+            print(f"resuming from {resume_from} (step {start_step})")
+        params = sum(p.numel() for p in model.parameters())
+        print(f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(dataset)} items); "
+              f"device: {device} x {info.world_size}; precision: {'bf16' if use_bf16 else 'fp32'}")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    local_batch = cfg.batch_size // info.world_size
+    micro_batch = local_batch // cfg.grad_accum
+    shape = (model_cfg.in_channels, cfg.resolution, cfg.resolution)
+    batches = iter(make_loader(dataset, cfg.batch_size, info.rank, info.world_size, cfg.seed, start_step, cfg.num_workers))
+    loss_sum = torch.zeros((), device=device)
+    grad_norm_sum = torch.zeros((), device=device)
+    steps_since_log, log_start = 0, time.perf_counter()
+    progress = tqdm(total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True)
+    final_checkpoint = resume_from
+    for step in range(start_step, cfg.steps):
+        batch = next(batches)
+        noise, t, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, schedule, cfg.label_dropout, device)
+        mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+        noise, t, drop = noise[mine], t[mine], drop[mine]
+        x0 = batch["x"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = batch["label"].to(device, non_blocking=True) if model_cfg.num_classes > 0 else None
+        if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
+            labels = torch.where(drop, torch.full_like(labels, model_cfg.num_classes), labels)
+        context = batch["context"].to(device, non_blocking=True) if model_cfg.context_dim > 0 else None
+        if context is not None:
+            context = context * (~drop).to(context.dtype)[:, None, None]
+
+        for micro in range(cfg.grad_accum):
+            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or info.world_size == 1 else ddp_model.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = mse_loss(
+                    ddp_model,
+                    schedule,
+                    x0[part],
+                    noise[part].contiguous(memory_format=memory_format),
+                    t[part],
+                    labels[part] if labels is not None else None,
+                    context[part] if context is not None else None,
+                )
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+
+        if cfg.grad_clip > 0:
+            grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema_decay)
+
+        done = step + 1
+        steps_since_log += 1
+        progress.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            # The only host syncs of the loop: one all-reduce and one read per log interval.
+            totals = dist.all_reduce_mean(torch.stack([loss_sum, grad_norm_sum]) / steps_since_log)
+            loss_value, grad_norm = totals.tolist()
+            elapsed = time.perf_counter() - log_start
+            images_per_s = cfg.batch_size * steps_since_log / elapsed
+            if metrics is not None:
+                values = {"loss": loss_value, "lr": learning_rate(cfg, step), "images_per_s": images_per_s}
+                if cfg.grad_clip > 0:
+                    values["grad_norm"] = grad_norm
+                metrics.write(done, values)
+                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.0f}")
+            loss_sum.zero_()
+            grad_norm_sum.zero_()
+            steps_since_log, log_start = 0, time.perf_counter()
+        if info.is_main and (done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)):
+            write_samples(run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, dataset, device)
+        if info.is_main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
+            final_checkpoint = checkpoint_lib.save_checkpoint(run_dir, done, model, ema, optimizer, state, config_text)
+    progress.close()
+    dist.barrier()
+    if metrics is not None:
+        metrics.close()
+        print(f"run folder: {run_dir}\n  checkpoint: {final_checkpoint}\n  samples: {run_dir / 'samples'}\n"
+              f"  metrics: {run_dir / 'metrics.jsonl'}")
+    return checkpoint_lib.latest_checkpoint(run_dir) or run_dir
+
