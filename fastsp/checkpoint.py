@@ -98,7 +98,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder meaning its latest checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint path '{path}' does not exist; pass a checkpoint folder or a run folder")
+        raise CheckpointError(
+            f"checkpoint path '{path}' does not exist; pass a checkpoint folder or a run folder"
+        )
     if (path / "state.json").is_file():
         return path
     latest = latest_checkpoint(path)
@@ -170,14 +172,18 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(checkpoint) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {checkpoint}/config.json ({error}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"cannot read {checkpoint}/config.json ({error}); the checkpoint is damaged"
+        ) from None
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(checkpoint) / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {checkpoint}/state.json ({error}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"cannot read {checkpoint}/state.json ({error}); the checkpoint is damaged"
+        ) from None
 
 
 def load_weights(module: torch.nn.Module, file: Path) -> None:
@@ -185,7 +191,9 @@ def load_weights(module: torch.nn.Module, file: Path) -> None:
     try:
         weights = load_file(str(file))
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"cannot read weights from {file} ({error}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"cannot read weights from {file} ({error}); the checkpoint is damaged"
+        ) from None
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -193,7 +201,13 @@ def load_weights(module: torch.nn.Module, file: Path) -> None:
     if missing or unexpected or wrong:
         details = []
         if wrong:
-            details.append("shape differs for " + ", ".join(f"{k} {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:3]))
+            details.append(
+                "shape differs for "
+                + ", ".join(
+                    f"{k} {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in wrong[:3]
+                )
+            )
         if missing:
             details.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
         if unexpected:
@@ -212,7 +226,9 @@ def load_training_state(
     checkpoint = Path(checkpoint)
     load_weights(model, checkpoint / "model.safetensors")
     load_weights(ema, checkpoint / "ema.safetensors")
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(
+        torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    )
     rng = torch.load(checkpoint / "rng.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -220,7 +236,9 @@ def load_training_state(
     return read_state(checkpoint)
 
 
-def load_model(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+def load_model(
+    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+) -> tuple[UNet, dict[str, Any]]:
     """A UNet rebuilt from a checkpoint's config.json with its `ema` or `model` weights.
 
     Returns the model in eval mode and the checkpoint's resolved configuration (a dict).

@@ -108,7 +108,9 @@ class TrainConfig:
         _require(self, "latent_scale", self.latent_scale > 0, "a number > 0")
         _require(self, "label_dropout", 0 <= self.label_dropout < 1, "a probability in [0, 1)")
         _require(self, "beta_start", 0 < self.beta_start < 1, "a number in (0, 1)")
-        _require(self, "beta_end", self.beta_start <= self.beta_end < 1, "a number in [beta_start, 1)")
+        _require(
+            self, "beta_end", self.beta_start <= self.beta_end < 1, "a number in [beta_start, 1)"
+        )
         _require(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
         _require(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)")
         _require(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)")
@@ -116,7 +118,9 @@ class TrainConfig:
         _require(self, "grad_clip", self.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
         _require(self, "ema_decay", 0 <= self.ema_decay < 1, "a number in [0, 1)")
         _require(self, "sample_cfg", self.sample_cfg >= 0, "a number >= 0 (1 = no guidance)")
-        _require(self, "sample_cfg_rescale", 0 <= self.sample_cfg_rescale <= 1, "a number in [0, 1]")
+        _require(
+            self, "sample_cfg_rescale", 0 <= self.sample_cfg_rescale <= 1, "a number in [0, 1]"
+        )
         if self.prediction_type == "eps" and self.zero_terminal_snr:
             raise ConfigError(
                 "prediction_type='eps' cannot be trained with zero_terminal_snr: at the last "
@@ -165,7 +169,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"invalid value {getattr(config, name)!r} for {name}: it must be {allowed}")
+        raise ConfigError(
+            f"invalid value {getattr(config, name)!r} for {name}: it must be {allowed}"
+        )
 
 
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -197,7 +203,9 @@ def model_config_from_dict(values: dict[str, Any]) -> UNetConfig:
     known = {f.name for f in dataclasses.fields(UNetConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"config.json has unknown model fields {unknown}: written by another version?")
+        raise ConfigError(
+            f"config.json has unknown model fields {unknown}: written by another version?"
+        )
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -205,7 +213,9 @@ def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"config.json has unknown training fields {unknown}: written by another version?")
+        raise ConfigError(
+            f"config.json has unknown training fields {unknown}: written by another version?"
+        )
     return TrainConfig(**values)
 
 
@@ -250,7 +260,9 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip() != "")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -265,9 +277,13 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set
                 _option(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None
             )
         elif kind is tuple:
-            parser.add_argument(_option(f.name), dest=dest, type=_int_tuple, default=None, metavar="A,B,...")
+            parser.add_argument(
+                _option(f.name), dest=dest, type=_int_tuple, default=None, metavar="A,B,..."
+            )
         else:
-            parser.add_argument(_option(f.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper())
+            parser.add_argument(
+                _option(f.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper()
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a preset supplies the defaults.",
         allow_abbrev=False,
     )
-    parser.add_argument("--preset", default="digits", help=f"one of {', '.join(PRESETS)} (default: digits)")
+    parser.add_argument(
+        "--preset", default="digits", help=f"one of {', '.join(PRESETS)} (default: digits)"
+    )
     _add_dataclass_options(parser, TrainConfig, skip={"preset"})
     # in_channels and num_classes come from the data set; the rest of the UNet shape is an option.
     _add_dataclass_options(parser, UNetConfig, skip={"in_channels", "num_classes"})
@@ -288,8 +306,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, UNetConfig]:
     """Parse the command line into validated configs; a bad value exits with status 2."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    train_overrides = {k.split(".", 1)[1]: v for k, v in args.items() if k.startswith("TrainConfig.") and v is not None}
-    model_overrides = {k.split(".", 1)[1]: v for k, v in args.items() if k.startswith("UNetConfig.") and v is not None}
+    train_overrides = {
+        k.split(".", 1)[1]: v
+        for k, v in args.items()
+        if k.startswith("TrainConfig.") and v is not None
+    }
+    model_overrides = {
+        k.split(".", 1)[1]: v
+        for k, v in args.items()
+        if k.startswith("UNetConfig.") and v is not None
+    }
     try:
         return resolve(args["preset"], train_overrides, model_overrides)
     except ConfigError as error:

@@ -26,7 +26,9 @@ def pick_device(preference: str) -> torch.device:
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+        raise RuntimeError(
+            "--device cuda was requested but torch sees no CUDA device; use --device cpu"
+        )
     return torch.device(preference)
 
 

@@ -1,7 +1,7 @@
 """Sampling: image grids from a model, and the sampling command line.
 
-    python -m fastsp.sample --checkpoint runs/digits --num 64 --steps 50 --out grid.png
-    python -m fastsp.sample --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --label 3 --out threes.png
+python -m fastsp.sample --checkpoint runs/digits --num 64 --steps 50 --out grid.png
+python -m fastsp.sample --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --label 3 --out threes.png
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def generate(
     the same on every device.
     """
     if guidance_scale != 1 and labels is None and context is None:
-        raise ValueError("classifier-free guidance needs a conditional model (this one is unconditional); use --cfg 1")
+        raise ValueError(
+            "classifier-free guidance needs a conditional model (this one is unconditional); use --cfg 1"
+        )
     noise = torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     labels = labels.to(device) if labels is not None else None
     context = context.to(device) if context is not None else None
@@ -88,9 +90,14 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    grid = torch.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), dtype=torch.uint8)
+    grid = torch.zeros(
+        (rows * (h + padding) + padding, columns * (w + padding) + padding, c), dtype=torch.uint8
+    )
     for i in range(n):
-        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
+        top, left = (
+            padding + (i // columns) * (h + padding),
+            padding + (i % columns) * (w + padding),
+        )
         grid[top : top + h, left : left + w] = pixels[i].permute(1, 2, 0)
     return grid.numpy()
 
@@ -122,15 +129,27 @@ def default_labels(num: int, num_classes: int, label: int | None) -> torch.Tenso
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastsp.sample", description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsp.sample", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder, or a run folder (its latest checkpoint)",
+    )
     parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument(
+        "--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
+    )
     parser.add_argument("--cfg-rescale", type=float, default=0.0, help="CFG rescale phi in [0, 1]")
-    parser.add_argument("--label", type=int, default=None, help="class of every sample (default: cycle classes)")
-    parser.add_argument("--weights", default="ema", choices=("ema", "model"), help="EMA (default) or online weights")
+    parser.add_argument(
+        "--label", type=int, default=None, help="class of every sample (default: cycle classes)"
+    )
+    parser.add_argument(
+        "--weights", default="ema", choices=("ema", "model"), help="EMA (default) or online weights"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", required=True, help="output PNG path")
@@ -144,21 +163,37 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--num and --steps must be >= 1")
         if not 0 <= args.cfg_rescale <= 1:
             raise ValueError("--cfg-rescale must be in [0, 1]")
-        model, config = checkpoint_lib.load_model(args.checkpoint, weights=args.weights, device=args.device)
+        model, config = checkpoint_lib.load_model(
+            args.checkpoint, weights=args.weights, device=args.device
+        )
         num_classes = model.config.num_classes
         if args.label is not None and num_classes == 0:
-            raise ValueError("--label needs a class-conditional model; this one is unconditional, drop --label")
+            raise ValueError(
+                "--label needs a class-conditional model; this one is unconditional, drop --label"
+            )
         if args.label is not None and not 0 <= args.label < num_classes:
-            raise ValueError(f"--label {args.label} is not a class of this model: use 0..{num_classes - 1}")
+            raise ValueError(
+                f"--label {args.label} is not a class of this model: use 0..{num_classes - 1}"
+            )
         if model.config.context_dim > 0:
-            raise ValueError("this model is conditioned on a context sequence; sampling it needs your own context encoder")
+            raise ValueError(
+                "this model is conditioned on a context sequence; sampling it needs your own context encoder"
+            )
         train = config["train"]
         labels = default_labels(args.num, num_classes, args.label)
         shape = (model.config.in_channels, train["resolution"], train["resolution"])
         images = generate(
-            model, schedule_from_config(train), args.num, shape, labels=labels, num_steps=args.steps,
-            sampler=args.sampler, guidance_scale=args.cfg, guidance_rescale=args.cfg_rescale,
-            seed=args.seed, device=args.device,
+            model,
+            schedule_from_config(train),
+            args.num,
+            shape,
+            labels=labels,
+            num_steps=args.steps,
+            sampler=args.sampler,
+            guidance_scale=args.cfg,
+            guidance_rescale=args.cfg_rescale,
+            seed=args.seed,
+            device=args.device,
         )
         save_png(image_grid(images), args.out, scale=display_scale(train["resolution"]))
     except (ValueError, checkpoint_lib.CheckpointError) as error:

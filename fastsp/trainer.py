@@ -47,7 +47,13 @@ def mse_loss(
 
 
 def step_randomness(
-    seed: int, step: int, global_batch: int, shape: tuple[int, ...], schedule: NoiseSchedule, label_dropout: float, device: torch.device
+    seed: int,
+    step: int,
+    global_batch: int,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    label_dropout: float,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise [B, *shape], timesteps [B] and the CFG-dropout mask [B] of one step, for the global batch."""
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
@@ -62,7 +68,9 @@ def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
     if cfg.data == "synthetic" and cfg.data_format in ("auto", "synthetic"):
         context_dim = model_cfg.context_dim if cfg.cond == "context" else 0
         if cfg.cond == "context" and context_dim == 0:
-            raise ConfigError("--cond context with --data synthetic needs --context-dim > 0 (e.g. 1024)")
+            raise ConfigError(
+                "--cond context with --data synthetic needs --context-dim > 0 (e.g. 1024)"
+            )
         dataset = SyntheticDataset(
             10_000,
             cfg.channels,
@@ -121,9 +129,15 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: UNetConfig) -> N
     """A checkpoint can only be resumed by a run of the same model shape and global batch."""
     saved = checkpoint_lib.read_config(checkpoint)
     ours = config_lib.to_dict(cfg, model_cfg)
-    model_diff = {k: (saved["model"].get(k), v) for k, v in json.loads(json.dumps(ours["model"])).items() if saved["model"].get(k) != v}
+    model_diff = {
+        k: (saved["model"].get(k), v)
+        for k, v in json.loads(json.dumps(ours["model"])).items()
+        if saved["model"].get(k) != v
+    }
     if model_diff:
-        details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in model_diff.items())
+        details = ", ".join(
+            f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in model_diff.items()
+        )
         raise checkpoint_lib.CheckpointError(
             f"{checkpoint} holds a model of another shape ({details}); resume with the original "
             "options, or pass another --out to start a new run"
@@ -140,7 +154,14 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
     if cfg.optimizer == "apex_fused_adam":
         from apex.optimizers import FusedAdam  # checked importable in check_optimizer
 
-        return FusedAdam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, adam_w_mode=True)
+        return FusedAdam(
+            params,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            adam_w_mode=True,
+        )
     return torch.optim.AdamW(
         params,
         lr=cfg.lr,
@@ -158,11 +179,17 @@ def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
     try:
         import apex.optimizers  # noqa: F401
     except ImportError as error:
-        reasons.append(f"apex is not importable ({error}); build it from NVIDIA's source, not PyPI's 'apex'")
+        reasons.append(
+            f"apex is not importable ({error}); build it from NVIDIA's source, not PyPI's 'apex'"
+        )
     if device.type != "cuda":
         reasons.append("apex FusedAdam needs CUDA tensors")
     if reasons:
-        raise ConfigError("--optimizer apex_fused_adam cannot run: " + "; ".join(reasons) + ". Use --optimizer adamw")
+        raise ConfigError(
+            "--optimizer apex_fused_adam cannot run: "
+            + "; ".join(reasons)
+            + ". Use --optimizer adamw"
+        )
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -209,7 +236,11 @@ def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torc
     """A grid of EMA samples, without guidance unless sample_cfg says otherwise."""
     num = cfg.sample_num
     labels = torch.arange(num) % ema.config.num_classes if ema.config.num_classes > 0 else None
-    context = torch.stack([dataset[(i, False)]["context"] for i in range(num)]) if ema.config.context_dim > 0 else None
+    context = (
+        torch.stack([dataset[(i, False)]["context"] for i in range(num)])
+        if ema.config.context_dim > 0
+        else None
+    )
     images = generate(
         ema,
         schedule_from_config(dataclasses.asdict(cfg)),
@@ -234,7 +265,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     """
     # ---- validate everything before any work -------------------------------------------------
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+        raise ConfigError(
+            "--device cuda was requested but torch sees no CUDA device; use --device cpu"
+        )
     schedule = schedule_from_config(dataclasses.asdict(cfg))
     dataset, model_cfg = build_data(cfg, model_cfg)
     check_resolution(cfg, model_cfg)
@@ -281,29 +314,47 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         elif resume_from is not None:
             print(f"resuming from {resume_from} (step {start_step})")
         params = sum(p.numel() for p in model.parameters())
-        print(f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(dataset)} items); "
-              f"device: {device} x {info.world_size}; precision: {'bf16' if use_bf16 else 'fp32'}")
+        print(
+            f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(dataset)} items); "
+            f"device: {device} x {info.world_size}; precision: {'bf16' if use_bf16 else 'fp32'}"
+        )
 
     # ---- the loop ------------------------------------------------------------------------------
     local_batch = cfg.batch_size // info.world_size
     micro_batch = local_batch // cfg.grad_accum
     shape = (model_cfg.in_channels, cfg.resolution, cfg.resolution)
-    batches = iter(make_loader(dataset, cfg.batch_size, info.rank, info.world_size, cfg.seed, start_step, cfg.num_workers))
+    batches = iter(
+        make_loader(
+            dataset,
+            cfg.batch_size,
+            info.rank,
+            info.world_size,
+            cfg.seed,
+            start_step,
+            cfg.num_workers,
+        )
+    )
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
     steps_since_log, log_start = 0, time.perf_counter()
-    progress = tqdm(total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
+    )
     final_checkpoint = resume_from
     for step in range(start_step, cfg.steps):
         batch = next(batches)
-        noise, t, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, schedule, cfg.label_dropout, device)
+        noise, t, drop = step_randomness(
+            cfg.seed, step, cfg.batch_size, shape, schedule, cfg.label_dropout, device
+        )
         mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
         noise, t, drop = noise[mine], t[mine], drop[mine]
         x0 = batch["x"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = batch["label"].to(device, non_blocking=True) if model_cfg.num_classes > 0 else None
         if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
             labels = torch.where(drop, torch.full_like(labels, model_cfg.num_classes), labels)
-        context = batch["context"].to(device, non_blocking=True) if model_cfg.context_dim > 0 else None
+        context = (
+            batch["context"].to(device, non_blocking=True) if model_cfg.context_dim > 0 else None
+        )
         if context is not None:
             context = context * (~drop).to(context.dtype)[:, None, None]
 
@@ -342,7 +393,11 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             elapsed = time.perf_counter() - log_start
             images_per_s = cfg.batch_size * steps_since_log / elapsed
             if metrics is not None:
-                values = {"loss": loss_value, "lr": learning_rate(cfg, step), "images_per_s": images_per_s}
+                values = {
+                    "loss": loss_value,
+                    "lr": learning_rate(cfg, step),
+                    "images_per_s": images_per_s,
+                }
                 if cfg.grad_clip > 0:
                     values["grad_norm"] = grad_norm
                 metrics.write(done, values)
@@ -350,16 +405,23 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             loss_sum.zero_()
             grad_norm_sum.zero_()
             steps_since_log, log_start = 0, time.perf_counter()
-        if info.is_main and (done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)):
+        if info.is_main and (
+            done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)
+        ):
             write_samples(run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, dataset, device)
-        if info.is_main and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+        if info.is_main and (
+            done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        ):
             state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
-            final_checkpoint = checkpoint_lib.save_checkpoint(run_dir, done, model, ema, optimizer, state, config_text)
+            final_checkpoint = checkpoint_lib.save_checkpoint(
+                run_dir, done, model, ema, optimizer, state, config_text
+            )
     progress.close()
     dist.barrier()
     if metrics is not None:
         metrics.close()
-        print(f"run folder: {run_dir}\n  checkpoint: {final_checkpoint}\n  samples: {run_dir / 'samples'}\n"
-              f"  metrics: {run_dir / 'metrics.jsonl'}")
+        print(
+            f"run folder: {run_dir}\n  checkpoint: {final_checkpoint}\n  samples: {run_dir / 'samples'}\n"
+            f"  metrics: {run_dir / 'metrics.jsonl'}"
+        )
     return checkpoint_lib.latest_checkpoint(run_dir) or run_dir
-

@@ -15,7 +15,9 @@ def _save(run_dir, step, model):
     model(torch.randn(2, 1, 8, 8), torch.tensor([3, 500])).square().mean().backward()
     optimizer.step()
     config = json.dumps({"model": {}, "train": {}})
-    return checkpoint_lib.save_checkpoint(run_dir, step, model, model, optimizer, {"samples_seen": step}, config), optimizer
+    return checkpoint_lib.save_checkpoint(
+        run_dir, step, model, model, optimizer, {"samples_seen": step}, config
+    ), optimizer
 
 
 def test_save_then_load_restores_everything(tmp_path):
@@ -24,7 +26,13 @@ def test_save_then_load_restores_everything(tmp_path):
     path, optimizer = _save(tmp_path, 5, model)
     assert path == tmp_path / "checkpoints" / "step_00000005"
     assert sorted(p.name for p in path.iterdir()) == [
-        "config.json", "ema.safetensors", "model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
+        "config.json",
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "state.json",
+    ]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     fresh, fresh_ema = UNet(UNET_PRESETS["tiny"]), UNet(UNET_PRESETS["tiny"])
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
@@ -43,7 +51,10 @@ def test_run_folder_means_latest_and_temporaries_are_ignored(tmp_path):
     _save(tmp_path, 10, model)
     (tmp_path / "checkpoints" / ".tmp-step_00000020-dead").mkdir()  # a crash mid-save
     assert checkpoint_lib.resolve_checkpoint(tmp_path).name == "step_00000010"
-    assert checkpoint_lib.resolve_checkpoint(tmp_path / "checkpoints" / "step_00000002").name == "step_00000002"
+    assert (
+        checkpoint_lib.resolve_checkpoint(tmp_path / "checkpoints" / "step_00000002").name
+        == "step_00000002"
+    )
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint_lib.resolve_checkpoint(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="neither a checkpoint"):

@@ -26,19 +26,32 @@ def _fails(argv, capsys, out: Path, *expected: str) -> str:
 
 
 def test_missing_data_folder(tmp_path, capsys):
-    _fails(["--preset", "tiny", "--data", str(tmp_path / "nope")], capsys, tmp_path / "out", "nope", "does not exist")
+    _fails(
+        ["--preset", "tiny", "--data", str(tmp_path / "nope")],
+        capsys,
+        tmp_path / "out",
+        "nope",
+        "does not exist",
+    )
 
 
 def test_empty_data_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    _fails(["--preset", "tiny", "--data", str(tmp_path / "empty")], capsys, tmp_path / "out", "empty")
+    _fails(
+        ["--preset", "tiny", "--data", str(tmp_path / "empty")], capsys, tmp_path / "out", "empty"
+    )
 
 
 def test_unreadable_image(tmp_path, capsys):
     folder = tmp_path / "images" / "cats"
     folder.mkdir(parents=True)
     (folder / "broken.png").write_bytes(b"\x00not a png at all" * 10)
-    _fails(["--preset", "tiny", "--data", str(tmp_path / "images")], capsys, tmp_path / "out", "broken.png")
+    _fails(
+        ["--preset", "tiny", "--data", str(tmp_path / "images")],
+        capsys,
+        tmp_path / "out",
+        "broken.png",
+    )
 
 
 def test_unknown_preset(tmp_path, capsys):
@@ -46,7 +59,14 @@ def test_unknown_preset(tmp_path, capsys):
 
 
 def test_unknown_option_suggests_the_right_one(tmp_path, capsys):
-    _fails(["--preset", "tiny", "--batchsize", "8"], capsys, tmp_path / "out", "--batchsize", "--batch-size", "--help")
+    _fails(
+        ["--preset", "tiny", "--batchsize", "8"],
+        capsys,
+        tmp_path / "out",
+        "--batchsize",
+        "--batch-size",
+        "--help",
+    )
 
 
 def test_mistyped_value(tmp_path, capsys):
@@ -73,7 +93,22 @@ def test_resume_with_another_model_shape(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train_cli.main(["--preset", "tiny", "--steps", "2", "--out", str(run_dir)]) == 0
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    assert train_cli.main(["--preset", "tiny", "--steps", "4", "--base-channels", "32", "--resume", "--out", str(run_dir)]) == 2
+    assert (
+        train_cli.main(
+            [
+                "--preset",
+                "tiny",
+                "--steps",
+                "4",
+                "--base-channels",
+                "32",
+                "--resume",
+                "--out",
+                str(run_dir),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "another shape" in err and "base_channels" in err and "--out" in err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
@@ -89,8 +124,19 @@ def test_existing_run_without_resume_is_refused(tmp_path, capsys):
 def test_real_process_exit_status(tmp_path):
     # The same path through a real interpreter: status 2 and the message on stderr.
     result = subprocess.run(
-        [sys.executable, str(REPO / "fastsp" / "train.py"), "--preset", "tiny", "--steps", "-1", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "fastsp" / "train.py"),
+            "--preset",
+            "tiny",
+            "--steps",
+            "-1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and "steps" in result.stderr
     assert not (tmp_path / "o").exists()

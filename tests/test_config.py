@@ -26,8 +26,20 @@ def test_every_field_is_an_option():
 
 def test_overrides_types_and_booleans():
     train, model = parse_args(
-        ["--preset", "tiny", "--steps", "7", "--lr", "3e-4", "--no-zero-terminal-snr", "--prediction-type", "eps",
-         "--channel-mult", "1,2,3", "--channels-last"]
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "7",
+            "--lr",
+            "3e-4",
+            "--no-zero-terminal-snr",
+            "--prediction-type",
+            "eps",
+            "--channel-mult",
+            "1,2,3",
+            "--channels-last",
+        ]
     )
     assert train.steps == 7 and train.lr == 3e-4 and train.zero_terminal_snr is False
     assert train.prediction_type == "eps" and train.channels_last is True
@@ -53,10 +65,18 @@ def test_unknown_fields_in_a_config_file_are_errors():
 
 @pytest.mark.parametrize(
     ("field", "value", "needle"),
-    [("steps", 0, ">= 1"), ("lr", -1.0, "> 0"), ("ema_decay", 1.0, "[0, 1)"), ("device", "tpu", "auto, cpu, cuda"),
-     ("sample_sampler", "heun", "ddim, euler"), ("grad_clip", -1.0, ">= 0")],
+    [
+        ("steps", 0, ">= 1"),
+        ("lr", -1.0, "> 0"),
+        ("ema_decay", 1.0, "[0, 1)"),
+        ("device", "tpu", "auto, cpu, cuda"),
+        ("sample_sampler", "heun", "ddim, euler"),
+        ("grad_clip", -1.0, ">= 0"),
+    ],
 )
 def test_invalid_values_name_the_field(field, value, needle):
     with pytest.raises(ConfigError) as error:
         TrainConfig(**{field: value})
-    assert field in str(error.value) and needle in str(error.value) and repr(value) in str(error.value)
+    assert (
+        field in str(error.value) and needle in str(error.value) and repr(value) in str(error.value)
+    )

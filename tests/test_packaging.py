@@ -24,15 +24,29 @@ def test_no_module_shadows_a_top_level_module():
 def test_wheel_installs_and_imports_outside_the_source_tree(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("fastsp-*.whl")
     target = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     probe = (
@@ -42,7 +56,11 @@ def test_wheel_installs_and_imports_outside_the_source_tree(tmp_path):
     )
     # Run from an empty folder with a clean path, so the source tree cannot be picked up.
     result = subprocess.run(
-        [sys.executable, "-I", "-c", probe, str(target)], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-I", "-c", probe, str(target)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     package_file, kernels_file = result.stdout.split()

@@ -30,8 +30,15 @@ def _run(cmd, **kwargs):
 
 
 def _torchrun(nproc, args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           TRAIN_SCRIPT, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        TRAIN_SCRIPT,
+        *args,
+    ]
     result = _run(cmd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -44,8 +51,24 @@ def _metrics(run_dir):
 def test_default_preset_loss_falls_and_writes_samples(tmp_path):
     # The digits preset itself (its model and data), shortened: loss must fall, a grid must exist.
     out = tmp_path / "digits"
-    checkpoint = _train(["--preset", "digits", "--steps", "60", "--batch-size", "32", "--log-every", "10",
-                         "--sample-num", "16", "--sample-steps", "4", "--out", str(out)])
+    checkpoint = _train(
+        [
+            "--preset",
+            "digits",
+            "--steps",
+            "60",
+            "--batch-size",
+            "32",
+            "--log-every",
+            "10",
+            "--sample-num",
+            "16",
+            "--sample-steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     losses = [m["loss"] for m in _metrics(out)]
     assert len(losses) == 6
     assert losses[-1] < 0.6 * losses[0], losses
@@ -59,7 +82,20 @@ def test_default_preset_loss_falls_and_writes_samples(tmp_path):
 
 def test_unconditional_and_grad_accum(tmp_path):
     out = tmp_path / "uncond"
-    _train(["--preset", "tiny", "--cond", "none", "--grad-accum", "2", "--steps", "4", "--out", str(out)])
+    _train(
+        [
+            "--preset",
+            "tiny",
+            "--cond",
+            "none",
+            "--grad-accum",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     saved = checkpoint_lib.read_config(checkpoint_lib.resolve_checkpoint(out))
     assert saved["model"]["num_classes"] == 0 and saved["train"]["grad_accum"] == 2
 
@@ -113,7 +149,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         w2 = load_file(str(two / "checkpoints" / "step_00000006" / file))
         assert w1.keys() == w2.keys()
         for name in w1:
-            torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=f"{file}:{name}")
+            torch.testing.assert_close(
+                w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=f"{file}:{name}"
+            )
     # The two runs logged the same losses (all-reduced mean over ranks == the 1-process mean).
     loss_one = [m["loss"] for m in _metrics(one)]
     loss_two = [m["loss"] for m in _metrics(two)]
@@ -124,18 +162,42 @@ def test_sample_cli(tmp_path, capsys):
     run_dir = tmp_path / "run"
     _train(["--preset", "tiny", "--steps", "2", "--out", str(run_dir)])
     png = tmp_path / "grid.png"
-    code = sample_cli.main(["--checkpoint", str(run_dir), "--num", "6", "--steps", "3", "--out", str(png)])
+    code = sample_cli.main(
+        ["--checkpoint", str(run_dir), "--num", "6", "--steps", "3", "--out", str(png)]
+    )
     assert code == 0 and png.is_file()
     guided = tmp_path / "guided.png"
-    code = sample_cli.main(["--checkpoint", str(run_dir / "checkpoints" / "step_00000002"), "--num", "4",
-                            "--steps", "2", "--cfg", "3", "--cfg-rescale", "0.7", "--label", "3",
-                            "--sampler", "euler", "--out", str(guided)])
+    code = sample_cli.main(
+        [
+            "--checkpoint",
+            str(run_dir / "checkpoints" / "step_00000002"),
+            "--num",
+            "4",
+            "--steps",
+            "2",
+            "--cfg",
+            "3",
+            "--cfg-rescale",
+            "0.7",
+            "--label",
+            "3",
+            "--sampler",
+            "euler",
+            "--out",
+            str(guided),
+        ]
+    )
     assert code == 0 and guided.is_file()
     from PIL import Image
 
     with Image.open(png) as image:  # 6 images of 8x8 in a 3x2 grid with 1-pixel padding, x16
         assert image.size == ((3 * 9 + 1) * 16, (2 * 9 + 1) * 16)
-    assert sample_cli.main(["--checkpoint", str(run_dir), "--label", "10", "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        sample_cli.main(
+            ["--checkpoint", str(run_dir), "--label", "10", "--out", str(tmp_path / "x.png")]
+        )
+        == 2
+    )
     assert "not a class" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 

@@ -1,0 +1,261 @@
+"""GPU benchmark of fastsp.feature_mse: fused Triton vs eager and compiled F.mse_loss.
+
+    python benchmarks/feature_mse_gpu.py        # full sweep, results in benchmarks/results/
+    python benchmarks/feature_mse_gpu.py --sizes 2621440 67108864 --dtypes bf16
+
+Per (dtype, size, provider, mode) it checks correctness first (loss and grad against an fp32
+F.mse_loss of the same tensors), then times with triton.testing.do_bench (L2 flushed between runs)
+and reports the median with 20th/80th percentiles, GB/s counted from the bytes that must move
+(forward: read x and y; forward+backward: read x and y, write dx), the percentage of the copy
+bandwidth measured in the same run (a large dst.copy_(src)), and the peak memory of one call.
+Modes: ``fwd`` (under no_grad: no graph, no fused gradient); ``fwd+bwd`` with grad_output 1
+(``loss.backward()``); ``fwd+bwd g=0.5`` (a weighted loss: the fused path rewrites its buffer).
+Writes feature_mse_<gpu>_<date>.md and .json (card, date, torch/triton versions, every number) and
+prints the markdown. Exit status 1 if a check fails.
+
+Without CUDA (``--device cpu``, with TRITON_INTERPRET=1) it runs the same code on tiny sizes with a
+wall-clock timer: a smoke test of this script, not a measurement.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from fastsp.feature_loss import feature_mse
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# sd21 mid-block feature map at 64x64 latents, batch 32: [32, 1280, 8, 8]; then up to 1e9 elements
+_SIZES = [32 * 1280 * 8 * 8, 16 * 2**20, 64 * 2**20, 256 * 2**20, 10**9]
+_MODES = ("fwd", "fwd+bwd", "fwd+bwd g=0.5")
+_TARGETS = {"pct_copy": 85.0, "x_eager": 3.0, "x_compile": 1.5}  # H100, bf16, >= 64M, fwd+bwd
+
+
+def _timer(fn, device, rep_ms=100):
+    """(median, p20, p80) in ms."""
+    if device.type == "cuda":
+        return tuple(triton.testing.do_bench(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return statistics.median(times), times[1], times[-2]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, numel):
+    """GB/s of dst.copy_(src) for ``numel`` bf16 elements (bytes read + written)."""
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    median, _, _ = _timer(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / median / 1e6
+
+
+def shape_of(size):
+    return (32, 1280, 8, 8) if size == 32 * 1280 * 8 * 8 else (size,)
+
+
+def providers_for(device):
+    backend = "inductor" if device.type == "cuda" else "aot_eager"  # CPU inductor needs a C++ build
+    compiled = torch.compile(F.mse_loss, backend=backend, dynamic=False)
+    return {"fused": feature_mse, "eager": F.mse_loss, "compile": compiled}
+
+
+def make_step(loss_fn, x, y, mode, g):
+    if mode == "fwd":  # an inference forward: no graph, no fused gradient buffer
+
+        def forward():
+            with torch.no_grad():
+                return loss_fn(x, y)
+
+        return forward
+    return lambda: torch.autograd.grad(loss_fn(x, y), x, g)
+
+
+def check(loss_fn, x, y, g, dtype):
+    """Loss and dx of loss_fn against F.mse_loss in fp32 on the same tensors; raises if off."""
+    xr = x.detach().float().requires_grad_()
+    ref = F.mse_loss(xr, y.float())
+    (ref_g,) = torch.autograd.grad(ref, xr, g.float())
+    out = loss_fn(x, y)
+    (got_g,) = torch.autograd.grad(out, x, g)
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-5, 2e-2), torch.float16: (1e-5, 2e-3)}
+    atol, rtol = tol[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=max(rtol, 1e-3))
+    torch.testing.assert_close(
+        got_g.float(), ref_g, atol=atol * ref_g.abs().max().item(), rtol=rtol
+    )
+
+
+def _peak_mib(fn, device):
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run(device, dtypes, sizes, modes):
+    copy_gbs = copy_bandwidth(device, 2**28 if device.type == "cuda" else 2**16)
+    providers = providers_for(device)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    rows, failures = [], []
+    for dtype_name in dtypes:
+        dtype = _DTYPES[dtype_name]
+        for size in sizes:
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(shape_of(size), device=device, dtype=dtype, generator=gen)
+            y = torch.randn(shape_of(size), device=device, dtype=dtype, generator=gen)
+            x.requires_grad_()
+            for mode in modes:
+                g = torch.tensor(0.5 if "g=0.5" in mode else 1.0, device=device, dtype=dtype)
+                must_move = x.numel() * x.element_size() * (2 if mode == "fwd" else 3)
+                timings = {}
+                for name, loss_fn in providers.items():
+                    try:
+                        check(loss_fn, x, y, g, dtype)
+                    except AssertionError as err:
+                        failures.append(f"{dtype_name} {size} {mode} {name}: wrong result: {err}")
+                        continue
+                    fn = make_step(loss_fn, x, y, mode, g)
+                    median, p20, p80 = _timer(fn, device)
+                    timings[name] = median
+                    gbs = must_move / median / 1e6
+                    rows.append(
+                        {
+                            "dtype": dtype_name,
+                            "numel": size,
+                            "shape": list(shape_of(size)),
+                            "mode": mode,
+                            "provider": name,
+                            "median_ms": median,
+                            "p20_ms": p20,
+                            "p80_ms": p80,
+                            "bytes_must_move": must_move,
+                            "gb_per_s": gbs,
+                            "pct_copy_bw": 100 * gbs / copy_gbs,
+                            "peak_mib": _peak_mib(fn, device),
+                        }
+                    )
+                for row in rows[-len(timings) :] if timings else []:
+                    if row["provider"] == "fused":
+                        row["x_eager"] = timings.get("eager", float("nan")) / row["median_ms"]
+                        row["x_compile"] = timings.get("compile", float("nan")) / row["median_ms"]
+                del g
+            del x, y
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return copy_gbs, rows, failures
+
+
+def _targets(rows):
+    """The issue's GPU targets, checked on fused bf16 fwd+bwd rows of 64M elements and up."""
+    checked = []
+    for row in rows:
+        if (row["provider"], row["dtype"], row["mode"]) == ("fused", "bf16", "fwd+bwd") and row[
+            "numel"
+        ] >= 64 * 2**20:
+            ok = all(row[key] >= bound for key, bound in _TARGETS.items())
+            checked.append({"numel": row["numel"], "ok": ok, **{k: row[k] for k in _TARGETS}})
+    return checked
+
+
+def _markdown(meta, rows, targets, failures):
+    lines = [
+        f"# feature_mse benchmark: {meta['device']}",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"copy bandwidth {meta['copy_gb_per_s']:.0f} GB/s (bf16 dst.copy_(src), read + write).",
+        "GB/s from the bytes that must move (fwd: x, y read; fwd+bwd: x, y read, dx written).",
+        "",
+        "| dtype | numel | mode | provider | median ms (p20-p80) | GB/s | % copy | peak MiB "
+        "| x eager | x compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        speed = f"{r['x_eager']:.2f} | {r['x_compile']:.2f}" if "x_eager" in r else "- | -"
+        lines.append(
+            f"| {r['dtype']} | {r['numel']} | {r['mode']} | {r['provider']} | "
+            f"{r['median_ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f}) | {r['gb_per_s']:.0f} | "
+            f"{r['pct_copy_bw']:.1f} | {peak} | {speed} |"
+        )
+    lines += ["", "## Targets (bf16, fwd+bwd, >= 64M elements)", ""]
+    lines.append(
+        f"Each needs >= {_TARGETS['pct_copy']:.0f}% of copy bandwidth, >= {_TARGETS['x_eager']}x "
+        f"eager and >= {_TARGETS['x_compile']}x torch.compile."
+    )
+    for t in targets:
+        lines.append(
+            f"- {t['numel']}: {'met' if t['ok'] else 'NOT met'} ({t['pct_copy']:.1f}% copy, "
+            f"{t['x_eager']:.2f}x eager, {t['x_compile']:.2f}x compile)"
+        )
+    if failures:
+        lines += ["", "## Failed checks", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(_DTYPES))
+    parser.add_argument("--sizes", nargs="+", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", default=list(_MODES), choices=_MODES)
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results (CUDA), a temp dir"
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu (with TRITON_INTERPRET=1) for a smoke run")
+    sizes = args.sizes or (_SIZES if device.type == "cuda" else [3000, 2 * 64 * 8 * 8])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    copy_gbs, rows, failures = run(device, args.dtypes, sizes, args.modes)
+    meta = {
+        "device": name or "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "copy_gb_per_s": copy_gbs,
+        "argv": sys.argv,
+    }
+    targets = _targets(rows)
+    markdown = _markdown(meta, rows, targets, failures)
+    default_out = (
+        Path(__file__).parent / "results" if device.type == "cuda" else Path("/tmp/fastsp")
+    )
+    out = Path(args.out) if args.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in meta["device"]).strip("_") or "cpu"
+    stem = out / f"feature_mse_{tag}_{datetime.date.today().isoformat()}"
+    stem.with_suffix(".md").write_text(markdown)
+    payload = {**meta, "targets": targets, "failures": failures, "rows": rows}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    print(markdown)
+    print(f"wrote {stem}.md and {stem}.json")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

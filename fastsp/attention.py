@@ -1,0 +1,252 @@
+"""The one attention function every attention layer of fastsp calls.
+
+    out = softmax(q k^T / sqrt(D)) v        q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H, D]
+
+No mask, no dropout: the UNet's self- and cross-attention need neither. The layout is xformers'
+BMHK (batch, sequence, heads, head dim), which a `Linear` output reaches with a free `view`; the
+SDPA path transposes to torch's [B, H, L, D] with free views too.
+
+Backends:
+- ``xformers``: ``xformers.ops.memory_efficient_attention``; its dispatcher picks flash or cutlass.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, which dispatches to flash,
+  memory-efficient or math kernels itself; the CPU path and the fallback of ``auto``.
+- ``math``: explicit softmax in fp32 (fp64 for fp64 inputs); the reference the tests compare with.
+- ``auto``: xformers when the inputs are CUDA tensors and xformers can run them, else SDPA.
+
+xformers is imported lazily, once; an import failure is recorded and reported as a reason, never
+raised. Whether xformers supports given inputs is asked of xformers' own dispatcher (the same
+``not_supported_reasons`` checks that ``memory_efficient_attention`` runs), cached per input
+signature so that a training step pays the check once per shape. On CPU tensors ``auto`` never
+touches xformers, so the ``auto`` -> SDPA path is traceable by ``torch.compile(fullgraph=True)``:
+it branches on device, dtype and shape only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Cache of xformers' verdicts, keyed by the input signature (see _xformers_key).
+_XFORMERS_CACHE: dict[tuple, list[str]] = {}
+_XFORMERS_CACHE_MAX = 4096
+# Lazily imported `xformers.ops` module, or the reason it could not be imported.
+_xops = None
+_xops_error: str | None = None
+
+
+class AttentionBackendError(RuntimeError):
+    """A forced attention backend cannot run the given inputs; the message lists every reason."""
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}"
+        )
+
+
+def _input_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Problems with the inputs that no backend can run (layout, shape, dtype, device)."""
+    reasons = []
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        reasons.append(
+            f"q, k, v must be 4-D [B, L, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+        return reasons
+    if k.shape != v.shape:
+        reasons.append(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        reasons.append(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        reasons.append(f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in _FLOAT_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not a floating dtype in {_FLOAT_DTYPES}")
+    if not (q.device == k.device == v.device):
+        reasons.append(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
+    return reasons
+
+
+def _import_xformers():
+    """`xformers.ops`, or None with the reason recorded in `_xops_error`."""
+    global _xops, _xops_error
+    if _xops is None and _xops_error is None:
+        try:
+            import xformers.ops as xops
+
+            # Touch what we use so that a broken install fails here, not at call time.
+            _ = (xops.memory_efficient_attention, xops.fmha.Inputs)
+            _xops = xops
+        except Exception as e:  # any import failure is a reason, not a crash
+            _xops_error = f"xformers cannot be imported: {type(e).__name__}: {e}"
+    return _xops
+
+
+def _xformers_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> tuple:
+    # xformers' checks look at device (capability), dtype, shapes, strides (alignment), whether a
+    # backward is needed and the deterministic-algorithms flag; nothing else of the inputs.
+    return (
+        q.device,
+        q.dtype,
+        tuple(q.shape),
+        tuple(k.shape),
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        needs_grad,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+def _ask_xformers(xops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool):
+    """xformers' own reasons against running (q, k, v); empty if its dispatcher finds an op.
+
+    Uses the dispatcher that `memory_efficient_attention(..., op=None)` uses
+    (`fmha._dispatch_fw(inp, needs_gradient)`, and `fmha._dispatch_bw(inp, varlen_lse_packed)` when
+    a backward is needed). These are private names; if they are missing or change signature we
+    fall back to the public op pairs (flash, cutlass) and their `not_supported_reasons`.
+    """
+    fmha = xops.fmha
+    inp = fmha.Inputs(query=q, key=k, value=v)
+    try:
+        inp.validate_inputs()
+    except ValueError as e:
+        return [f"xformers: {e}"]
+    dispatch_fw = getattr(fmha, "_dispatch_fw", None)
+    dispatch_bw = getattr(fmha, "_dispatch_bw", None)
+    if dispatch_fw is not None and dispatch_bw is not None:
+        reasons = []
+        try:
+            dispatch_fw(inp, needs_grad)
+            if needs_grad:
+                dispatch_bw(inp, None)
+            return reasons
+        except NotImplementedError as e:
+            return [f"xformers: {e}"]
+        except (TypeError, AttributeError):
+            pass  # the private dispatcher changed: use the public op pairs below
+    pairs = [
+        getattr(fmha, name, None)
+        for name in (
+            "MemoryEfficientAttentionFlashAttentionOp",
+            "MemoryEfficientAttentionCutlassOp",
+        )
+    ]
+    reasons = []
+    for pair in pairs:
+        if pair is None:
+            continue
+        ops = pair if needs_grad else pair[:1]
+        pair_reasons = [f"{op.NAME}: {r}" for op in ops for r in op.not_supported_reasons(inp)]
+        if not pair_reasons:
+            return []
+        reasons.extend(pair_reasons)
+    return [f"xformers: {r}" for r in reasons] or ["xformers: no attention operator found"]
+
+
+def _xformers_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    reasons = []
+    if q.device.type != "cuda":
+        reasons.append(f"inputs are on {q.device.type}, xformers needs CUDA tensors")
+    xops = _import_xformers()
+    if xops is None:
+        reasons.append(_xops_error)
+        return reasons
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = _xformers_key(q, k, v, needs_grad)
+    cached = _XFORMERS_CACHE.get(key)
+    if cached is None:
+        try:
+            cached = _ask_xformers(xops, q, k, v, needs_grad)
+        except Exception as e:  # a broken xformers is a reason, not a crash
+            cached = [f"xformers support check failed: {type(e).__name__}: {e}"]
+        if len(_XFORMERS_CACHE) >= _XFORMERS_CACHE_MAX:
+            _XFORMERS_CACHE.clear()
+        _XFORMERS_CACHE[key] = cached
+    reasons.extend(r for r in cached if r not in reasons)
+    return reasons
+
+
+def not_supported_reasons(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> list[str]:
+    """Every reason `backend` cannot run `attention(q, k, v)`; an empty list means it can.
+
+    ``auto`` can run whatever ``sdpa`` can (it falls back to it). Raises ValueError for an
+    unknown backend name.
+    """
+    _check_backend(backend)
+    reasons = _input_reasons(q, k, v)
+    if backend == "xformers" and q.ndim == 4 and k.ndim == 4 and v.ndim == 4:
+        reasons.extend(_xformers_reasons(q, k, v))
+    return reasons
+
+
+def _format_reasons(reasons: list[str]) -> str:
+    return "\n".join("  - " + r.replace("\n", "\n    ") for r in reasons)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * (1.0 / math.sqrt(q.shape[-1]))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
+
+
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Scaled dot-product attention in BMHK layout: softmax(q k^T / sqrt(D)) v.
+
+    Args:
+        q: [B, Lq, H, D] queries.
+        k: [B, Lk, H, D] keys.
+        v: [B, Lk, H, D] values (same dtype and device as q).
+        backend: one of ``ATTENTION_BACKENDS``. ``auto`` uses xformers for CUDA inputs it
+            supports, else torch SDPA; a forced backend that cannot run raises
+            ``AttentionBackendError`` listing every reason. Malformed inputs (shapes, dtypes,
+            devices that disagree) raise ValueError, as does an unknown backend name.
+
+    Returns:
+        [B, Lq, H, D] in q's dtype (it may be a non-contiguous view).
+
+    Equivalent PyTorch code::
+
+        scale = 1.0 / q.shape[-1] ** 0.5
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
+        attn = (q * scale) @ k.transpose(-2, -1)                           # [B, H, Lq, Lk]
+        attn = attn.softmax(dim=-1)
+        return (attn @ v).transpose(1, 2)                                  # [B, Lq, H, D]
+    """
+    _check_backend(backend)
+    reasons = _input_reasons(q, k, v)
+    if reasons:
+        raise ValueError("attention inputs are invalid:\n" + _format_reasons(reasons))
+    if backend == "auto":
+        if q.device.type == "cuda" and not _xformers_reasons(q, k, v):
+            return _xops.memory_efficient_attention(q, k, v)
+        return _sdpa_attention(q, k, v)
+    reasons = _xformers_reasons(q, k, v) if backend == "xformers" else []
+    if reasons:
+        raise AttentionBackendError(
+            f"attention backend {backend!r} cannot run q {tuple(q.shape)} {q.dtype} on "
+            f"{q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}:\n" + _format_reasons(reasons)
+        )
+    if backend == "xformers":
+        return _xops.memory_efficient_attention(q, k, v)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v)
+    return _math_attention(q, k, v)

@@ -1,0 +1,183 @@
+"""Feature-space MSE losses: torch's ``mse_loss`` contract, Triton kernels underneath.
+
+Equivalent PyTorch code::
+
+    feature_mse(input, target, reduction)
+        == torch.nn.functional.mse_loss(input, target, reduction=reduction)
+    FeatureMSELoss(reduction)(input, target)
+        == torch.nn.MSELoss(reduction=reduction)(input, target)
+    feature_mse_multi(inputs, targets, weights)
+        == sum(w * torch.nn.functional.mse_loss(x, y) for x, y, w in zip(inputs, targets, weights))
+
+Backends: ``"triton"`` runs the kernels of ``fastsp.kernels.feature_mse`` and
+``fastsp.kernels.feature_mse_multi`` (one pass over memory, gradient fused into the forward,
+deterministic, no host sync, traced by ``torch.compile(fullgraph=True)`` without graph breaks;
+tested with the aot_eager backend); ``"torch"`` runs the reference above; ``"auto"`` picks Triton
+for CUDA tensors, and for CPU tensors when Triton runs in its interpreter (``TRITON_INTERPRET=1``
+set before triton is imported), the reference otherwise. Forcing ``"triton"`` where it cannot run
+raises ``TritonUnavailableError`` listing every reason.
+As ``F.mse_loss``, differing input and target sizes warn (in eager mode only: under torch.compile
+the warning would be a graph break) and incompatible ones raise the same RuntimeError.
+Not supported by the Triton backend: double backward (backward with ``create_graph=True``
+raises a RuntimeError naming ``backend="torch"``).
+"""
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from fastsp.kernels import feature_mse as _k
+    from fastsp.kernels import feature_mse_multi as _km
+
+    _IMPORT_ERROR = None
+except ImportError as err:  # no triton on this platform
+    _k = _km = None
+    _IMPORT_ERROR = f"triton kernels cannot be imported ({err})"
+
+__all__ = [
+    "FeatureMSELoss",
+    "TritonUnavailableError",
+    "feature_mse",
+    "feature_mse_multi",
+    "feature_mse_multi_ref",
+    "feature_mse_ref",
+    "triton_unsupported_reasons",
+]
+
+_BACKENDS = ("auto", "triton", "torch")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class TritonUnavailableError(NotImplementedError):
+    """``backend="triton"`` forced on tensors the kernels cannot take; ``.reasons`` says why."""
+
+    def __init__(self, op: str, reasons: list[str]):
+        self.reasons = reasons
+        lines = "\n".join(f"  - {r}" for r in reasons)
+        super().__init__(f"{op}: the triton backend cannot run because:\n{lines}")
+
+
+def triton_unsupported_reasons(*tensors: Tensor) -> list[str]:
+    """Every reason the Triton kernels cannot take ``tensors`` (empty when they can)."""
+    if _IMPORT_ERROR is not None:
+        return [_IMPORT_ERROR]
+    reasons = []
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        reasons.append(f"tensors are on different devices: {sorted(map(str, devices))}")
+    for device in sorted(devices, key=str):
+        if device.type == "cpu" and not _k.INTERPRETED:
+            reasons.append(
+                "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
+            )
+        elif device.type not in ("cpu", "cuda"):
+            reasons.append(f"device {device} is neither CUDA nor CPU")
+    for dtype in sorted({t.dtype for t in tensors if t.dtype not in _DTYPES}, key=str):
+        reasons.append(f"dtype {dtype} is not float32, bfloat16 or float16")
+    return reasons
+
+
+def _use_triton(op: str, backend: str, tensors: Sequence[Tensor]) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    reasons = triton_unsupported_reasons(*tensors)
+    if reasons and backend == "triton":
+        raise TritonUnavailableError(op, reasons)
+    return not reasons
+
+
+def _broadcast_pair(input: Tensor, target: Tensor, stacklevel: int) -> tuple[Tensor, Tensor]:
+    # Same warning, same broadcasting and same error for incompatible shapes as F.mse_loss. The
+    # warning is eager-only: warnings.warn would be a graph break under torch.compile.
+    if target.size() != input.size() and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=stacklevel + 1,
+        )
+    return torch.broadcast_tensors(input, target)
+
+
+def feature_mse_ref(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Plain-torch reference (tests, benchmarks and the fallback share it)."""
+    return torch.nn.functional.mse_loss(input, target, reduction=reduction)
+
+
+def feature_mse(
+    input: Tensor, target: Tensor, reduction: str = "mean", *, backend: str = "auto"
+) -> Tensor:
+    """Mean squared error between ``input`` [*] and ``target`` [*] (broadcastable).
+
+    Returns a 0-d tensor for ``mean``/``sum`` and the broadcast shape for ``none``, in
+    ``torch.promote_types(input.dtype, target.dtype)``; accumulates in fp32. Gradients flow to
+    ``input`` and ``target``. Equivalent to
+    ``torch.nn.functional.mse_loss(input, target, reduction=reduction)``.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    x, y = _broadcast_pair(input, target, stacklevel=2)
+    if not _use_triton("feature_mse", backend, (x, y)):
+        return feature_mse_ref(x, y, reduction)
+    return _k.feature_mse(x, y, reduction)
+
+
+class FeatureMSELoss(nn.Module):
+    """``nn.MSELoss`` on the fused kernels: ``FeatureMSELoss(reduction)(input, target)``."""
+
+    def __init__(self, reduction: str = "mean", *, backend: str = "auto"):
+        super().__init__()
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return feature_mse(input, target, self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+def feature_mse_multi_ref(
+    inputs: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float] | Tensor
+) -> Tensor:
+    """Plain-torch reference: ``sum_i weights[i] * mse_loss(inputs[i], targets[i])``."""
+    losses = [feature_mse_ref(x, y) for x, y in zip(inputs, targets, strict=True)]
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True))
+
+
+def feature_mse_multi(
+    inputs: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    weights: Sequence[float] | Tensor,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Weighted sum of per-pair mean squared errors, all pairs in one kernel launch.
+
+    ``inputs[i]`` and ``targets[i]`` are broadcastable to each other; shapes and dtypes differ from
+    pair to pair. ``weights`` is a sequence of numbers or a 1-D tensor of ``len(inputs)`` (which
+    may require grad). Returns a 0-d tensor in the promoted dtype of all inputs and targets,
+    accumulated in fp32. Equivalent to
+    ``sum(w * torch.nn.functional.mse_loss(x, y) for x, y, w in zip(inputs, targets, weights))``.
+    """
+    inputs, targets = list(inputs), list(targets)
+    if len(inputs) != len(targets) or len(inputs) != len(weights):
+        raise ValueError(
+            f"need as many targets and weights as inputs: {len(inputs)} inputs, "
+            f"{len(targets)} targets, {len(weights)} weights"
+        )
+    if not inputs:
+        raise ValueError("feature_mse_multi needs at least one input")
+    pairs = [_broadcast_pair(x, y, stacklevel=2) for x, y in zip(inputs, targets, strict=True)]
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    tensors = xs + ys + ([weights] if isinstance(weights, Tensor) else [])
+    if not _use_triton("feature_mse_multi", backend, tensors):
+        return feature_mse_multi_ref(xs, ys, weights)
+    return _km.feature_mse_multi(xs, ys, weights)

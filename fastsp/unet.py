@@ -1,0 +1,516 @@
+"""ADM / Stable-Diffusion style UNet with named feature taps and an early-stopping forward.
+
+    conv_in -> down[0] .. down[n-1] -> mid -> up[0] .. up[n-1] -> norm_out, SiLU, conv_out
+
+- ResBlock: GroupNorm, SiLU, conv3x3, timestep embedding (ADM scale-shift of the second norm, or
+  SD's additive bias after the first conv), GroupNorm, SiLU, dropout, conv3x3, plus a 1x1 skip
+  conv when the channel count changes. The second conv is zero-initialised (ADM), so every block
+  starts as the identity.
+- Transformer (SD2's SpatialTransformer with linear projections): GroupNorm, Linear proj_in, then
+  `transformer_depth` blocks of LayerNorm + self-attention, LayerNorm + cross-attention (when
+  context_dim > 0), LayerNorm + GEGLU feed-forward (x4), each residual; Linear proj_out
+  (zero-initialised); residual around the whole. heads = channels // head_dim. Every attention
+  layer calls `fastsp.attention.attention` with the config's backend.
+- Down level i: num_res_blocks x (ResBlock [+ transformer]) then a stride-2 conv (not on the last
+  level); it pushes every block's output and the downsample's output onto the skip list.
+- Mid: ResBlock, transformer (unless mid_attention=False), ResBlock.
+- Up level j (j = 0 is the lowest resolution, the first one run): num_res_blocks + 1 x
+  (concat a popped skip, ResBlock [+ transformer]) then nearest 2x upsampling + conv3x3 (not on the
+  last level).
+
+Taps: the output of `down[i]` is tap "down{i}", of `mid` is "mid", of `up[j]` is "up{j}"; a forward
+hook on those submodules sees exactly the tensor the tap returns. `forward(..., taps=[...])`
+returns the requested taps and runs nothing after the deepest one; the self-perceptual loss asks
+for "mid" and so never runs the decoder half.
+
+With the `sd21` preset the parameter count is Stable Diffusion 2.1-base's (865,910,724); q, k, v
+projections are fused into one Linear (self-attention) or q plus a fused k, v (cross-attention),
+which changes the layout of the weights, not their number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsp.attention import ATTENTION_BACKENDS, attention
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3  # image/latent channels in; the model predicts the same number out
+    base_channels: int = 64  # channels of level 0; the timestep embedding has 4x this
+    channel_mult: tuple[int, ...] = (
+        1,
+        2,
+        2,
+    )  # level i has base_channels * channel_mult[i] channels
+    num_res_blocks: int = 2  # ResBlocks per down level (up levels have one more)
+    attention_levels: tuple[int, ...] = (1, 2)  # levels (0 = full resolution) with transformers
+    head_dim: int = 64  # channels per attention head; heads = level channels // head_dim
+    transformer_depth: int = 1  # transformer blocks per transformer
+    context_dim: int = 0  # 0 = no cross-attention; >0 = cross-attention to context [B, L, dim]
+    num_classes: int = 0  # 0 = unconditional; >0 = class embedding, row num_classes = null label
+    scale_shift_norm: bool = True  # ADM timestep scale-shift; False = SD's additive embedding
+    norm_groups: int = 32  # GroupNorm groups; must divide every level's channel count
+    dropout: float = 0.0  # dropout inside ResBlocks, before the second conv
+    attention_backend: str = "auto"  # one of fastsp.attention.ATTENTION_BACKENDS
+    mid_attention: bool = True  # transformer between the two mid-block ResBlocks
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(self.attention_levels)
+        n = len(self.channel_mult)
+        for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim"):
+            _require_int(self, name, low=1)
+        _require_int(self, "transformer_depth", low=1)
+        _require_int(self, "context_dim", low=0)
+        _require_int(self, "num_classes", low=0)
+        _require_int(self, "norm_groups", low=1)
+        if n == 0 or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
+            raise ValueError(
+                f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}"
+            )
+        bad = [lvl for lvl in self.attention_levels if not isinstance(lvl, int) or not 0 <= lvl < n]
+        if bad or len(set(self.attention_levels)) != len(self.attention_levels):
+            raise ValueError(
+                f"attention_levels must be distinct level indices in 0..{n - 1}, "
+                f"got {self.attention_levels}"
+            )
+        for i, m in enumerate(self.channel_mult):
+            ch = self.base_channels * m
+            if ch % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} must divide every level's channels; level {i} "
+                    f"has base_channels * channel_mult[{i}] = {ch}"
+                )
+        attn_levels = set(self.attention_levels)
+        if self.mid_attention:
+            attn_levels.add(n - 1)
+        for i in sorted(attn_levels):
+            ch = self.base_channels * self.channel_mult[i]
+            if ch % self.head_dim:
+                raise ValueError(
+                    f"head_dim={self.head_dim} must divide the channels of every level with "
+                    f"attention (and the last level when mid_attention); level {i} has {ch}"
+                )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+
+
+def _require_int(config: UNetConfig, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # Unit tests: forward + backward at batch 8, 16x16 in a few milliseconds.
+    "tiny": UNetConfig(
+        in_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        head_dim=16,
+        norm_groups=8,
+        num_classes=10,
+    ),
+    # CPU demo on 16x16 (upsampled 8x8) digits, class-conditional (10% label dropout in training
+    # makes CFG usable); set num_classes=0 for the unconditional variant. Sized by measurement to
+    # train at batch 64 on two CPU cores: ~1.0M parameters, ~0.12-0.16 s per forward + backward.
+    "digits": UNetConfig(
+        in_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attention_levels=(1, 2),
+        head_dim=16,
+        norm_groups=8,
+        num_classes=10,
+    ),
+    # Stable Diffusion 2.1-base's UNet shape (865,910,724 parameters); for GPU benchmarks.
+    "sd21": UNetConfig(
+        in_channels=4,
+        base_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        head_dim=64,
+        context_dim=1024,
+        num_classes=0,
+        scale_shift_norm=False,
+        norm_groups=32,
+    ),
+}
+
+
+# Sinusoidal timestep embedding (ADM / DDPM): [cos(t f_i), sin(t f_i)], f_i = 10000^(-i/half).
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t [B] (long or float) -> [B, dim] float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / half)
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, config: UNetConfig):
+        super().__init__()
+        self.scale_shift = config.scale_shift_norm
+        self.norm1 = nn.GroupNorm(config.norm_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if self.scale_shift else out_ch)
+        self.norm2 = nn.GroupNorm(config.norm_groups, out_ch)
+        self.dropout = nn.Dropout(config.dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention over [B, L, C]; self-attention when context_dim is None."""
+
+    def __init__(self, dim: int, head_dim: int, backend: str, context_dim: int | None = None):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.backend = backend
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, lq, c = x.shape
+        if self.is_cross:
+            q = self.to_q(x).view(b, lq, self.heads, -1)
+            k, v = self.to_kv(context).view(b, context.shape[1], 2, self.heads, -1).unbind(2)
+        else:
+            q, k, v = self.to_qkv(x).view(b, lq, 3, self.heads, -1).unbind(2)
+        out = attention(q, k, v, backend=self.backend)
+        return self.to_out(out.reshape(b, lq, c))
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated linear unit: (a * gelu(g)) W_out, [a, g] = x W_in."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, config: UNetConfig):
+        super().__init__()
+        backend = config.attention_backend
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, config.head_dim, backend)
+        if config.context_dim > 0:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, config.head_dim, backend, context_dim=config.context_dim)
+        else:
+            self.norm2 = self.attn2 = None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """SD2's transformer over the pixels of [B, C, H, W] (linear proj_in / proj_out)."""
+
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        self.norm = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(channels, config) for _ in range(config.transformer_depth)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # [B, C, H, W] -> [B, HW, C]: a free view when x is channels_last.
+        y = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
+        for block in self.blocks:
+            y = block(y, context)
+        y = self.proj_out(y)
+        return x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownLevel(nn.Module):
+    """One encoder level; returns its last hidden state and appends its skips to `skips`."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, attn: bool, last: bool, config: UNetConfig
+    ):
+        super().__init__()
+        self.res = nn.ModuleList(
+            ResBlock(in_ch if i == 0 else out_ch, out_ch, emb_dim, config)
+            for i in range(config.num_res_blocks)
+        )
+        self.attn = (
+            nn.ModuleList(SpatialTransformer(out_ch, config) for _ in self.res) if attn else None
+        )
+        self.downsample = None if last else Downsample(out_ch)
+
+    def forward(self, h, emb, context, skips: list[torch.Tensor]) -> torch.Tensor:
+        for i, res in enumerate(self.res):
+            h = res(h, emb)
+            if self.attn is not None:
+                h = self.attn[i](h, context)
+            skips.append(h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+            skips.append(h)
+        return h
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, emb_dim: int, config: UNetConfig):
+        super().__init__()
+        self.res1 = ResBlock(ch, ch, emb_dim, config)
+        self.attn = SpatialTransformer(ch, config) if config.mid_attention else None
+        self.res2 = ResBlock(ch, ch, emb_dim, config)
+
+    def forward(self, h, emb, context) -> torch.Tensor:
+        h = self.res1(h, emb)
+        if self.attn is not None:
+            h = self.attn(h, context)
+        return self.res2(h, emb)
+
+
+class UpLevel(nn.Module):
+    """One decoder level; pops its skips from the end of `skips` and returns its output."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        skip_chs: Sequence[int],
+        emb_dim: int,
+        attn: bool,
+        last: bool,
+        config: UNetConfig,
+    ):
+        super().__init__()
+        chs = [in_ch] + [out_ch] * (len(skip_chs) - 1)
+        self.res = nn.ModuleList(
+            ResBlock(c + s, out_ch, emb_dim, config) for c, s in zip(chs, skip_chs, strict=True)
+        )
+        self.attn = (
+            nn.ModuleList(SpatialTransformer(out_ch, config) for _ in self.res) if attn else None
+        )
+        self.upsample = None if last else Upsample(out_ch)
+
+    def forward(self, h, emb, context, skips: list[torch.Tensor]) -> torch.Tensor:
+        for i, res in enumerate(self.res):
+            h = res(torch.cat([h, skips.pop()], dim=1), emb)
+            if self.attn is not None:
+                h = self.attn[i](h, context)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
+
+
+class UNet(nn.Module):
+    """The denoiser: forward(x [B, C, H, W], t [B], labels, context) -> [B, C, H, W].
+
+    H and W must be divisible by 2 ** (len(channel_mult) - 1).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        base = config.base_channels
+        emb_dim = 4 * base
+        n = len(config.channel_mult)
+        chs = [base * m for m in config.channel_mult]
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.label_embed = (
+            nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes > 0 else None
+        )
+        self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
+
+        skip_chs = [base]
+        self.down = nn.ModuleList()
+        in_ch = base
+        for i in range(n):
+            last = i == n - 1
+            attn = i in config.attention_levels
+            self.down.append(DownLevel(in_ch, chs[i], emb_dim, attn, last, config))
+            skip_chs += [chs[i]] * (config.num_res_blocks + (0 if last else 1))
+            in_ch = chs[i]
+
+        self.mid = MidBlock(in_ch, emb_dim, config)
+
+        self.up = nn.ModuleList()
+        for j in range(n):
+            i = n - 1 - j  # the resolution level this up level works at
+            level_skips = [skip_chs.pop() for _ in range(config.num_res_blocks + 1)]
+            attn = i in config.attention_levels
+            self.up.append(UpLevel(in_ch, chs[i], level_skips, emb_dim, attn, i == 0, config))
+            in_ch = chs[i]
+
+        self.norm_out = nn.GroupNorm(config.norm_groups, in_ch)
+        self.conv_out = nn.Conv2d(in_ch, config.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+        self.tap_names: tuple[str, ...] = (
+            *(f"down{i}" for i in range(n)),
+            "mid",
+            *(f"up{j}" for j in range(n)),
+        )
+
+    def _embed(self, x, t, labels) -> torch.Tensor:
+        emb_dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(emb_dtype))
+        if self.label_embed is not None:
+            if labels is None:
+                labels = torch.full(
+                    (x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device
+                )
+            emb = emb + self.label_embed(labels)
+        elif labels is not None:
+            raise ValueError("labels were given but the model is unconditional (num_classes=0)")
+        return emb
+
+    def _check_context(self, context):
+        if self.config.context_dim > 0 and context is None:
+            raise ValueError(
+                f"context [B, L, {self.config.context_dim}] is required (context_dim > 0)"
+            )
+        if self.config.context_dim == 0 and context is not None:
+            raise ValueError(
+                "context was given but the model has no cross-attention (context_dim=0)"
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        taps: Sequence[str] | None = None,
+    ):
+        """Predict the model output, or return feature taps and stop early.
+
+        Args:
+            x: [B, in_channels, H, W] noisy input.
+            t: [B] timesteps (long or float, 0..999).
+            labels: [B] long class labels, or None (the null label when num_classes > 0).
+                Label num_classes is the null label used for CFG dropout.
+            context: [B, L, context_dim] cross-attention context; required iff context_dim > 0.
+            taps: None, or names from `self.tap_names`.
+
+        Returns:
+            taps None: [B, in_channels, H, W]. Otherwise {name: tensor} for the requested taps;
+            no module after the deepest requested tap runs.
+        """
+        last = len(self.tap_names) - 1
+        wanted: set[str] = set()
+        if taps is not None:
+            if isinstance(taps, str):
+                taps = (taps,)
+            unknown = [name for name in taps if name not in self.tap_names]
+            if unknown:
+                raise ValueError(f"unknown tap(s) {unknown}; valid tap names: {self.tap_names}")
+            wanted = set(taps)
+            # Index of the deepest requested tap (-1 for none); a loop, as dynamo traces it.
+            last = -1
+            for k, name in enumerate(self.tap_names):
+                if name in wanted:
+                    last = k
+        self._check_context(context)
+
+        out: dict[str, torch.Tensor] = {}
+        if last < 0:
+            return out
+        emb = self._embed(x, t, labels)
+        h = self.conv_in(x)
+        skips = [h]
+        stage = 0
+        for i, level in enumerate(self.down):
+            h = level(h, emb, context, skips)
+            if f"down{i}" in wanted:
+                out[f"down{i}"] = h
+            if stage == last:
+                return out
+            stage += 1
+        h = self.mid(h, emb, context)
+        if "mid" in wanted:
+            out["mid"] = h
+        if stage == last:
+            return out
+        stage += 1
+        for j, level in enumerate(self.up):
+            h = level(h, emb, context, skips)
+            if f"up{j}" in wanted:
+                out[f"up{j}"] = h
+            if stage == last and taps is not None:
+                return out
+            stage += 1
+        return self.conv_out(F.silu(self.norm_out(h)))

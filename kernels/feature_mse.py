@@ -1,0 +1,670 @@
+"""Fused feature-space MSE: ``mse_loss(input, target, reduction)`` in Triton, one pass over memory.
+
+Math (d = x - y over the N elements of the broadcast shape, accumulation in fp32):
+    none: out_i = d_i^2        mean: out = sum_i d_i^2 / N        sum: out = sum_i d_i^2
+    dL/dx_i = 2 d_i * s * g_i,  dL/dy_i = -dL/dx_i,  with s = 1/N (mean) or 1 (sum, none) and g the
+    incoming gradient (a 0-d tensor for mean and sum, elementwise for none).
+
+Kernels (one op, four kernels):
+- ``_feature_mse_fwd_kernel``: stage 1. Program p owns a fixed, contiguous run of ``tiles``
+  tiles of BLOCK elements and writes one fp32 partial sum. For mean and sum, when input and/or
+  target require grad, it also writes the gradient for g == 1, 2 d s (in the dtype of the tensor
+  it belongs to), in the same pass: the fused path. For ``none`` it writes d^2 instead.
+- ``_feature_mse_finalize_kernel``: stage 2, one program sums the partials in index order. The
+  partition depends only on N and the launch constants, and there are no atomics, so the result
+  is bit-identical run after run (on the same device and Triton version).
+- ``_feature_mse_bwd_kernel``: the backward from x and y: for ``none`` (the elementwise g is
+  unknown at forward time), for a second backward through a retained graph (the fused buffers
+  were consumed by the first) and, with SKIP_IF_ONE, as the fused backward of bf16/fp16 buffers.
+- ``_feature_mse_scale_kernel``: the fused backward of fp32 buffers: scales them by g in place.
+Both fused backwards load g on the device and return at once when g == 1 (the buffers already
+hold the answer and are handed out as the gradients); otherwise bf16/fp16 gradients are
+recomputed from x and y, rounding once as torch does (scaling a rounded buffer would round twice
+and could miss flash-attention's 2x-of-torch error rule), and fp32 buffers are scaled. No host
+sync anywhere (no ``.item()``, no ``torch.equal``): the op can be captured in a CUDA graph.
+
+Bytes moved, forward + backward, N elements of e bytes, only the input requiring grad:
+    eager mse_loss   about 7 N e (ATen writes (x-y)^2 and mean re-reads it: 4; backward: 3)
+    unfused kernels  5 N e (forward reads x, y: 2; backward reads x, y, writes dx: 3)
+    fused, g == 1    3 N e (forward reads x, y, writes dx; backward loads one scalar)
+    fused, g != 1    5 N e for fp32 (backward rescales dx), 6 N e for bf16/fp16 (recomputes dx)
+The floor is 3 N e, so with ``loss.backward()`` (or any loss whose weight is folded in as 1) the
+fused path moves the minimum. The costs: the gradient buffer (N e bytes) is allocated at forward
+time and lives until backward, it is written even if backward never runs, and x and y are saved
+for backward (by reference, as torch's own MseLossBackward saves them). The buffer holds the
+gradient's dtype, not fp32: fp32 would double the bytes written for bf16 and need a cast pass.
+Under torch.compile the traced backward cannot mutate a saved tensor (functionalisation would copy
+it), so it writes fresh gradients, even for g == 1: 2 N e (fp32 scale) or 3 N e (bf16/fp16
+recompute) more than the eager fused path.
+
+Layout. The op sees tensors of one shape (callers broadcast first). Host code orders the dimensions
+by memory (largest stride first), drops size-1 dimensions and merges dimensions that are contiguous
+in every operand, as TensorIterator does. When that leaves one unit-stride dimension for all
+operands (contiguous, channels_last paired with channels_last, any dense pair with equal strides)
+the kernels index flat memory. Otherwise (sliced views, stride-0 broadcast, mismatched layouts)
+they take up to 4 sizes and per-operand strides and gather: no copies (a stride-0 operand re-reads
+the same addresses). Above 4 merged dimensions the operands are first copied into one dense layout
+(2 N e more bytes per copied operand). Outputs (``none`` and gradients) are laid out in the pair's
+memory order (dimensions by the larger stride of x and y), so a channels_last input gets a
+channels_last gradient.
+
+64-bit offsets: every kernel turns ``tl.program_id(0)`` into int64 before multiplying (through
+``_chunk_start``), and all strides and sizes are passed as integers that Triton types as int64
+when they exceed int32, so tensors of more than 2^31 elements index correctly.
+
+Launch rule, fixed rather than autotuned (this is memory-bound, one tile is a pure stream):
+BLOCK = 4096 elements (8 KiB per bf16 operand, 16 elements per thread at 8 warps: enough bytes in
+flight per program for HBM while keeping registers low) and at most 4096 programs: up to 16.7 M
+elements each program owns one tile; above that each owns ``cdiv(tiles, 4096)`` consecutive tiles,
+which keeps the partials (and stage 2) small and the per-program work long. These constants come
+from the usual rule for streaming kernels and have not yet been measured on a GPU; the benchmark
+script (benchmarks/feature_mse_gpu.py) reports how close they get to the copy bandwidth. Tests
+override them (``_DEFAULT_LAUNCH``, or ``launch=``) to run many programs and tiles on small inputs.
+"""
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Triton decides at decoration time whether kernels run in its interpreter (CPU tensors allowed).
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton before triton.knobs (3.4)
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+_BLOCK = 4096  # elements per tile
+_MAX_PROGRAMS = 4096  # partial sums per reduction
+_FINAL_BLOCK = 1024  # partials summed per step of stage 2
+_MAX_RANK = 4  # merged dimensions the strided kernels take
+_DEFAULT_LAUNCH = (_BLOCK, _MAX_PROGRAMS, _FINAL_BLOCK)
+
+
+# ---------------------------------------------------------------------------- launch rules
+def _num_warps(block: int) -> int:
+    return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+
+
+def launch_rule(numel: int, launch: Sequence[int] = ()) -> tuple[int, int, int, int]:
+    """(BLOCK, tiles per program, programs, stage-2 BLOCK) for ``numel`` elements.
+
+    ``launch`` = (block, max_programs, final_block) overrides the constants (tests use tiny ones).
+    """
+    block, max_programs, final_block = launch or (_BLOCK, _MAX_PROGRAMS, _FINAL_BLOCK)
+    num_tiles = max(triton.cdiv(numel, block), 1)
+    tiles = triton.cdiv(num_tiles, max_programs)
+    return block, tiles, triton.cdiv(num_tiles, tiles), final_block
+
+
+def plan_layout(shape: Sequence[int], *strides: Sequence[int], order: list[int] | None = None):
+    """Merge ``shape`` under every operand's ``strides`` into as few dimensions as possible.
+
+    Returns (order, sizes, merged strides per operand). ``order`` lists the original dimensions
+    outermost first; by default the memory order of the operands (largest stride first), and the
+    kernels traverse elements, and lay out their outputs, in it. ``sizes`` and each merged stride
+    list run outermost first, with size-1 dimensions dropped.
+    """
+    if order is None:
+        order = sorted(range(len(shape)), key=lambda d: (-max(s[d] for s in strides), d))
+    sizes: list[int] = []
+    merged: list[list[int]] = [[] for _ in strides]
+    for d in order:
+        if shape[d] == 1:
+            continue
+        if sizes and all(m[-1] == s[d] * shape[d] for m, s in zip(merged, strides, strict=True)):
+            sizes[-1] *= shape[d]
+            for m, s in zip(merged, strides, strict=True):
+                m[-1] = s[d]
+        else:
+            sizes.append(shape[d])
+            for m, s in zip(merged, strides, strict=True):
+                m.append(s[d])
+    return order, sizes, merged
+
+
+def _is_flat(sizes: list[int], merged: list[list[int]]) -> bool:
+    return not sizes or (len(sizes) == 1 and all(m[0] == 1 for m in merged))
+
+
+def _pad(values: list[int], fill: int) -> list[int]:
+    return [fill] * (_MAX_RANK - len(values)) + values
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    """Every output of this op is allocated here (tests replace it to poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _empty_in_order(shape: Sequence[int], order: list[int], dtype, device) -> Tensor:
+    """An uninitialised tensor of ``shape`` whose memory runs in dimension order ``order``."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return _empty([shape[d] for d in order], dtype, device).permute(inverse)
+
+
+def _output_order(x: Tensor, y: Tensor) -> list[int]:
+    """Traversal and output order: dimensions by the larger stride of x and y, outermost first."""
+    return plan_layout(x.shape, x.stride(), y.stride())[0]
+
+
+def _prepare(order: list[int], *tensors: Tensor):
+    """(operands, flat, sizes[4], strides[4] per operand) for a traversal in ``order``.
+
+
+    Operands whose merged layout needs more than 4 dimensions are copied into ``order`` first.
+    """
+    _, sizes, merged = plan_layout(tensors[0].shape, *(t.stride() for t in tensors), order=order)
+    if len(sizes) > _MAX_RANK:
+        tensors = tuple(
+            _empty_in_order(t.shape, order, t.dtype, t.device).copy_(t) for t in tensors
+        )
+        _, sizes, merged = plan_layout(
+            tensors[0].shape, *(t.stride() for t in tensors), order=order
+        )
+    return tensors, _is_flat(sizes, merged), _pad(sizes, 1), [_pad(m, 0) for m in merged]
+
+
+# ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _cast_rtne(v, DTYPE: tl.constexpr):
+    # fp32 -> DTYPE rounding to nearest even. For bf16 the rounding is done on the fp32 bits
+    # first (a no-op change on GPUs, whose conversion rounds the same way): Triton's interpreter
+    # truncates fp32 -> bf16 and would otherwise make CPU tests up to 1 ulp worse than the GPU.
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
+@triton.jit
+def _chunk_start(pid, tiles, BLOCK: tl.constexpr):
+    # First element owned by program `pid`; int64 so that tensors above 2^31 elements index right.
+    return pid.to(tl.int64) * tiles * BLOCK
+
+
+@triton.jit
+def _strided_offsets(idx, s1, s2, s3, st0, st1, st2, st3):
+    # Row-major index over sizes (s0, s1, s2, s3) -> element offset under strides (st0..st3).
+    i3 = idx % s3
+    rest = idx // s3
+    i2 = rest % s2
+    rest = rest // s2
+    return (rest // s1) * st0 + (rest % s1) * st1 + i2 * st2 + i3 * st3
+
+
+@triton.jit
+def _feature_mse_fwd_kernel(
+    x_ptr,  # [N] fp32/bf16/fp16, strided as (xs0..xs3) unless FLAT
+    y_ptr,  # [N] fp32/bf16/fp16, strided as (ys0..ys3) unless FLAT
+    out_ptr,  # [N] promoted dtype, memory order of x: d^2 (REDUCE == 0 only)
+    partial_ptr,  # [programs] fp32: sum of d^2 per program (REDUCE != 0 only)
+    gx_ptr,  # [N] dtype of x, memory order of x: 2 d s (WRITE_GX only)
+    gy_ptr,  # [N] dtype of y, memory order of x: -2 d s (WRITE_GY only)
+    N,
+    tiles,
+    grad_scale,  # fp32: 2 s
+    s1,
+    s2,
+    s3,
+    xs0,
+    xs1,
+    xs2,
+    xs3,
+    ys0,
+    ys1,
+    ys2,
+    ys3,
+    REDUCE: tl.constexpr,
+    FLAT: tl.constexpr,
+    WRITE_GX: tl.constexpr,
+    WRITE_GY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    start = _chunk_start(pid, tiles, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(tiles):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < N
+        if FLAT:
+            x_off = idx
+            y_off = idx
+        else:
+            x_off = _strided_offsets(idx, s1, s2, s3, xs0, xs1, xs2, xs3)
+            y_off = _strided_offsets(idx, s1, s2, s3, ys0, ys1, ys2, ys3)
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+        d = x - y
+        if REDUCE:
+            acc += d * d
+        else:
+            tl.store(out_ptr + idx, _cast_rtne(d * d, out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GX:
+            tl.store(gx_ptr + idx, _cast_rtne(d * grad_scale, gx_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GY:
+            tl.store(gy_ptr + idx, _cast_rtne(-d * grad_scale, gy_ptr.dtype.element_ty), mask=mask)
+        start += BLOCK
+    if REDUCE:
+        tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _feature_mse_finalize_kernel(
+    partial_ptr,  # [num_partials] fp32
+    out_ptr,  # [] promoted dtype
+    num_partials,
+    scale,  # fp32: 1/N (mean) or 1 (sum)
+    BLOCK: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, num_partials, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < num_partials, other=0.0)
+    tl.store(out_ptr, _cast_rtne(tl.sum(acc, axis=0) * scale, out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _feature_mse_bwd_kernel(
+    x_ptr,  # [N] fp32/bf16/fp16, strided unless FLAT
+    y_ptr,  # [N] fp32/bf16/fp16, strided unless FLAT
+    g_ptr,  # [] (G_SCALAR) or [N] strided: grad of the output, promoted dtype
+    gx_ptr,  # [N] dtype of x, memory order of x (WRITE_GX only)
+    gy_ptr,  # [N] dtype of y, memory order of x (WRITE_GY only)
+    N,
+    tiles,
+    grad_scale,  # fp32: 2 s
+    s1,
+    s2,
+    s3,
+    xs0,
+    xs1,
+    xs2,
+    xs3,
+    ys0,
+    ys1,
+    ys2,
+    ys3,
+    gs0,
+    gs1,
+    gs2,
+    gs3,
+    G_SCALAR: tl.constexpr,
+    FLAT: tl.constexpr,
+    WRITE_GX: tl.constexpr,
+    WRITE_GY: tl.constexpr,
+    SKIP_IF_ONE: tl.constexpr,  # gx/gy already hold the g == 1 gradient (fused forward)
+    BLOCK: tl.constexpr,
+):
+    start = _chunk_start(tl.program_id(0), tiles, BLOCK)
+    g_scalar = 1.0
+    if G_SCALAR:
+        g_scalar = tl.load(g_ptr).to(tl.float32)
+    run_tiles = tiles
+    if SKIP_IF_ONE:
+        # Decided on the device, not by a host sync: with g == 1 the fused buffers are the answer.
+        run_tiles = tl.where(g_scalar != 1.0, tiles, 0)
+    for _ in range(run_tiles):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < N
+        if FLAT:
+            x_off = idx
+            y_off = idx
+            g_off = idx
+        else:
+            x_off = _strided_offsets(idx, s1, s2, s3, xs0, xs1, xs2, xs3)
+            y_off = _strided_offsets(idx, s1, s2, s3, ys0, ys1, ys2, ys3)
+            g_off = _strided_offsets(idx, s1, s2, s3, gs0, gs1, gs2, gs3)
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+        if G_SCALAR:
+            g = g_scalar
+        else:
+            g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        grad = (x - y) * grad_scale * g
+        if WRITE_GX:
+            tl.store(gx_ptr + idx, _cast_rtne(grad, gx_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GY:
+            tl.store(gy_ptr + idx, _cast_rtne(-grad, gy_ptr.dtype.element_ty), mask=mask)
+        start += BLOCK
+
+
+@triton.jit
+def _scale_tiles(src_ptr, dst_ptr, g, start, N, tiles, BLOCK: tl.constexpr):
+    for _ in range(tiles):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < N
+        v = tl.load(src_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + idx, _cast_rtne(v * g, dst_ptr.dtype.element_ty), mask=mask)
+        start += BLOCK
+
+
+@triton.jit
+def _feature_mse_scale_kernel(
+    gx_ptr,  # [N] dense, dtype of x: the fused gradient 2 d s (SCALE_GX only)
+    gy_ptr,  # [N] dense, dtype of y: -2 d s (SCALE_GY only)
+    out_gx_ptr,  # [N] like gx_ptr; gx_ptr itself when IN_PLACE
+    out_gy_ptr,  # [N] like gy_ptr; gy_ptr itself when IN_PLACE
+    g_ptr,  # [] grad of the loss
+    N,
+    tiles,
+    SCALE_GX: tl.constexpr,
+    SCALE_GY: tl.constexpr,
+    IN_PLACE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    start = _chunk_start(tl.program_id(0), tiles, BLOCK)
+    g = tl.load(g_ptr).to(tl.float32)
+    run_tiles = tiles
+    if IN_PLACE:
+        # Decided on the device, not by a host sync: g == 1 leaves the buffers as they are.
+        run_tiles = tl.where(g != 1.0, tiles, 0)
+    if SCALE_GX:
+        _scale_tiles(gx_ptr, out_gx_ptr, g, start, N, run_tiles, BLOCK)
+    if SCALE_GY:
+        _scale_tiles(gy_ptr, out_gy_ptr, g, start, N, run_tiles, BLOCK)
+
+
+# ---------------------------------------------------------------------------- host launchers
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    if x.shape != y.shape:
+        raise ValueError(
+            f"feature_mse kernels need one shape (broadcast first): {x.shape}, {y.shape}"
+        )
+    if x.device != y.device:
+        raise ValueError(f"input on {x.device} but target on {y.device}")
+    for name, t in (("input", x), ("target", y)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} dtype {t.dtype} is not one of {SUPPORTED_DTYPES}")
+
+
+def _fwd_outputs(x, y, reduction, write_gx, write_gy):
+    order = _output_order(x, y)
+    out_dtype = torch.promote_types(x.dtype, y.dtype)
+    if reduction == REDUCTIONS["none"]:
+        out = _empty_in_order(x.shape, order, out_dtype, x.device)
+    else:
+        out = _empty((), out_dtype, x.device)
+    gx = _empty_in_order(x.shape, order, x.dtype, x.device) if write_gx else x.new_empty(0)
+    gy = _empty_in_order(x.shape, order, y.dtype, x.device) if write_gy else y.new_empty(0)
+    return out, gx, gy
+
+
+def feature_mse_fwd(
+    x: Tensor,
+    y: Tensor,
+    reduction: int,
+    write_gx: bool,
+    write_gy: bool,
+    launch: Sequence[int] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss of ``x`` [*] against ``y`` [*] and, for mean/sum, the fused gradients (or empty)."""
+    _check_pair(x, y)
+    reduce = reduction != REDUCTIONS["none"]
+    write_gx, write_gy = write_gx and reduce, write_gy and reduce
+    order = _output_order(x, y)
+    out, gx, gy = _fwd_outputs(x, y, reduction, write_gx, write_gy)
+    n = x.numel()
+    if n == 0:
+        if reduce:  # torch: the mean of nothing is nan, the sum is 0
+            out.fill_(math.nan if reduction == REDUCTIONS["mean"] else 0.0)
+        return out, gx, gy
+    (x, y), flat, sizes, (xs, ys) = _prepare(order, x, y)
+    block, tiles, programs, final_block = launch_rule(n, launch)
+    scale = 1.0 / n if reduction == REDUCTIONS["mean"] else 1.0
+    partials = _empty((programs,), torch.float32, x.device) if reduce else out
+    _feature_mse_fwd_kernel[(programs,)](
+        x,
+        y,
+        out,
+        partials,
+        gx if write_gx else x,
+        gy if write_gy else y,
+        n,
+        tiles,
+        2.0 * scale,
+        *sizes[1:],
+        *xs,
+        *ys,
+        REDUCE=reduce,
+        FLAT=flat,
+        WRITE_GX=write_gx,
+        WRITE_GY=write_gy,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    if reduce:
+        _feature_mse_finalize_kernel[(1,)](
+            partials, out, programs, scale, BLOCK=final_block, num_warps=_num_warps(final_block)
+        )
+    return out, gx, gy
+
+
+def feature_mse_bwd(
+    x: Tensor,
+    y: Tensor,
+    grad_out: Tensor,
+    reduction: int,
+    need_gx: bool,
+    need_gy: bool,
+    launch: Sequence[int] = (),
+    into: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Unfused gradients for ``x`` and ``y`` (empty where not needed), recomputing d.
+
+    ``into``: the fused buffers of the forward, rewritten in place only if grad_out != 1.
+    """
+    _check_pair(x, y)
+    order = _output_order(x, y)
+    if into is not None:
+        gx, gy = into
+    else:
+        gx = _empty_in_order(x.shape, order, x.dtype, x.device) if need_gx else x.new_empty(0)
+        gy = _empty_in_order(x.shape, order, y.dtype, x.device) if need_gy else y.new_empty(0)
+    n = x.numel()
+    if n == 0 or not (need_gx or need_gy):
+        return gx, gy
+    g_scalar = reduction != REDUCTIONS["none"]
+    if g_scalar:
+        (x, y), flat, sizes, (xs, ys) = _prepare(order, x, y)
+        gs = [0] * _MAX_RANK
+    else:
+        (x, y, grad_out), flat, sizes, (xs, ys, gs) = _prepare(order, x, y, grad_out)
+    block, tiles, programs, _ = launch_rule(n, launch)
+    scale = 1.0 / n if reduction == REDUCTIONS["mean"] else 1.0
+    _feature_mse_bwd_kernel[(programs,)](
+        x,
+        y,
+        grad_out,
+        gx if need_gx else x,
+        gy if need_gy else y,
+        n,
+        tiles,
+        2.0 * scale,
+        *sizes[1:],
+        *xs,
+        *ys,
+        *gs,
+        G_SCALAR=g_scalar,
+        FLAT=flat,
+        WRITE_GX=need_gx,
+        WRITE_GY=need_gy,
+        SKIP_IF_ONE=into is not None,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    return gx, gy
+
+
+def feature_mse_scale(
+    gx: Tensor, gy: Tensor, grad_out: Tensor, in_place: bool, launch: Sequence[int] = ()
+) -> tuple[Tensor, Tensor]:
+    """``gx * grad_out`` and ``gy * grad_out`` for the dense fused buffers (empty ones skipped).
+
+    In place the buffers are left untouched when grad_out == 1, decided on the device.
+    """
+    scale_gx, scale_gy = gx.numel() > 0, gy.numel() > 0
+    if in_place:
+        out_gx, out_gy = gx, gy
+    else:
+        out_gx = torch.empty_like(gx) if scale_gx else gx
+        out_gy = torch.empty_like(gy) if scale_gy else gy
+    n = max(gx.numel(), gy.numel())
+    if n == 0:
+        return out_gx, out_gy
+    block, tiles, programs, _ = launch_rule(n, launch)
+    _feature_mse_scale_kernel[(programs,)](
+        gx if scale_gx else gy,
+        gy if scale_gy else gx,
+        out_gx if scale_gx else out_gy,
+        out_gy if scale_gy else out_gx,
+        grad_out,
+        n,
+        tiles,
+        SCALE_GX=scale_gx,
+        SCALE_GY=scale_gy,
+        IN_PLACE=in_place,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    return out_gx, out_gy
+
+
+# ---------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("fastsp::feature_mse_fwd", mutates_args=())
+def _fwd_op(
+    input: Tensor,
+    target: Tensor,
+    reduction: int,
+    write_grad_input: bool,
+    write_grad_target: bool,
+    launch: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return feature_mse_fwd(input, target, reduction, write_grad_input, write_grad_target, launch)
+
+
+@_fwd_op.register_fake
+def _(input, target, reduction, write_grad_input, write_grad_target, launch):
+    reduce = reduction != REDUCTIONS["none"]
+    return _fwd_outputs(
+        input, target, reduction, write_grad_input and reduce, write_grad_target and reduce
+    )
+
+
+@torch.library.custom_op("fastsp::feature_mse_bwd", mutates_args=())
+def _bwd_op(
+    input: Tensor,
+    target: Tensor,
+    grad_out: Tensor,
+    reduction: int,
+    need_grad_input: bool,
+    need_grad_target: bool,
+    launch: list[int],
+) -> tuple[Tensor, Tensor]:
+    return feature_mse_bwd(
+        input, target, grad_out, reduction, need_grad_input, need_grad_target, launch
+    )
+
+
+@_bwd_op.register_fake
+def _(input, target, grad_out, reduction, need_grad_input, need_grad_target, launch):
+    order = _output_order(input, target)
+    gx = _empty_in_order(input.shape, order, input.dtype, input.device)
+    gy = _empty_in_order(input.shape, order, target.dtype, input.device)
+    return gx if need_grad_input else input.new_empty(
+        0
+    ), gy if need_grad_target else target.new_empty(0)
+
+
+@torch.library.custom_op("fastsp::feature_mse_scale", mutates_args=())
+def _scale_op(
+    grad_input: Tensor, grad_target: Tensor, grad_out: Tensor, launch: list[int]
+) -> tuple[Tensor, Tensor]:
+    return feature_mse_scale(grad_input, grad_target, grad_out, False, launch)
+
+
+@_scale_op.register_fake
+def _(grad_input, grad_target, grad_out, launch):
+    return torch.empty_like(grad_input), torch.empty_like(grad_target)
+
+
+# ---------------------------------------------------------------------------- autograd
+# The torch.library registration below is this op's autograd.Function: torch.compile traces it
+# (fullgraph) where a plain autograd.Function around a Triton launch would not be capturable.
+def _tracing(t: Tensor) -> bool:
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, y, reduction, write_gx, write_gy, launch = inputs
+    _, gx, gy = output
+    ctx.save_for_backward(x, y, gx, gy)
+    ctx.reduction, ctx.launch = reduction, launch
+    ctx.fused = reduction != REDUCTIONS["none"] and (write_gx or write_gy)
+    ctx.fused_consumed = False
+
+
+def _fwd_backward(ctx, grad_out, _grad_gx, _grad_gy):
+    if torch.is_grad_enabled():  # create_graph=True: these gradients have no formula of their own
+        raise RuntimeError(
+            "feature_mse (triton backend) has no double backward; use backend='torch'"
+        )
+    x, y, gx, gy = ctx.saved_tensors
+    need_gx, need_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.fused and not ctx.fused_consumed:
+        # bf16/fp16 buffers are recomputed from x and y when g != 1 (one rounding, as torch);
+        # fp32 ones are scaled (the second rounding is below fp32 noise).
+        recompute = any(t.dtype != torch.float32 for t in (gx, gy) if t.numel())
+        if _tracing(grad_out):
+            if recompute:
+                gx, gy = _bwd_op(x, y, grad_out, ctx.reduction, need_gx, need_gy, ctx.launch)
+            else:
+                gx, gy = _scale_op(gx, gy, grad_out, ctx.launch)
+        else:
+            # Eager: rewrite the saved buffers in place (only if g != 1, decided on the device)
+            # and hand them out; a second backward through a retained graph finds them consumed
+            # and recomputes from x and y.
+            ctx.fused_consumed = True
+            if recompute:
+                feature_mse_bwd(
+                    x, y, grad_out, ctx.reduction, need_gx, need_gy, ctx.launch, (gx, gy)
+                )
+            else:
+                feature_mse_scale(gx, gy, grad_out, True, ctx.launch)
+    else:
+        gx, gy = _bwd_op(x, y, grad_out, ctx.reduction, need_gx, need_gy, ctx.launch)
+    return gx if need_gx else None, gy if need_gy else None, None, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ---------------------------------------------------------------------------- public function
+def feature_mse(
+    input: Tensor, target: Tensor, reduction: str = "mean", *, launch: Sequence[int] = ()
+) -> Tensor:
+    """Triton ``mse_loss`` of ``input`` [*] and ``target`` [*] (same shape), differentiable.
+
+    Fuses the gradient into the forward when reduction is mean or sum and a tensor requires grad.
+    Callers broadcast first and pick the backend (fastsp.feature_loss.feature_mse does both).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    grad = torch.is_grad_enabled()
+    out, _, _ = _fwd_op(
+        input,
+        target,
+        REDUCTIONS[reduction],
+        grad and input.requires_grad,
+        grad and target.requires_grad,
+        list(launch or _DEFAULT_LAUNCH),  # never []: torch.library reads [] as a tensor list
+    )
+    return out
+
+
+# The plain-torch reference, importable without triton: fastsp.feature_loss.feature_mse_ref.

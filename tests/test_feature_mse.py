@@ -1,0 +1,389 @@
+"""fastsp.feature_mse against float64 references; on CPU the Triton kernels run in the interpreter.
+
+Every test runs with outputs poisoned (all allocations of the op filled with NaN) and with tiny
+launch constants (BLOCK 64, at most 8 programs, stage 2 summing 4 partials a step), so that small
+tensors still cover many tiles per program, many programs and a multi-step stage 2.
+"""
+
+import math
+import warnings
+
+import fastsp.kernels.feature_mse as kfm
+import fastsp.kernels.feature_mse_multi as kfmm
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastsp.feature_loss import (
+    FeatureMSELoss,
+    TritonUnavailableError,
+    feature_mse,
+    feature_mse_ref,
+    triton_unsupported_reasons,
+)
+
+_SHAPES = [(3, 5, 7), (41, 401), (3000,)]
+# (dtype, atol, rtol): kernel error <= 2 x torch's own error in that dtype + atol + rtol * |ref|max
+_DTYPES = [
+    (torch.float32, 1e-6, 1e-6),
+    (torch.bfloat16, 1e-5, 1e-3),
+    (torch.float16, 1e-6, 2e-4),
+]
+_REDUCTIONS = ["none", "mean", "sum"]
+_TEST_LAUNCH = (64, 8, 4)
+_REAL_LAUNCH = kfm._DEFAULT_LAUNCH
+
+
+def _poisoned_empty(shape, dtype, device):
+    return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_small_launch(monkeypatch):
+    for module in (kfm, kfmm):
+        monkeypatch.setattr(module, "_empty", _poisoned_empty)
+        monkeypatch.setattr(module, "_DEFAULT_LAUNCH", _TEST_LAUNCH)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def _run(fn, x, y, reduction, grad_out):
+    """(loss, grad input, grad target) of fn on fresh leaves of x and y."""
+    x, y = _leaf(x), _leaf(y)
+    out = fn(x, y, reduction)
+    gx, gy = torch.autograd.grad(out, (x, y), grad_out.to(out.dtype))
+    return out, gx, gy
+
+
+def _grad_out(shape, reduction, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if reduction == "none":
+        return torch.randn(shape, generator=gen)
+    return torch.tensor(0.7)
+
+
+def _assert_rule(name, got, torch_got, ref, atol, rtol):
+    """flash-attention's rule: error <= 2 x the error of PyTorch's op in the same dtype + tols."""
+    err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
+    torch_err = (torch_got.double() - ref).abs().max().item() if ref.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    bound = 2 * torch_err + atol + rtol * scale
+    assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
+
+
+def _check_against_references(x, y, reduction, atol, rtol, grad_out=None):
+    grad_out = (
+        _grad_out(torch.broadcast_shapes(x.shape, y.shape), reduction)
+        if grad_out is None
+        else grad_out
+    )
+    got = _run(feature_mse, x, y, reduction, grad_out)
+    torch_got = _run(feature_mse_ref, x, y, reduction, grad_out)
+    ref = _run(feature_mse_ref, x.double(), y.double(), reduction, grad_out.double())
+    for name, a, b, c in zip(
+        ("loss", "grad input", "grad target"), got, torch_got, ref, strict=True
+    ):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert not a.isnan().any() or reduction == "mean" and x.numel() == 0, f"{name} has NaN"
+        _assert_rule(name, a, b, c, atol, rtol)
+    return got
+
+
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+@pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_matches_float64_reference(shape, dtype, atol, rtol, reduction):
+    x, y = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    _check_against_references(x, y, reduction, atol, rtol)
+
+
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+def test_mixed_dtypes_promote_like_torch(reduction):
+    x, y = torch.randn(41, 37, dtype=torch.bfloat16), torch.randn(41, 37)
+    out, gx, gy = _check_against_references(x, y, reduction, 1e-5, 1e-3)
+    assert (out.dtype, gx.dtype, gy.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_only_one_side_requires_grad(reduction):
+    x, y = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    for needs in ((True, False), (False, True)):
+        xl, yl = x.clone().requires_grad_(needs[0]), y.clone().requires_grad_(needs[1])
+        xr, yr = x.double().requires_grad_(needs[0]), y.double().requires_grad_(needs[1])
+        (g,) = torch.autograd.grad(feature_mse(xl, yl, reduction), [xl if needs[0] else yl])
+        (r,) = torch.autograd.grad(
+            F.mse_loss(xr, yr, reduction=reduction), [xr if needs[0] else yr]
+        )
+        torch.testing.assert_close(g.double(), r, atol=1e-7, rtol=1e-5)
+    with torch.no_grad():
+        out = feature_mse(x.requires_grad_(), y, reduction)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
+def test_fused_and_unfused_backward_agree(dtype, atol, rtol):
+    # The first backward scales the buffers written by the forward (skipped on the device when
+    # the grad is 1); a second one through the retained graph recomputes from x and y.
+    x, y = _leaf(torch.randn(41, 67, dtype=dtype)), _leaf(torch.randn(41, 67, dtype=dtype))
+    xd, yd = _leaf(x.double()), _leaf(y.double())
+    for g in (1.0, 0.7, -3.0):
+        grad = torch.tensor(g, dtype=dtype)
+        out = feature_mse(x, y)
+        fused = torch.autograd.grad(out, (x, y), grad, retain_graph=True)
+        unfused = torch.autograd.grad(out, (x, y), grad)
+        torch_got = torch.autograd.grad(F.mse_loss(x, y), (x, y), grad)
+        ref = torch.autograd.grad(F.mse_loss(xd, yd), (xd, yd), torch.tensor(g))
+        for a, b, t, r in zip(fused, unfused, torch_got, ref, strict=True):
+            _assert_rule("fused", a, t, r, atol, rtol)
+            _assert_rule("unfused", b, t, r, atol, rtol)
+            if g == 1.0:  # a single rounding on either path: bit-identical
+                assert torch.equal(a, b)
+
+
+def test_backward_twice_accumulates_like_torch():
+    x, y = torch.randn(3000), torch.randn(3000)
+    grads = []
+    for fn in (feature_mse, feature_mse_ref):
+        xl = _leaf(x)
+        out = fn(xl, y, "sum")
+        out.backward(torch.tensor(0.5), retain_graph=True)
+        out.backward(torch.tensor(2.0))
+        grads.append(xl.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+def _channels_last(*shape):
+    return torch.randn(shape).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+@pytest.mark.parametrize(
+    "case", ["channels_last", "channels_last_vs_contiguous", "sliced", "transposed", "rank6"]
+)
+def test_non_contiguous(case, reduction):
+    if case == "channels_last":
+        x, y = _channels_last(2, 6, 5, 3), _channels_last(2, 6, 5, 3)
+    elif case == "channels_last_vs_contiguous":
+        x, y = _channels_last(2, 6, 5, 3), torch.randn(2, 6, 5, 3)
+    elif case == "sliced":
+        x, y = torch.randn(9, 40, 11)[1:8, ::3, 2:9], torch.randn(7, 14, 8)[:, :, 1:]
+    elif case == "transposed":
+        x, y = torch.randn(33, 41).t(), torch.randn(41, 33)
+    else:  # six dimensions that cannot merge: copied to contiguous first
+        x, y = (
+            torch.randn(2, 3, 2, 3, 2, 3).permute(5, 3, 1, 0, 2, 4),
+            torch.randn(3, 3, 3, 2, 2, 2),
+        )
+    out, gx, _ = _check_against_references(x, y, reduction, 1e-6, 1e-6)
+    if case == "channels_last":  # dense pair with equal strides: outputs keep the layout
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+        if reduction == "none":
+            assert out.stride() == F.mse_loss(x, y, reduction="none").stride()
+
+
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+def test_broadcasting_matches_mse_loss(reduction):
+    x, y = torch.randn(4, 6, 5, 3), torch.randn(1, 6, 1, 1)
+    with pytest.warns(UserWarning, match="Using a target size"):
+        _check_against_references(x, y, reduction, 1e-6, 1e-6)
+
+
+def test_expanded_grad_output_for_none():
+    # The grad of .mean() reaches the op as a stride-0 tensor: read in place, never materialised.
+    x, y = _leaf(torch.randn(3, 5, 7)), torch.randn(3, 5, 7)
+    (gx,) = torch.autograd.grad(feature_mse(x, y, "none").mean(), x)
+    xd = _leaf(x.double())
+    (ref,) = torch.autograd.grad(F.mse_loss(xd, y.double(), reduction="none").mean(), xd)
+    torch.testing.assert_close(gx.double(), ref, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0, 3)])
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+def test_empty(shape, reduction):
+    x, y = _leaf(torch.randn(shape)), _leaf(torch.randn(shape))
+    out, ref = feature_mse(x, y, reduction), F.mse_loss(x, y, reduction=reduction)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    gx, gy = torch.autograd.grad(out, (x, y), torch.ones_like(out))
+    assert gx.shape == x.shape and gy.shape == y.shape
+
+
+@pytest.mark.parametrize("launch", [_TEST_LAUNCH, _REAL_LAUNCH])
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+def test_bit_identical_runs(launch, reduction, monkeypatch):
+    monkeypatch.setattr(kfm, "_DEFAULT_LAUNCH", launch)
+    x, y = torch.randn(41, 67, dtype=torch.bfloat16), torch.randn(41, 67, dtype=torch.bfloat16)
+    g = _grad_out(x.shape, reduction)
+    runs = [_run(feature_mse, x, y, reduction, g) for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
+
+
+def test_launch_rule():
+    assert kfm.launch_rule(32 * 1280 * 8 * 8) == (4096, 1, 640, 1024)
+    assert kfm.launch_rule(2**26) == (4096, 4, 4096, 1024)
+    block, tiles, programs, _ = kfm.launch_rule(10**9)
+    assert programs <= 4096 and (programs - 1) * tiles * block < 10**9 <= programs * tiles * block
+    assert kfm.launch_rule(0) == (4096, 1, 1, 1024)
+
+
+@triton.jit
+def _offsets_probe_kernel(out_ptr, pid, tiles, s1, s2, s3, BLOCK: tl.constexpr):
+    start = kfm._chunk_start(pid, tiles, BLOCK)
+    idx = start + tl.arange(0, BLOCK)
+    tl.store(out_ptr + tl.arange(0, BLOCK), idx)
+    tl.store(
+        out_ptr + BLOCK + tl.arange(0, BLOCK), kfm._strided_offsets(idx, s1, s2, s3, 1, 1, 1, 1)
+    )
+
+
+def test_offsets_are_64_bit():
+    # The kernels' offset helpers, fed an int32 program id whose first element lies past 2^32.
+    # (A real tensor above 2^31 elements runs in test_more_than_2_31_elements_on_gpu.)
+    pid, tiles, block = 2**20 + 3, 5, 1024
+    out = torch.zeros(2 * block, dtype=torch.int64)
+    _offsets_probe_kernel[(1,)](out, pid, tiles, 7, 5, 3, BLOCK=block)
+    start = pid * tiles * block
+    assert start > 2**32
+    expected = torch.arange(start, start + block, dtype=torch.int64)
+    assert torch.equal(out[:block], expected)
+    i3, r = expected % 3, expected // 3
+    i2, r = r % 5, r // 5
+    assert torch.equal(out[block:], r // 7 + r % 7 + i2 + i3)
+
+
+def test_errors_match_torch():
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError) as ours, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        feature_mse(x, torch.randn(3, 5))
+    with pytest.raises(RuntimeError) as theirs, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.mse_loss(x, torch.randn(3, 5))
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="foo is not a valid value for reduction"):
+        feature_mse(x, x, "foo")
+    with pytest.raises(ValueError, match="foo is not a valid value for reduction"):
+        FeatureMSELoss("foo")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        feature_mse(x, x, backend="cuda")
+
+
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+def test_double_backward_raises(reduction):
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    out = feature_mse(x, torch.randn(3, 5, 7), reduction).sum()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
+def test_forced_triton_lists_every_reason():
+    x = torch.randn(3, 4, dtype=torch.float64, device="meta")
+    y = torch.randn(3, 4, dtype=torch.float16)
+    with pytest.raises(TritonUnavailableError) as err:
+        feature_mse(x, y, backend="triton")
+    reasons = err.value.reasons
+    assert len(reasons) == 3, reasons
+    assert any("different devices" in r for r in reasons)
+    assert any("meta" in r and "neither CUDA nor CPU" in r for r in reasons)
+    assert any("float64" in r for r in reasons)
+    assert all(r in str(err.value) for r in reasons)
+    assert triton_unsupported_reasons(torch.randn(2), torch.randn(2)) == []
+
+
+def test_dispatch():
+    x, y = torch.randn(3, 5, 7, requires_grad=True), torch.randn(3, 5, 7)
+    assert "fastsp" in type(feature_mse(x, y).grad_fn).__name__  # auto: interpreter on CPU
+    assert "fastsp" in type(feature_mse(x, y, backend="triton").grad_fn).__name__
+    assert type(feature_mse(x, y, backend="torch").grad_fn).__name__ == "MseLossBackward0"
+    xd = x.double()  # no float64 kernels: auto falls back to torch
+    assert type(feature_mse(xd, y.double()).grad_fn).__name__ == "MseLossBackward0"
+    torch.testing.assert_close(feature_mse(x, y, backend="torch"), F.mse_loss(x, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+def test_module(reduction):
+    module, ref = FeatureMSELoss(reduction), torch.nn.MSELoss(reduction=reduction)
+    assert repr(module) == f"FeatureMSELoss(reduction='{reduction}')"
+    x, y = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    torch.testing.assert_close(module(x, y), ref(x, y), atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    def step(x, y, module):
+        return feature_mse(x, y) * 0.5 + feature_mse(x, y, "none").sum() * 0.1 + module(x, y)
+
+    x, y = torch.randn(2, 6, 5, 3), torch.randn(2, 6, 5, 3)
+    module = FeatureMSELoss("sum")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled, compiled):
+        xl, yl = _leaf(x), _leaf(y)
+        out = fn(xl, yl, module)
+        results.append((out, *torch.autograd.grad(out, (xl, yl), torch.tensor(1.5))))
+    for got in results[1:]:
+        for a, b in zip(results[0], got, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", _REDUCTIONS)
+@pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
+def test_gpu_matches_float64_reference(dtype, atol, rtol, reduction, monkeypatch):
+    monkeypatch.setattr(kfm, "_DEFAULT_LAUNCH", _REAL_LAUNCH)
+    for shape in [(32, 1280, 8, 8), (41, 401, 1271), (3000,)]:
+        x = torch.randn(shape, dtype=dtype, device="cuda")
+        y = torch.randn(shape, dtype=dtype, device="cuda")
+        g = _grad_out(shape, reduction).cuda()
+        got = _run(feature_mse, x, y, reduction, g)
+        torch_got = _run(feature_mse_ref, x, y, reduction, g)
+        ref = _run(feature_mse_ref, x.double(), y.double(), reduction, g.double())
+        for a, b, c in zip(got, torch_got, ref, strict=True):
+            _assert_rule(f"{shape}", a, b, c, atol, rtol)
+
+
+@pytest.mark.cuda
+def test_gpu_cuda_graph_capture(monkeypatch):
+    monkeypatch.setattr(kfm, "_DEFAULT_LAUNCH", _REAL_LAUNCH)
+    x = torch.randn(32, 1280, 8, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randn(32, 1280, 8, 8, device="cuda", dtype=torch.bfloat16)
+    g = torch.tensor(0.5, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        loss = feature_mse(x, y)
+        return loss, torch.autograd.grad(loss, x, g)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, gx = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+    g.fill_(2.0)
+    graph.replay()
+    ref_loss, ref_gx = step()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    torch.testing.assert_close(gx, ref_gx, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_more_than_2_31_elements_on_gpu(monkeypatch):
+    monkeypatch.setattr(kfm, "_DEFAULT_LAUNCH", _REAL_LAUNCH)
+    n = 2**31 + 4097  # 4 GiB per bf16 tensor; the last tiles lie past int32 offsets
+    x = torch.zeros(n, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    y = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        x[-5:] = 2.0
+        y[:3] = 1.0
+    loss = feature_mse(x, y, "sum")
+    assert loss.item() == 5 * 4.0 + 3 * 1.0
+    (gx,) = torch.autograd.grad(loss, x)
+    assert gx[-5:].eq(4.0).all() and gx[:3].eq(-2.0).all() and gx[3:-5].abs().sum().item() == 0
