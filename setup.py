@@ -29,7 +29,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "build>=1.0", "wheel"],
+        # diffusers: the tests run the README's example with a tiny diffusers UNet.
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "build>=1.0", "wheel", "diffusers"],
     },
     entry_points={
         "console_scripts": [

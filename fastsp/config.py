@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsp.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS
+from fastsp.perceptual import DISTANCES, PREDICTED_NOISE, parse_layers, parse_perceptual_t
 from fastsp.unet import UNET_PRESETS, UNetConfig
 
 
@@ -31,6 +32,8 @@ CONDITIONINGS = ("none", "class", "context")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "apex_fused_adam")
+OBJECTIVES = ("mse", "self_perceptual")
+PERCEPTUAL_SOURCES = ("frozen", "ema")
 DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
 
 
@@ -58,6 +61,16 @@ class TrainConfig:
     beta_end: float = 0.012
     zero_terminal_snr: bool = True
     prediction_type: str = "v"
+    # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
+    objective: str = "mse"  # mse | self_perceptual
+    init: str = ""  # checkpoint or run folder whose EMA weights start the model ("" = random)
+    perceptual_checkpoint: str = ""  # the frozen perceptual network ("" = the --init checkpoint)
+    perceptual_source: str = "frozen"  # frozen (a checkpoint; the paper) | ema (the online EMA)
+    perceptual_layers: str = "mid"  # feature taps and weights, e.g. "mid" or "mid:1,down2:0.5"
+    perceptual_t: str = "uniform"  # t' per example: uniform | same | LOW,HIGH (inclusive)
+    predicted_noise: str = "eps_hat"  # re-noise x0_hat with eps_hat (the paper) or the true eps
+    distance: str = "l2"  # feature distance: l2 (the paper) | l1
+    mse_weight: float = 0.0  # weight of the ordinary MSE loss added to the self-perceptual one
     # optimisation
     steps: int = 3000  # optimizer steps
     batch_size: int = 64  # global batch: summed over ranks and gradient-accumulation micro-steps
@@ -94,6 +107,27 @@ class TrainConfig:
         _require_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _require_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require_choice("objective", self.objective, OBJECTIVES)
+        _require_choice("perceptual_source", self.perceptual_source, PERCEPTUAL_SOURCES)
+        _require_choice("predicted_noise", self.predicted_noise, PREDICTED_NOISE)
+        _require_choice("distance", self.distance, DISTANCES)
+        _require(self, "mse_weight", self.mse_weight >= 0, "a number >= 0")
+        try:
+            parse_layers(self.perceptual_layers)
+            parse_perceptual_t(self.perceptual_t, self.num_timesteps)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.objective == "self_perceptual" and not (self.init or self.perceptual_checkpoint):
+            raise ConfigError(
+                "--objective self_perceptual needs a stage-1 (MSE) model: pass --init CHECKPOINT "
+                "(it starts the online model and is the frozen perceptual network) or "
+                "--perceptual-checkpoint CHECKPOINT"
+            )
+        if self.objective == "self_perceptual" and self.perceptual_source == "ema" and not self.init:
+            raise ConfigError(
+                "--perceptual-source ema uses the online model's EMA as the perceptual network, so "
+                "the online model must start from a stage-1 model: pass --init CHECKPOINT"
+            )
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)
         _require_choice("sample_sampler", self.sample_sampler, SAMPLERS)

@@ -27,23 +27,37 @@ from fastsp import dist
 from fastsp.config import ConfigError, TrainConfig
 from fastsp.data import SyntheticDataset, build_dataset, make_loader
 from fastsp.diffusion import NoiseSchedule
+from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config
 from fastsp.unet import UNet, UNetConfig
 
 
-def mse_loss(
+def training_loss(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
-    labels: torch.Tensor | None,
-    context: torch.Tensor | None,
+    cond: dict[str, torch.Tensor | None],
+    perceptual_loss: SelfPerceptualLoss | None = None,
+    t_prime: torch.Tensor | None = None,
+    mse_weight: float = 0.0,
 ) -> torch.Tensor:
-    """PAPER.md stage 1: mean((f(x_t, t, c) - target)^2), target v = a_t eps - s_t x0 (or eps / x0)."""
+    """Stage 1 (perceptual_loss None): mean((f(x_t, t, c) - target)^2), target v = a eps - s x0.
+
+    Stage 2: PAPER.md Algorithm 1 through `perceptual_loss`, plus mse_weight x the MSE loss.
+    """
     x_t = schedule.add_noise(x0, noise, t)
-    prediction = model(x_t, t, labels=labels, context=context)
-    return F.mse_loss(prediction.float(), schedule.training_target(x0, noise, t).float())
+    prediction = model(x_t, t, **cond)
+    loss_dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16 -> fp32 accumulation
+    if perceptual_loss is None:
+        target = schedule.training_target(x0, noise, t)
+        return F.mse_loss(prediction.to(loss_dtype), target.to(loss_dtype))
+    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond)
+    if mse_weight > 0:
+        target = schedule.training_target(x0, noise, t)
+        loss = loss + mse_weight * F.mse_loss(prediction.to(loss_dtype), target.to(loss_dtype))
+    return loss
 
 
 def step_randomness(
@@ -54,13 +68,15 @@ def step_randomness(
     schedule: NoiseSchedule,
     label_dropout: float,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise [B, *shape], timesteps [B] and the CFG-dropout mask [B] of one step, for the global batch."""
+    perceptual_loss: SelfPerceptualLoss | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Noise [B, *shape], t [B], the CFG-dropout mask [B] and t' [B] of one step (global batch)."""
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
     noise = torch.randn((global_batch, *shape), generator=generator, device=device)
     t = schedule.sample_timesteps(global_batch, device, generator=generator)
     drop = torch.rand(global_batch, generator=generator, device=device) < label_dropout
-    return noise, t, drop
+    t_prime = perceptual_loss.sample_t_prime(t, generator) if perceptual_loss is not None else None
+    return noise, t, drop, t_prime
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
@@ -125,23 +141,23 @@ def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig) -> None:
         )
 
 
+def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
+    """Refuse a checkpoint whose model config differs from `model_cfg`, naming every field."""
+    saved = checkpoint_lib.read_config(checkpoint)["model"]
+    ours = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # tuples -> lists, as saved
+    differ = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
+        raise checkpoint_lib.CheckpointError(
+            f"{checkpoint} holds a model of another shape ({details}); {fix}"
+        )
+
+
 def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: UNetConfig) -> None:
     """A checkpoint can only be resumed by a run of the same model shape and global batch."""
+    fix = "resume with the original options, or pass another --out to start a new run"
+    check_same_shape(checkpoint, model_cfg, fix)
     saved = checkpoint_lib.read_config(checkpoint)
-    ours = config_lib.to_dict(cfg, model_cfg)
-    model_diff = {
-        k: (saved["model"].get(k), v)
-        for k, v in json.loads(json.dumps(ours["model"])).items()
-        if saved["model"].get(k) != v
-    }
-    if model_diff:
-        details = ", ".join(
-            f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in model_diff.items()
-        )
-        raise checkpoint_lib.CheckpointError(
-            f"{checkpoint} holds a model of another shape ({details}); resume with the original "
-            "options, or pass another --out to start a new run"
-        )
     for name in ("batch_size", "seed"):
         if saved["train"][name] != getattr(cfg, name):
             raise checkpoint_lib.CheckpointError(
@@ -190,6 +206,36 @@ def check_optimizer(cfg: TrainConfig, device: torch.device) -> None:
             + "; ".join(reasons)
             + ". Use --optimizer adamw"
         )
+
+
+def build_perceptual_loss(
+    cfg: TrainConfig, model_cfg: UNetConfig, schedule: NoiseSchedule, ema: UNet, device: torch.device
+) -> SelfPerceptualLoss | None:
+    """Stage 2's loss around the frozen perceptual network (or the online model's EMA)."""
+    if cfg.objective != "self_perceptual":
+        return None
+    if cfg.perceptual_source == "ema":
+        perceptual = ema
+    else:
+        source = checkpoint_lib.resolve_checkpoint(cfg.perceptual_checkpoint or cfg.init)
+        fix = "the perceptual network must have the online model's shape: pass a checkpoint of it"
+        check_same_shape(source, model_cfg, fix)
+        perceptual = UNet(model_cfg)
+        checkpoint_lib.load_weights(perceptual, source / "ema.safetensors")
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        perceptual = perceptual.to(device, memory_format=memory_format)
+    try:
+        return SelfPerceptualLoss(
+            perceptual,
+            schedule.alphas_cumprod,
+            layers=cfg.perceptual_layers,
+            prediction_type=cfg.prediction_type,
+            perceptual_t=cfg.perceptual_t,
+            predicted_noise=cfg.predicted_noise,
+            distance=cfg.distance,
+        )
+    except ValueError as error:  # e.g. a tap name the model does not have
+        raise ConfigError(f"--perceptual-layers: {error}") from None
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -284,14 +330,21 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         )
     if resume_from is not None:
         check_resume(resume_from, cfg, model_cfg)
+    init_from = checkpoint_lib.resolve_checkpoint(cfg.init) if cfg.init else None
+    if init_from is not None:
+        check_same_shape(init_from, model_cfg, "pass --init a checkpoint trained with these model options")
     config_text = config_lib.dumps(cfg, model_cfg)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
 
     # ---- model, EMA, optimizer ---------------------------------------------------------------
-    model = UNet(model_cfg).to(device, memory_format=memory_format)
+    model = UNet(model_cfg)
+    if init_from is not None and resume_from is None:  # stage 2 starts from stage 1's EMA weights
+        checkpoint_lib.load_weights(model, init_from / "ema.safetensors")
+    model = model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    perceptual_loss = build_perceptual_loss(cfg, model_cfg, schedule, ema, device)
     optimizer = build_optimizer(cfg, model.parameters(), device)
     start_step = 0
     if resume_from is not None:
@@ -311,6 +364,11 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         metrics = MetricsWriter(run_dir)
         if cfg.resume and resume_from is None:
             print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
+        if init_from is not None and resume_from is None:
+            print(f"initialised from {init_from}")
+        if perceptual_loss is not None:
+            source = "EMA of the online model" if cfg.perceptual_source == "ema" else (cfg.perceptual_checkpoint or cfg.init)
+            print(f"objective: self-perceptual at {cfg.perceptual_layers}, perceptual network: {source}")
         elif resume_from is not None:
             print(f"resuming from {resume_from} (step {start_step})")
         params = sum(p.numel() for p in model.parameters())
@@ -343,11 +401,12 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     final_checkpoint = resume_from
     for step in range(start_step, cfg.steps):
         batch = next(batches)
-        noise, t, drop = step_randomness(
-            cfg.seed, step, cfg.batch_size, shape, schedule, cfg.label_dropout, device
+        noise, t, drop, t_prime = step_randomness(
+            cfg.seed, step, cfg.batch_size, shape, schedule, cfg.label_dropout, device, perceptual_loss
         )
         mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
         noise, t, drop = noise[mine], t[mine], drop[mine]
+        t_prime = t_prime[mine] if t_prime is not None else None
         x0 = batch["x"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = batch["label"].to(device, non_blocking=True) if model_cfg.num_classes > 0 else None
         if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
@@ -363,14 +422,20 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or info.world_size == 1 else ddp_model.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = mse_loss(
+                cond = {
+                    "labels": labels[part] if labels is not None else None,
+                    "context": context[part] if context is not None else None,
+                }
+                loss = training_loss(
                     ddp_model,
                     schedule,
                     x0[part],
                     noise[part].contiguous(memory_format=memory_format),
                     t[part],
-                    labels[part] if labels is not None else None,
-                    context[part] if context is not None else None,
+                    cond,
+                    perceptual_loss,
+                    t_prime[part] if t_prime is not None else None,
+                    cfg.mse_weight,
                 )
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum

@@ -1,0 +1,240 @@
+"""The self-perceptual objective (PAPER.md, Algorithm 1) as a loss any trainer can call.
+
+    loss_fn = SelfPerceptualLoss(frozen_unet, alphas_cumprod, layers="mid", prediction_type="v")
+    loss = loss_fn(model_output, x0, noise, t, cond={"labels": y})
+
+Per example: x_t = a_t x0 + s_t eps, the online prediction gives (x0_hat, eps_hat); a new,
+independent t' re-noises both the data and the prediction,
+    x_real = a_t' x0     + s_t' eps        (no gradient)
+    x_pred = a_t' x0_hat + s_t' eps_hat    (gradient flows into the online model)
+and the loss is the distance between the frozen network's features of the two at the tapped
+layers (the mid block by default).
+
+Cost (PAPER.md, "Cost of one self-perceptual step"): the frozen network runs only up to the
+deepest tapped layer, the real branch runs under no_grad, and the frozen network's parameters
+never require gradients, so its backward computes input gradients only. For a fastsp `UNet` the
+forward stops through its native `taps=` argument; for any other network (e.g. a diffusers
+`UNet2DConditionModel`, layer "mid_block") forward hooks capture the named submodules' outputs and
+stop the forward once the deepest one has run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastsp.diffusion import split_prediction
+from fastsp.feature_loss import feature_mse, feature_mse_multi
+from fastsp.unet import UNet
+
+PERCEPTUAL_T = ("uniform", "same")  # or a (low, high) range of timesteps, inclusive
+PREDICTED_NOISE = ("eps_hat", "eps")
+DISTANCES = ("l2", "l1")
+# diffusers' names for the prediction types, accepted as aliases
+_PREDICTION_ALIASES = {"v_prediction": "v", "epsilon": "eps", "sample": "x0", "v": "v", "eps": "eps", "x0": "x0"}
+
+
+def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:
+    """"mid" | "mid:1,down2:0.5" | ["mid", "down2"] | {"mid": 1.0} -> {layer: weight}."""
+    if isinstance(spec, Mapping):
+        layers = {str(k): float(v) for k, v in spec.items()}
+    else:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        layers = {}
+        for item in (i.strip() for i in items):
+            name, _, weight = item.partition(":")
+            try:
+                layers[name.strip()] = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(f"layer weight {weight!r} in {item!r} is not a number; write e.g. 'mid:1,down2:0.5'") from None
+    if not layers or any(not name for name in layers):
+        raise ValueError(f"no layer names in {spec!r}; write e.g. 'mid' or 'mid:1,down2:0.5'")
+    if any(w < 0 for w in layers.values()):
+        raise ValueError(f"layer weights must be >= 0, got {layers}")
+    return layers
+
+
+def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str | tuple[int, int]:
+    """"uniform" | "same" | "LOW,HIGH" (inclusive) -> "uniform" | "same" | (low, high)."""
+    if isinstance(spec, str) and spec in PERCEPTUAL_T:
+        return spec
+    try:
+        low, high = (int(v) for v in (spec.split(",") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"perceptual_t {spec!r} must be 'uniform', 'same', or a range 'LOW,HIGH' of timesteps"
+        ) from None
+    if not 0 <= low <= high < num_timesteps:
+        raise ValueError(f"perceptual_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}")
+    return low, high
+
+
+class _StopForward(Exception):
+    """Raised by a feature hook once the deepest requested layer has run."""
+
+
+def _tensor_of(output: Any) -> torch.Tensor:
+    # diffusers blocks return tuples (hidden, residuals) or output objects with .sample
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    return getattr(output, "sample", output)
+
+
+class FeatureExtractor:
+    """Outputs of named layers of a network, computed by a forward that stops after the deepest.
+
+    `network(x, t, **cond)` must be its call. A fastsp `UNet` uses its tap names ("mid",
+    "down0", ...); any other module uses submodule names from `named_modules()`.
+    """
+
+    def __init__(self, network: nn.Module, layers: Sequence[str]):
+        self.network = network
+        self.layers = list(layers)
+        self.native = isinstance(network, UNet)
+        valid = network.tap_names if self.native else tuple(n for n, _ in network.named_modules() if n)
+        unknown = [name for name in self.layers if name not in valid]
+        if unknown:
+            shown = valid if len(valid) <= 40 else tuple(n for n in valid if n.count(".") <= 1)
+            raise ValueError(f"unknown perceptual layer(s) {unknown}; valid names: {', '.join(shown)}")
+        if not self.native:
+            modules = dict(network.named_modules())
+            self.modules = {name: modules[name] for name in self.layers}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        if self.native:
+            return self.network(x, t, **cond, taps=self.layers)
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook_for(name):
+            def hook(module, inputs, output):
+                captured[name] = _tensor_of(output)
+                if len(captured) == len(self.layers):  # the deepest requested layer has run
+                    raise _StopForward
+
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
+        try:
+            self.network(x, t, **cond)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+
+class SelfPerceptualLoss:
+    """PAPER.md's self-perceptual loss against a frozen perceptual network.
+
+    Args:
+        perceptual: the frozen network f_star (a stage-1 model). It is put in eval mode with
+            requires_grad False; its weights are never changed.
+        alphas_cumprod: [T] the schedule's alpha_bar (any float dtype, any device).
+        layers: layer names (or {name: weight}); default the mid block ("mid", or e.g.
+            "mid_block" for a diffusers UNet).
+        prediction_type: what the online model predicts: "v" | "eps" | "x0" (diffusers'
+            "v_prediction" | "epsilon" | "sample" are accepted).
+        perceptual_t: "uniform" (the paper) | "same" (t' = t: the loss is identically zero, a
+            test) | (low, high) inclusive range.
+        predicted_noise: "eps_hat" (the paper) re-noises x0_hat with the predicted noise, "eps"
+            with the true noise (the paper's ablation).
+        distance: "l2" (mean squared error, the paper) | "l1".
+    """
+
+    def __init__(
+        self,
+        perceptual: nn.Module,
+        alphas_cumprod: torch.Tensor,
+        layers: str | Sequence[str] | Mapping[str, float] = "mid",
+        prediction_type: str = "v",
+        perceptual_t: str | tuple[int, int] = "uniform",
+        predicted_noise: str = "eps_hat",
+        distance: str = "l2",
+    ):
+        if prediction_type not in _PREDICTION_ALIASES:
+            raise ValueError(f"prediction_type {prediction_type!r} must be one of {sorted(_PREDICTION_ALIASES)}")
+        if predicted_noise not in PREDICTED_NOISE:
+            raise ValueError(f"predicted_noise {predicted_noise!r} must be one of {PREDICTED_NOISE}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance {distance!r} must be one of {DISTANCES}")
+        self.prediction_type = _PREDICTION_ALIASES[prediction_type]
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64)
+        self.num_timesteps = self.alphas_cumprod.shape[0]
+        self.perceptual_t = parse_perceptual_t(perceptual_t, self.num_timesteps)
+        self.predicted_noise = predicted_noise
+        self.distance = distance
+        self.layers = parse_layers(layers)
+        self.perceptual = perceptual.eval().requires_grad_(False)
+        self.features = FeatureExtractor(self.perceptual, list(self.layers))
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def sample_t_prime(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t' per example: a new, independent draw (uniform or in a range), or t itself."""
+        if self.perceptual_t == "same":
+            return t
+        low, high = (0, self.num_timesteps - 1) if self.perceptual_t == "uniform" else self.perceptual_t
+        return torch.randint(low, high + 1, t.shape, generator=generator, device=t.device)
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a_t = sqrt(alpha_bar_t), s_t = sqrt(1 - alpha_bar_t); one cached table per device/dtype
+        # so a step never copies from the host.
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            ab = self.alphas_cumprod
+            self._tables[key] = torch.stack([ab.sqrt(), (1 - ab).sqrt()]).to(like.device, like.dtype)
+        a, s = self._tables[key][:, t]
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return a.view(shape), s.view(shape)
+
+    def _distance(self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = list(self.layers)
+        if self.distance == "l1":
+            loss = sum(self.layers[n] * F.l1_loss(predicted[n], real[n]) for n in names)
+        elif len(names) == 1:  # the paper's case: one fused kernel over the mid-block features
+            loss = self.layers[names[0]] * feature_mse(predicted[names[0]], real[names[0]])
+        else:
+            weights = [self.layers[n] for n in names]
+            loss = feature_mse_multi([predicted[n] for n in names], [real[n] for n in names], weights)
+        # features may be bf16 under autocast; the loss is at least fp32 (float64 stays float64)
+        return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
+    def __call__(
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        t_prime: torch.Tensor | None = None,
+        cond: Mapping[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The loss for one batch.
+
+        Args:
+            model_output: [B, ...] the online model's prediction at x_t = a_t x0 + s_t noise.
+            x0, noise: [B, ...] the clean data and the noise that made x_t.
+            t: [B] long timesteps of x_t.
+            t_prime: [B] long perceptual timesteps; drawn with `generator` when None.
+            cond: keyword arguments of the perceptual network's call (the same condition the
+                online model saw), e.g. {"labels": y} or {"encoder_hidden_states": c}.
+        Returns: a 0-d float32 loss.
+        """
+        cond = dict(cond or {})
+        if t_prime is None:
+            t_prime = self.sample_t_prime(t, generator)
+        a_t, s_t = self._coefficients(t, x0)
+        x_t = a_t * x0 + s_t * noise
+        x0_hat, eps_hat = split_prediction(model_output.to(x0.dtype), x_t, a_t, s_t, self.prediction_type)
+        a_p, s_p = self._coefficients(t_prime, x0)
+        with torch.no_grad():  # real branch: x_t'_real = a_t' x0 + s_t' eps, no gradient
+            real = self.features(a_p * x0 + s_p * noise, t_prime, cond)
+        renoise = eps_hat if self.predicted_noise == "eps_hat" else noise
+        # predicted branch: x_t'_pred = a_t' x0_hat + s_t' eps_hat, gradient into the online model
+        predicted = self.features(a_p * x0_hat + s_p * renoise, t_prime, cond)
+        return self._distance(predicted, real)
+

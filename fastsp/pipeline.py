@@ -1,0 +1,142 @@
+"""The main job: PAPER.md's two stages on the built-in digits, and a side-by-side comparison.
+
+    python fastsp/pipeline.py                                   # digits preset on the CPU
+    python fastsp/pipeline.py --stage1-steps 4000 --cond none   # extra options go to every stage
+    torchrun --nproc_per_node=2 fastsp/pipeline.py --device cpu
+
+1. OUT/stage1_mse               MSE pretraining from scratch (--stage1-steps)
+2. OUT/stage2_self_perceptual   self-perceptual training initialised from stage 1, with stage 1's
+                                model as the frozen perceptual network (--stage2-steps)
+3. OUT/stage2_mse               the same number of steps continued with MSE from stage 1: the fair
+                                comparison (same total training, same data, same noise)
+4. OUT/comparison.png           EMA samples of both stage-2 models without guidance, from the same
+                                noise and labels, side by side
+
+Every stage resumes: rerunning the command continues where it stopped and skips finished stages.
+Any option of fastsp/train.py not listed by --help here is passed to every stage.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# See fastsp/train.py: running as a script must not put fastsp/ itself on sys.path.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from fastsp import checkpoint as checkpoint_lib  # noqa: E402
+from fastsp import config as config_lib  # noqa: E402
+from fastsp import dist  # noqa: E402
+from fastsp.checkpoint import CheckpointError  # noqa: E402
+from fastsp.data import DataError  # noqa: E402
+from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config  # noqa: E402
+from fastsp.trainer import train  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsp/pipeline.py", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--preset", default="digits", help="training preset of every stage (default digits)")
+    parser.add_argument("--out", default="runs/pipeline", help="folder holding the three runs and comparison.png")
+    parser.add_argument("--stage1-steps", type=int, default=2000, help="MSE pretraining steps (default 2000)")
+    parser.add_argument("--stage2-steps", type=int, default=1000, help="steps of each stage-2 run (default 1000)")
+    parser.add_argument("--stage2-lr", type=float, default=2e-4, help="learning rate of both stage-2 runs")
+    parser.add_argument("--seed", type=int, default=0, help="stage 1 uses SEED, both stage-2 runs SEED+1")
+    parser.add_argument("--compare-num", type=int, default=100, help="samples per model in comparison.png")
+    parser.add_argument("--compare-steps", type=int, default=50, help="sampler steps for comparison.png")
+    return parser
+
+
+def stage_argv(args, name: str, extra: list[str], *options: str) -> list[str]:
+    out = str(Path(args.out) / name)
+    return ["--preset", args.preset, *extra, "--out", out, "--resume", *options]
+
+
+def run_stage(argv: list[str]) -> Path:
+    cfg, model_cfg = config_lib.parse_args(argv)
+    return train(cfg, model_cfg)
+
+
+def labelled(grid: np.ndarray, title: str, scale: int) -> Image.Image:
+    """A grid image enlarged `scale` times with a title strip above it."""
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (image.width, image.height + 24), "white")
+    canvas.paste(image, (0, 24))
+    ImageDraw.Draw(canvas).text((4, 6), title, fill="black")
+    return canvas
+
+
+def write_comparison(path: Path, runs: dict[str, Path], num: int, steps: int, seed: int, device) -> None:
+    """EMA samples of each run without guidance, same noise and labels, side by side in one PNG."""
+    panels = []
+    for title, run_dir in runs.items():
+        model, config = checkpoint_lib.load_model(run_dir, device=device)
+        train_cfg = config["train"]
+        classes = model.config.num_classes
+        labels = torch.arange(num) % classes if classes > 0 else None
+        shape = (model.config.in_channels, train_cfg["resolution"], train_cfg["resolution"])
+        images = generate(
+            model, schedule_from_config(train_cfg), num, shape, labels=labels, num_steps=steps, seed=seed, device=device
+        )
+        columns = classes if classes > 0 and num % classes == 0 else None
+        panels.append(labelled(image_grid(images, columns=columns), title, display_scale(train_cfg["resolution"]) // 2 or 1))
+    gap = 16
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
+    left = 0
+    for panel in panels:
+        canvas.paste(panel, (left, 0))
+        left += panel.width + gap
+    save_png(np.asarray(canvas), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    if args.stage1_steps < 1 or args.stage2_steps < 1 or args.compare_num < 1 or args.compare_steps < 1:
+        print("error: --stage1-steps, --stage2-steps, --compare-num and --compare-steps must be >= 1", file=sys.stderr)
+        return 2
+    if args.stage2_lr <= 0:
+        print("error: --stage2-lr must be > 0", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    stage1_argv = stage_argv(args, "stage1_mse", extra, "--steps", str(args.stage1_steps), "--seed", str(args.seed))
+    # Both stage-2 runs see the same data order and noise (seed + 1): they differ only in the loss.
+    stage2 = ["--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr), "--seed", str(args.seed + 1)]
+    stage1_dir = out / "stage1_mse"
+    sp_argv = stage_argv(args, "stage2_self_perceptual", extra, *stage2, "--objective", "self_perceptual", "--init", str(stage1_dir))
+    mse_argv = stage_argv(args, "stage2_mse", extra, *stage2, "--init", str(stage1_dir))
+    try:
+        # Every stage's options are checked before the first one starts.
+        device = config_lib.parse_args(stage1_argv)[0].device
+        config_lib.parse_args(sp_argv)
+        config_lib.parse_args(mse_argv)
+        stage1 = run_stage(stage1_argv)
+        sp = run_stage(sp_argv)
+        mse = run_stage(mse_argv)
+    except (config_lib.ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    info = dist.init(device)
+    if info.is_main:
+        comparison = out / "comparison.png"
+        write_comparison(
+            comparison,
+            {"MSE (no CFG)": mse, "self-perceptual (no CFG)": sp},
+            args.compare_num,
+            args.compare_steps,
+            seed=args.seed,
+            device=info.device,
+        )
+        print(f"\npipeline done:\n  stage 1 (MSE): {stage1}\n  stage 2 self-perceptual: {sp}\n"
+              f"  stage 2 MSE continuation: {mse}\n  comparison (no CFG): {comparison}")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

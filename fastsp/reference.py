@@ -1,0 +1,143 @@
+"""The naive reference: one MSE step and one self-perceptual step, written the obvious way.
+
+This file is the oracle for every optimisation of the trainer and the baseline of the
+benchmarks. It is deliberately naive and independent of the fast code paths (it imports nothing
+from fastsp): eager mode in the inputs' dtype (fp32, or float64 in tests), the schedule arithmetic
+written out from PAPER.md, two separate *full* forwards of the frozen perceptual network with a
+forward hook on its mid block (no `taps=`, so the decoder half runs and is thrown away), no
+truncation, `F.mse_loss`, and torch's default AdamW.
+
+Cost (PAPER.md "Cost of one self-perceptual step", F = one full UNet forward): the fast path needs
+online F + 2F backward + F/2 real branch + F/2 forward and F/2 input-only backward on the
+predicted branch = about 4.5F (1.5x an MSE step's 3F). Here both perceptual forwards are full
+(F each instead of F/2; the predicted one also records the decoder's graph, which backward never
+visits), so about 5.5F: roughly 1.8x an MSE step, and more activation memory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PREDICTION_TYPES = ("v", "eps", "x0")
+
+
+def coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int = 4):
+    """a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t), shaped [B, 1, ...] (ndim dims).
+
+    In alphas_cumprod's dtype and device: pass it in the model's dtype (float64 would promote x_t).
+    """
+    alpha_bar = alphas_cumprod[t.to(alphas_cumprod.device)]
+    shape = (-1,) + (1,) * (ndim - 1)
+    return alpha_bar.sqrt().reshape(shape), (1 - alpha_bar).sqrt().reshape(shape)
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
+
+
+def reference_mse_loss(
+    model, x0, noise, t, alphas_cumprod, labels=None, context=None, prediction_type="v"
+) -> torch.Tensor:
+    """Stage 1 (PAPER.md): mean((f(x_t, t, c) - target)^2)."""
+    _check_prediction_type(prediction_type)
+    a, s = coefficients(alphas_cumprod, t, x0.ndim)
+    x_t = a * x0 + s * noise  # x_t = a_t x0 + s_t eps
+    target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]  # v = a eps - s x0
+    return F.mse_loss(model(x_t, t, labels=labels, context=context), target)
+
+
+def mid_features(perceptual, x, t, labels=None, context=None) -> torch.Tensor:
+    """Full forward of `perceptual`; returns what a forward hook on `perceptual.mid` saw."""
+    stored = []
+    handle = perceptual.mid.register_forward_hook(lambda module, args, out: stored.append(out))
+    try:
+        perceptual(x, t, labels=labels, context=context)  # the full output is discarded
+    finally:
+        handle.remove()
+    return stored[0]
+
+
+def reference_self_perceptual_loss(
+    model,
+    perceptual,
+    x0,
+    noise,
+    t,
+    t_prime,
+    alphas_cumprod,
+    labels=None,
+    context=None,
+    prediction_type="v",
+) -> torch.Tensor:
+    """Stage 2, PAPER.md Algorithm 1, literally. `perceptual` is frozen by the caller."""
+    _check_prediction_type(prediction_type)
+    a, s = coefficients(alphas_cumprod, t, x0.ndim)
+    x_t = a * x0 + s * noise  # step 1: x_t = a_t x0 + s_t eps
+    out = model(x_t, t, labels=labels, context=context)  # step 2
+    if prediction_type == "v":  # x0_hat = a x_t - s v_hat, eps_hat = s x_t + a v_hat
+        x0_hat, eps_hat = a * x_t - s * out, s * x_t + a * out
+    elif prediction_type == "eps":  # x0_hat = (x_t - s eps_hat) / a
+        if bool((a == 0).any()):
+            raise ValueError("eps-prediction divides by a_t = 0 (zero terminal SNR)")
+        x0_hat, eps_hat = (x_t - s * out) / a, out
+    else:  # eps_hat = (x_t - a x0_hat) / s
+        if bool((s == 0).any()):
+            raise ValueError("x0-prediction divides by s_t = 0")
+        x0_hat, eps_hat = out, (x_t - a * out) / s
+    a2, s2 = coefficients(alphas_cumprod, t_prime, x0.ndim)  # step 3: t' drawn by the caller
+    with torch.no_grad():  # step 4-5, real branch: x_t'_real = a_t' x0 + s_t' eps
+        h_real = mid_features(perceptual, a2 * x0 + s2 * noise, t_prime, labels, context)
+    # step 4-5, predicted branch (with grad): x_t'_pred = a_t' x0_hat + s_t' eps_hat
+    h_pred = mid_features(perceptual, a2 * x0_hat + s2 * eps_hat, t_prime, labels, context)
+    return F.mse_loss(h_pred, h_real)  # step 6: mean((h_pred - h_real)^2)
+
+
+def reference_mse_step(
+    model, optimizer, x0, noise, t, alphas_cumprod, labels=None, context=None, prediction_type="v"
+) -> float:
+    """One eager MSE training step; returns the loss."""
+    optimizer.zero_grad()
+    loss = reference_mse_loss(model, x0, noise, t, alphas_cumprod, labels, context, prediction_type)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def reference_self_perceptual_step(
+    model,
+    perceptual,
+    optimizer,
+    x0,
+    noise,
+    t,
+    t_prime,
+    alphas_cumprod,
+    labels=None,
+    context=None,
+    prediction_type="v",
+) -> float:
+    """One eager self-perceptual training step; returns the loss."""
+    optimizer.zero_grad()
+    loss = reference_self_perceptual_loss(
+        model, perceptual, x0, noise, t, t_prime, alphas_cumprod, labels, context, prediction_type
+    )
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def make_reference_optimizer(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with torch's defaults except lr."""
+    return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """f_star from the stage-1 model: a deep copy in eval mode with no parameter gradients."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
