@@ -9,7 +9,7 @@ from setuptools import setup
 setup(
     name="fastsp",
     version="0.1.0",
-    description="Performance-first PyTorch trainer for diffusion models with the self-perceptual objective",
+    description="Performance-first diffusion trainer with the self-perceptual objective",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -30,7 +30,14 @@ setup(
     ],
     extras_require={
         # diffusers: the tests run the README's example with a tiny diffusers UNet.
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "build>=1.0", "wheel", "diffusers"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "ruff>=0.5",
+            "build>=1.0",
+            "wheel",
+            "diffusers",
+        ],
     },
     entry_points={
         "console_scripts": [

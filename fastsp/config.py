@@ -16,7 +16,7 @@ import json
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastsp.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS
@@ -25,7 +25,7 @@ from fastsp.unet import UNET_PRESETS, UNetConfig
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field, the value and what is allowed."""
+    """An invalid configuration value; the message names the field, the value and what's allowed."""
 
 
 CONDITIONINGS = ("none", "class", "context")
@@ -123,7 +123,11 @@ class TrainConfig:
                 "(it starts the online model and is the frozen perceptual network) or "
                 "--perceptual-checkpoint CHECKPOINT"
             )
-        if self.objective == "self_perceptual" and self.perceptual_source == "ema" and not self.init:
+        if (
+            self.objective == "self_perceptual"
+            and self.perceptual_source == "ema"
+            and not self.init
+        ):
             raise ConfigError(
                 "--perceptual-source ema uses the online model's EMA as the perceptual network, so "
                 "the online model must start from a stage-1 model: pass --init CHECKPOINT"
@@ -232,25 +236,21 @@ def to_dict(train: TrainConfig, model: UNetConfig) -> dict[str, Any]:
     return {"train": dataclasses.asdict(train), "model": dataclasses.asdict(model)}
 
 
-def model_config_from_dict(values: dict[str, Any]) -> UNetConfig:
-    """Rebuild a UNetConfig from config.json (JSON has lists where the dataclass has tuples)."""
-    known = {f.name for f in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(values) - known)
+def _from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
+    """A config dataclass from config.json; unknown fields are an error, not ignored."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ConfigError(
-            f"config.json has unknown model fields {unknown}: written by another version?"
-        )
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        raise ConfigError(f"config.json has unknown {what} fields {unknown}: from another version?")
+    # JSON has lists where the dataclasses have tuples
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def model_config_from_dict(values: dict[str, Any]) -> UNetConfig:
+    return _from_dict(UNetConfig, values, "model")
 
 
 def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"config.json has unknown training fields {unknown}: written by another version?"
-        )
-    return TrainConfig(**values)
+    return _from_dict(TrainConfig, values, "training")
 
 
 def dumps(train: TrainConfig, model: UNetConfig) -> str:

@@ -35,11 +35,18 @@ PERCEPTUAL_T = ("uniform", "same")  # or a (low, high) range of timesteps, inclu
 PREDICTED_NOISE = ("eps_hat", "eps")
 DISTANCES = ("l2", "l1")
 # diffusers' names for the prediction types, accepted as aliases
-_PREDICTION_ALIASES = {"v_prediction": "v", "epsilon": "eps", "sample": "x0", "v": "v", "eps": "eps", "x0": "x0"}
+_PREDICTION_ALIASES = {
+    "v_prediction": "v",
+    "epsilon": "eps",
+    "sample": "x0",
+    "v": "v",
+    "eps": "eps",
+    "x0": "x0",
+}
 
 
 def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:
-    """"mid" | "mid:1,down2:0.5" | ["mid", "down2"] | {"mid": 1.0} -> {layer: weight}."""
+    """ "mid" | "mid:1,down2:0.5" | ["mid", "down2"] | {"mid": 1.0} -> {layer: weight}."""
     if isinstance(spec, Mapping):
         layers = {str(k): float(v) for k, v in spec.items()}
     else:
@@ -50,7 +57,10 @@ def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, f
             try:
                 layers[name.strip()] = float(weight) if weight else 1.0
             except ValueError:
-                raise ValueError(f"layer weight {weight!r} in {item!r} is not a number; write e.g. 'mid:1,down2:0.5'") from None
+                raise ValueError(
+                    f"layer weight {weight!r} in {item!r} is not a number; "
+                    "write e.g. 'mid:1,down2:0.5'"
+                ) from None
     if not layers or any(not name for name in layers):
         raise ValueError(f"no layer names in {spec!r}; write e.g. 'mid' or 'mid:1,down2:0.5'")
     if any(w < 0 for w in layers.values()):
@@ -59,7 +69,7 @@ def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, f
 
 
 def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str | tuple[int, int]:
-    """"uniform" | "same" | "LOW,HIGH" (inclusive) -> "uniform" | "same" | (low, high)."""
+    """ "uniform" | "same" | "LOW,HIGH" (inclusive) -> "uniform" | "same" | (low, high)."""
     if isinstance(spec, str) and spec in PERCEPTUAL_T:
         return spec
     try:
@@ -69,7 +79,9 @@ def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str |
             f"perceptual_t {spec!r} must be 'uniform', 'same', or a range 'LOW,HIGH' of timesteps"
         ) from None
     if not 0 <= low <= high < num_timesteps:
-        raise ValueError(f"perceptual_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}")
+        raise ValueError(
+            f"perceptual_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}"
+        )
     return low, high
 
 
@@ -95,16 +107,22 @@ class FeatureExtractor:
         self.network = network
         self.layers = list(layers)
         self.native = isinstance(network, UNet)
-        valid = network.tap_names if self.native else tuple(n for n, _ in network.named_modules() if n)
+        valid = (
+            network.tap_names if self.native else tuple(n for n, _ in network.named_modules() if n)
+        )
         unknown = [name for name in self.layers if name not in valid]
         if unknown:
             shown = valid if len(valid) <= 40 else tuple(n for n in valid if n.count(".") <= 1)
-            raise ValueError(f"unknown perceptual layer(s) {unknown}; valid names: {', '.join(shown)}")
+            raise ValueError(
+                f"unknown perceptual layer(s) {unknown}; valid names: {', '.join(shown)}"
+            )
         if not self.native:
             modules = dict(network.named_modules())
             self.modules = {name: modules[name] for name in self.layers}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
         if self.native:
             return self.network(x, t, **cond, taps=self.layers)
         captured: dict[str, torch.Tensor] = {}
@@ -157,9 +175,13 @@ class SelfPerceptualLoss:
         distance: str = "l2",
     ):
         if prediction_type not in _PREDICTION_ALIASES:
-            raise ValueError(f"prediction_type {prediction_type!r} must be one of {sorted(_PREDICTION_ALIASES)}")
+            raise ValueError(
+                f"prediction_type {prediction_type!r} must be one of {sorted(_PREDICTION_ALIASES)}"
+            )
         if predicted_noise not in PREDICTED_NOISE:
-            raise ValueError(f"predicted_noise {predicted_noise!r} must be one of {PREDICTED_NOISE}")
+            raise ValueError(
+                f"predicted_noise {predicted_noise!r} must be one of {PREDICTED_NOISE}"
+            )
         if distance not in DISTANCES:
             raise ValueError(f"distance {distance!r} must be one of {DISTANCES}")
         self.prediction_type = _PREDICTION_ALIASES[prediction_type]
@@ -173,25 +195,35 @@ class SelfPerceptualLoss:
         self.features = FeatureExtractor(self.perceptual, list(self.layers))
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def sample_t_prime(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t_prime(
+        self, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """t' per example: a new, independent draw (uniform or in a range), or t itself."""
         if self.perceptual_t == "same":
             return t
-        low, high = (0, self.num_timesteps - 1) if self.perceptual_t == "uniform" else self.perceptual_t
+        low, high = (
+            (0, self.num_timesteps - 1) if self.perceptual_t == "uniform" else self.perceptual_t
+        )
         return torch.randint(low, high + 1, t.shape, generator=generator, device=t.device)
 
-    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coefficients(
+        self, t: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # a_t = sqrt(alpha_bar_t), s_t = sqrt(1 - alpha_bar_t); one cached table per device/dtype
         # so a step never copies from the host.
         key = (like.device, like.dtype)
         if key not in self._tables:
             ab = self.alphas_cumprod
-            self._tables[key] = torch.stack([ab.sqrt(), (1 - ab).sqrt()]).to(like.device, like.dtype)
+            self._tables[key] = torch.stack([ab.sqrt(), (1 - ab).sqrt()]).to(
+                like.device, like.dtype
+            )
         a, s = self._tables[key][:, t]
         shape = (-1,) + (1,) * (like.dim() - 1)
         return a.view(shape), s.view(shape)
 
-    def _distance(self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _distance(
+        self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         names = list(self.layers)
         if self.distance == "l1":
             loss = sum(self.layers[n] * F.l1_loss(predicted[n], real[n]) for n in names)
@@ -199,7 +231,9 @@ class SelfPerceptualLoss:
             loss = self.layers[names[0]] * feature_mse(predicted[names[0]], real[names[0]])
         else:
             weights = [self.layers[n] for n in names]
-            loss = feature_mse_multi([predicted[n] for n in names], [real[n] for n in names], weights)
+            loss = feature_mse_multi(
+                [predicted[n] for n in names], [real[n] for n in names], weights
+            )
         # features may be bf16 under autocast; the loss is at least fp32 (float64 stays float64)
         return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
@@ -229,7 +263,9 @@ class SelfPerceptualLoss:
             t_prime = self.sample_t_prime(t, generator)
         a_t, s_t = self._coefficients(t, x0)
         x_t = a_t * x0 + s_t * noise
-        x0_hat, eps_hat = split_prediction(model_output.to(x0.dtype), x_t, a_t, s_t, self.prediction_type)
+        x0_hat, eps_hat = split_prediction(
+            model_output.to(x0.dtype), x_t, a_t, s_t, self.prediction_type
+        )
         a_p, s_p = self._coefficients(t_prime, x0)
         with torch.no_grad():  # real branch: x_t'_real = a_t' x0 + s_t' eps, no gradient
             real = self.features(a_p * x0 + s_p * noise, t_prime, cond)
@@ -237,4 +273,3 @@ class SelfPerceptualLoss:
         # predicted branch: x_t'_pred = a_t' x0_hat + s_t' eps_hat, gradient into the online model
         predicted = self.features(a_p * x0_hat + s_p * renoise, t_prime, cond)
         return self._distance(predicted, real)
-

@@ -39,15 +39,33 @@ from fastsp.trainer import train  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastsp/pipeline.py", description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--preset", default="digits", help="training preset of every stage (default digits)")
-    parser.add_argument("--out", default="runs/pipeline", help="folder holding the three runs and comparison.png")
-    parser.add_argument("--stage1-steps", type=int, default=2000, help="MSE pretraining steps (default 2000)")
-    parser.add_argument("--stage2-steps", type=int, default=1000, help="steps of each stage-2 run (default 1000)")
-    parser.add_argument("--stage2-lr", type=float, default=2e-4, help="learning rate of both stage-2 runs")
-    parser.add_argument("--seed", type=int, default=0, help="stage 1 uses SEED, both stage-2 runs SEED+1")
-    parser.add_argument("--compare-num", type=int, default=100, help="samples per model in comparison.png")
-    parser.add_argument("--compare-steps", type=int, default=50, help="sampler steps for comparison.png")
+    parser = argparse.ArgumentParser(
+        prog="fastsp/pipeline.py", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--preset", default="digits", help="training preset of every stage (default digits)"
+    )
+    parser.add_argument(
+        "--out", default="runs/pipeline", help="folder holding the three runs and comparison.png"
+    )
+    parser.add_argument(
+        "--stage1-steps", type=int, default=2000, help="MSE pretraining steps (default 2000)"
+    )
+    parser.add_argument(
+        "--stage2-steps", type=int, default=1000, help="steps of each stage-2 run (default 1000)"
+    )
+    parser.add_argument(
+        "--stage2-lr", type=float, default=2e-4, help="learning rate of both stage-2 runs"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="stage 1 uses SEED, both stage-2 runs SEED+1"
+    )
+    parser.add_argument(
+        "--compare-num", type=int, default=100, help="samples per model in comparison.png"
+    )
+    parser.add_argument(
+        "--compare-steps", type=int, default=50, help="sampler steps for comparison.png"
+    )
     return parser
 
 
@@ -71,7 +89,9 @@ def labelled(grid: np.ndarray, title: str, scale: int) -> Image.Image:
     return canvas
 
 
-def write_comparison(path: Path, runs: dict[str, Path], num: int, steps: int, seed: int, device) -> None:
+def write_comparison(
+    path: Path, runs: dict[str, Path], num: int, steps: int, seed: int, device
+) -> None:
     """EMA samples of each run without guidance, same noise and labels, side by side in one PNG."""
     panels = []
     for title, run_dir in runs.items():
@@ -81,10 +101,23 @@ def write_comparison(path: Path, runs: dict[str, Path], num: int, steps: int, se
         labels = torch.arange(num) % classes if classes > 0 else None
         shape = (model.config.in_channels, train_cfg["resolution"], train_cfg["resolution"])
         images = generate(
-            model, schedule_from_config(train_cfg), num, shape, labels=labels, num_steps=steps, seed=seed, device=device
+            model,
+            schedule_from_config(train_cfg),
+            num,
+            shape,
+            labels=labels,
+            num_steps=steps,
+            seed=seed,
+            device=device,
         )
         columns = classes if classes > 0 and num % classes == 0 else None
-        panels.append(labelled(image_grid(images, columns=columns), title, display_scale(train_cfg["resolution"]) // 2 or 1))
+        panels.append(
+            labelled(
+                image_grid(images, columns=columns),
+                title,
+                display_scale(train_cfg["resolution"]) // 2 or 1,
+            )
+        )
     gap = 16
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
     canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
@@ -97,18 +130,44 @@ def write_comparison(path: Path, runs: dict[str, Path], num: int, steps: int, se
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if args.stage1_steps < 1 or args.stage2_steps < 1 or args.compare_num < 1 or args.compare_steps < 1:
-        print("error: --stage1-steps, --stage2-steps, --compare-num and --compare-steps must be >= 1", file=sys.stderr)
+    if (
+        args.stage1_steps < 1
+        or args.stage2_steps < 1
+        or args.compare_num < 1
+        or args.compare_steps < 1
+    ):
+        print(
+            "error: --stage1-steps, --stage2-steps, --compare-num and --compare-steps must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     if args.stage2_lr <= 0:
         print("error: --stage2-lr must be > 0", file=sys.stderr)
         return 2
     out = Path(args.out)
-    stage1_argv = stage_argv(args, "stage1_mse", extra, "--steps", str(args.stage1_steps), "--seed", str(args.seed))
+    stage1_argv = stage_argv(
+        args, "stage1_mse", extra, "--steps", str(args.stage1_steps), "--seed", str(args.seed)
+    )
     # Both stage-2 runs see the same data order and noise (seed + 1): they differ only in the loss.
-    stage2 = ["--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr), "--seed", str(args.seed + 1)]
+    stage2 = [
+        "--steps",
+        str(args.stage2_steps),
+        "--lr",
+        str(args.stage2_lr),
+        "--seed",
+        str(args.seed + 1),
+    ]
     stage1_dir = out / "stage1_mse"
-    sp_argv = stage_argv(args, "stage2_self_perceptual", extra, *stage2, "--objective", "self_perceptual", "--init", str(stage1_dir))
+    sp_argv = stage_argv(
+        args,
+        "stage2_self_perceptual",
+        extra,
+        *stage2,
+        "--objective",
+        "self_perceptual",
+        "--init",
+        str(stage1_dir),
+    )
     mse_argv = stage_argv(args, "stage2_mse", extra, *stage2, "--init", str(stage1_dir))
     try:
         # Every stage's options are checked before the first one starts.
@@ -132,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             device=info.device,
         )
-        print(f"\npipeline done:\n  stage 1 (MSE): {stage1}\n  stage 2 self-perceptual: {sp}\n"
-              f"  stage 2 MSE continuation: {mse}\n  comparison (no CFG): {comparison}")
+        print(
+            f"\npipeline done:\n  stage 1 (MSE): {stage1}\n  stage 2 self-perceptual: {sp}\n"
+            f"  stage 2 MSE continuation: {mse}\n  comparison (no CFG): {comparison}"
+        )
     dist.barrier()
     return 0
 

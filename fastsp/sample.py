@@ -1,7 +1,8 @@
 """Sampling: image grids from a model, and the sampling command line.
 
 python -m fastsp.sample --checkpoint runs/digits --num 64 --steps 50 --out grid.png
-python -m fastsp.sample --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --label 3 --out threes.png
+python -m fastsp.sample --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --label 3 \
+        --out threes.png
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def generate(
     """
     if guidance_scale != 1 and labels is None and context is None:
         raise ValueError(
-            "classifier-free guidance needs a conditional model (this one is unconditional); use --cfg 1"
+            "classifier-free guidance needs a conditional model (this one is unconditional); "
+            "use --cfg 1"
         )
     noise = torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     labels = labels.to(device) if labels is not None else None
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if model.config.context_dim > 0:
             raise ValueError(
-                "this model is conditioned on a context sequence; sampling it needs your own context encoder"
+                "this model is conditioned on a context sequence; sampling it needs your own "
+                "context encoder"
             )
         train = config["train"]
         labels = default_labels(args.num, num_classes, args.label)

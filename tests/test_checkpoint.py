@@ -38,7 +38,7 @@ def test_save_then_load_restores_everything(tmp_path):
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     state = checkpoint_lib.load_training_state(path, fresh, fresh_ema, fresh_optimizer)
     assert state == {"step": 5, "samples_seen": 5}
-    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     saved = optimizer.state_dict()["state"]
     loaded = fresh_optimizer.state_dict()["state"]

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fails(argv, capsys, out: Path, *expected: str) -> str:
-    """Run the training CLI in-process; it must exit 2, print every `expected` text, write nothing."""
+    """Run the training CLI in-process: exit 2, print every `expected` text, write nothing."""
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(train_cli.main([*argv, "--out", str(out)]))
     assert exit_info.value.code == 2

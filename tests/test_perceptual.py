@@ -41,7 +41,9 @@ def _batch(seed=1):
 
 
 def _schedule(prediction_type="v"):
-    return NoiseSchedule(prediction_type=prediction_type, zero_terminal_snr=prediction_type != "eps")
+    return NoiseSchedule(
+        prediction_type=prediction_type, zero_terminal_snr=prediction_type != "eps"
+    )
 
 
 def test_same_t_with_eps_hat_gives_zero_loss():
@@ -53,7 +55,9 @@ def test_same_t_with_eps_hat_gives_zero_loss():
     same = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, perceptual_t="same")
     loss = training_loss(online, schedule, x0, noise, t, cond, same, same.sample_t_prime(t))
     assert loss.item() < 1e-20
-    true_noise = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, perceptual_t="same", predicted_noise="eps")
+    true_noise = SelfPerceptualLoss(
+        perceptual, schedule.alphas_cumprod, perceptual_t="same", predicted_noise="eps"
+    )
     assert training_loss(online, schedule, x0, noise, t, cond, true_noise, t).item() > 1e-6
 
 
@@ -77,11 +81,22 @@ def test_objective_equals_the_naive_reference_in_float64(prediction_type):
     if prediction_type == "eps":  # eps needs a_t > 0: no zero terminal SNR, and t < T-1 anyway
         t = t.clamp(max=998)
     schedule = _schedule(prediction_type)
-    loss_fn = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, prediction_type=prediction_type)
-    ours = training_loss(online, schedule, x0, noise, t, {"labels": labels, "context": None}, loss_fn, t_prime)
+    loss_fn = SelfPerceptualLoss(
+        perceptual, schedule.alphas_cumprod, prediction_type=prediction_type
+    )
+    ours = training_loss(
+        online, schedule, x0, noise, t, {"labels": labels, "context": None}, loss_fn, t_prime
+    )
     ours.backward()
     theirs = reference.reference_self_perceptual_loss(
-        twin, perceptual, x0, noise, t, t_prime, schedule.alphas_cumprod.double(), labels=labels,
+        twin,
+        perceptual,
+        x0,
+        noise,
+        t,
+        t_prime,
+        schedule.alphas_cumprod.double(),
+        labels=labels,
         prediction_type=prediction_type,
     )
     theirs.backward()
@@ -99,7 +114,9 @@ def test_mse_objective_equals_the_naive_reference():
     x0, noise, t, _, labels = _batch()
     schedule = _schedule()
     ours = training_loss(online, schedule, x0, noise, t, {"labels": labels, "context": None})
-    theirs = reference.reference_mse_loss(twin, x0, noise, t, schedule.alphas_cumprod.double(), labels=labels)
+    theirs = reference.reference_mse_loss(
+        twin, x0, noise, t, schedule.alphas_cumprod.double(), labels=labels
+    )
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-10, atol=0)
 
 
@@ -112,7 +129,9 @@ def test_gradients_reach_the_online_model_only_and_the_frozen_net_never_changes(
     for step in range(3):
         x0, noise, t, t_prime, labels = _batch(seed=step)
         optimizer.zero_grad()
-        training_loss(online, schedule, x0, noise, t, {"labels": labels, "context": None}, loss_fn, t_prime).backward()
+        training_loss(
+            online, schedule, x0, noise, t, {"labels": labels, "context": None}, loss_fn, t_prime
+        ).backward()
         for name, p in online.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         optimizer.step()
@@ -144,13 +163,24 @@ def test_several_layers_with_weights_and_l1():
     ap, sp = schedule.coefficients(t_prime, x0)
     real = perceptual(ap * x0 + sp * noise, t_prime, labels=labels, taps=["down0", "mid"])
     pred = perceptual(ap * x0_hat + sp * eps_hat, t_prime, labels=labels, taps=["down0", "mid"])
-    expected_l2 = 0.5 * (pred["down0"] - real["down0"]).square().mean() + 2 * (pred["mid"] - real["mid"]).square().mean()
-    expected_l1 = (pred["down0"] - real["down0"]).abs().mean() + (pred["mid"] - real["mid"]).abs().mean()
+    expected_l2 = (
+        0.5 * (pred["down0"] - real["down0"]).square().mean()
+        + 2 * (pred["mid"] - real["mid"]).square().mean()
+    )
+    expected_l1 = (pred["down0"] - real["down0"]).abs().mean() + (
+        pred["mid"] - real["mid"]
+    ).abs().mean()
     cond = {"labels": labels}
     l2 = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, layers="down0:0.5,mid:2")
-    l1 = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, layers=["down0", "mid"], distance="l1")
-    torch.testing.assert_close(l2(prediction, x0, noise, t, t_prime, cond).double(), expected_l2, rtol=1e-6, atol=0)
-    torch.testing.assert_close(l1(prediction, x0, noise, t, t_prime, cond).double(), expected_l1, rtol=1e-6, atol=0)
+    l1 = SelfPerceptualLoss(
+        perceptual, schedule.alphas_cumprod, layers=["down0", "mid"], distance="l1"
+    )
+    torch.testing.assert_close(
+        l2(prediction, x0, noise, t, t_prime, cond).double(), expected_l2, rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        l1(prediction, x0, noise, t, t_prime, cond).double(), expected_l1, rtol=1e-6, atol=0
+    )
 
 
 def test_t_prime_distributions():
@@ -161,9 +191,13 @@ def test_t_prime_distributions():
     uniform = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod).sample_t_prime(t, g)
     assert uniform.min() >= 0 and uniform.max() <= 999 and not torch.equal(uniform, t)
     assert abs(uniform.double().mean().item() - 499.5) < 15  # 4096 draws: std of the mean ~4.5
-    ranged = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, perceptual_t="200,300").sample_t_prime(t, g)
+    ranged = SelfPerceptualLoss(
+        perceptual, schedule.alphas_cumprod, perceptual_t="200,300"
+    ).sample_t_prime(t, g)
     assert ranged.min() >= 200 and ranged.max() <= 300
-    same = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod, perceptual_t="same").sample_t_prime(t, g)
+    same = SelfPerceptualLoss(
+        perceptual, schedule.alphas_cumprod, perceptual_t="same"
+    ).sample_t_prime(t, g)
     assert torch.equal(same, t)
 
 
@@ -207,8 +241,20 @@ def stage1(tmp_path_factory):
 def test_stage2_trains_and_leaves_the_perceptual_checkpoint_untouched(stage1, tmp_path):
     before = _digest(stage1 / "checkpoints" / "step_00000003")
     out = tmp_path / "sp"
-    argv = ["--preset", "tiny", "--steps", "4", "--objective", "self_perceptual", "--init", str(stage1),
-            "--mse-weight", "0.1", "--out", str(out)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--objective",
+        "self_perceptual",
+        "--init",
+        str(stage1),
+        "--mse-weight",
+        "0.1",
+        "--out",
+        str(out),
+    ]
     assert train_cli.main(argv) == 0
     assert _digest(stage1 / "checkpoints" / "step_00000003") == before
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -216,14 +262,30 @@ def test_stage2_trains_and_leaves_the_perceptual_checkpoint_untouched(stage1, tm
 
 
 def test_stage2_with_ema_source_and_another_layer(stage1, tmp_path):
-    argv = ["--preset", "tiny", "--steps", "2", "--objective", "self_perceptual", "--init", str(stage1),
-            "--perceptual-source", "ema", "--perceptual-layers", "down1", "--out", str(tmp_path / "ema")]
+    argv = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--objective",
+        "self_perceptual",
+        "--init",
+        str(stage1),
+        "--perceptual-source",
+        "ema",
+        "--perceptual-layers",
+        "down1",
+        "--out",
+        str(tmp_path / "ema"),
+    ]
     assert train_cli.main(argv) == 0
 
 
 def test_stage2_without_a_perceptual_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_cli.main(["--preset", "tiny", "--objective", "self_perceptual", "--out", str(tmp_path / "o")])
+        train_cli.main(
+            ["--preset", "tiny", "--objective", "self_perceptual", "--out", str(tmp_path / "o")]
+        )
     assert exit_info.value.code == 2
     assert "--init CHECKPOINT" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -231,16 +293,51 @@ def test_stage2_without_a_perceptual_checkpoint(tmp_path, capsys):
 
 def test_perceptual_checkpoint_of_another_shape(stage1, tmp_path, capsys):
     other = tmp_path / "other"
-    assert train_cli.main(["--preset", "tiny", "--steps", "1", "--base-channels", "8", "--out", str(other)]) == 0
+    assert (
+        train_cli.main(
+            ["--preset", "tiny", "--steps", "1", "--base-channels", "8", "--out", str(other)]
+        )
+        == 0
+    )
     capsys.readouterr()
-    _fails(["--preset", "tiny", "--objective", "self_perceptual", "--init", str(stage1), "--perceptual-checkpoint",
-            str(other), "--out", str(tmp_path / "o")], capsys, "another shape", "base_channels")
+    _fails(
+        [
+            "--preset",
+            "tiny",
+            "--objective",
+            "self_perceptual",
+            "--init",
+            str(stage1),
+            "--perceptual-checkpoint",
+            str(other),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "another shape",
+        "base_channels",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_unknown_perceptual_layer_lists_the_valid_ones(stage1, tmp_path, capsys):
-    _fails(["--preset", "tiny", "--objective", "self_perceptual", "--init", str(stage1), "--perceptual-layers",
-            "mid_block", "--out", str(tmp_path / "o")], capsys, "mid_block", "down0, down1, mid, up0, up1")
+    _fails(
+        [
+            "--preset",
+            "tiny",
+            "--objective",
+            "self_perceptual",
+            "--init",
+            str(stage1),
+            "--perceptual-layers",
+            "mid_block",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "mid_block",
+        "down0, down1, mid, up0, up1",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -258,9 +355,16 @@ def test_readme_example_with_a_diffusers_unet():
     pytest.importorskip("diffusers")
     namespace: dict = {}
     exec(compile(_readme_example(), "README.md", "exec"), namespace)
-    loss, unet, perceptual, before = namespace["loss"], namespace["unet"], namespace["perceptual"], namespace["before"]
+    loss, unet, perceptual, before = (
+        namespace["loss"],
+        namespace["unet"],
+        namespace["perceptual"],
+        namespace["before"],
+    )
     assert torch.isfinite(loss) and loss.item() > 0
-    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad and p.grad is not None)
+    assert all(
+        p.grad is not None for p in unet.parameters() if p.requires_grad and p.grad is not None
+    )
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
     assert all(p.grad is None for p in perceptual.parameters())
     assert all(torch.equal(v, before[k]) for k, v in perceptual.state_dict().items())
@@ -269,9 +373,16 @@ def test_readme_example_with_a_diffusers_unet():
 def test_hooked_extractor_stops_a_diffusers_unet_after_the_mid_block():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                                 block_out_channels=(8, 16), norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     calls = []
     unet.up_blocks[0].register_forward_hook(lambda *args: calls.append("up"))
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
