@@ -8,28 +8,54 @@ A checkpoint folder `RUN/checkpoints/step_00001000/` holds
     state.json          step, samples seen, world size
     config.json         the resolved configuration
 It is assembled in a hidden temporary folder beside its final place, every file fsynced, then
-renamed into place in one step: a crash leaves either the whole checkpoint or none of it. Any
-command that takes a checkpoint accepts the folder itself or a run folder (its latest checkpoint).
+renamed into place in one step: a crash or a full disk leaves either the whole checkpoint or none
+of it, and the previous checkpoints untouched. Any command that takes a checkpoint accepts the
+folder itself or a run folder (its latest complete checkpoint).
+
+Faults are `CheckpointError`s that name the file and the fix: a missing, truncated or garbled file
+("damaged: delete the folder to resume from the previous checkpoint"), a pickle that asks to run
+code (refused, never retried unsafely), weights of another shape, a failed write (the OS error and
+the intact previous checkpoint). `prune_checkpoints` keeps the newest k and never deletes the
+newest good one; `verify_checkpoint` opens every file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastsp import config as config_lib
+from fastsp.faults import kill_point
 from fastsp.unet import UNet
 
 CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_FILES = (
+    "model.safetensors",
+    "ema.safetensors",
+    "optimizer.pt",
+    "rng.pt",
+    "state.json",
+    "config.json",
+)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OLD_DIR = re.compile(r"^\.old-(step_\d{8})-[0-9a-f]+$")
+_STALE_PREFIXES = (".tmp-", ".old-", ".deleting-")  # left by a crash mid-save or mid-delete
+# The hint that a write failed for lack of room rather than for another reason.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NO_ROOM_TEXT = re.compile(r"no space left|file too large|quota", re.IGNORECASE)
 
 
 class CheckpointError(ValueError):
@@ -81,7 +107,7 @@ def step_dir_name(step: int) -> str:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    """Checkpoint folders of a run, oldest first (hidden temporary folders are never listed)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
@@ -89,22 +115,36 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _missing_files(checkpoint: Path) -> list[str]:
+    return [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint folder that holds all six files, or None."""
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        if not _missing_files(checkpoint):
+            return checkpoint
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder meaning its latest checkpoint."""
+    """A checkpoint folder, or a run folder meaning its latest complete checkpoint."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
             f"checkpoint path '{path}' does not exist; pass a checkpoint folder or a run folder"
         )
-    if (path / "state.json").is_file():
+    # config.json alone does not make a checkpoint: a run folder holds one too.
+    if any((path / name).is_file() for name in CHECKPOINT_FILES if name != "config.json"):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
+        incomplete = list_checkpoints(path)
+        if incomplete:
+            raise CheckpointError(
+                f"every checkpoint of '{path}' is incomplete (the newest, {incomplete[-1]}, "
+                f"lacks {', '.join(_missing_files(incomplete[-1]))}); pass another checkpoint"
+            )
         raise CheckpointError(
             f"'{path}' is neither a checkpoint folder (no state.json) nor a run folder with "
             f"checkpoints (no {CHECKPOINTS_DIR}/step_*); pass e.g. runs/digits or "
@@ -122,6 +162,27 @@ def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
+def _write_failed(root: Path, final: Path, error: BaseException) -> CheckpointError:
+    """The error for a save that failed (disk full, file too large, I/O error...)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    no_room = getattr(error, "errno", None) in _NO_ROOM or _NO_ROOM_TEXT.search(str(error))
+    try:
+        free = f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    previous = latest_checkpoint(root.parent)
+    intact = (
+        f"the previous checkpoint {previous} is intact"
+        if previous is not None
+        else "no earlier checkpoint exists"
+    )
+    fix = "Free space on that disk" if no_room else "Fix the cause"
+    return CheckpointError(
+        f"cannot save checkpoint {final.name} in {root} ({detail}{free}); nothing of it was "
+        f"kept. {fix} and resume with --resume: {intact}"
+    )
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -131,69 +192,185 @@ def save_checkpoint(
     state: dict[str, Any],
     config_text: str,
 ) -> Path:
-    """Write RUN/checkpoints/step_XXXXXXXX atomically and return its path."""
+    """Write RUN/checkpoints/step_XXXXXXXX atomically and return its path.
+
+    A failed write (full disk, file size limit, I/O error) removes the partial copy, leaves every
+    earlier checkpoint as it was and raises CheckpointError with the OS error.
+    """
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    old, renamed = None, False
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         save_file(_contiguous_state(model), tmp / "model.safetensors")
+        kill_point(f"checkpoint:{step}:model.safetensors")
         save_file(_contiguous_state(ema), tmp / "ema.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        kill_point(f"checkpoint:{step}:ema.safetensors")
+        with open(tmp / "optimizer.pt", "wb") as f:
+            torch.save(optimizer.state_dict(), f)
+        kill_point(f"checkpoint:{step}:optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        with open(tmp / "rng.pt", "wb") as f:
+            torch.save(rng, f)
+        kill_point(f"checkpoint:{step}:rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+        kill_point(f"checkpoint:{step}:state.json")
         (tmp / "config.json").write_text(config_text)
+        kill_point(f"checkpoint:{step}:config.json")
         for file in tmp.iterdir():
             _fsync_file(file)
         _fsync_dir(tmp)
+        kill_point(f"checkpoint:{step}:before-rename")
         if final.exists():  # a re-save of the same step: swap, so a good copy always exists
             old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+        renamed = True
         _fsync_dir(root)
+        kill_point(f"checkpoint:{step}:after-rename")
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # torch.save reports a failed write as a RuntimeError, safetensors as a SafetensorError
+        if renamed:  # every file is written and synced; only the folder's sync failed
+            raise CheckpointError(
+                f"checkpoint {final} was written but {root} could not be synced ({error}); it may "
+                "not survive a power loss: check the disk"
+            ) from error
+        if old is not None and old.exists() and not final.exists():
+            with contextlib.suppress(OSError):  # the swap failed half-way: put the old copy back
+                os.replace(old, final)
+        raise _write_failed(root, final, error) from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading: every file is checked, and a damaged one is named with the fix
+
+
+def _damaged(file: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{file} {problem}: the checkpoint {file.parent} is damaged. Delete that folder to resume "
+        "from the previous checkpoint of the run, or pass another checkpoint"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch colours some messages
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _require_file(file: Path) -> None:
+    if not file.is_file():
+        raise _damaged(file, "is missing")
+    if file.stat().st_size == 0:
+        raise _damaged(file, "is empty (0 bytes)")
+
+
+def _read_json(file: Path) -> Any:
+    _require_file(file)
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
+
+
+def _refusal(message: str) -> str | None:
+    """What torch's weights-only unpickler refused to do, or None if the file is just unreadable."""
+    found = re.search(r"GLOBAL (\S+)", message)
+    if found:
+        return f"it asks to import {found[1]}"
+    if re.search(r"unrecognized function|Can only (build|create)|is blocked", message):
+        return "it asks to build objects that are not tensors"
+    return None
+
+
+def _load_tensors(file: Path) -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only, never code."""
+    _require_file(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _refusal(str(error))
+        if refused is None:
+            raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
+        raise CheckpointError(
+            f"{file} was refused: it contains code or objects that are not plain tensors "
+            f"({refused}), and fastsp never runs code from a checkpoint. fastsp did not write "
+            "this file; do not load it by other means unless you trust where it came from. Delete "
+            f"the folder {file.parent} to resume from the previous checkpoint of the run, or pass "
+            "another checkpoint"
+        ) from None
+    except Exception as error:  # a garbled zip or pickle fails in many ways (EOFError, ...)
+        raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
+
+
+def _check_optimizer_state(file: Path, value: Any) -> dict[str, Any]:
+    if not (
+        isinstance(value, dict)
+        and isinstance(value.get("state"), dict)
+        and isinstance(value.get("param_groups"), list)
+    ):
+        raise _damaged(file, "does not hold an optimizer state (state and param_groups)")
+    return value
+
+
+def _check_rng(file: Path, value: Any) -> dict[str, Any]:
+    def is_rng_state(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 1
+
+    cuda = value.get("cuda", []) if isinstance(value, dict) else None
+    if not (
+        isinstance(value, dict)
+        and is_rng_state(value.get("cpu"))
+        and isinstance(cuda, list)
+        and all(is_rng_state(x) for x in cuda)
+    ):
+        raise _damaged(file, "does not hold torch RNG states (a uint8 'cpu' tensor)")
+    return value
 
 
 def read_config(checkpoint: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"cannot read {checkpoint}/config.json ({error}); the checkpoint is damaged"
-        ) from None
+    """config.json of a checkpoint: the resolved configuration, {"train": {...}, "model": {...}}."""
+    file = Path(checkpoint) / "config.json"
+    config = _read_json(file)
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("model"), dict)
+        and isinstance(config.get("train"), dict)
+    ):
+        raise _damaged(file, "does not hold a configuration with 'model' and 'train' sections")
+    return config
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(checkpoint) / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"cannot read {checkpoint}/state.json ({error}); the checkpoint is damaged"
-        ) from None
+    """state.json of a checkpoint: {"step": int, ...}."""
+    file = Path(checkpoint) / "state.json"
+    state = _read_json(file)
+    step = state.get("step") if isinstance(state, dict) else None
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise _damaged(file, "does not hold a training state with a step number")
+    return state
 
 
-def load_weights(module: torch.nn.Module, file: Path) -> None:
-    """Load safetensors weights, with an error naming every mismatched tensor."""
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    _require_file(file)
     try:
-        weights = load_file(str(file))
+        return load_file(str(file))
     except Exception as error:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(
-            f"cannot read weights from {file} ({error}); the checkpoint is damaged"
-        ) from None
+        raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
+
+
+def _read_weights(module: torch.nn.Module, file: Path) -> dict[str, torch.Tensor]:
+    """The weights in `file`, checked to fit `module` (names and shapes)."""
+    weights = _read_safetensors(file)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -216,24 +393,42 @@ def load_weights(module: torch.nn.Module, file: Path) -> None:
             f"{file} holds a model of another shape: {'; '.join(details)}. Use the model options "
             "the checkpoint was trained with (see its config.json), or another checkpoint"
         )
-    module.load_state_dict(weights)
+    return weights
+
+
+def load_weights(module: torch.nn.Module, file: Path) -> None:
+    """Load safetensors weights, with an error naming every mismatched tensor."""
+    module.load_state_dict(_read_weights(module, Path(file)))
 
 
 def load_training_state(
     checkpoint: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore model, EMA, optimizer and RNG states in place; return state.json's contents."""
+    """Restore model, EMA, optimizer and RNG states in place; return state.json's contents.
+
+    Every file is read and checked before anything is restored, so a damaged checkpoint raises
+    CheckpointError and leaves the model, EMA and optimizer as they were.
+    """
     checkpoint = Path(checkpoint)
-    load_weights(model, checkpoint / "model.safetensors")
-    load_weights(ema, checkpoint / "ema.safetensors")
-    optimizer.load_state_dict(
-        torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    )
-    rng = torch.load(checkpoint / "rng.pt", map_location="cpu", weights_only=True)
+    state = read_state(checkpoint)
+    model_weights = _read_weights(model, checkpoint / "model.safetensors")
+    ema_weights = _read_weights(ema, checkpoint / "ema.safetensors")
+    optimizer_file, rng_file = checkpoint / "optimizer.pt", checkpoint / "rng.pt"
+    optimizer_state = _check_optimizer_state(optimizer_file, _load_tensors(optimizer_file))
+    rng = _check_rng(rng_file, _load_tensors(rng_file))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError) as error:  # torch checks the parameter groups
+        raise CheckpointError(
+            f"{optimizer_file} holds the state of another optimizer ({_first_line(error)}); "
+            "resume with the options the checkpoint was trained with, or pass another checkpoint"
+        ) from None
+    model.load_state_dict(model_weights)
+    ema.load_state_dict(ema_weights)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return read_state(checkpoint)
+    return state
 
 
 def load_model(
@@ -250,3 +445,96 @@ def load_model(
     model = UNet(config_lib.model_config_from_dict(config["model"]))
     load_weights(model, checkpoint / f"{weights}.safetensors")
     return model.to(device).eval(), config
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Open every file of a checkpoint folder; raise CheckpointError on the first problem.
+
+    Reads all tensors (safetensors in full, the .pt files through weights_only loads) and both
+    JSON files, and checks that model and EMA weights hold the same tensors. Nothing is executed.
+    """
+    checkpoint = Path(path)
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"'{checkpoint}' is not a checkpoint folder")
+    model = _read_safetensors(checkpoint / "model.safetensors")
+    ema = _read_safetensors(checkpoint / "ema.safetensors")
+    shapes = {k: tuple(v.shape) for k, v in model.items()}
+    if shapes != {k: tuple(v.shape) for k, v in ema.items()}:
+        raise _damaged(checkpoint / "ema.safetensors", "holds other tensors than model.safetensors")
+    optimizer_file, rng_file = checkpoint / "optimizer.pt", checkpoint / "rng.pt"
+    _check_optimizer_state(optimizer_file, _load_tensors(optimizer_file))
+    _check_rng(rng_file, _load_tensors(rng_file))
+    read_state(checkpoint)
+    read_config(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the last k
+
+
+def _looks_complete(checkpoint: Path) -> bool:
+    """A cheap check that reads headers only: all six files, none truncated or unparsable."""
+    if _missing_files(checkpoint):
+        return False
+    try:
+        for name in ("model.safetensors", "ema.safetensors"):
+            with safe_open(str(checkpoint / name), framework="pt"):  # checks size vs. header
+                pass
+        for name in ("optimizer.pt", "rng.pt"):
+            with zipfile.ZipFile(checkpoint / name):  # the zip directory sits at the file's end
+                pass
+        read_state(checkpoint)
+        read_config(checkpoint)
+    except Exception:  # any failure means "not known good"; loading it would name the problem
+        return False
+    return True
+
+
+def _delete(folder: Path) -> bool:
+    """Remove a folder crash-safely: first a rename out of sight, then the removal."""
+    hidden = folder
+    if not folder.name.startswith(".deleting-"):
+        hidden = folder.with_name(f".deleting-{folder.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(folder, hidden)
+        except OSError:
+            return False
+    shutil.rmtree(hidden, ignore_errors=True)  # leftovers go at the next prune
+    return True
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` good checkpoints of a run (0 keeps all); return those deleted.
+
+    Also removes what crashes leave behind (hidden .tmp-*, .old-*, .deleting-* folders), first
+    putting back an .old-* copy whose checkpoint a crash mid-swap left missing. Only folders older
+    than the oldest kept checkpoint are deleted, so the newest good checkpoint always survives and
+    a damaged newer one is left for its error message. Each folder is renamed to a hidden
+    .deleting-* name before it is removed: a crash mid-delete never leaves a half-deleted step_*.
+    """
+    if keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    for old in sorted(root.iterdir()):
+        match = _OLD_DIR.match(old.name)
+        if match and not (root / match[1]).exists() and _looks_complete(old):
+            os.replace(old, root / match[1])
+    deleted = []
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and folder.name.startswith(_STALE_PREFIXES) and _delete(folder):
+            deleted.append(folder)
+    if keep_last == 0:
+        return deleted
+    checkpoints = list_checkpoints(run_dir)
+    good = [p for p in checkpoints if _looks_complete(p)]
+    if not good:
+        return deleted
+    oldest_kept = good[-keep_last:][0]
+    for folder in checkpoints:
+        if folder.name < oldest_kept.name and _delete(folder):
+            deleted.append(folder)
+    if deleted:
+        _fsync_dir(root)
+    return deleted

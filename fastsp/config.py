@@ -50,6 +50,7 @@ class TrainConfig:
     latent_scale: float = 1.0  # multiplies latents read from shards (SD's VAE: 0.18215)
     random_flip: bool = True  # horizontal flips for image folders (never for digits)
     num_workers: int = 0  # DataLoader worker processes per rank
+    on_bad_data: str = "stop"  # an unreadable image or shard: stop with its name, or skip it
     # conditioning
     cond: str = "class"  # none | class (labels, with a null label) | context (cross-attention)
     label_dropout: float = 0.1  # probability a label (or context) is replaced by the null one (CFG)
@@ -83,6 +84,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     optimizer: str = "adamw"  # adamw (torch; fused kernel on CUDA) | apex_fused_adam (needs apex)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (each skipped)
     ema_decay: float = 0.999  # EMA of the weights, used for samples
     # execution
     device: str = "auto"  # auto = cuda when available, else cpu
@@ -94,6 +96,7 @@ class TrainConfig:
     resume: bool = False  # continue from the run folder's latest checkpoint (fresh if none)
     log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
     checkpoint_every: int = 1000  # steps between checkpoints; one is always written at the end
+    keep_last: int = 0  # keep only the newest K checkpoints (0 keeps all; the newest never goes)
     sample_every: int = 1000  # steps between sample grids; one is always written at the end
     sample_num: int = 64  # images in a sample grid
     sample_steps: int = 50  # sampler steps for sample grids
@@ -139,7 +142,15 @@ class TrainConfig:
             _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
         for name in ("sample_num", "sample_steps", "log_every", "context_len"):
             _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
-        for name in ("num_workers", "lr_warmup_steps", "checkpoint_every", "sample_every"):
+        _require_choice("on_bad_data", self.on_bad_data, ("stop", "skip"))
+        _require(self, "max_bad_steps", self.max_bad_steps >= 1, "an integer >= 1")
+        for name in (
+            "num_workers",
+            "lr_warmup_steps",
+            "checkpoint_every",
+            "sample_every",
+            "keep_last",
+        ):
             _require(self, name, getattr(self, name) >= 0, "an integer >= 0 (0 disables)")
         _require(self, "channels", self.channels >= 1, "an integer >= 1 (image folders: 1 or 3)")
         _require(self, "lr", self.lr > 0, "a number > 0")

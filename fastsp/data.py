@@ -3,7 +3,18 @@
 Data sets: the built-in 8x8 digits (scikit-learn ships them, so nothing is downloaded), a folder of
 images (one subfolder per class), a folder of precomputed VAE latent shards, and synthetic noise
 for benchmarks. Every data set is indexed by a key `(index, flip)` and returns
-`{"x": [C, R, R] float32 in [-1, 1], "label": int64 0-d, "context": [L, D] (optional)}`.
+`{"x": [C, R, R] float32 in [-1, 1], "label": int64 0-d, "bad": int64 0-d,
+"context": [L, D] (optional)}`.
+
+Bad data (`on_bad_data`): an image PIL cannot identify, a zero-byte file, one above the pixel limit
+(a possible decompression bomb), or a latent shard that is unreadable or disagrees with the others
+is found at construction. "stop" (the default) raises `DataError` naming the file; "skip" leaves
+it out with one `BadDataWarning` naming it, and lists it in the data set's `bad_files`. An image
+that passes the header check but fails to decode (truncated) is found when read: "stop" raises,
+"skip" warns once and returns in its place the next index (cyclically) whose file decodes, with
+`"bad": 1` so the trainer can count substituted items (`batch["bad"].sum()`); every other item
+has `"bad": 0`. The substitute depends only on which files are bad, never on the order they were
+read in, so batches stay the same for every run, rank and worker count.
 
 The stream: training reads one infinite sequence of keys, the concatenation of per-epoch
 permutations `perm_e = randperm(N)` drawn from a generator seeded by a hash of `(seed, e)`; the
@@ -22,8 +33,12 @@ uninterrupted run would be; only the current epoch's permutation is computed and
 from __future__ import annotations
 
 import bisect
+import collections
+import functools
 import numbers
 import os
+import struct
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +50,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 __all__ = [
     "DATA_FORMATS",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "ON_BAD_DATA",
+    "BadDataWarning",
     "DataError",
     "DigitsDataset",
     "ImageFolderDataset",
@@ -47,6 +65,8 @@ __all__ = [
 
 DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+ON_BAD_DATA = ("stop", "skip")  # what a bad file does: stop the run, or leave the file out
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (1024**3 // 4 // 3)
 
 DIGITS_HELDOUT = 297  # held-out images of the 1,797; the other 1,500 train
 _DIGITS_SPLIT_SEED = 0  # fixed forever: the split must not move with a run's --seed
@@ -60,6 +80,25 @@ _FIX_DATA = (
 
 class DataError(ValueError):
     """Bad user data: the message names the file or folder, the problem and the fix."""
+
+
+class BadDataWarning(UserWarning):
+    """A bad file left out, or replaced by another item, because `on_bad_data` is "skip"."""
+
+
+class _BadImage(Exception):
+    """An image that cannot be used; the message is the reason (callers add the path)."""
+
+
+def _check_policy(on_bad_data) -> None:
+    if on_bad_data not in ON_BAD_DATA:
+        raise ValueError(f"on_bad_data must be one of {ON_BAD_DATA}, got {on_bad_data!r}")
+
+
+def _skip(bad_files: list[tuple[str, str]], path: str, reason: str) -> None:
+    """Record a bad file and warn once about it (on_bad_data == "skip")."""
+    bad_files.append((path, reason))
+    warnings.warn(f"skipping '{path}': {reason}", BadDataWarning, stacklevel=3)
 
 
 def _split_key(key) -> tuple[int, bool]:
@@ -136,11 +175,13 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index = _check_index(_split_key(key)[0], len(self))
-        return {"x": self.images[index], "label": self.labels[index]}
+        return {"x": self.images[index], "label": self.labels[index], "bad": torch.tensor(0)}
 
     def get_batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One index op per batch: `index` [B] int64 -> {"x": [B, 1, R, R], "label": [B]}."""
-        return {"x": self.images[index], "label": self.labels[index]}
+        """One index op per batch: `index` [B] int64 -> {"x": [B, 1, R, R], "label": [B],
+        "bad": [B] zeros}."""
+        bad = torch.zeros(index.shape, dtype=torch.int64)
+        return {"x": self.images[index], "label": self.labels[index], "bad": bad}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +202,43 @@ def _find_images(folder: str) -> list[str]:
     return found
 
 
-def _header_error(path: str) -> str | None:
-    """Why PIL cannot open `path` (reads only the header), or None when it can."""
+def _pixel_limit(max_image_pixels: int | None) -> int | None:
+    """The pixel limit in force: the data set's own and PIL's global `Image.MAX_IMAGE_PIXELS`,
+    which `Image.open` applies regardless (it warns above it; both count as bad here)."""
+    from PIL import Image
+
+    limits = [v for v in (max_image_pixels, Image.MAX_IMAGE_PIXELS) if v is not None]
+    return min(limits) if limits else None
+
+
+def _bomb_reason(size: tuple[int, int], limit: int | None) -> str | None:
+    width, height = size
+    if limit is None or width * height <= limit:
+        return None
+    return (
+        f"{width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+        f"(max_image_pixels): a possible decompression bomb"
+    )
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises on a broken file (plugins differ: truncated data can surface as any)."""
+    from PIL import Image
+
+    return (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        IndexError,
+        struct.error,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,  # raised as an error inside `ImageFolderDataset._load`
+    )
+
+
+def _header_error(path: str, limit: int | None = None) -> str | None:
+    """Why `path` is not a usable image (reads only the header), or None when it is."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -170,11 +246,40 @@ def _header_error(path: str) -> str | None:
             width, height = img.size
     except UnidentifiedImageError:
         return "not an image PIL can identify: empty, truncated or another format"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except _decode_errors() as e:
         return f"{type(e).__name__}: {e}"
     if width < 1 or height < 1:
         return f"it has size {width}x{height}"
-    return None
+    return _bomb_reason((width, height), limit)
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _convert_mode(img, channels: int):
+    """A PIL image of any mode -> mode "L" (channels 1) or "RGB" (channels 3).
+
+    16-bit grayscale (and 32-bit "I") maps value v to round(v / 257), so 65535 -> 255 and
+    32896 -> 128; PIL's own convert would clip everything above 255 to white. CMYK goes through
+    PIL's CMYK -> RGB. Palette images expand to RGBA, which keeps their transparency. Alpha
+    (RGBA, LA, PA) is composited over black, color * alpha / 255: the digits and most data sets
+    this trains on (handwriting, astronomy, medical scans) have black backgrounds, black is the
+    model's -1, and premultiplying leaves no halo of the hidden colors around the shape.
+    """
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    elif img.mode == "CMYK":
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA"):
+        rgba = np.asarray(img, dtype=np.float32)
+        color = np.rint(rgba[..., :-1] * (rgba[..., -1:] / 255.0)).astype(np.uint8)
+        img = Image.fromarray(color[..., 0] if img.mode == "LA" else color)
+    return img.convert("RGB" if channels == 3 else "L")
 
 
 def _missing_folder(kind: str, root: str) -> DataError:
@@ -186,20 +291,35 @@ class ImageFolderDataset(Dataset):
 
     Classes are the subfolders that hold images, in sorted order (`class_names[label]`); a class
     folder is searched recursively. Each image is decoded with PIL, converted to RGB (channels 3)
-    or L (channels 1), resized so its short side is `resolution` (bicubic, antialiased),
-    center-cropped to `resolution` x `resolution` and scaled to [-1, 1]; it is mirrored
-    horizontally when the key's flip bit is set and `random_flip` is on. Every file's header is
-    checked at construction, so a broken file fails the run at start, not hours in.
+    or L (channels 1) (see `_convert_mode` for 16-bit, CMYK, palette and alpha), resized so its
+    short side is `resolution` (bicubic, antialiased), center-cropped to `resolution` x
+    `resolution` and scaled to [-1, 1]; it is mirrored horizontally when the key's flip bit is set
+    and `random_flip` is on. Every file's header is checked at construction, so a broken file
+    fails the run at start, not hours in; images above `max_image_pixels` count as broken.
+    `on_bad_data` ("stop" or "skip") and `bad_files` are described in the module docstring.
     """
 
     has_context = False
     context_shape = None
 
-    def __init__(self, root, resolution: int, channels: int = 3, random_flip: bool = True):
+    def __init__(
+        self,
+        root,
+        resolution: int,
+        channels: int = 3,
+        random_flip: bool = True,
+        on_bad_data: str = "stop",
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    ):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if not _is_int(resolution) or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        _check_policy(on_bad_data)
+        if max_image_pixels is not None and (not _is_int(max_image_pixels) or max_image_pixels < 1):
+            raise ValueError(
+                f"max_image_pixels must be a positive integer or None, got {max_image_pixels!r}"
+            )
         root = os.fspath(root)
         if not os.path.exists(root):
             raise _missing_folder("image folder", root)
@@ -236,45 +356,72 @@ class ImageFolderDataset(Dataset):
                 f"any case, directly in it or in its subfolders); put images there, one subfolder "
                 f"per class, or pass --data digits for the built-in data set"
             )
-        self._check_headers()
-
         self.root = root
         self.resolution = resolution
         self.channels = channels
         self.random_flip = random_flip
-        self.num_classes = len(self.class_names)
+        self.on_bad_data = on_bad_data
+        self.max_image_pixels = max_image_pixels
+        self.num_classes = len(self.class_names)  # a class whose files are all bad keeps its label
+        self.bad_files: list[tuple[str, str]] = []  # (path, reason), in the order found
+        self._bad_indices: set[int] = set()  # indices that failed to decode (in this process)
+        self._check_headers()
 
     def _check_headers(self) -> None:
+        from PIL import Image
+
+        check = functools.partial(_header_error, limit=_pixel_limit(self.max_image_pixels))
         # Threads: opening a header is file-system latency bound, PIL releases the GIL on I/O.
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            errors = list(pool.map(_header_error, self.files))
+        # PIL's own bomb warning is silenced: `_bomb_reason` reports those files, by name.
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=8) as pool:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            errors = list(pool.map(check, self.files))
         bad = [(path, err) for path, err in zip(self.files, errors, strict=True) if err]
-        if bad:
+        if not bad:
+            return
+        if self.on_bad_data == "stop":
             path, err = bad[0]
             more = f" ({len(bad) - 1} more unreadable files)" if len(bad) > 1 else ""
             raise DataError(
                 f"cannot read image '{path}' ({err}){more}; remove the file or replace it "
-                f"with a valid image"
+                f"with a valid image, or pass --on-bad-data skip to train without it"
             )
+        for path, err in bad:
+            _skip(self.bad_files, path, err)
+        good = [i for i, err in enumerate(errors) if not err]
+        if not good:
+            path, err = bad[0]
+            raise DataError(
+                f"no readable images in '{self.root}': all {len(bad)} image files are bad "
+                f"(e.g. '{path}': {err}); put valid images there, or pass --data digits for the "
+                f"built-in data set"
+            )
+        self.files = [self.files[i] for i in good]
+        self.file_labels = [self.file_labels[i] for i in good]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _load(self, path: str) -> torch.Tensor:
-        """Decode, convert, resize the short side, center-crop: -> [C, R, R] float32 in [-1, 1]."""
+        """Decode, convert, resize the short side, center-crop: -> [C, R, R] float32 in [-1, 1].
+
+        Raises `_BadImage` (the reason) when the file cannot be decoded."""
         from PIL import Image, ImageOps
 
         try:
-            with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
-                if img.mode == "P" and "transparency" in img.info:
-                    img = img.convert("RGBA")  # PIL's own advice for palette transparency
-                img = img.convert("RGB" if self.channels == 3 else "L")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise DataError(
-                f"cannot decode image '{path}' ({type(e).__name__}: {e}); remove the file or "
-                f"replace it with a valid image"
-            ) from e
+            with warnings.catch_warnings():
+                # PIL warns (not raises) up to twice its limit; above our limit is bad data.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    reason = _bomb_reason(img.size, _pixel_limit(self.max_image_pixels))
+                    if reason is None:
+                        img.load()
+                        img = ImageOps.exif_transpose(img)
+                        img = _convert_mode(img, self.channels)
+        except _decode_errors() as e:
+            raise _BadImage(f"{type(e).__name__}: {e}") from e
+        if reason is not None:
+            raise _BadImage(reason)
         r = self.resolution
         width, height = img.size
         scale = r / min(width, height)
@@ -287,13 +434,42 @@ class ImageFolderDataset(Dataset):
         pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
         return pixels.float().div_(127.5).sub_(1.0).contiguous()
 
+    def _load_or_substitute(self, index: int) -> tuple[int, torch.Tensor]:
+        """(the index read, its pixels): `index` itself or, under "skip", the first of
+        index+1, index+2, ... (mod N) whose file decodes. Which one depends only on the files."""
+        n = len(self.files)
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad_indices:
+                continue
+            path = self.files[j]
+            try:
+                return j, self._load(path)
+            except _BadImage as e:
+                if self.on_bad_data == "stop":
+                    raise DataError(
+                        f"cannot decode image '{path}' ({e}); remove the file or replace it with "
+                        f"a valid image, or pass --on-bad-data skip to train without it"
+                    ) from e
+                self._bad_indices.add(j)
+                _skip(self.bad_files, path, str(e))
+        example = self.files[min(self._bad_indices)]
+        raise DataError(
+            f"no image in '{self.root}' can be decoded ({n} files, e.g. '{example}'); put valid "
+            f"images there, or pass --data digits for the built-in data set"
+        )
+
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, flip = _split_key(key)
         index = _check_index(index, len(self))
-        x = self._load(self.files[index])
+        used, x = self._load_or_substitute(index)
         if flip and self.random_flip:
             x = torch.flip(x, dims=(-1,))
-        return {"x": x, "label": torch.tensor(self.file_labels[index], dtype=torch.int64)}
+        return {
+            "x": x,
+            "label": torch.tensor(self.file_labels[used], dtype=torch.int64),
+            "bad": torch.tensor(int(used != index)),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +481,29 @@ _ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
 _NPY_SIDE = (".labels.npy", ".context.npy")
 
 
+def _mismatch(path: str, sig: tuple, ref_path: str, ref: tuple, others: int) -> DataError:
+    """Why shard `path` (signature `sig` = ((C, H, W), has labels, context shape)) disagrees
+    with the majority `ref`, first held by `ref_path` and by `others` more shards."""
+    also = f" (as do {others} other shards)" if others else ""
+    (chw, has_labels, context), (ref_chw, ref_labels, ref_context) = sig, ref
+    if chw != ref_chw:
+        return DataError(
+            f"latent shard '{path}' has shape [N, {', '.join(map(str, chw))}] but '{ref_path}' "
+            f"has [N, {', '.join(map(str, ref_chw))}]{also}; every shard must come from the same "
+            f"VAE and resolution: regenerate or remove the shard"
+        )
+    if has_labels != ref_labels:
+        have, lack = (path, ref_path) if has_labels else (ref_path, path)
+        return DataError(
+            f"latent shard '{have}' has labels but '{lack}' has none{also}; give every shard "
+            f"labels or none"
+        )
+    return DataError(
+        f"latent shard '{path}' has context shape {context} but '{ref_path}' has {ref_context}"
+        f"{also}; every shard needs the same text-encoder context (or none)"
+    )
+
+
 class LatentsDataset(Dataset):
     """A folder of precomputed VAE latent shards, read lazily (memory-mapped).
 
@@ -313,14 +512,30 @@ class LatentsDataset(Dataset):
     and "context", same shapes). Shards are read in sorted name order; all must agree on C, H == W,
     on having labels and on the context shape. Items are `latents * latent_scale` in float32;
     flipping latents is off unless `random_flip` (valid for SD's VAE, not for every VAE).
+
+    Bad shards (unreadable, not [N, C, H, H], not floating point, bad labels or context) and
+    shards that disagree with the others are found here, at construction. "The others" are the
+    majority: the (C, H, W), labels and context that most readable shards share (ties: the
+    earliest shard's), so one odd shard is the one named, even when it sorts first. With
+    `on_bad_data="stop"` the first bad shard raises `DataError`; with "skip" each is left out with
+    a `BadDataWarning` and listed in `bad_files`.
     """
 
-    def __init__(self, root, latent_scale: float = 1.0, random_flip: bool = False):
+    def __init__(
+        self,
+        root,
+        latent_scale: float = 1.0,
+        random_flip: bool = False,
+        on_bad_data: str = "stop",
+    ):
+        _check_policy(on_bad_data)
         root = os.fspath(root)
         if not os.path.exists(root):
             raise _missing_folder("latents folder", root)
         if not os.path.isdir(root):
             raise DataError(f"latents folder '{root}' is a file, not a folder; {_FIX_DATA}")
+        self.on_bad_data = on_bad_data
+        self.bad_files: list[tuple[str, str]] = []  # (path, reason), in the order found
         names = sorted(e for e in os.listdir(root) if not e.startswith("."))
         shard_names = [
             n
@@ -331,9 +546,12 @@ class LatentsDataset(Dataset):
             for suffix in _NPY_SIDE:
                 base = n[: -len(suffix)] + ".npy"
                 if n.endswith(suffix) and base not in shard_names:
-                    raise DataError(
-                        f"'{os.path.join(root, n)}' has no latents shard '{base}' beside it; "
-                        f"add the shard or remove the file"
+                    self._reject(
+                        DataError(
+                            f"'{os.path.join(root, n)}' has no latents shard '{base}' beside it; "
+                            f"add the shard or remove the file"
+                        ),
+                        os.path.join(root, n),
                     )
         if not shard_names:
             raise DataError(
@@ -344,34 +562,31 @@ class LatentsDataset(Dataset):
         self.root = root
         self.latent_scale = float(latent_scale)
         self.random_flip = random_flip
-        self.shards: list[str] = []
-        sizes: list[int] = []
-        first = None  # (path, (C, H, W), has_labels, context_shape)
-        max_label = -1
+        found = []  # (path, N, (C, H, W), max label, context shape) of each readable shard
         for name in shard_names:
             path = os.path.join(root, name)
-            n, chw, labels_max, context_shape = self._inspect(path)
-            has_labels = labels_max is not None
-            if first is None:
-                first = (path, chw, has_labels, context_shape)
-            elif chw != first[1]:
-                raise DataError(
-                    f"latent shard '{path}' has shape [N, {', '.join(map(str, chw))}] but "
-                    f"'{first[0]}' has [N, {', '.join(map(str, first[1]))}]; every shard must "
-                    f"come from the same VAE and resolution: regenerate or remove the shard"
-                )
-            elif has_labels != first[2]:
-                have, lack = (path, first[0]) if has_labels else (first[0], path)
-                raise DataError(
-                    f"latent shard '{have}' has labels but '{lack}' has none; give every shard "
-                    f"labels or none"
-                )
-            elif context_shape != first[3]:
-                raise DataError(
-                    f"latent shard '{path}' has context shape {context_shape} but '{first[0]}' "
-                    f"has {first[3]}; every shard needs the same text-encoder context (or none)"
-                )
-            if has_labels:
+            try:
+                found.append((path, *self._inspect(path)))
+            except DataError as e:
+                self._reject(e, path)
+        if not found:
+            raise DataError(
+                f"no readable latent shards in '{root}': all {len(shard_names)} are bad (e.g. "
+                f"{self.bad_files[0][1]}); write the precomputed latents there, or {_FIX_DATA}"
+            )
+        # The reference: what most shards agree on (Counter keeps first-seen order for ties).
+        signatures = [(chw, lab is not None, ctx) for _, _, chw, lab, ctx in found]
+        votes = collections.Counter(signatures)
+        ref = max(votes, key=votes.__getitem__)
+        ref_path = found[signatures.index(ref)][0]
+        self.shards: list[str] = []
+        sizes: list[int] = []
+        max_label = -1
+        for (path, n, _, labels_max, _), sig in zip(found, signatures, strict=True):
+            if sig != ref:
+                self._reject(_mismatch(path, sig, ref_path, ref, votes[ref] - 1), path)
+                continue
+            if labels_max is not None:
                 max_label = max(max_label, labels_max)
             if n:
                 self.shards.append(path)
@@ -379,34 +594,38 @@ class LatentsDataset(Dataset):
         if not sizes:
             raise DataError(f"every latent shard in '{root}' is empty; write latents into them")
         self.offsets = np.cumsum([0] + sizes).tolist()  # shard i holds [offsets[i], offsets[i+1])
-        self.channels, height, _ = first[1]
+        (self.channels, height, _), self.has_labels, self.context_shape = ref
         self.resolution = height
-        self.has_labels = first[2]
-        self.num_classes = max_label + 1 if first[2] else 0
-        self.context_shape = first[3]
-        self.has_context = first[3] is not None
+        self.num_classes = max_label + 1 if self.has_labels else 0
+        self.has_context = self.context_shape is not None
         self._open: dict[str, dict] = {}  # per process, never pickled to workers
+
+    def _reject(self, error: DataError, path: str) -> None:
+        """A bad shard or file: raise `error` ("stop"), or warn and record it ("skip")."""
+        if self.on_bad_data == "stop":
+            raise error
+        _skip(self.bad_files, path, str(error))
 
     @staticmethod
     def _inspect(path: str) -> tuple[int, tuple[int, int, int], int | None, tuple | None]:
         """Validate one shard without reading its latents: (N, (C, H, W), max label, context)."""
         if path.endswith(".npy"):
+            base = path[: -len(".npy")]
+            side = [base + suffix for suffix in _NPY_SIDE]  # labels, context
             try:
                 lat = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
+                lab, ctx = (np.load(p, mmap_mode="r") if os.path.exists(p) else None for p in side)
+            except (OSError, ValueError, EOFError) as e:
                 raise DataError(
-                    f"cannot read latent shard '{path}' ({e}); remove it or write it again with "
-                    f"numpy.save"
+                    f"cannot read latent shard '{path}' or its .labels.npy / .context.npy ({e}); "
+                    f"remove it or write it again with numpy.save"
                 ) from e
             shape, is_float = tuple(lat.shape), np.issubdtype(lat.dtype, np.floating)
             dtype = str(lat.dtype)
             labels = context = None
-            base = path[: -len(".npy")]
-            if os.path.exists(base + ".labels.npy"):
-                labels = np.load(base + ".labels.npy", mmap_mode="r")
-                labels = (tuple(labels.shape), np.issubdtype(labels.dtype, np.integer), labels)
-            if os.path.exists(base + ".context.npy"):
-                ctx = np.load(base + ".context.npy", mmap_mode="r")
+            if lab is not None:
+                labels = (tuple(lab.shape), np.issubdtype(lab.dtype, np.integer), lab)
+            if ctx is not None:
                 context = (tuple(ctx.shape), np.issubdtype(ctx.dtype, np.floating))
         else:
             from safetensors import safe_open
@@ -521,7 +740,7 @@ class LatentsDataset(Dataset):
         if flip and self.random_flip:
             x = torch.flip(x, dims=(-1,))
         label = read("labels").to(torch.int64) if self.has_labels else torch.tensor(0)
-        item = {"x": x.contiguous(), "label": label.reshape(())}
+        item = {"x": x.contiguous(), "label": label.reshape(()), "bad": torch.tensor(0)}
         if self.has_context:
             item["context"] = read("context").float().contiguous()
         return item
@@ -574,6 +793,7 @@ class SyntheticDataset(Dataset):
         item = {
             "x": torch.randn(self.channels, r, r, generator=g),
             "label": torch.tensor(index % self.num_classes if self.num_classes else 0),
+            "bad": torch.tensor(0),
         }
         if self.has_context:
             item["context"] = torch.randn(self.context_shape, generator=g)
@@ -593,15 +813,19 @@ def build_dataset(
     latent_scale: float = 1.0,
     split: str = "train",
     random_flip: bool = True,
+    on_bad_data: str = "stop",
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> Dataset:
     """The data set that `--data` names: "digits", "synthetic" or a folder.
 
     A folder holding any *.npy or *.safetensors file directly is read as latents, else as images;
     `data_format` forces one. `split` applies to digits only (give a folder of held-out images or
-    latents as its own `--data`); `random_flip` applies to image folders (latents never flip here).
+    latents as its own `--data`); `random_flip` and `max_image_pixels` apply to image folders
+    (latents never flip here); `on_bad_data` ("stop" or "skip") to folders.
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    _check_policy(on_bad_data)
     fmt = data_format
     if fmt == "auto" and data in ("digits", "synthetic"):
         fmt = data
@@ -627,8 +851,15 @@ def build_dataset(
         )
         fmt = "latents" if is_latents else "images"
     if fmt == "latents":
-        return LatentsDataset(path, latent_scale=latent_scale)
-    return ImageFolderDataset(path, resolution, channels=channels, random_flip=random_flip)
+        return LatentsDataset(path, latent_scale=latent_scale, on_bad_data=on_bad_data)
+    return ImageFolderDataset(
+        path,
+        resolution,
+        channels=channels,
+        random_flip=random_flip,
+        on_bad_data=on_bad_data,
+        max_image_pixels=max_image_pixels,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,6 +978,8 @@ class InMemoryLoader:
         while True:
             indices, _ = self.batch_sampler.step_tensors(step)  # flip: ignored by these data sets
             batch = self.dataset.get_batch(indices)
+            if "bad" not in batch:  # in-memory data has no bad files; the key keeps batches alike
+                batch["bad"] = torch.zeros(indices.shape, dtype=torch.int64)
             if self.pin_memory:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
@@ -763,7 +996,8 @@ def make_loader(
     num_workers: int = 0,
 ):
     """An endless iterable of this rank's batches, one per training step from `start_step`:
-    {"x": [B/W, C, R, R] float32, "label": [B/W] int64, "context": [B/W, L, D] (if any)}."""
+    {"x": [B/W, C, R, R] float32, "label": [B/W] int64, "bad": [B/W] int64 (1 = substituted),
+    "context": [B/W, L, D] (if any)}."""
     sampler = ShardedBatchSampler(len(dataset), global_batch, rank, world_size, seed, start_step)
     pin = torch.cuda.is_available()
     if hasattr(dataset, "get_batch"):

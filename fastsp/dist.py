@@ -42,10 +42,26 @@ def init(device_preference: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    global _control_group
     if not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        # Host-side agreement (e.g. "stop after this step?") goes over gloo on CPU tensors, so it
+        # never waits for the GPU's stream the way an NCCL collective plus .item() would.
+        _control_group = torch_dist.new_group(backend="gloo") if backend == "nccl" else None
     return DistInfo(rank, world_size, local_rank, device)
+
+
+_control_group = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (a host-side collective)."""
+    if not torch_dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
 
 
 def shutdown() -> None:

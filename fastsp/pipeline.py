@@ -32,9 +32,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config as config_lib  # noqa: E402
 from fastsp import dist  # noqa: E402
-from fastsp.checkpoint import CheckpointError  # noqa: E402
-from fastsp.data import DataError  # noqa: E402
 from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config  # noqa: E402
+from fastsp.train import EXIT_INVALID_INPUT, run_reporting_errors  # noqa: E402
 from fastsp.trainer import train  # noqa: E402
 
 
@@ -128,58 +127,26 @@ def write_comparison(
     save_png(np.asarray(canvas), path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if (
-        args.stage1_steps < 1
-        or args.stage2_steps < 1
-        or args.compare_num < 1
-        or args.compare_steps < 1
-    ):
-        print(
-            "error: --stage1-steps, --stage2-steps, --compare-num and --compare-steps must be >= 1",
-            file=sys.stderr,
-        )
-        return 2
-    if args.stage2_lr <= 0:
-        print("error: --stage2-lr must be > 0", file=sys.stderr)
-        return 2
+def run_pipeline(args: argparse.Namespace, extra: list[str]) -> None:
     out = Path(args.out)
+    stage1_dir = out / "stage1_mse"
     stage1_argv = stage_argv(
         args, "stage1_mse", extra, "--steps", str(args.stage1_steps), "--seed", str(args.seed)
     )
     # Both stage-2 runs see the same data order and noise (seed + 1): they differ only in the loss.
-    stage2 = [
-        "--steps",
-        str(args.stage2_steps),
-        "--lr",
-        str(args.stage2_lr),
-        "--seed",
-        str(args.seed + 1),
-    ]
-    stage1_dir = out / "stage1_mse"
+    stage2 = ["--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr)]
+    stage2 += ["--seed", str(args.seed + 1), "--init", str(stage1_dir)]
     sp_argv = stage_argv(
-        args,
-        "stage2_self_perceptual",
-        extra,
-        *stage2,
-        "--objective",
-        "self_perceptual",
-        "--init",
-        str(stage1_dir),
+        args, "stage2_self_perceptual", extra, *stage2, "--objective", "self_perceptual"
     )
-    mse_argv = stage_argv(args, "stage2_mse", extra, *stage2, "--init", str(stage1_dir))
-    try:
-        # Every stage's options are checked before the first one starts.
-        device = config_lib.parse_args(stage1_argv)[0].device
-        config_lib.parse_args(sp_argv)
-        config_lib.parse_args(mse_argv)
-        stage1 = run_stage(stage1_argv)
-        sp = run_stage(sp_argv)
-        mse = run_stage(mse_argv)
-    except (config_lib.ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    mse_argv = stage_argv(args, "stage2_mse", extra, *stage2)
+    # Every stage's options are checked before the first one starts.
+    device = config_lib.parse_args(stage1_argv)[0].device
+    config_lib.parse_args(sp_argv)
+    config_lib.parse_args(mse_argv)
+    stage1 = run_stage(stage1_argv)
+    sp = run_stage(sp_argv)
+    mse = run_stage(mse_argv)
     info = dist.init(device)
     if info.is_main:
         comparison = out / "comparison.png"
@@ -196,7 +163,19 @@ def main(argv: list[str] | None = None) -> int:
             f"  stage 2 MSE continuation: {mse}\n  comparison (no CFG): {comparison}"
         )
     dist.barrier()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    counts = (args.stage1_steps, args.stage2_steps, args.compare_num, args.compare_steps)
+    if min(counts) < 1 or args.stage2_lr <= 0:
+        print(
+            "error: --stage1-steps, --stage2-steps, --compare-num and --compare-steps must be "
+            ">= 1 and --stage2-lr > 0",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_INPUT
+    return run_reporting_errors(run_pipeline, args, extra)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
     python fastsp/train.py --preset digits --out runs/digits --resume   # continue a run
 
 Every config field is an option (`--help` lists them); the loop itself is fastsp.trainer.train.
-Exit status: 0 on success, 2 on invalid input (the message names the problem and the fix).
+Exit status: 0 success; 2 invalid input (the message names the problem and the fix); 3 stopped
+after too many consecutive non-finite steps (the last checkpoint is intact); 75 stopped by
+SIGTERM/SIGINT after writing a checkpoint (rerun with --resume).
 """
 
 import os
@@ -20,16 +22,31 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 from fastsp import config as config_lib  # noqa: E402
 from fastsp.checkpoint import CheckpointError  # noqa: E402
 from fastsp.data import DataError  # noqa: E402
-from fastsp.trainer import train  # noqa: E402
+from fastsp.trainer import NumericalFault, Preempted, train  # noqa: E402
+
+EXIT_INVALID_INPUT = 2
+EXIT_NUMERICAL_FAULT = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", here with --resume
 
 
 def main(argv: list[str] | None = None) -> int:
     train_config, model_config = config_lib.parse_args(argv)
+    return run_reporting_errors(train, train_config, model_config)
+
+
+def run_reporting_errors(function, *args) -> int:
+    """Call `function(*args)`, turning the trainer's expected stops into messages and statuses."""
     try:
-        train(train_config, model_config)
+        function(*args)
     except (config_lib.ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_INPUT
+    except NumericalFault as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NUMERICAL_FAULT
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -13,6 +13,8 @@ import contextlib
 import copy
 import dataclasses
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from fastsp import dist
 from fastsp.config import ConfigError, TrainConfig
 from fastsp.data import SyntheticDataset, build_dataset, make_loader
 from fastsp.diffusion import NoiseSchedule
+from fastsp.faults import kill_point
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config
 from fastsp.unet import UNet, UNetConfig
@@ -186,7 +189,9 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",  # torch's single-kernel AdamW on CUDA
+        # torch's fused AdamW (CUDA and CPU): one kernel per step, and it reads `found_inf`, so a
+        # step with non-finite gradients is skipped on the device without a host sync.
+        fused=True,
     )
 
 
@@ -261,10 +266,51 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, in one foreach launch per dtype."""
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
+    """ema <- ema + weight * (model - ema), weight = 1 - decay as a device tensor (0 skips)."""
     ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+    differences = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+    torch._foreach_mul_(differences, weight)
+    torch._foreach_add_(ema_params, differences)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; rerun with --resume."""
+
+
+class NumericalFault(RuntimeError):
+    """Too many consecutive steps with non-finite gradients; the last checkpoint is intact."""
+
+
+class StopSignal:
+    """SIGTERM and SIGINT ask the loop to finish its step, checkpoint and stop.
+
+    A second signal while stopping restores the default behaviour (a second Ctrl-C kills).
+    Handlers can only be installed from the main thread; elsewhere signals keep their defaults.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.name = ""
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # the second signal: stop waiting
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 class MetricsWriter:
@@ -381,7 +427,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         metrics = MetricsWriter(run_dir)
         if cfg.resume and resume_from is None:
             print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
-        if init_from is not None and resume_from is None:
+        if resume_from is not None:
+            print(f"resuming from {resume_from} (step {start_step})")
+        elif init_from is not None:
             print(f"initialised from {init_from}")
         if perceptual_loss is not None:
             source = (
@@ -393,8 +441,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 f"objective: self-perceptual at {cfg.perceptual_layers}, "
                 f"perceptual network: {source}"
             )
-        elif resume_from is not None:
-            print(f"resuming from {resume_from} (step {start_step})")
+
         params = sum(p.numel() for p in model.parameters())
         print(
             f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(dataset)} items); "
@@ -416,106 +463,172 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             cfg.num_workers,
         )
     )
+    # Device-side accumulators, read only at log intervals (the loop's only regular host sync).
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
+    good_steps = torch.zeros((), device=device)
+    bad_in_a_row = torch.zeros((), device=device, dtype=torch.long)
+    bad_items = torch.zeros((), device=device, dtype=torch.long)
     steps_since_log, log_start = 0, time.perf_counter()
     progress = tqdm(
         total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
     )
     final_checkpoint = resume_from
-    for step in range(start_step, cfg.steps):
-        batch = next(batches)
-        noise, t, drop, t_prime = step_randomness(
-            cfg.seed,
-            step,
-            cfg.batch_size,
-            shape,
-            schedule,
-            cfg.label_dropout,
-            device,
-            perceptual_loss,
-        )
-        mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
-        noise, t, drop = noise[mine], t[mine], drop[mine]
-        t_prime = t_prime[mine] if t_prime is not None else None
-        x0 = batch["x"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        labels = batch["label"].to(device, non_blocking=True) if model_cfg.num_classes > 0 else None
-        if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
-            labels = torch.where(drop, torch.full_like(labels, model_cfg.num_classes), labels)
-        context = (
-            batch["context"].to(device, non_blocking=True) if model_cfg.context_dim > 0 else None
-        )
-        if context is not None:
-            context = context * (~drop).to(context.dtype)[:, None, None]
-
-        for micro in range(cfg.grad_accum):
-            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or info.world_size == 1 else ddp_model.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                cond = {
-                    "labels": labels[part] if labels is not None else None,
-                    "context": context[part] if context is not None else None,
-                }
-                loss = training_loss(
-                    ddp_model,
-                    schedule,
-                    x0[part],
-                    noise[part].contiguous(memory_format=memory_format),
-                    t[part],
-                    cond,
-                    perceptual_loss,
-                    t_prime[part] if t_prime is not None else None,
-                    cfg.mse_weight,
-                )
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-
-        if cfg.grad_clip > 0:
-            grad_norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay(cfg, step))
-
-        done = step + 1
-        steps_since_log += 1
-        progress.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            # The only host syncs of the loop: one all-reduce and one read per log interval.
-            totals = dist.all_reduce_mean(torch.stack([loss_sum, grad_norm_sum]) / steps_since_log)
-            loss_value, grad_norm = totals.tolist()
-            elapsed = time.perf_counter() - log_start
-            images_per_s = cfg.batch_size * steps_since_log / elapsed
-            if metrics is not None:
-                values = {
-                    "loss": loss_value,
-                    "lr": learning_rate(cfg, step),
-                    "images_per_s": images_per_s,
-                }
-                if cfg.grad_clip > 0:
-                    values["grad_norm"] = grad_norm
-                metrics.write(done, values)
-                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.0f}")
-            loss_sum.zero_()
-            grad_norm_sum.zero_()
-            steps_since_log, log_start = 0, time.perf_counter()
-        if info.is_main and (
-            done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)
-        ):
-            write_samples(run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, dataset, device)
-        if info.is_main and (
-            done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        ):
-            state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
-            final_checkpoint = checkpoint_lib.save_checkpoint(
-                run_dir, done, model, ema, optimizer, state, config_text
+    stop_signal = StopSignal()
+    try:
+        for step in range(start_step, cfg.steps):
+            batch = next(batches)
+            noise, t, drop, t_prime = step_randomness(
+                cfg.seed,
+                step,
+                cfg.batch_size,
+                shape,
+                schedule,
+                cfg.label_dropout,
+                device,
+                perceptual_loss,
             )
-    progress.close()
+            mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+            noise, t, drop = noise[mine], t[mine], drop[mine]
+            t_prime = t_prime[mine] if t_prime is not None else None
+            x0 = batch["x"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            bad_items += batch["bad"].sum().to(device) if "bad" in batch else 0
+            labels = (
+                batch["label"].to(device, non_blocking=True) if model_cfg.num_classes > 0 else None
+            )
+            if (
+                labels is not None
+            ):  # classifier-free guidance dropout: the null label is num_classes
+                labels = torch.where(drop, torch.full_like(labels, model_cfg.num_classes), labels)
+            context = (
+                batch["context"].to(device, non_blocking=True)
+                if model_cfg.context_dim > 0
+                else None
+            )
+            if context is not None:
+                context = context * (~drop).to(context.dtype)[:, None, None]
+
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+                last = micro == cfg.grad_accum - 1
+                sync = (
+                    contextlib.nullcontext()
+                    if last or info.world_size == 1
+                    else ddp_model.no_sync()
+                )
+                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    cond = {
+                        "labels": labels[part] if labels is not None else None,
+                        "context": context[part] if context is not None else None,
+                    }
+                    loss = training_loss(
+                        ddp_model,
+                        schedule,
+                        x0[part],
+                        noise[part].contiguous(memory_format=memory_format),
+                        t[part],
+                        cond,
+                        perceptual_loss,
+                        t_prime[part] if t_prime is not None else None,
+                        cfg.mse_weight,
+                    )
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach() / cfg.grad_accum
+
+            # The update is skipped on the device when the (all-reduced, so identical on every
+            # rank) gradient norm is not finite: fused AdamW reads `found_inf` and leaves
+            # parameters, moments and its step count alone; the EMA moves by a zero weight.
+            params = list(model.parameters())
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None]
+                )
+            finite = torch.isfinite(grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            if cfg.optimizer == "apex_fused_adam":
+                if finite.item():  # apex has no found_inf input: one host sync per step
+                    optimizer.step()
+            else:
+                optimizer.found_inf = (~finite).float()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(ema, model, (1.0 - ema_decay(cfg, step)) * finite)
+            loss_sum += torch.where(finite, step_loss, 0.0)
+            grad_norm_sum += torch.where(finite, grad_norm, 0.0)
+            good_steps += finite
+            bad_in_a_row = torch.where(finite, 0, bad_in_a_row + 1)
+
+            done = step + 1
+            steps_since_log += 1
+            progress.update(1)
+            checkpoint_now = done == cfg.steps or (
+                cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            )
+            if done % cfg.log_every == 0 or checkpoint_now:
+                totals = torch.stack([loss_sum, grad_norm_sum, good_steps, bad_items.float()])
+                totals = dist.all_reduce_mean(totals)
+                loss_value, grad_norm_value, good, bad_data = totals.tolist()
+                in_a_row = int(bad_in_a_row.item())
+                if in_a_row >= cfg.max_bad_steps:
+                    raise NumericalFault(
+                        f"stopped at step {done}: {in_a_row} consecutive steps had non-finite "
+                        f"gradients (updates skipped, so the weights are those of step "
+                        f"{done - in_a_row}); the last checkpoint "
+                        f"({checkpoint_lib.latest_checkpoint(run_dir) or 'none yet'}) is intact. "
+                        "Lower --lr, check the data for NaN/inf values, or raise --max-bad-steps"
+                    )
+                elapsed = time.perf_counter() - log_start
+                images_per_s = cfg.batch_size * steps_since_log / elapsed
+                if metrics is not None:
+                    values = {
+                        "loss": loss_value / max(good, 1.0),  # mean over the finite steps
+                        "lr": learning_rate(cfg, step),
+                        "images_per_s": images_per_s,
+                        "grad_norm": grad_norm_value / max(good, 1.0),
+                        "skipped_steps": steps_since_log - round(good),
+                        "bad_items": round(bad_data * info.world_size),
+                    }
+                    metrics.write(done, values)
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+                for accumulator in (loss_sum, grad_norm_sum, good_steps, bad_items):
+                    accumulator.zero_()
+                steps_since_log, log_start = 0, time.perf_counter()
+            # SIGTERM / SIGINT on any rank: all ranks stop after this same step, with a checkpoint.
+            preempted = (
+                stop_signal.requested
+                if info.world_size == 1
+                else dist.any_rank(stop_signal.requested)
+            )
+            if info.is_main and (
+                done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)
+            ):
+                write_samples(
+                    run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, dataset, device
+                )
+            if info.is_main and (checkpoint_now or preempted):
+                state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
+                final_checkpoint = checkpoint_lib.save_checkpoint(
+                    run_dir, done, model, ema, optimizer, state, config_text
+                )
+                checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
+            kill_point(f"step:{done}")
+            if preempted:
+                dist.barrier()
+                raise Preempted(
+                    f"stopped by {stop_signal.name} after step {done}; checkpoint written: "
+                    f"{checkpoint_lib.latest_checkpoint(run_dir)}. Continue with --resume"
+                )
+    finally:
+        stop_signal.restore()
+        progress.close()
+        if metrics is not None:
+            metrics.close()
     dist.barrier()
-    if metrics is not None:
-        metrics.close()
+    if info.is_main:
         print(
             f"run folder: {run_dir}\n  checkpoint: {final_checkpoint}\n"
             f"  samples: {run_dir / 'samples'}\n"
