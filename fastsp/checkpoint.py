@@ -26,6 +26,7 @@ import errno
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import uuid
@@ -162,6 +163,39 @@ def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
+class _KeepWriteError:
+    """A file for torch.save that keeps the OSError of a failed write.
+
+    torch.save's zip writer turns a failed write into a RuntimeError without the OS error
+    ("unexpected pos ..."); keeping it lets a full disk be reported as one.
+    """
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        writer = _KeepWriteError(f)
+        try:
+            torch.save(value, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
+
+
 def _write_failed(root: Path, final: Path, error: BaseException) -> CheckpointError:
     """The error for a save that failed (disk full, file too large, I/O error...)."""
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -208,14 +242,12 @@ def save_checkpoint(
         kill_point(f"checkpoint:{step}:model.safetensors")
         save_file(_contiguous_state(ema), tmp / "ema.safetensors")
         kill_point(f"checkpoint:{step}:ema.safetensors")
-        with open(tmp / "optimizer.pt", "wb") as f:
-            torch.save(optimizer.state_dict(), f)
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         kill_point(f"checkpoint:{step}:optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        with open(tmp / "rng.pt", "wb") as f:
-            torch.save(rng, f)
+        _torch_save(rng, tmp / "rng.pt")
         kill_point(f"checkpoint:{step}:rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         kill_point(f"checkpoint:{step}:state.json")
@@ -232,8 +264,8 @@ def save_checkpoint(
         renamed = True
         _fsync_dir(root)
         kill_point(f"checkpoint:{step}:after-rename")
-    except (OSError, RuntimeError, SafetensorError) as error:
-        # torch.save reports a failed write as a RuntimeError, safetensors as a SafetensorError
+    except (OSError, SafetensorError) as error:
+        # safetensors reports a failed write as a SafetensorError with the OS error's text
         if renamed:  # every file is written and synced; only the folder's sync failed
             raise CheckpointError(
                 f"checkpoint {final} was written but {root} could not be synced ({error}); it may "
@@ -263,8 +295,12 @@ def _damaged(file: Path, problem: str) -> CheckpointError:
 
 
 def _first_line(error: BaseException) -> str:
+    """The first sentence of an error message (torch's run on with advice)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch colours some messages
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    return line.split(". ")[0][:200] if len(line) > 120 else line
 
 
 def _require_file(file: Path) -> None:
@@ -282,14 +318,34 @@ def _read_json(file: Path) -> Any:
         raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
 
 
-def _refusal(message: str) -> str | None:
+def _imports(file: Path) -> list[str]:
+    """What a plain pickle file (not a torch zip) asks to import, read without executing it."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(file, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a zip or garbled bytes: stop at the first opcode that does not parse
+        pass
+    return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+
+
+def _refusal(file: Path, message: str) -> str | None:
     """What torch's weights-only unpickler refused to do, or None if the file is just unreadable."""
     found = re.search(r"GLOBAL (\S+)", message)
     if found:
         return f"it asks to import {found[1]}"
     if re.search(r"unrecognized function|Can only (build|create)|is blocked", message):
         return "it asks to build objects that are not tensors"
-    return None
+    # Pickle protocols >= 4 stop torch's reader at an unsupported opcode before any import
+    imports = _imports(file)
+    return f"it asks to import {', '.join(imports[:3])}" if imports else None
 
 
 def _load_tensors(file: Path) -> Any:
@@ -298,9 +354,11 @@ def _load_tensors(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = _refusal(str(error))
-        if refused is None:
-            raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
+        refused = _refusal(file, str(error))
+        if refused is None:  # keep torch's reason, not its advice to load with weights_only=False
+            reason = [line for line in str(error).splitlines() if re.match(r"\s*Unsupported", line)]
+            detail = reason[0].strip() if reason else _first_line(error)
+            raise _damaged(file, f"cannot be read ({detail})") from None
         raise CheckpointError(
             f"{file} was refused: it contains code or objects that are not plain tensors "
             f"({refused}), and fastsp never runs code from a checkpoint. fastsp did not write "

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
             channels=cfg.channels,
             latent_scale=cfg.latent_scale,
             random_flip=cfg.random_flip,
+            on_bad_data=cfg.on_bad_data,
         )
     if cfg.cond == "class" and dataset.num_classes == 0:
         raise ConfigError(
@@ -617,6 +619,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
             kill_point(f"step:{done}")
             if preempted:
+                # Every rank says where it stopped before anyone exits (torchrun then terminates
+                # the slower ranks as soon as one has exited).
+                print(f"rank {info.rank}: stopping after step {done}", file=sys.stderr, flush=True)
                 dist.barrier()
                 raise Preempted(
                     f"stopped by {stop_signal.name} after step {done}; checkpoint written: "

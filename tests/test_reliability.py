@@ -1,0 +1,291 @@
+"""Reliability with real processes: kill -9 anywhere, preemption, elastic restarts, NaN steps.
+
+Every test runs `fastsp/train.py` as a separate process and looks only at what it left on disk.
+The kill points (FASTSP_KILL_AT, fastsp/faults.py) send a real SIGKILL at a named place.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastsp import checkpoint as checkpoint_lib
+from fastsp.data import ShardedBatchSampler
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "fastsp" / "train.py")
+COMMON = ["--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--log-every", "1"]
+STEPS = 6
+EXIT_PREEMPTED = 75
+EXIT_NUMERICAL_FAULT = 3
+
+# Where a run of 6 steps with a checkpoint every 2 steps is killed: between steps, after each file
+# of a checkpoint being written, before and after its rename, and after the final checkpoint.
+KILL_POINTS = [
+    "step:1",
+    "checkpoint:2:model.safetensors",
+    "step:3",
+    "checkpoint:4:ema.safetensors",
+    "checkpoint:4:optimizer.pt",
+    "checkpoint:4:rng.pt",
+    "checkpoint:4:state.json",
+    "checkpoint:4:config.json",
+    "checkpoint:4:before-rename",
+    "checkpoint:4:after-rename",
+    "step:5",
+    "step:6",
+]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTSP_KILL")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _train(args, **env):
+    return subprocess.run(
+        [sys.executable, TRAIN, *COMMON, *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=300,
+    )
+
+
+def _start(cmd, **env):
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env)
+    )
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in ("model", "ema"):
+        tensors |= {
+            f"{name}.{k}": v for k, v in load_file(str(checkpoint / f"{name}.safetensors")).items()
+        }
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    for index, state in optimizer["state"].items():
+        tensors |= {f"adam.{index}.{k}": v for k, v in state.items()}
+    return tensors
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_steps(run_dir: Path, process, count: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the run did not reach the expected step in time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = _train(["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "checkpoints" / f"step_{STEPS:08d}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, uninterrupted, point):
+    out = tmp_path / "run"
+    args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out), "--resume"]
+    killed = _train(args, FASTSP_KILL_AT=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    for checkpoint in checkpoint_lib.list_checkpoints(out):  # never a half-written checkpoint
+        checkpoint_lib.verify_checkpoint(checkpoint)
+    resumed = _train(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_identical(out / "checkpoints" / f"step_{STEPS:08d}", uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, sig):
+    out = tmp_path / "run"
+    process = _start(
+        [
+            sys.executable,
+            TRAIN,
+            *COMMON,
+            "--steps",
+            "100000",
+            "--checkpoint-every",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    _wait_for_steps(out, process, 3)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert "--resume" in stderr
+    checkpoint = checkpoint_lib.latest_checkpoint(out)
+    stopped_at = json.loads((checkpoint / "state.json").read_text())["step"]
+    assert stopped_at >= 3
+    checkpoint_lib.verify_checkpoint(checkpoint)
+    if sig == signal.SIGINT:
+        return
+    # Continue two more steps; equal to a run that was never stopped.
+    total = stopped_at + 2
+    resumed = _train(
+        ["--steps", str(total), "--checkpoint-every", "0", "--out", str(out), "--resume"]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = tmp_path / "straight"
+    assert (
+        _train(
+            ["--steps", str(total), "--checkpoint-every", "0", "--out", str(straight)]
+        ).returncode
+        == 0
+    )
+    _assert_identical(
+        out / "checkpoints" / f"step_{total:08d}", straight / "checkpoints" / f"step_{total:08d}"
+    )
+
+
+def _torchrun(nproc, args, extra=()):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        TRAIN,
+        *COMMON,
+        *args,
+    ]
+
+
+def _rank_pid(agent_pid: int, rank: int, timeout: float = 60) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    agent = _start(
+        _torchrun(2, ["--steps", "100000", "--checkpoint-every", "0", "--out", str(out)])
+    )
+    _wait_for_steps(out, agent, 3)
+    os.kill(_rank_pid(agent.pid, 1), signal.SIGTERM)  # only rank 1 is told
+    _, stderr = agent.communicate(timeout=120)
+    checkpoint = checkpoint_lib.latest_checkpoint(out)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["world_size"] == 2
+    for rank in (0, 1):  # both ranks stopped after the step that was saved
+        assert f"rank {rank}: stopping after step {state['step']}\n" in stderr, stderr[-3000:]
+    checkpoint_lib.verify_checkpoint(checkpoint)
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_rank_dies_resumes_by_itself(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out), "--resume"]
+    result = subprocess.run(
+        _torchrun(2, args, extra=["--max-restarts=1"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # torchrun shares its rendezvous store with the workers by default, and a restarted
+        # process group can then read the previous attempt's gloo addresses (pytorch#135712).
+        env=_env(
+            FASTSP_KILL_AT="step:3",
+            FASTSP_KILL_RANK="1",
+            FASTSP_KILL_ATTEMPT="0",
+            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    final = _weights(out / "checkpoints" / f"step_{STEPS:08d}")
+    one_process = _weights(uninterrupted)
+    for name in ("model", "ema"):
+        for key in (k for k in final if k.startswith(name + ".")):
+            torch.testing.assert_close(final[key], one_process[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _latent_shards(folder: Path, nan_items: list[int], count: int = 16) -> Path:
+    folder.mkdir(parents=True)
+    latents = np.random.default_rng(0).standard_normal((count, 1, 8, 8)).astype(np.float32)
+    latents[nan_items] = np.nan
+    np.save(folder / "shard0.npy", latents)
+    return folder
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    data = _latent_shards(tmp_path / "latents", nan_items=[5])
+    out = tmp_path / "run"
+    result = _train(["--data", str(data), "--cond", "none", "--steps", "6", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    sampler = ShardedBatchSampler(16, 8, seed=0)
+    expected_bad = [any(index == 5 for index, _ in sampler.keys(step)) for step in range(6)]
+    assert [m["skipped_steps"] for m in _metrics(out)] == [int(bad) for bad in expected_bad]
+    assert 0 < sum(expected_bad) < 6
+    weights = _weights(out / "checkpoints" / "step_00000006")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path):
+    good = _latent_shards(tmp_path / "good", nan_items=[])
+    bad = _latent_shards(tmp_path / "bad", nan_items=list(range(16)))
+    out = tmp_path / "run"
+    first = _train(["--data", str(good), "--cond", "none", "--steps", "2", "--out", str(out)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _weights(out / "checkpoints" / "step_00000002")
+    result = _train(
+        [
+            "--data",
+            str(bad),
+            "--cond",
+            "none",
+            "--steps",
+            "20",
+            "--max-bad-steps",
+            "3",
+            "--checkpoint-every",
+            "0",
+            "--out",
+            str(out),
+            "--resume",
+        ]
+    )
+    assert result.returncode == EXIT_NUMERICAL_FAULT, result.stderr[-2000:]
+    assert "3 consecutive steps had non-finite gradients" in result.stderr
+    assert "step_00000002" in result.stderr
+    assert [p.name for p in checkpoint_lib.list_checkpoints(out)] == ["step_00000002"]
+    after = _weights(out / "checkpoints" / "step_00000002")
+    assert all(torch.equal(before[k], after[k]) for k in before)
