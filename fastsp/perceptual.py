@@ -246,6 +246,7 @@ class SelfPerceptualLoss:
         t_prime: torch.Tensor | None = None,
         cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        x_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss for one batch.
 
@@ -256,13 +257,15 @@ class SelfPerceptualLoss:
             t_prime: [B] long perceptual timesteps; drawn with `generator` when None.
             cond: keyword arguments of the perceptual network's call (the same condition the
                 online model saw), e.g. {"labels": y} or {"encoder_hidden_states": c}.
+            x_t: the noisy input the online model saw, if the caller has it (else recomputed).
         Returns: a 0-d float32 loss.
         """
         cond = dict(cond or {})
         if t_prime is None:
             t_prime = self.sample_t_prime(t, generator)
         a_t, s_t = self._coefficients(t, x0)
-        x_t = a_t * x0 + s_t * noise
+        if x_t is None:
+            x_t = a_t * x0 + s_t * noise
         x0_hat, eps_hat = split_prediction(
             model_output.to(x0.dtype), x_t, a_t, s_t, self.prediction_type
         )

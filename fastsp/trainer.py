@@ -57,7 +57,7 @@ def training_loss(
     if perceptual_loss is None:
         target = schedule.training_target(x0, noise, t)
         return F.mse_loss(prediction.to(loss_dtype), target.to(loss_dtype))
-    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond)
+    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond, x_t=x_t)
     if mse_weight > 0:
         target = schedule.training_target(x0, noise, t)
         loss = loss + mse_weight * F.mse_loss(prediction.to(loss_dtype), target.to(loss_dtype))
@@ -611,12 +611,22 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 write_samples(
                     run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, dataset, device
                 )
-            if info.is_main and (checkpoint_now or preempted):
-                state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
-                final_checkpoint = checkpoint_lib.save_checkpoint(
-                    run_dir, done, model, ema, optimizer, state, config_text
-                )
-                checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
+            if checkpoint_now or preempted:
+                save_error = None
+                if info.is_main:
+                    state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
+                    try:
+                        final_checkpoint = checkpoint_lib.save_checkpoint(
+                            run_dir, done, model, ema, optimizer, state, config_text
+                        )
+                        checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
+                    except checkpoint_lib.CheckpointError as error:
+                        save_error = error
+                # A failed save (disk full) stops every rank now, not at a collective's timeout.
+                if dist.any_rank(save_error is not None):
+                    raise save_error or checkpoint_lib.CheckpointError(
+                        f"rank 0 could not save the checkpoint of step {done}; see its error"
+                    )
             kill_point(f"step:{done}")
             if preempted:
                 # Every rank says where it stopped before anyone exits (torchrun then terminates
