@@ -333,7 +333,9 @@ def guided_output(
     if guidance_rescale == 0.0:
         return cfg
     dims = tuple(range(1, cond_out.ndim))
-    rescaled = cfg * (cond_out.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True))
+    # clamp: a constant guided output (std 0) would otherwise turn the sample into NaN
+    cfg_std = cfg.std(dim=dims, keepdim=True).clamp_min(torch.finfo(cfg.dtype).tiny)
+    rescaled = cfg * (cond_out.std(dim=dims, keepdim=True) / cfg_std)
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * cfg
 
 
