@@ -56,14 +56,10 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
 # matrix, so its eigenvalues are real and >= 0 and no complex sqrtm is needed.
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Squared Frechet distance of N(mu1, sigma1), N(mu2, sigma2); means [D], covs [D, D]."""
-    mu1, mu2 = (
-        np.atleast_1d(np.asarray(mu1, np.float64)),
-        np.atleast_1d(np.asarray(mu2, np.float64)),
-    )
-    s1, s2 = (
-        np.atleast_2d(np.asarray(sigma1, np.float64)),
-        np.atleast_2d(np.asarray(sigma2, np.float64)),
-    )
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    s1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(
