@@ -37,6 +37,7 @@ setup(
             "build>=1.0",
             "wheel",
             "diffusers",
+            "matplotlib",  # the figure of benchmarks/quality/reproduce.py
         ],
     },
     entry_points={
