@@ -36,7 +36,7 @@ from fastsp.pipeline import write_comparison  # noqa: E402
 from fastsp.trainer import train  # noqa: E402
 
 FULL = dict(
-    seeds=(0, 1, 2), conds=("class", "none"), stage1=1000, stage2=400, every=100, num=500, steps=25
+    seeds=(0, 1, 2), conds=("class", "none"), stage1=800, stage2=300, every=100, num=400, steps=25
 )
 QUICK = dict(seeds=(0,), conds=("class",), stage1=600, stage2=200, every=100, num=300, steps=25)
 CFG_SCALE, CFG_RESCALE = 3.0, 0.7
