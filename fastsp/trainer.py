@@ -631,7 +631,10 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             if preempted:
                 # Every rank says where it stopped before anyone exits (torchrun then terminates
                 # the slower ranks as soon as one has exited).
-                print(f"rank {info.rank}: stopping after step {done}", file=sys.stderr, flush=True)
+                # One write per line: two ranks share torchrun's stderr, and print() writes the
+                # text and its newline separately, so lines from different ranks interleave.
+                sys.stderr.write(f"\nrank {info.rank}: stopping after step {done}\n")
+                sys.stderr.flush()
                 dist.barrier()
                 raise Preempted(
                     f"stopped by {stop_signal.name} after step {done}; checkpoint written: "
