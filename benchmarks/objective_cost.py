@@ -25,7 +25,7 @@ import torch
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
 from fastsp.perceptual import SelfPerceptualLoss
-from fastsp.trainer import training_loss
+from fastsp.step import training_loss
 from fastsp.unet import UNET_PRESETS, UNet
 
 

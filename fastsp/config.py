@@ -32,6 +32,7 @@ CONDITIONINGS = ("none", "class", "context")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "apex_fused_adam")
+TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
@@ -90,6 +91,10 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = False  # channels_last memory format for the model and its inputs
+    train_step: str = "fast"  # fast (fastsp.step) | reference (the naive oracle, fp32 eager)
+    cuda_graph: bool = True  # capture the whole fast step as one CUDA graph (CUDA only)
+    compile: bool = False  # torch.compile the online and perceptual networks
+    batched_branches: bool = False  # real + predicted perceptual branches in one forward
     seed: int = 0
     # outputs
     out: str = "runs/digits"  # run folder: config, metrics, samples, checkpoints
@@ -137,6 +142,9 @@ class TrainConfig:
             )
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)
+        _require_choice("train_step", self.train_step, TRAIN_STEPS)
+        if self.train_step == "reference":
+            self._check_reference_step()
         _require_choice("sample_sampler", self.sample_sampler, SAMPLERS)
         for name in ("resolution", "num_timesteps", "steps", "batch_size", "grad_accum"):
             _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
@@ -176,6 +184,25 @@ class TrainConfig:
                 "timestep sqrt(alpha_bar) = 0, so x0 = (x_t - s*eps)/a divides by zero. Use "
                 "--prediction-type v (the paper's choice) or --no-zero-terminal-snr."
             )
+
+    def _check_reference_step(self) -> None:
+        """The naive reference step implements only the paper's defaults (PAPER.md Algorithm 1)."""
+        paper = {
+            "perceptual_layers": "mid",
+            "predicted_noise": "eps_hat",
+            "distance": "l2",
+            "mse_weight": 0.0,
+            "precision": ("auto", "fp32"),
+            "optimizer": "adamw",
+        }
+        for name, allowed in paper.items():
+            allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--train-step reference runs the paper's defaults in fp32 only; "
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r} needs --train-step fast "
+                    f"(or pass --{name.replace('_', '-')} {allowed[-1]})"
+                )
 
 
 # The presets. Each names its UNet shape (fastsp.unet.UNET_PRESETS) and overrides TrainConfig's

@@ -162,6 +162,8 @@ class SelfPerceptualLoss:
         predicted_noise: "eps_hat" (the paper) re-noises x0_hat with the predicted noise, "eps"
             with the true noise (the paper's ablation).
         distance: "l2" (mean squared error, the paper) | "l1".
+        batched_branches: run the real and predicted branches as one forward of batch 2B (fewer,
+            larger kernels; but backward then runs over all 2B rows) instead of two of batch B.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class SelfPerceptualLoss:
         perceptual_t: str | tuple[int, int] = "uniform",
         predicted_noise: str = "eps_hat",
         distance: str = "l2",
+        batched_branches: bool = False,
     ):
         if prediction_type not in _PREDICTION_ALIASES:
             raise ValueError(
@@ -190,6 +193,7 @@ class SelfPerceptualLoss:
         self.perceptual_t = parse_perceptual_t(perceptual_t, self.num_timesteps)
         self.predicted_noise = predicted_noise
         self.distance = distance
+        self.batched_branches = batched_branches
         self.layers = parse_layers(layers)
         self.perceptual = perceptual.eval().requires_grad_(False)
         self.features = FeatureExtractor(self.perceptual, list(self.layers))
@@ -270,9 +274,21 @@ class SelfPerceptualLoss:
             model_output.to(x0.dtype), x_t, a_t, s_t, self.prediction_type
         )
         a_p, s_p = self._coefficients(t_prime, x0)
-        with torch.no_grad():  # real branch: x_t'_real = a_t' x0 + s_t' eps, no gradient
-            real = self.features(a_p * x0 + s_p * noise, t_prime, cond)
         renoise = eps_hat if self.predicted_noise == "eps_hat" else noise
+        # real branch: x_t'_real = a_t' x0 + s_t' eps, no gradient
         # predicted branch: x_t'_pred = a_t' x0_hat + s_t' eps_hat, gradient into the online model
-        predicted = self.features(a_p * x0_hat + s_p * renoise, t_prime, cond)
+        if self.batched_branches:
+            with torch.no_grad():
+                x_real = a_p * x0 + s_p * noise
+            x_pred = a_p * x0_hat + s_p * renoise
+            both_cond = {k: None if v is None else torch.cat([v, v]) for k, v in cond.items()}
+            x_both, t_both = torch.cat([x_real, x_pred]), torch.cat([t_prime, t_prime])
+            both = self.features(x_both, t_both, both_cond)
+            batch = x0.shape[0]
+            real = {name: h[:batch].detach() for name, h in both.items()}
+            predicted = {name: h[batch:] for name, h in both.items()}
+        else:
+            with torch.no_grad():
+                real = self.features(a_p * x0 + s_p * noise, t_prime, cond)
+            predicted = self.features(a_p * x0_hat + s_p * renoise, t_prime, cond)
         return self._distance(predicted, real)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -33,54 +32,8 @@ from fastsp.diffusion import NoiseSchedule
 from fastsp.faults import kill_point
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config
+from fastsp.step import TrainStep, nccl_graph_environment
 from fastsp.unet import UNet, UNetConfig
-
-
-def training_loss(
-    model: torch.nn.Module,
-    schedule: NoiseSchedule,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    cond: dict[str, torch.Tensor | None],
-    perceptual_loss: SelfPerceptualLoss | None = None,
-    t_prime: torch.Tensor | None = None,
-    mse_weight: float = 0.0,
-) -> torch.Tensor:
-    """Stage 1 (perceptual_loss None): mean((f(x_t, t, c) - target)^2), target v = a eps - s x0.
-
-    Stage 2: PAPER.md Algorithm 1 through `perceptual_loss`, plus mse_weight x the MSE loss.
-    """
-    x_t = schedule.add_noise(x0, noise, t)
-    prediction = model(x_t, t, **cond)
-    loss_dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16 -> fp32 accumulation
-    if perceptual_loss is None:
-        target = schedule.training_target(x0, noise, t)
-        return F.mse_loss(prediction.to(loss_dtype), target.to(loss_dtype))
-    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond, x_t=x_t)
-    if mse_weight > 0:
-        target = schedule.training_target(x0, noise, t)
-        loss = loss + mse_weight * F.mse_loss(prediction.to(loss_dtype), target.to(loss_dtype))
-    return loss
-
-
-def step_randomness(
-    seed: int,
-    step: int,
-    global_batch: int,
-    shape: tuple[int, ...],
-    schedule: NoiseSchedule,
-    label_dropout: float,
-    device: torch.device,
-    perceptual_loss: SelfPerceptualLoss | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Noise [B, *shape], t [B], the CFG-dropout mask [B] and t' [B] of one step (global batch)."""
-    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-    noise = torch.randn((global_batch, *shape), generator=generator, device=device)
-    t = schedule.sample_timesteps(global_batch, device, generator=generator)
-    drop = torch.rand(global_batch, generator=generator, device=device) < label_dropout
-    t_prime = perceptual_loss.sample_t_prime(t, generator) if perceptual_loss is not None else None
-    return noise, t, drop, t_prime
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
@@ -191,9 +144,12 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
-        # torch's fused AdamW (CUDA and CPU): one kernel per step, and it reads `found_inf`, so a
-        # step with non-finite gradients is skipped on the device without a host sync.
-        fused=True,
+        # The fast step: torch's fused AdamW (CUDA and CPU), one kernel per step; it reads
+        # `found_inf`, so a step with non-finite gradients is skipped on the device without a
+        # host sync, and with capturable=True (CUDA) it can be captured in a CUDA graph. The
+        # reference step: torch's default AdamW, as fastsp.reference uses.
+        fused=cfg.train_step == "fast",
+        capturable=cfg.train_step == "fast" and device.type == "cuda",
     )
 
 
@@ -223,6 +179,7 @@ def build_perceptual_loss(
     schedule: NoiseSchedule,
     ema: UNet,
     device: torch.device,
+    bf16: bool = False,
 ) -> SelfPerceptualLoss | None:
     """Stage 2's loss around the frozen perceptual network (or the online model's EMA)."""
     if cfg.objective != "self_perceptual":
@@ -236,7 +193,10 @@ def build_perceptual_loss(
         perceptual = UNet(model_cfg)
         checkpoint_lib.load_weights(perceptual, source / "ema.safetensors")
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        perceptual = perceptual.to(device, memory_format=memory_format)
+        # Frozen, so it can be held in bf16 when the step runs under bf16 autocast: half the
+        # weight traffic of the perceptual forwards, and no per-step fp32 -> bf16 weight casts.
+        dtype = torch.bfloat16 if bf16 and cfg.train_step == "fast" else torch.float32
+        perceptual = perceptual.to(device, dtype, memory_format=memory_format)
     try:
         return SelfPerceptualLoss(
             perceptual,
@@ -246,6 +206,7 @@ def build_perceptual_loss(
             perceptual_t=cfg.perceptual_t,
             predicted_noise=cfg.predicted_noise,
             distance=cfg.distance,
+            batched_branches=cfg.batched_branches,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
@@ -265,15 +226,6 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
     initial weights; with it the EMA is an average over roughly the last (step / 10) steps early on.
     """
     return min(cfg.ema_decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
-    """ema <- ema + weight * (model - ema), weight = 1 - decay as a device tensor (0 skips)."""
-    ema_params = list(ema.parameters())
-    differences = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
-    torch._foreach_mul_(differences, weight)
-    torch._foreach_add_(ema_params, differences)
 
 
 class Preempted(Exception):
@@ -380,6 +332,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     schedule = schedule_from_config(dataclasses.asdict(cfg))
     dataset, model_cfg = build_data(cfg, model_cfg)
     check_resolution(cfg, model_cfg)
+    if cfg.cuda_graph and cfg.train_step == "fast":
+        nccl_graph_environment()  # before the process group starts
     info = dist.init(cfg.device)
     device = info.device
     check_batch(cfg, info.world_size)
@@ -399,7 +353,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             init_from, model_cfg, "pass --init a checkpoint trained with these model options"
         )
     config_text = config_lib.dumps(cfg, model_cfg)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and cfg.train_step == "fast"
+    )
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
 
@@ -409,16 +365,54 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         checkpoint_lib.load_weights(model, init_from / "ema.safetensors")
     model = model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    perceptual_loss = build_perceptual_loss(cfg, model_cfg, schedule, ema, device)
+    perceptual_loss = build_perceptual_loss(cfg, model_cfg, schedule, ema, device, use_bf16)
     optimizer = build_optimizer(cfg, model.parameters(), device)
     start_step = 0
     if resume_from is not None:
         state = checkpoint_lib.load_training_state(resume_from, model, ema, optimizer)
         start_step = state["step"]
-    ddp_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if info.world_size > 1
-        else model
+    online = model
+    if info.world_size > 1:
+        # PyTorch's CUDA-graph notes: a DDP backward to be captured needs DDP built on a side
+        # stream.
+        side = torch.cuda.Stream() if device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            online = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+    if cfg.compile:
+        online = torch.compile(online)
+        if perceptual_loss is not None:
+            features = perceptual_loss.features
+            features.network = torch.compile(features.network)
+    local_batch = cfg.batch_size // info.world_size
+    context_shape = (cfg.context_len, model_cfg.context_dim) if model_cfg.context_dim else None
+    train_step = TrainStep(
+        model=model,
+        online=online,
+        ema=ema,
+        optimizer=optimizer,
+        schedule=schedule,
+        perceptual_loss=perceptual_loss,
+        device=device,
+        seed=cfg.seed,
+        global_batch=cfg.batch_size,
+        local_batch=local_batch,
+        rank=info.rank,
+        shape=(model_cfg.in_channels, cfg.resolution, cfg.resolution),
+        num_classes=model_cfg.num_classes,
+        context_shape=context_shape,
+        label_dropout=cfg.label_dropout,
+        grad_accum=cfg.grad_accum,
+        grad_clip=cfg.grad_clip,
+        mse_weight=cfg.mse_weight,
+        bf16=use_bf16,
+        channels_last=cfg.channels_last,
+        reference_loss=cfg.train_step == "reference",
+        prediction_type=cfg.prediction_type,
+        ddp=info.world_size > 1,
     )
 
     # ---- outputs (rank 0) ----------------------------------------------------------------------
@@ -451,9 +445,6 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         )
 
     # ---- the loop ------------------------------------------------------------------------------
-    local_batch = cfg.batch_size // info.world_size
-    micro_batch = local_batch // cfg.grad_accum
-    shape = (model_cfg.in_channels, cfg.resolution, cfg.resolution)
     batches = iter(
         make_loader(
             dataset,
@@ -465,12 +456,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             cfg.num_workers,
         )
     )
-    # Device-side accumulators, read only at log intervals (the loop's only regular host sync).
-    loss_sum = torch.zeros((), device=device)
-    grad_norm_sum = torch.zeros((), device=device)
-    good_steps = torch.zeros((), device=device)
-    bad_in_a_row = torch.zeros((), device=device, dtype=torch.long)
-    bad_items = torch.zeros((), device=device, dtype=torch.long)
+    bad_items = 0  # items the data set substituted (--on-bad-data skip), counted on the host
     steps_since_log, log_start = 0, time.perf_counter()
     progress = tqdm(
         total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
@@ -480,89 +466,12 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     try:
         for step in range(start_step, cfg.steps):
             batch = next(batches)
-            noise, t, drop, t_prime = step_randomness(
-                cfg.seed,
-                step,
-                cfg.batch_size,
-                shape,
-                schedule,
-                cfg.label_dropout,
-                device,
-                perceptual_loss,
-            )
-            mine = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
-            noise, t, drop = noise[mine], t[mine], drop[mine]
-            t_prime = t_prime[mine] if t_prime is not None else None
-            x0 = batch["x"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            bad_items += batch["bad"].sum().to(device) if "bad" in batch else 0
-            labels = (
-                batch["label"].to(device, non_blocking=True) if model_cfg.num_classes > 0 else None
-            )
-            if (
-                labels is not None
-            ):  # classifier-free guidance dropout: the null label is num_classes
-                labels = torch.where(drop, torch.full_like(labels, model_cfg.num_classes), labels)
-            context = (
-                batch["context"].to(device, non_blocking=True)
-                if model_cfg.context_dim > 0
-                else None
-            )
-            if context is not None:
-                context = context * (~drop).to(context.dtype)[:, None, None]
-
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-                last = micro == cfg.grad_accum - 1
-                sync = (
-                    contextlib.nullcontext()
-                    if last or info.world_size == 1
-                    else ddp_model.no_sync()
-                )
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    cond = {
-                        "labels": labels[part] if labels is not None else None,
-                        "context": context[part] if context is not None else None,
-                    }
-                    loss = training_loss(
-                        ddp_model,
-                        schedule,
-                        x0[part],
-                        noise[part].contiguous(memory_format=memory_format),
-                        t[part],
-                        cond,
-                        perceptual_loss,
-                        t_prime[part] if t_prime is not None else None,
-                        cfg.mse_weight,
-                    )
-                    (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-
-            # The update is skipped on the device when the (all-reduced, so identical on every
-            # rank) gradient norm is not finite: fused AdamW reads `found_inf` and leaves
-            # parameters, moments and its step count alone; the EMA moves by a zero weight.
-            params = list(model.parameters())
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]
-                )
-            finite = torch.isfinite(grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            if cfg.optimizer == "apex_fused_adam":
-                if finite.item():  # apex has no found_inf input: one host sync per step
-                    optimizer.step()
-            else:
-                optimizer.found_inf = (~finite).float()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, model, (1.0 - ema_decay(cfg, step)) * finite)
-            loss_sum += torch.where(finite, step_loss, 0.0)
-            grad_norm_sum += torch.where(finite, grad_norm, 0.0)
-            good_steps += finite
-            bad_in_a_row = torch.where(finite, 0, bad_in_a_row + 1)
+            bad_items += int(batch["bad"].sum()) if "bad" in batch else 0  # a CPU tensor
+            if step == start_step and cfg.cuda_graph and device.type == "cuda":
+                train_step.capture(batch, log=print if info.is_main else lambda message: None)
+            # One step on the device (fastsp.step): randomness from (seed, step), forward,
+            # perceptual pass, loss, backward, clip, fused AdamW (skipped if not finite), EMA.
+            train_step.run(batch, step, learning_rate(cfg, step), 1.0 - ema_decay(cfg, step))
 
             done = step + 1
             steps_since_log += 1
@@ -571,10 +480,17 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             )
             if done % cfg.log_every == 0 or checkpoint_now:
-                totals = torch.stack([loss_sum, grad_norm_sum, good_steps, bad_items.float()])
+                totals = torch.stack(
+                    [
+                        train_step.loss_sum,
+                        train_step.grad_norm_sum,
+                        train_step.good_steps,
+                        torch.tensor(float(bad_items), device=device),
+                    ]
+                )
                 totals = dist.all_reduce_mean(totals)
                 loss_value, grad_norm_value, good, bad_data = totals.tolist()
-                in_a_row = int(bad_in_a_row.item())
+                in_a_row = int(train_step.bad_in_a_row.item())
                 if in_a_row >= cfg.max_bad_steps:
                     raise NumericalFault(
                         f"stopped at step {done}: {in_a_row} consecutive steps had non-finite "
@@ -596,8 +512,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                     }
                     metrics.write(done, values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-                for accumulator in (loss_sum, grad_norm_sum, good_steps, bad_items):
-                    accumulator.zero_()
+                train_step.reset_metrics()
+                bad_items = 0
                 steps_since_log, log_start = 0, time.perf_counter()
             # SIGTERM / SIGINT on any rank: all ranks stop after this same step, with a checkpoint.
             preempted = (

@@ -13,7 +13,7 @@ from fastsp import reference
 from fastsp import train as train_cli
 from fastsp.diffusion import NoiseSchedule
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss, parse_layers
-from fastsp.trainer import training_loss
+from fastsp.step import training_loss
 from fastsp.unet import UNET_PRESETS, UNet
 
 REPO = Path(__file__).resolve().parents[1]

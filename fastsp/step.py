@@ -1,0 +1,417 @@
+"""One training step, as one function of static buffers: eager, or captured as one CUDA graph.
+
+A step (PAPER.md Algorithm 1 for stage 2, the plain MSE loss for stage 1), all on the device:
+
+    randomness   noise, t, CFG-dropout mask and t' drawn from the step's seed (global batch)
+    forward      online model under bf16 autocast (fp32 master weights), channels_last
+    perceptual   the frozen network (held in bf16) cut at the deepest tap, real + predicted branch
+    loss         fastsp.feature_mse (fused Triton kernel on CUDA), accumulated in fp32
+    backward     with gradient accumulation over micro-batches (DDP syncs on the last)
+    update       global-norm clip; fused AdamW with the learning rate as a device tensor and
+                 `found_inf` from the gradient norm (a non-finite step is skipped, no host sync)
+    EMA          foreach ops, weight (1 - decay) as a device tensor, 0 on a skipped step
+    metrics      device-side sums, read by the trainer only at log intervals
+
+Nothing in `TrainStep.compute` reads a tensor on the host (no `.item()`, no Python branch on a
+tensor's value; `tests/test_step.py` runs it under a dispatch mode that fails on any host read),
+so on CUDA it is captured once as a CUDA graph and replayed every step. The host only copies the
+batch into static buffers, seeds the step's generator and fills the learning-rate and EMA-weight
+buffers before each replay. If capture fails the step runs eagerly and the reason is logged.
+
+`train_step="reference"` swaps the loss for fastsp.reference's naive one (two full fp32 forwards
+of the frozen network with a forward hook, F.mse_loss): the same loop around the oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from fastsp import reference
+from fastsp.diffusion import NoiseSchedule
+from fastsp.feature_loss import feature_mse
+from fastsp.perceptual import SelfPerceptualLoss
+
+# Eager iterations on a side stream before capture. DDP needs at least 11 (PyTorch's CUDA-graph
+# notes: its reducer finishes setting up buckets during the first iterations).
+WARMUP_STEPS = 3
+WARMUP_STEPS_DDP = 11
+
+
+def training_loss(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor | None],
+    perceptual_loss: SelfPerceptualLoss | None = None,
+    t_prime: torch.Tensor | None = None,
+    mse_weight: float = 0.0,
+) -> torch.Tensor:
+    """Stage 1 (perceptual_loss None): mean((f(x_t, t, c) - target)^2), target v = a eps - s x0.
+
+    Stage 2: PAPER.md Algorithm 1 through `perceptual_loss`, plus mse_weight x the MSE loss.
+    Both squared errors go through `fastsp.feature_mse` (one fused pass on CUDA); the loss is
+    returned in fp32 (or float64 for float64 models).
+    """
+    x_t = schedule.add_noise(x0, noise, t)
+    prediction = model(x_t, t, **cond)
+    loss_dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16 -> fp32
+    if perceptual_loss is None:
+        target = schedule.training_target(x0, noise, t).to(prediction.dtype)
+        return feature_mse(prediction, target).to(loss_dtype)
+    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond, x_t=x_t)
+    if mse_weight > 0:
+        target = schedule.training_target(x0, noise, t).to(prediction.dtype)
+        loss = loss + mse_weight * feature_mse(prediction, target).to(loss_dtype)
+    return loss
+
+
+def reference_training_loss(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor | None],
+    perceptual_loss: SelfPerceptualLoss | None = None,
+    t_prime: torch.Tensor | None = None,
+    prediction_type: str = "v",
+) -> torch.Tensor:
+    """The naive oracle's loss (fastsp.reference) on the same inputs as `training_loss`."""
+    alphas = schedule.alphas_cumprod.to(x0.device, x0.dtype)
+    if perceptual_loss is None:
+        return reference.reference_mse_loss(
+            model, x0, noise, t, alphas, prediction_type=prediction_type, **cond
+        )
+    return reference.reference_self_perceptual_loss(
+        model,
+        perceptual_loss.perceptual,
+        x0,
+        noise,
+        t,
+        t_prime,
+        alphas,
+        prediction_type=prediction_type,
+        **cond,
+    )
+
+
+def draw_randomness(
+    generator: torch.Generator,
+    global_batch: int,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    label_dropout: float,
+    perceptual_loss: SelfPerceptualLoss | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Noise [B, *shape], t [B], the CFG-dropout mask [B] and t' [B] of one step (global batch)."""
+    device = generator.device
+    noise = torch.randn((global_batch, *shape), generator=generator, device=device, dtype=dtype)
+    t = schedule.sample_timesteps(global_batch, device, generator=generator)
+    drop = torch.rand(global_batch, generator=generator, device=device) < label_dropout
+    t_prime = perceptual_loss.sample_t_prime(t, generator) if perceptual_loss is not None else None
+    return noise, t, drop, t_prime
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`'s randomness: a function of (seed, step) only, so a resumed or
+    re-sharded run draws the same noise."""
+    return seed * 1_000_003 + step
+
+
+def step_randomness(
+    seed: int,
+    step: int,
+    global_batch: int,
+    shape: tuple[int, ...],
+    schedule: NoiseSchedule,
+    label_dropout: float,
+    device: torch.device,
+    perceptual_loss: SelfPerceptualLoss | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """`draw_randomness` from a fresh generator seeded for (seed, step)."""
+    generator = torch.Generator(device=device).manual_seed(step_seed(seed, step))
+    return draw_randomness(
+        generator, global_batch, shape, schedule, label_dropout, perceptual_loss, dtype
+    )
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
+    """ema <- ema + weight * (model - ema), weight = 1 - decay as a device tensor (0 skips)."""
+    ema_params = list(ema.parameters())
+    differences = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+    torch._foreach_mul_(differences, weight)
+    torch._foreach_add_(ema_params, differences)
+
+
+class TrainStep:
+    """The training step of `fastsp.trainer.train`; call `run(batch, step, lr, ema_weight)`.
+
+    Args:
+        model: the online model (fp32 master weights); `online` is what is called (the model, or
+            its DDP wrapper, or a compiled version of either).
+        ema, optimizer: the EMA copy and the optimizer over `model.parameters()`.
+        perceptual_loss: stage 2's loss, None for stage 1.
+        local_batch: this rank's batch; `global_batch` is drawn and this rank takes its slice
+            `rank * local_batch : (rank + 1) * local_batch`.
+        shape: [C, H, W] of x0.
+        num_classes, context_shape: the condition of the model (0 / None when unused).
+        reference_loss: use the naive oracle's loss instead of the fast one.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        online: torch.nn.Module,
+        ema: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: NoiseSchedule,
+        perceptual_loss: SelfPerceptualLoss | None,
+        device: torch.device,
+        seed: int,
+        global_batch: int,
+        local_batch: int,
+        rank: int,
+        shape: tuple[int, ...],
+        num_classes: int = 0,
+        context_shape: tuple[int, int] | None = None,
+        label_dropout: float = 0.0,
+        grad_accum: int = 1,
+        grad_clip: float = 0.0,
+        mse_weight: float = 0.0,
+        bf16: bool = False,
+        channels_last: bool = False,
+        reference_loss: bool = False,
+        prediction_type: str = "v",
+        ddp: bool = False,
+    ):
+        self.model, self.online, self.ema, self.optimizer = model, online, ema, optimizer
+        self.schedule, self.perceptual_loss = schedule, perceptual_loss
+        self.device, self.seed = device, seed
+        self.global_batch, self.local_batch, self.rank = global_batch, local_batch, rank
+        self.shape, self.num_classes = tuple(shape), num_classes
+        self.label_dropout, self.grad_accum, self.grad_clip = label_dropout, grad_accum, grad_clip
+        self.mse_weight, self.bf16, self.reference_loss = mse_weight, bf16, reference_loss
+        self.prediction_type, self.ddp = prediction_type, ddp
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.params = list(model.parameters())
+        self.dtype = self.params[0].dtype  # fp32 master weights (float64 in tests)
+        # torch's fused AdamW skips a step on the device (found_inf); any other optimizer (the
+        # reference's foreach AdamW, apex FusedAdam) needs the verdict on the host.
+        self.host_skip = not optimizer.defaults.get("fused", False)
+
+        # Static input buffers: the host copies each batch into them (a CUDA graph reads fixed
+        # addresses).
+        self.x0 = torch.zeros((local_batch, *shape), device=device, dtype=self.dtype).contiguous(
+            memory_format=self.memory_format
+        )
+        self.labels = (
+            torch.zeros(local_batch, dtype=torch.long, device=device) if num_classes else None
+        )
+        self.context = (
+            torch.zeros((local_batch, *context_shape), device=device, dtype=self.dtype)
+            if context_shape
+            else None
+        )
+        # Device scalars the host fills before each step: a captured graph reads them in place.
+        self.lr = torch.zeros((), device=device)
+        self.ema_weight = torch.zeros((), device=device)
+        self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
+        self.found_inf = torch.zeros((), device=device)
+        self.generator = torch.Generator(device=device)
+        if not self.host_skip:
+            # Fused AdamW takes the learning rate as a device tensor and skips the update where
+            # found_inf is 1.
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+            optimizer.found_inf = self.found_inf
+        # Device-side sums since the last log (read and zeroed by the trainer).
+        # fp32 sums (float64 for a float64 model, so tests can compare to 1e-12).
+        self.metric_dtype = torch.promote_types(self.dtype, torch.float32)
+        self.loss_sum = torch.zeros((), device=device, dtype=self.metric_dtype)
+        self.grad_norm_sum = torch.zeros((), device=device, dtype=self.metric_dtype)
+        self.good_steps = torch.zeros((), device=device)
+        self.bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None
+
+    # ---- the step ------------------------------------------------------------------------------
+    def compute(self, zero_grad: bool = True) -> None:
+        """One step from the static buffers. No host reads: capturable as one CUDA graph."""
+        noise, t, drop, t_prime = draw_randomness(
+            self.generator,
+            self.global_batch,
+            self.shape,
+            self.schedule,
+            self.label_dropout,
+            self.perceptual_loss,
+            self.dtype,
+        )
+        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        noise, t, drop = noise[mine], t[mine], drop[mine]
+        noise = noise.contiguous(memory_format=self.memory_format)
+        t_prime = t_prime[mine] if t_prime is not None else None
+        labels, context = self.labels, self.context
+        if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
+            labels = torch.where(drop, self.num_classes, labels)
+        if context is not None:
+            context = context * (~drop).to(context.dtype)[:, None, None]
+
+        micro_batch = self.local_batch // self.grad_accum
+        step_loss = torch.zeros((), device=self.device, dtype=self.metric_dtype)
+        for micro in range(self.grad_accum):
+            part = slice(micro * micro_batch, (micro + 1) * micro_batch)
+            last = micro == self.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.ddp else self.online.no_sync()
+            cond = {
+                "labels": labels[part] if labels is not None else None,
+                "context": context[part] if context is not None else None,
+            }
+            # cache_enabled=False: autocast's cache of cast weights must not outlive a captured
+            # region (PyTorch's CUDA-graph notes); each weight is cast once per step anyway.
+            autocast = torch.autocast(
+                self.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False
+            )
+            with sync, autocast:
+                micro_t_prime = t_prime[part] if t_prime is not None else None
+                if self.reference_loss:
+                    loss = reference_training_loss(
+                        self.online,
+                        self.schedule,
+                        self.x0[part],
+                        noise[part],
+                        t[part],
+                        cond,
+                        self.perceptual_loss,
+                        micro_t_prime,
+                        self.prediction_type,
+                    )
+                else:
+                    loss = training_loss(
+                        self.online,
+                        self.schedule,
+                        self.x0[part],
+                        noise[part],
+                        t[part],
+                        cond,
+                        self.perceptual_loss,
+                        micro_t_prime,
+                        self.mse_weight,
+                    )
+                (loss / self.grad_accum).backward()
+            step_loss += loss.detach().to(self.metric_dtype) / self.grad_accum
+
+        # The update is skipped on the device when the (all-reduced, so identical on every rank)
+        # gradient norm is not finite: fused AdamW reads `found_inf` and leaves parameters,
+        # moments and its step count alone; the EMA moves by a zero weight.
+        if self.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
+            )
+        finite = torch.isfinite(grad_norm) & ~self.force_skip
+        if self.host_skip:
+            if finite.item():  # no found_inf input: one host sync per step
+                self.optimizer.step()
+        else:
+            self.found_inf.copy_(~finite)
+            self.optimizer.step()
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.model, self.ema_weight * finite)
+        self.loss_sum += torch.where(finite, step_loss, 0.0)
+        self.grad_norm_sum += torch.where(finite, grad_norm.to(self.metric_dtype), 0.0)
+        self.good_steps += finite
+        self.bad_in_a_row.copy_(torch.where(finite, 0, self.bad_in_a_row + 1))
+
+    # ---- host side -----------------------------------------------------------------------------
+    def load(self, batch: dict[str, torch.Tensor], step: int, lr: float, ema_weight: float) -> None:
+        """Copy the batch into the static buffers and set the step's seed, lr and EMA weight."""
+        self.x0.copy_(batch["x"], non_blocking=True)
+        if self.labels is not None:
+            self.labels.copy_(batch["label"], non_blocking=True)
+        if self.context is not None:
+            self.context.copy_(batch["context"], non_blocking=True)
+        self.generator.manual_seed(step_seed(self.seed, step))
+        if self.host_skip:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        else:
+            self.lr.fill_(lr)
+        self.ema_weight.fill_(ema_weight)
+
+    def run(self, batch: dict[str, torch.Tensor], step: int, lr: float, ema_weight: float) -> None:
+        """Train on `batch` as step number `step` (replaying the CUDA graph when captured)."""
+        self.load(batch, step, lr, ema_weight)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.compute()
+
+    def reset_metrics(self) -> None:
+        for accumulator in (self.loss_sum, self.grad_norm_sum, self.good_steps):
+            accumulator.zero_()
+
+    def graph_unsupported_reasons(self) -> list[str]:
+        reasons = []
+        if self.device.type != "cuda":
+            reasons.append(f"the step runs on {self.device.type}, CUDA graphs need CUDA")
+        if self.host_skip:
+            reasons.append("the optimizer is not torch's fused AdamW (no found_inf: a host sync)")
+        if self.reference_loss:
+            reasons.append("the reference step is the eager oracle")
+        return reasons
+
+    def capture(self, batch: dict[str, torch.Tensor], log=print) -> bool:
+        """Capture `compute` as one CUDA graph; on failure keep running eagerly and log why.
+
+        Warm-up runs on a side stream (PyTorch's CUDA-graph recipe) with every update forced off
+        (found_inf = 1, EMA weight 0), so warming up leaves weights, moments and EMA untouched.
+        """
+        reasons = self.graph_unsupported_reasons()
+        if reasons:
+            log("CUDA graph: off (" + "; ".join(reasons) + ")")
+            return False
+        try:
+            self.load(batch, 0, 0.0, 0.0)
+            self.force_skip.fill_(True)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS_DDP if self.ddp else WARMUP_STEPS):
+                    self.compute()
+            torch.cuda.current_stream().wait_stream(side)
+            self.optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates them
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
+            # thread_local: the data loader's pin-memory thread may call CUDA during capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.compute(zero_grad=False)
+            self.graph = graph
+        except RuntimeError as error:  # capture is best effort: the eager step is the same step
+            self.graph = None
+            self.graph_error = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self.optimizer.zero_grad(set_to_none=True)
+            log(f"CUDA graph: capture failed ({self.graph_error}); running the step eagerly")
+        finally:
+            self.force_skip.fill_(False)
+            self.reset_metrics()
+            self.bad_in_a_row.zero_()
+        if self.graph is not None:
+            log("CUDA graph: the whole step is captured and replayed")
+        return self.graph is not None
+
+
+def nccl_graph_environment() -> None:
+    """PyTorch's CUDA-graph notes: DDP's backward can be captured only with NCCL's async error
+    handling off (set before the process group starts)."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
