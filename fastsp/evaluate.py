@@ -4,6 +4,7 @@ python -m fastsp.evaluate --checkpoint runs/digits                       # 1,000
 python -m fastsp.evaluate --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --steps 50
 python -m fastsp.evaluate --checkpoint runs/faces --inception-weights \
         weights-inception-2015-12-05-6726825d.pth --real-data /data/faces_heldout
+python -m fastsp.evaluate --checkpoint runs/digits --real-split train    # for model selection
 
 Generated samples are compared with the held-out real images in the feature space of a feature
 network (the math is in fastsp/quality.py):
@@ -16,6 +17,11 @@ network (the math is in fastsp/quality.py):
   classified as the class they were generated for. The real set is the 297 held-out images; FID
   grows as sample sets shrink, so the output also gives the same metrics for real training images
   against the held-out ones, a floor to read the model's numbers against.
+- `--real-split train` measures against the 1,500 digits training images instead, so that
+  settings can be chosen without looking at the held-out split (choose on train, report held-out
+  once). The real-vs-real line is then the held-out images against the training ones, one fixed
+  number per sample count; it is no floor, since the model and the classifier both learned the
+  training images and samples near them score below it. The JSON's `real_split` names the split.
 - Other image models: Inception-v3 FID and Inception Score through torch-fidelity, from a weights
   file on disk (nothing is downloaded), against the images of --real-data (or the digits
   held-out split); no precision/recall there.
@@ -56,6 +62,7 @@ FEATURE_DIM = 64
 NEAREST_K = 3  # Kynkaenniemi et al. 2019's default neighbourhood size
 DEFAULT_NUM = 1000
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception-v3
+REAL_SPLITS = ("heldout", "train")  # the digits split the samples are measured against
 _TRAIN_EPOCHS = 15
 _TRAIN_BATCH = 64
 _TRAIN_LR = 2e-3
@@ -304,6 +311,11 @@ def _check_args(args) -> None:
         raise EvaluationError("--cfg must be a finite number >= 0 (1 = no guidance)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
+    if args.real_split not in REAL_SPLITS:
+        raise EvaluationError(
+            f"--real-split must be one of {', '.join(REAL_SPLITS)}, got {args.real_split!r}: "
+            "heldout reports, train chooses settings without looking at the held-out digits"
+        )
 
 
 def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
@@ -322,6 +334,11 @@ def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
             "data, not images; its samples need a VAE decoder fastsp does not have"
         )
     digits = _is_digits(train)
+    if args.real_split != "heldout" and args.real_data is not None:
+        raise EvaluationError(
+            f"--real-split {args.real_split} picks a split of the built-in digits, but the real "
+            "images are the --real-data folder here; pass only one of them"
+        )
     if args.inception_weights is None:
         if args.real_data is not None:
             raise EvaluationError("--real-data is used only with --inception-weights")
@@ -343,7 +360,7 @@ def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
     if args.real_data is None:
         if not digits:
             raise EvaluationError("--inception-weights needs --real-data FOLDER (held-out images)")
-        real = DigitsDataset("heldout", train["resolution"]).images
+        real = DigitsDataset(args.real_split, train["resolution"]).images
     else:
         folder = ImageFolderDataset(
             args.real_data, train["resolution"], model.config.in_channels, random_flip=False
@@ -378,9 +395,14 @@ def _generate_all(model, config, args, labels) -> torch.Tensor:
     return torch.cat(batches)
 
 
-def _digits_metrics(samples, labels, resolution: int, classifier, info) -> dict[str, Any]:
-    heldout, train = DigitsDataset("heldout", resolution), DigitsDataset("train", resolution)
-    real_features, real_probs = classify(classifier, heldout.images)
+def _digits_metrics(
+    samples, labels, resolution: int, classifier, info, real_split: str = "heldout"
+) -> dict[str, Any]:
+    """Metrics of samples against the digits `real_split`, and the floor: the other split's real
+    images (as many as samples, at most all of them) against the same real set."""
+    other_split = "train" if real_split == "heldout" else "heldout"
+    real, other = DigitsDataset(real_split, resolution), DigitsDataset(other_split, resolution)
+    real_features, real_probs = classify(classifier, real.images)
     fake_features, fake_probs = classify(classifier, samples)
     precision, recall = quality.precision_recall(real_features, fake_features, NEAREST_K)
     metrics = {
@@ -392,18 +414,18 @@ def _digits_metrics(samples, labels, resolution: int, classifier, info) -> dict[
             quality.class_accuracy(fake_probs, labels) if labels is not None else None
         ),
     }
-    # The same metrics for real training images (as many as samples, up to all 1,500)
-    n_train = min(len(samples), len(train))
-    pick = torch.from_numpy(np.random.default_rng(0).permutation(len(train))[:n_train])
-    train_features, train_probs = classify(classifier, train.images[pick])
-    ref_precision, ref_recall = quality.precision_recall(real_features, train_features, NEAREST_K)
+    # The same metrics for the other split's real images (as many as samples, up to all of them)
+    n_other = min(len(samples), len(other))
+    pick = torch.from_numpy(np.random.default_rng(0).permutation(len(other))[:n_other])
+    other_features, other_probs = classify(classifier, other.images[pick])
+    ref_precision, ref_recall = quality.precision_recall(real_features, other_features, NEAREST_K)
     reference = {
-        "train_images": n_train,
-        "fid": quality.fid(real_features, train_features),
+        f"{other_split}_images": n_other,
+        "fid": quality.fid(real_features, other_features),
         "precision": ref_precision,
         "recall": ref_recall,
-        "inception_score_analogue": quality.inception_score_analogue(train_probs),
-        "inception_score_analogue_heldout": quality.inception_score_analogue(real_probs),
+        "inception_score_analogue": quality.inception_score_analogue(other_probs),
+        f"inception_score_analogue_{real_split}": quality.inception_score_analogue(real_probs),
     }
     network = {
         "name": f"fastsp digits classifier ({CLASSIFIER_VERSION}), penultimate layer",
@@ -415,10 +437,16 @@ def _digits_metrics(samples, labels, resolution: int, classifier, info) -> dict[
     }
     return {
         "metrics": metrics,
-        "reference_real_train_vs_heldout": reference,
+        reference_key(real_split): reference,
         "feature_network": network,
-        "real_images": len(heldout),
+        "real_images": len(real),
     }
+
+
+def reference_key(real_split: str) -> str:
+    """The JSON key of the floor: "reference_real_train_vs_heldout" for the held-out split."""
+    other_split = "train" if real_split == "heldout" else "heldout"
+    return f"reference_real_{other_split}_vs_{real_split}"
 
 
 def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
@@ -455,8 +483,12 @@ def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
         },
         "generated_images": args.num,
     }
+    if args.real_data is None:
+        result["real_split"] = args.real_split
     if _is_digits(config["train"]):
-        result.update(_digits_metrics(samples, labels, resolution, classifier, info))
+        result.update(
+            _digits_metrics(samples, labels, resolution, classifier, info, args.real_split)
+        )
     if real_uint8 is not None:
         if log is not None:
             log(f"Inception-v3 features of {args.num} samples and {len(real_uint8)} real images")
@@ -465,7 +497,7 @@ def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
                 _to_uint8_rgb(samples), real_uint8, args.inception_weights, args.device
             ),
             "weights": str(Path(args.inception_weights).resolve()),
-            "real_data": args.real_data or "digits held-out split",
+            "real_data": args.real_data or f"digits {args.real_split} split",
             "real_images": len(real_uint8),
         }
     result["seconds"] = {
@@ -489,11 +521,14 @@ def evaluate_checkpoint(checkpoint: str | Path, log=None, **options) -> dict[str
 
 
 def default_out(checkpoint: Path, args: argparse.Namespace) -> Path:
-    """CHECKPOINT/eval_<sampler>_s<steps>_cfg<w>_phi<phi>_n<num>_<weights>_seed<seed>[_inception].json"""
+    """CHECKPOINT/eval_<sampler>_s<steps>_cfg<w>_phi<phi>_n<num>_<weights>_seed<seed>[_train]
+    [_inception].json (_train: measured against the digits training split)"""
     tag = (
         f"{args.sampler}_s{args.steps}_cfg{args.cfg:g}_phi{args.cfg_rescale:g}_n{args.num}_"
         f"{args.weights}_seed{args.seed}"
     )
+    if args.real_split != "heldout":
+        tag += f"_{args.real_split}"
     suffix = "_inception" if args.inception_weights is not None else ""
     return checkpoint / f"eval_{tag}{suffix}.json"
 
@@ -505,10 +540,13 @@ def format_table(result: dict[str, Any]) -> str:
         ("generated images", str(result["generated_images"])),
     ]
     if "metrics" in result:
-        m, ref = result["metrics"], result["reference_real_train_vs_heldout"]
+        split = result.get("real_split", "heldout")
+        m, ref = result["metrics"], result[reference_key(split)]
         net = result["feature_network"]
+        other = "train" if split == "heldout" else "heldout"
+        names = {"heldout": "held-out", "train": "train"}
         rows += [
-            ("real images (digits held-out)", str(result["real_images"])),
+            (f"real images (digits {names[split]})", str(result["real_images"])),
             ("FID (digits classifier features)", f"{m['fid']:.3f}"),
             (f"precision (k={NEAREST_K})", f"{m['precision']:.4f}"),
             (f"recall (k={NEAREST_K})", f"{m['recall']:.4f}"),
@@ -517,9 +555,12 @@ def format_table(result: dict[str, Any]) -> str:
         if m["class_accuracy"] is not None:
             rows.append(("class accuracy (requested class)", f"{m['class_accuracy']:.4f}"))
         rows += [
-            (f"reference FID, {ref['train_images']} real train images", f"{ref['fid']:.3f}"),
+            (
+                f"reference FID, {ref[f'{other}_images']} real {names[other]} images",
+                f"{ref['fid']:.3f}",
+            ),
             ("reference precision / recall", f"{ref['precision']:.4f} / {ref['recall']:.4f}"),
-            ("reference IS analogue (train)", f"{ref['inception_score_analogue']:.3f}"),
+            (f"reference IS analogue ({names[other]})", f"{ref['inception_score_analogue']:.3f}"),
             ("classifier held-out accuracy", f"{net['heldout_accuracy']:.4f}"),
         ]
     if "inception" in result:
@@ -578,6 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--real-data", default=None, help="folder of real images for --inception-weights"
+    )
+    parser.add_argument(
+        "--real-split",
+        default="heldout",
+        metavar="{heldout,train}",
+        help="digits split the samples are measured against: heldout (default, for reporting) "
+        "or train (for choosing settings without the held-out split)",
     )
     return parser
 

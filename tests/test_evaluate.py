@@ -329,6 +329,8 @@ def _other_data_checkpoint(tiny_runs, tmp_path):
         (["--cfg", "nan"], "--cfg"),
         (["--inception-weights", "/nonexistent/inception.pth"], "do not exist"),
         (["--real-data", "/somewhere"], "only with --inception-weights"),
+        (["--real-split", "test"], "--real-split must be one of heldout, train, got 'test'"),
+        (["--real-split", "train", "--real-data", "/somewhere"], "pass only one of them"),
     ],
 )
 def test_bad_options_exit_2(tiny_runs, cache_env, capsys, extra, message):
@@ -336,6 +338,47 @@ def test_bad_options_exit_2(tiny_runs, cache_env, capsys, extra, message):
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_real_split_train_measures_against_the_training_images(
+    tiny_runs, classifier_cache, cache_env, tmp_path, capsys
+):
+    argv = ["--checkpoint", str(tiny_runs["class"]), "--num", "12", "--steps", "1"]
+    files = {split: tmp_path / f"{split}.json" for split in ("heldout", "train")}
+    assert evaluate.main([*argv, "--out", str(files["heldout"])]) == 0
+    assert "real images (digits held-out)" in capsys.readouterr().out
+    assert evaluate.main([*argv, "--real-split", "train", "--out", str(files["train"])]) == 0
+    printed = capsys.readouterr().out
+    assert "real images (digits train)" in printed and "12 real held-out images" in printed
+    heldout, train = (json.loads(f.read_text()) for f in files.values())
+    assert heldout["real_split"] == "heldout" and train["real_split"] == "train"
+    assert heldout["real_images"] == 297 and train["real_images"] == 1500
+    assert "reference_real_train_vs_heldout" not in train
+    floor = train["reference_real_heldout_vs_train"]
+    assert floor["heldout_images"] == 12
+    # the floor is 12 held-out images (the evaluation's fixed pick) against all training images
+    classifier = classifier_cache[1]
+    train_images = DigitsDataset("train", _RESOLUTION).images
+    held_images = DigitsDataset("heldout", _RESOLUTION).images
+    pick = torch.from_numpy(np.random.default_rng(0).permutation(len(held_images))[:12])
+    expected = quality.fid(
+        evaluate.classify(classifier, train_images)[0],
+        evaluate.classify(classifier, held_images[pick])[0],
+    )
+    assert floor["fid"] == pytest.approx(expected, rel=1e-9)
+    assert floor["fid"] != pytest.approx(heldout["reference_real_train_vs_heldout"]["fid"])
+    # the same samples (seeded), measured against another real set
+    assert train["metrics"]["fid"] != pytest.approx(heldout["metrics"]["fid"])
+    assert train["metrics"]["class_accuracy"] == heldout["metrics"]["class_accuracy"]
+    again = evaluate.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="train")
+    assert again["metrics"] == train["metrics"]
+    with pytest.raises(evaluate.EvaluationError, match="--real-split must be one of"):
+        evaluate.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="validation")
+    args = evaluate.build_parser().parse_args([*argv, "--real-split", "train"])
+    assert (
+        evaluate.default_out(Path("c"), args).name
+        == "eval_ddim_s1_cfg1_phi0_n12_ema_seed0_train.json"
+    )
 
 
 def test_inception_path_names_what_is_missing(tiny_runs, cache_env, tmp_path, capsys):
