@@ -272,3 +272,41 @@ def test_graphed_step_equals_eager_step_on_cuda(objective):
     assert torch.equal(eager_losses, graph_losses)
     for a, b in zip(eager_params, graph_params, strict=True):
         assert torch.equal(a, b)
+
+
+def _train(argv):
+    from fastsp import config as config_lib
+    from fastsp.trainer import train
+
+    cfg, model_cfg = config_lib.parse_args(argv)
+    return train(cfg, model_cfg)
+
+
+def test_trainer_fast_and_reference_steps_train_the_same_weights(tmp_path):
+    # The trainer end to end: stage 1 (MSE) and stage 2 (self-perceptual) with --train-step fast
+    # and --train-step reference on CPU in fp32 (same data, noise, t and t'): the weights agree
+    # up to fused-vs-foreach AdamW rounding.
+    from safetensors.torch import load_file
+
+    common = ["--preset", "tiny", "--steps", "6", "--device", "cpu", "--precision", "fp32"]
+    stage1 = _train([*common, "--out", str(tmp_path / "stage1")])
+    for objective in ("mse", "self_perceptual"):
+        weights = {}
+        for kind in ("fast", "reference"):
+            out = tmp_path / f"{objective}_{kind}"
+            extra = ["--init", str(stage1)] if objective == "self_perceptual" else []
+            checkpoint = _train(
+                [*common, *extra, "--objective", objective, "--train-step", kind, "--out", str(out)]
+            )
+            weights[kind] = load_file(checkpoint / "model.safetensors")
+        for name, fast in weights["fast"].items():
+            assert torch.allclose(fast, weights["reference"][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_reference_step_refuses_options_it_does_not_implement():
+    from fastsp.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--perceptual-layers 'down1' needs --train-step fast"):
+        TrainConfig(train_step="reference", perceptual_layers="down1")
+    with pytest.raises(ConfigError, match="--precision 'bf16' needs --train-step fast"):
+        TrainConfig(train_step="reference", precision="bf16")
