@@ -144,11 +144,15 @@ def step_randomness(
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
-    """ema <- ema + weight * (model - ema), weight = 1 - decay as a device tensor (0 skips)."""
+    """ema <- ema + weight * (model - ema), weight = 1 - decay as a device tensor (0 skips).
+
+    A foreach lerp with no temporaries (a weight of 0 leaves ema exact). The weight goes in as a
+    list of stride-0 views: the overload taking one 0-d tensor reads it on the host (`.item()`),
+    which a CUDA graph cannot contain (tests/test_step.py's capture-safety test catches it).
+    """
     ema_params = list(ema.parameters())
-    differences = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
-    torch._foreach_mul_(differences, weight)
-    torch._foreach_add_(ema_params, differences)
+    weights = [weight.expand_as(p) for p in ema_params]
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weights)
 
 
 class TrainStep:
@@ -223,7 +227,7 @@ class TrainStep:
         )
         # Device scalars the host fills before each step: a captured graph reads them in place.
         self.lr = torch.zeros((), device=device)
-        self.ema_weight = torch.zeros((), device=device)
+        self.ema_weight = torch.zeros((), device=device, dtype=self.dtype)
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)
         self.generator = torch.Generator(device=device)
