@@ -512,8 +512,9 @@ def feature_mse_scale(
     if in_place:
         out_gx, out_gy = gx, gy
     else:
-        out_gx = torch.empty_like(gx) if scale_gx else gx
-        out_gy = torch.empty_like(gy) if scale_gy else gy
+        # Fresh outputs even for an empty (not needed) buffer: a torch.library op may not return
+        # one of its inputs (torch.compile of a loss where only the input requires grad).
+        out_gx, out_gy = torch.empty_like(gx), torch.empty_like(gy)
     n = max(gx.numel(), gy.numel())
     if n == 0:
         return out_gx, out_gy

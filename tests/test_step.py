@@ -204,6 +204,33 @@ def test_a_non_finite_step_is_skipped_on_the_device():
     assert all(torch.equal(a, p) for a, p in zip(ema_before, step.ema.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("objective", ["mse", "self_perceptual"])
+def test_training_loss_compiles_without_graph_breaks(objective):
+    # What --compile traces: the online forward, the perceptual pass cut at the tap and the fused
+    # feature loss, as one graph (fullgraph=True fails on any break), forward and backward.
+    from fastsp.step import training_loss
+
+    model, perceptual = _models()
+    schedule = NoiseSchedule()
+    sp = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod)
+    sp = sp if objective == "self_perceptual" else None
+    batch = _batch()
+    noise, t, _, t_prime = step_randomness(
+        0, 0, B, (1, RES, RES), schedule, 0.0, torch.device("cpu"), sp
+    )
+
+    def loss_of(x0, noise, t, t_prime, labels):
+        return training_loss(model, schedule, x0, noise, t, {"labels": labels}, sp, t_prime)
+
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_of, compiled):
+        loss = fn(batch["x"], noise, t, t_prime, batch["label"])
+        results.append((loss, *torch.autograd.grad(loss, list(model.parameters()))))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def _trajectory(bf16: bool, steps: int) -> torch.Tensor:
     """Per-step losses of the tiny preset trained with the self-perceptual loss."""
     model, perceptual = _models()
