@@ -142,19 +142,6 @@ def step_randomness(
     )
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, weight: torch.Tensor) -> None:
-    """ema <- ema + weight * (model - ema), weight = 1 - decay as a device tensor (0 skips).
-
-    A foreach lerp with no temporaries (a weight of 0 leaves ema exact). The weight goes in as a
-    list of stride-0 views: the overload taking one 0-d tensor reads it on the host (`.item()`),
-    which a CUDA graph cannot contain (tests/test_step.py's capture-safety test catches it).
-    """
-    ema_params = list(ema.parameters())
-    weights = [weight.expand_as(p) for p in ema_params]
-    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weights)
-
-
 class TrainStep:
     """The training step of `fastsp.trainer.train`; call `run(batch, step, lr, ema_weight)`.
 
@@ -228,6 +215,15 @@ class TrainStep:
         # Device scalars the host fills before each step: a captured graph reads them in place.
         self.lr = torch.zeros((), device=device)
         self.ema_weight = torch.zeros((), device=device, dtype=self.dtype)
+        # The EMA update, ema <- ema + w (model - ema), is one foreach lerp with no temporaries;
+        # w is ema_weight, or 0 on a skipped step (which leaves ema exact). The lerp takes w as
+        # a list of stride-0 views of one buffer: the overload taking a 0-d tensor reads it on
+        # the host (`.item()`), which a CUDA graph cannot contain (the capture-safety test
+        # catches it).
+        self.ema_step_weight = torch.zeros((), device=device, dtype=self.dtype)
+        self.ema_params = list(ema.parameters())
+        self.model_values = [p.detach() for p in self.params]
+        self.ema_step_weights = [self.ema_step_weight.expand_as(p) for p in self.ema_params]
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)
         self.generator = torch.Generator(device=device)
@@ -331,7 +327,9 @@ class TrainStep:
             self.optimizer.step()
         if zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.model, self.ema_weight * finite)
+        with torch.no_grad():
+            torch.mul(self.ema_weight, finite, out=self.ema_step_weight)
+            torch._foreach_lerp_(self.ema_params, self.model_values, self.ema_step_weights)
         self.loss_sum += torch.where(finite, step_loss, 0.0)
         self.grad_norm_sum += torch.where(finite, grad_norm.to(self.metric_dtype), 0.0)
         self.good_steps += finite
