@@ -125,20 +125,13 @@ class TrainConfig:
             parse_perceptual_t(self.perceptual_t, self.num_timesteps)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if self.objective == "self_perceptual" and not (self.init or self.perceptual_checkpoint):
+        if self.objective == "self_perceptual" and not self.init:
+            # PAPER.md: stage 2 fine-tunes a stage-1 model; from random weights the perceptual
+            # loss alone does not train a usable model.
             raise ConfigError(
-                "--objective self_perceptual needs a stage-1 (MSE) model: pass --init CHECKPOINT "
-                "(it starts the online model and is the frozen perceptual network) or "
-                "--perceptual-checkpoint CHECKPOINT"
-            )
-        if (
-            self.objective == "self_perceptual"
-            and self.perceptual_source == "ema"
-            and not self.init
-        ):
-            raise ConfigError(
-                "--perceptual-source ema uses the online model's EMA as the perceptual network, so "
-                "the online model must start from a stage-1 model: pass --init CHECKPOINT"
+                "--objective self_perceptual needs a stage-1 (MSE) model to start from: pass "
+                "--init CHECKPOINT (it starts the online model and, unless "
+                "--perceptual-checkpoint names another, is the frozen perceptual network)"
             )
         _require_choice("device", self.device, DEVICES)
         _require_choice("precision", self.precision, PRECISIONS)

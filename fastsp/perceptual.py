@@ -189,6 +189,14 @@ class SelfPerceptualLoss:
             raise ValueError(f"distance {distance!r} must be one of {DISTANCES}")
         self.prediction_type = _PREDICTION_ALIASES[prediction_type]
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64)
+        if self.prediction_type == "eps" and bool(self.alphas_cumprod.min() <= 0):
+            # Checked once here, on the host, so that the step itself never reads a tensor.
+            raise ValueError(
+                "prediction_type 'eps' cannot be used with a zero-terminal-SNR schedule "
+                "(alphas_cumprod reaches 0): x0_hat = (x_t - s_t * eps_hat) / a_t divides by "
+                "a_t = 0 at the last step, so the loss is NaN. Use prediction_type 'v' (the "
+                "paper's choice) or 'x0', or a schedule without the zero-terminal-SNR rescale."
+            )
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.perceptual_t = parse_perceptual_t(perceptual_t, self.num_timesteps)
         self.predicted_noise = predicted_noise

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from fastsp import config
 from fastsp import train as train_cli
+from fastsp.trainer import check_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,13 +34,19 @@ def test_missing_data_folder(tmp_path, capsys):
         tmp_path / "out",
         "nope",
         "does not exist",
+        "--data digits",
     )
 
 
 def test_empty_data_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(
-        ["--preset", "tiny", "--data", str(tmp_path / "empty")], capsys, tmp_path / "out", "empty"
+        ["--preset", "tiny", "--data", str(tmp_path / "empty")],
+        capsys,
+        tmp_path / "out",
+        "no images found",
+        "one subfolder per class",
+        "--data digits",
     )
 
 
@@ -50,7 +58,9 @@ def test_unreadable_image(tmp_path, capsys):
         ["--preset", "tiny", "--data", str(tmp_path / "images")],
         capsys,
         tmp_path / "out",
+        "cannot read image",
         "broken.png",
+        "--on-bad-data skip",
     )
 
 
@@ -140,3 +150,23 @@ def test_real_process_exit_status(tmp_path):
     )
     assert result.returncode == 2 and "steps" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "world_size", "grad_accum", "ok"),
+    [(8, 2, 1, True), (3, 2, 1, False), (8, 2, 2, True), (12, 4, 2, False), (6, 3, 2, True)],
+)
+def test_global_batch_must_split_evenly_across_ranks_and_micro_batches(
+    batch_size, world_size, grad_accum, ok
+):
+    # The world size is only known after torchrun starts the ranks, so this check runs there.
+    cfg, _ = config.resolve("tiny", {"batch_size": batch_size, "grad_accum": grad_accum}, {})
+    if ok:
+        check_batch(cfg, world_size)
+        return
+    with pytest.raises(config.ConfigError) as error:
+        check_batch(cfg, world_size)
+    message = str(error.value)
+    assert f"--batch-size {batch_size}" in message
+    assert f"world size {world_size}" in message and str(world_size * grad_accum) in message
+    assert "pick a multiple" in message

@@ -3,17 +3,19 @@
 import copy
 import dataclasses
 import hashlib
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastsp import reference
+from fastsp import config, reference
 from fastsp import train as train_cli
 from fastsp.diffusion import NoiseSchedule
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss, parse_layers
 from fastsp.step import training_loss
+from fastsp.trainer import build_perceptual_loss
 from fastsp.unet import UNET_PRESETS, UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,21 +74,35 @@ def test_oracle_online_model_gives_zero_loss():
     assert loss_fn(true_v + 0.1, x0, noise, t, t_prime, {"labels": labels}).item() > 1e-6
 
 
+CONDITIONING = {
+    # name: (UNet overrides, conditioning inputs for a batch of B)
+    "class": ({}, lambda g: {"labels": torch.tensor([1, 4, 10, 7]), "context": None}),
+    "none": ({"num_classes": 0}, lambda g: {"labels": None, "context": None}),
+    "context": (
+        {"num_classes": 0, "context_dim": 12},
+        lambda g: {"labels": None, "context": torch.randn(B, 5, 12, generator=g).double()},
+    ),
+}
+
+
+@pytest.mark.parametrize("conditioning", sorted(CONDITIONING))
 @pytest.mark.parametrize("prediction_type", ["v", "eps", "x0"])
-def test_objective_equals_the_naive_reference_in_float64(prediction_type):
-    """Loss and every gradient of fastsp's objective == fastsp/reference.py, same noise and t."""
-    online, perceptual = _random_unet(0), reference.frozen_copy(_random_unet(1))
+def test_objective_equals_the_naive_reference_in_float64(prediction_type, conditioning):
+    """Loss and every gradient of fastsp's objective == fastsp/reference.py, same noise and t,
+    for each prediction type and each way of conditioning (none, class labels, context)."""
+    overrides, make_cond = CONDITIONING[conditioning]
+    online = _random_unet(0, **overrides)
+    perceptual = reference.frozen_copy(_random_unet(1, **overrides))
     twin = copy.deepcopy(online)
-    x0, noise, t, t_prime, labels = _batch()
+    x0, noise, t, t_prime, _ = _batch()
+    cond = make_cond(torch.Generator().manual_seed(2))
     if prediction_type == "eps":  # eps needs a_t > 0: no zero terminal SNR, and t < T-1 anyway
         t = t.clamp(max=998)
     schedule = _schedule(prediction_type)
     loss_fn = SelfPerceptualLoss(
         perceptual, schedule.alphas_cumprod, prediction_type=prediction_type
     )
-    ours = training_loss(
-        online, schedule, x0, noise, t, {"labels": labels, "context": None}, loss_fn, t_prime
-    )
+    ours = training_loss(online, schedule, x0, noise, t, cond, loss_fn, t_prime)
     ours.backward()
     theirs = reference.reference_self_perceptual_loss(
         twin,
@@ -96,7 +112,7 @@ def test_objective_equals_the_naive_reference_in_float64(prediction_type):
         t,
         t_prime,
         schedule.alphas_cumprod.double(),
-        labels=labels,
+        **cond,
         prediction_type=prediction_type,
     )
     theirs.backward()
@@ -106,6 +122,30 @@ def test_objective_equals_the_naive_reference_in_float64(prediction_type):
         assert p.grad is not None and q.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-14, msg=name)
     assert all(p.grad is None for p in perceptual.parameters())
+
+
+def test_mse_weight_adds_the_ordinary_loss():
+    """loss = self-perceptual + mse_weight * MSE (the --mse-weight option), checked in float64."""
+    online, perceptual = _random_unet(0), reference.frozen_copy(_random_unet(1))
+    x0, noise, t, t_prime, labels = _batch()
+    schedule = _schedule()
+    cond = {"labels": labels, "context": None}
+    loss_fn = SelfPerceptualLoss(perceptual, schedule.alphas_cumprod)
+    perceptual_only = training_loss(online, schedule, x0, noise, t, cond, loss_fn, t_prime)
+    mse_only = training_loss(online, schedule, x0, noise, t, cond)
+    both = training_loss(online, schedule, x0, noise, t, cond, loss_fn, t_prime, mse_weight=0.25)
+    torch.testing.assert_close(both, perceptual_only + 0.25 * mse_only, rtol=1e-12, atol=0)
+    assert mse_only.item() > 0 and perceptual_only.item() > 0
+
+
+def test_eps_prediction_with_zero_terminal_snr_is_refused_by_the_loss():
+    perceptual = reference.frozen_copy(_random_unet(1))
+    zero_snr = NoiseSchedule(prediction_type="v", zero_terminal_snr=True).alphas_cumprod
+    with pytest.raises(ValueError, match="prediction_type 'v'.*or 'x0'"):
+        SelfPerceptualLoss(perceptual, zero_snr, prediction_type="eps")
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        SelfPerceptualLoss(perceptual, zero_snr, prediction_type="epsilon")  # diffusers' name
+    SelfPerceptualLoss(perceptual, _schedule("eps").alphas_cumprod, prediction_type="eps")
 
 
 def test_mse_objective_equals_the_naive_reference():
@@ -291,6 +331,69 @@ def test_stage2_without_a_perceptual_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_stage2_with_a_perceptual_checkpoint_but_no_init_is_refused(stage1, tmp_path, capsys):
+    # The online model must start from stage 1 (PAPER.md), not from random weights.
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(
+            [
+                "--preset",
+                "tiny",
+                "--objective",
+                "self_perceptual",
+                "--perceptual-checkpoint",
+                str(stage1),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "--init CHECKPOINT" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_stage2_with_another_perceptual_checkpoint_and_x0_prediction(tmp_path):
+    """A separate same-shape perceptual checkpoint, x0-prediction, through the command line."""
+    runs = {}
+    for name, seed in (("online", "1"), ("perceptual", "2")):
+        runs[name] = tmp_path / name
+        argv = ["--preset", "tiny", "--steps", "2", "--seed", seed, "--prediction-type", "x0"]
+        assert train_cli.main([*argv, "--out", str(runs[name])]) == 0
+    before = _digest(runs["perceptual"] / "checkpoints" / "step_00000002")
+    out = tmp_path / "sp"
+    argv = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--prediction-type",
+        "x0",
+        "--objective",
+        "self_perceptual",
+        "--init",
+        str(runs["online"]),
+        "--perceptual-checkpoint",
+        str(runs["perceptual"]),
+        "--out",
+        str(out),
+    ]
+    assert train_cli.main(argv) == 0
+    assert _digest(runs["perceptual"] / "checkpoints" / "step_00000002") == before
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["perceptual_checkpoint"] == str(runs["perceptual"])
+
+
+def test_ema_source_uses_the_online_models_ema_itself():
+    """--perceptual-source ema: the loss reads the live EMA module, which the step updates in
+    place, not a copy frozen at the start."""
+    cfg, model_cfg = config.resolve(
+        "tiny", {"objective": "self_perceptual", "init": "unused", "perceptual_source": "ema"}, {}
+    )
+    ema = UNet(model_cfg)
+    loss_fn = build_perceptual_loss(cfg, model_cfg, NoiseSchedule(), ema, torch.device("cpu"))
+    assert loss_fn.perceptual is ema and loss_fn.features.network is ema
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
 def test_perceptual_checkpoint_of_another_shape(stage1, tmp_path, capsys):
     other = tmp_path / "other"
     assert (
@@ -362,10 +465,15 @@ def test_readme_example_with_a_diffusers_unet():
         namespace["before"],
     )
     assert torch.isfinite(loss) and loss.item() > 0
-    assert all(
-        p.grad is not None for p in unet.parameters() if p.requires_grad and p.grad is not None
-    )
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
+    # The frozen network stops after mid_block: its up blocks and output conv never run.
+    ran = []
+    for module in (*perceptual.up_blocks, perceptual.conv_out):
+        module.register_forward_hook(lambda *args: ran.append(1))
+    loss_fn, prediction = namespace["loss_fn"], namespace["prediction"]
+    latents, noise, t, text = (namespace[k] for k in ("latents", "noise", "t", "text"))
+    again = loss_fn(prediction, latents, noise, t, cond={"encoder_hidden_states": text})
+    assert not ran and torch.isfinite(again)
     assert all(p.grad is None for p in perceptual.parameters())
     assert all(torch.equal(v, before[k]) for k, v in perceptual.state_dict().items())
 
