@@ -63,6 +63,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path and the fix."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (disk full, I/O error); nothing of it was kept."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 
@@ -196,7 +200,7 @@ def _torch_save(value: Any, path: Path) -> None:
             raise writer.error from None
 
 
-def _write_failed(root: Path, final: Path, error: BaseException) -> CheckpointError:
+def _write_failed(root: Path, final: Path, error: BaseException) -> CheckpointWriteError:
     """The error for a save that failed (disk full, file too large, I/O error...)."""
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     no_room = getattr(error, "errno", None) in _NO_ROOM or _NO_ROOM_TEXT.search(str(error))
@@ -211,7 +215,7 @@ def _write_failed(root: Path, final: Path, error: BaseException) -> CheckpointEr
         else "no earlier checkpoint exists"
     )
     fix = "Free space on that disk" if no_room else "Fix the cause"
-    return CheckpointError(
+    return CheckpointWriteError(
         f"cannot save checkpoint {final.name} in {root} ({detail}{free}); nothing of it was "
         f"kept. {fix} and resume with --resume: {intact}"
     )

@@ -240,6 +240,9 @@ class TrainStep:
         self.grad_norm_sum = torch.zeros((), device=device, dtype=self.metric_dtype)
         self.good_steps = torch.zeros((), device=device)
         self.bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        # The longest run of consecutive non-finite steps since the last log: a run of K that
+        # ends between two logs must still stop training, though the trainer reads only then.
+        self.worst_bad_in_a_row = torch.zeros((), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
 
@@ -334,6 +337,7 @@ class TrainStep:
         self.grad_norm_sum += torch.where(finite, grad_norm.to(self.metric_dtype), 0.0)
         self.good_steps += finite
         self.bad_in_a_row.copy_(torch.where(finite, 0, self.bad_in_a_row + 1))
+        torch.maximum(self.worst_bad_in_a_row, self.bad_in_a_row, out=self.worst_bad_in_a_row)
 
     # ---- host side -----------------------------------------------------------------------------
     def load(self, batch: dict[str, torch.Tensor], step: int, lr: float, ema_weight: float) -> None:
@@ -362,6 +366,8 @@ class TrainStep:
     def reset_metrics(self) -> None:
         for accumulator in (self.loss_sum, self.grad_norm_sum, self.good_steps):
             accumulator.zero_()
+        # A run still going on carries over: the next window's maximum starts from it.
+        self.worst_bad_in_a_row.copy_(self.bad_in_a_row)
 
     def graph_unsupported_reasons(self) -> list[str]:
         reasons = []
@@ -406,8 +412,8 @@ class TrainStep:
             log(f"CUDA graph: capture failed ({self.graph_error}); running the step eagerly")
         finally:
             self.force_skip.fill_(False)
+            self.bad_in_a_row.zero_()  # the forced skips of the warm-up are not real ones
             self.reset_metrics()
-            self.bad_in_a_row.zero_()
         if self.graph is not None:
             log("CUDA graph: the whole step is captured and replayed")
         return self.graph is not None

@@ -236,6 +236,28 @@ class NumericalFault(RuntimeError):
     """Too many consecutive steps with non-finite gradients; the last checkpoint is intact."""
 
 
+def nonfinite_weights_error(
+    step: int, model: torch.nn.Module, ema: torch.nn.Module, run_dir: Path
+) -> NumericalFault | None:
+    """A NumericalFault naming the non-finite tensors of the model and its EMA, or None."""
+    tensors = {
+        f"{prefix}.{name}": value
+        for prefix, module in (("model", model), ("ema", ema))
+        for name, value in module.state_dict().items()
+        if value.is_floating_point()
+    }
+    finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).tolist()
+    bad = [name for name, ok in zip(tensors, finite, strict=True) if not ok]
+    if not bad:
+        return None
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return NumericalFault(
+        f"not saving the checkpoint of step {step}: non-finite weights in {shown}; the last "
+        f"checkpoint ({checkpoint_lib.latest_checkpoint(run_dir) or 'none yet'}) is intact. "
+        "Lower --lr (or --adam-eps too small?) and resume from it"
+    )
+
+
 class StopSignal:
     """SIGTERM and SIGINT ask the loop to finish its step, checkpoint and stop.
 
@@ -270,8 +292,11 @@ class StopSignal:
 class MetricsWriter:
     """Rank 0's metrics: JSON lines always, TensorBoard when it is installed."""
 
-    def __init__(self, run_dir: Path):
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            self._drop_lines_after(path, start_step)
+        self.file = open(path, "a", encoding="utf-8")
         self.tensorboard = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -279,6 +304,20 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         except ImportError:
             pass
+
+    @staticmethod
+    def _drop_lines_after(path: Path, start_step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their lines (and a line torn
+        by a kill) so that metrics.jsonl has one line per logged step, in order."""
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", start_step + 1) <= start_step:
+                kept.append(line)
+        checkpoint_lib.atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
@@ -420,7 +459,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_lib.atomic_write_text(run_dir / "config.json", config_text)
-        metrics = MetricsWriter(run_dir)
+        metrics = MetricsWriter(run_dir, start_step)
         if cfg.resume and resume_from is None:
             print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
         if resume_from is not None:
@@ -457,6 +496,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         )
     )
     bad_items = 0  # items the data set substituted (--on-bad-data skip), counted on the host
+    # Files found bad when the data set was built (--on-bad-data skip), left out of every epoch.
+    bad_files_left_out = list(getattr(dataset, "bad_files", []))
     steps_since_log, log_start = 0, time.perf_counter()
     progress = tqdm(
         total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
@@ -490,12 +531,14 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 )
                 totals = dist.all_reduce_mean(totals)
                 loss_value, grad_norm_value, good, bad_data = totals.tolist()
-                in_a_row = int(train_step.bad_in_a_row.item())
-                if in_a_row >= cfg.max_bad_steps:
+                # The longest run since the last log, so a run of K that ended between two
+                # logs stops training too (each rank skips the same steps: DDP averages the
+                # gradients before the finiteness check).
+                worst_in_a_row = int(train_step.worst_bad_in_a_row.item())
+                if worst_in_a_row >= cfg.max_bad_steps:
                     raise NumericalFault(
-                        f"stopped at step {done}: {in_a_row} consecutive steps had non-finite "
-                        f"gradients (updates skipped, so the weights are those of step "
-                        f"{done - in_a_row}); the last checkpoint "
+                        f"stopped at step {done}: {worst_in_a_row} consecutive steps had "
+                        f"non-finite gradients (their updates were skipped); the last checkpoint "
                         f"({checkpoint_lib.latest_checkpoint(run_dir) or 'none yet'}) is intact. "
                         "Lower --lr, check the data for NaN/inf values, or raise --max-bad-steps"
                     )
@@ -509,6 +552,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                         "grad_norm": grad_norm_value / max(good, 1.0),
                         "skipped_steps": steps_since_log - round(good),
                         "bad_items": round(bad_data * info.world_size),
+                        "bad_files": len(bad_files_left_out),
                     }
                     metrics.write(done, values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
@@ -531,16 +575,21 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 save_error = None
                 if info.is_main:
                     state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
-                    try:
-                        final_checkpoint = checkpoint_lib.save_checkpoint(
-                            run_dir, done, model, ema, optimizer, state, config_text
-                        )
-                        checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
-                    except checkpoint_lib.CheckpointError as error:
-                        save_error = error
+                    # Never let a checkpoint with non-finite weights replace (or, with
+                    # --keep-last, prune) good ones. The step skips non-finite gradients, so
+                    # this is the last line of defence; one host read per checkpoint.
+                    save_error = nonfinite_weights_error(done, model, ema, run_dir)
+                    if save_error is None:
+                        try:
+                            final_checkpoint = checkpoint_lib.save_checkpoint(
+                                run_dir, done, model, ema, optimizer, state, config_text
+                            )
+                            checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
+                        except checkpoint_lib.CheckpointError as error:
+                            save_error = error
                 # A failed save (disk full) stops every rank now, not at a collective's timeout.
                 if dist.any_rank(save_error is not None):
-                    raise save_error or checkpoint_lib.CheckpointError(
+                    raise save_error or checkpoint_lib.CheckpointWriteError(
                         f"rank 0 could not save the checkpoint of step {done}; see its error"
                     )
             kill_point(f"step:{done}")
@@ -553,7 +602,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 sys.stderr.flush()
                 dist.barrier()
                 raise Preempted(
-                    f"stopped by {stop_signal.name} after step {done}; checkpoint written: "
+                    f"stopped by {stop_signal.name or 'a signal to another rank'} after step "
+                    f"{done}; checkpoint written: "
                     f"{checkpoint_lib.latest_checkpoint(run_dir)}. Continue with --resume"
                 )
     finally:

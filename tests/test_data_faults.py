@@ -491,3 +491,17 @@ def test_train_cli_skips_bad_image(tmp_path, cut_folder):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     counted = [r["bad_items"] for r in records if "bad_items" in r]
     assert counted and sum(counted) == 2  # one substituted item in each of the 2 steps
+
+
+def test_train_cli_counts_files_left_out_when_the_data_set_is_built(tmp_path):
+    # A zero-byte file is found bad before training (not at decode time): it is left out of
+    # every epoch and counted as `bad_files` in every metrics line.
+    data = tmp_path / "data"
+    _write_good(data, [f"img{i}.png" for i in range(8)])
+    (data / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    result = _train_cli(data, out, "--on-bad-data", "skip")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert str(data / "empty.png") in result.stderr  # the BadDataWarning
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["bad_files"] == 1 and r["bad_items"] == 0 for r in records)

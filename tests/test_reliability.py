@@ -10,13 +10,14 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.data import ShardedBatchSampler
@@ -27,6 +28,7 @@ COMMON = ["--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--log-eve
 STEPS = 6
 EXIT_PREEMPTED = 75
 EXIT_NUMERICAL_FAULT = 3
+EXIT_WRITE_FAILED = 4
 
 # Where a run of 6 steps with a checkpoint every 2 steps is killed: between steps, after each file
 # of a checkpoint being written, before and after its rename, and after the final checkpoint.
@@ -122,6 +124,8 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, uninterrupted, p
     resumed = _train(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_identical(out / "checkpoints" / f"step_{STEPS:08d}", uninterrupted)
+    # The steps redone after the resume replace their earlier lines: one line per step, in order.
+    assert [m["step"] for m in _metrics(out)] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.slow
@@ -204,6 +208,10 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     _wait_for_steps(out, agent, 3)
     os.kill(_rank_pid(agent.pid, 1), signal.SIGTERM)  # only rank 1 is told
     _, stderr = agent.communicate(timeout=120)
+    # Each rank exits 75 (the signalled one first; torchrun then terminates the other, which
+    # may already be past its checkpoint); torchrun itself exits 1 and names the root cause.
+    assert agent.returncode != 0
+    assert re.search(r"exitcode\s*:\s*75", stderr), stderr[-3000:]
     checkpoint = checkpoint_lib.latest_checkpoint(out)
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["world_size"] == 2
@@ -291,3 +299,76 @@ def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_p
     assert [p.name for p in checkpoint_lib.list_checkpoints(out)] == ["step_00000002"]
     after = _weights(out / "checkpoints" / "step_00000002")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    out = tmp_path / "run"
+    first = _train(["--steps", "2", "--out", str(out)])
+    assert first.returncode == 0, first.stderr[-2000:]
+    # Poison one weight of the saved model (a valid file, as a bad update would leave it).
+    checkpoint = out / "checkpoints" / "step_00000002"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, str(checkpoint / "model.safetensors"))
+    before = sorted(p.name for p in checkpoint.iterdir())
+    result = _train(["--steps", "4", "--out", str(out), "--resume"])
+    assert result.returncode == EXIT_NUMERICAL_FAULT, result.stderr[-2000:]
+    assert "not saving the checkpoint of step 4" in result.stderr
+    assert f"model.{name}" in result.stderr and "step_00000002" in result.stderr
+    assert [p.name for p in checkpoint_lib.list_checkpoints(out)] == ["step_00000002"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+def test_resume_with_another_batch_size_or_seed_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert _train(["--steps", "2", "--out", str(out)]).returncode == 0
+    before = _weights(out / "checkpoints" / "step_00000002")
+    for option, value in (("--batch-size", "16"), ("--seed", "7")):
+        result = _train(["--steps", "4", option, value, "--out", str(out), "--resume"])
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"{option} " in result.stderr and "Resume with the original value" in result.stderr
+    assert [p.name for p in checkpoint_lib.list_checkpoints(out)] == ["step_00000002"]
+    after = _weights(out / "checkpoints" / "step_00000002")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# A disk that fills up during training: the run writes its first checkpoint, then the file size
+# limit drops below the size of model.safetensors (SIGXFSZ ignored, so the write fails with EFBIG
+# exactly as a full disk fails with ENOSPC).
+_LIMITED_TRAIN = textwrap.dedent(
+    """
+    import resource, runpy, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+    sys.argv = [sys.argv[2], *sys.argv[3:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def test_a_full_disk_during_training_exits_4_with_the_previous_checkpoint_intact(tmp_path):
+    out = tmp_path / "run"
+    assert _train(["--steps", "2", "--out", str(out)]).returncode == 0
+    checkpoint = out / "checkpoints" / "step_00000002"
+    before = _weights(checkpoint)
+    limit = (checkpoint / "model.safetensors").stat().st_size // 2
+    result = subprocess.run(
+        [sys.executable, "-c", _LIMITED_TRAIN, str(limit), TRAIN, *COMMON]
+        + ["--steps", "4", "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert result.returncode == EXIT_WRITE_FAILED, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cannot save checkpoint step_00000004" in result.stderr
+    assert "step_00000002 is intact" in result.stderr and "--resume" in result.stderr
+    assert [p.name for p in checkpoint_lib.list_checkpoints(out)] == ["step_00000002"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name != "step_00000002"]
+    checkpoint_lib.verify_checkpoint(checkpoint)
+    after = _weights(checkpoint)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # With room again, --resume goes on from step 2.
+    resumed = _train(["--steps", "4", "--out", str(out), "--resume"])
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout

@@ -204,6 +204,30 @@ def test_a_non_finite_step_is_skipped_on_the_device():
     assert all(torch.equal(a, p) for a, p in zip(ema_before, step.ema.parameters(), strict=True))
 
 
+def test_the_longest_run_of_bad_steps_is_kept_until_the_next_log():
+    # The trainer reads the streak only at log intervals: a run of 3 bad steps that ends before
+    # the log must still be seen there (so --max-bad-steps 3 stops training).
+    model, perceptual = _models()
+    step = _fast_step(model, perceptual, "mse")
+    bad = _batch()
+    bad["x"][0, 0, 0, 0] = float("nan")
+    for i, batch in enumerate([bad, bad, bad, _batch(), _batch()]):
+        step.load(batch, i, LR, 0.1)
+        with FailOnHostSync():
+            step.compute()
+    assert step.bad_in_a_row.item() == 0 and step.worst_bad_in_a_row.item() == 3
+    step.reset_metrics()  # a log: the next window starts from the run still going on (none)
+    assert step.worst_bad_in_a_row.item() == 0
+    for i in range(2):
+        step.load(bad, 5 + i, LR, 0.1)
+        step.compute()
+    step.reset_metrics()
+    assert step.worst_bad_in_a_row.item() == 2  # a run across a log carries over
+    step.load(bad, 7, LR, 0.1)
+    step.compute()
+    assert step.worst_bad_in_a_row.item() == 3
+
+
 @pytest.mark.parametrize("objective", ["mse", "self_perceptual"])
 def test_training_loss_compiles_without_graph_breaks(objective):
     # What --compile traces: the online forward, the perceptual pass cut at the tap and the fused
