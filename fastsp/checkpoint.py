@@ -561,6 +561,7 @@ def _delete(folder: Path) -> bool:
             os.replace(folder, hidden)
         except OSError:
             return False
+        kill_point(f"prune:{folder.name}")
     shutil.rmtree(hidden, ignore_errors=True)  # leftovers go at the next prune
     return True
 

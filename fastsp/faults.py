@@ -2,6 +2,7 @@
 
     FASTSP_KILL_AT=step:5                 SIGKILL this process after step 5's update
     FASTSP_KILL_AT=checkpoint:ema.safetensors   ... while writing a checkpoint, after that file
+    FASTSP_KILL_AT=prune:step_00000002    ... while pruning: renamed out of sight, not yet removed
     FASTSP_KILL_RANK=1                    only on rank 1 (default: every rank)
     FASTSP_KILL_ATTEMPT=0                 only on torchrun's attempt 0 (TORCHELASTIC_RESTART_COUNT)
 

@@ -129,6 +129,24 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(tmp_path, uninterrupted, p
 
 
 @pytest.mark.slow
+def test_kill_9_while_pruning_old_checkpoints_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    # --keep-last 1: step 2's checkpoint is pruned after step 4's is saved; the kill lands after
+    # its rename out of sight and before its removal.
+    out = tmp_path / "run"
+    args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--keep-last", "1"]
+    args += ["--out", str(out), "--resume"]
+    killed = _train(args, FASTSP_KILL_AT="prune:step_00000002")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in checkpoint_lib.list_checkpoints(out)] == ["step_00000004"]
+    checkpoint_lib.verify_checkpoint(out / "checkpoints" / "step_00000004")
+    resumed = _train(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+    _assert_identical(out / "checkpoints" / f"step_{STEPS:08d}", uninterrupted)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{STEPS:08d}"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, sig):
     out = tmp_path / "run"
