@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
+import numbers
 import sys
 import types
 import typing
@@ -36,6 +38,8 @@ TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
+MAX_RESOLUTION = 4096
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -110,18 +114,124 @@ class TrainConfig:
     sample_cfg_rescale: float = 0.0  # CFG rescale phi for sample grids
 
     def __post_init__(self):
+        # Each field alone first (type, finiteness, range), so the cross-field rules below can
+        # compare values without tripping over a string or a NaN.
+        _require_choice("preset", self.preset, tuple(PRESETS))
+        # data
+        _require_str(self, "data", "a data set name (digits, synthetic) or a folder path")
         _require_choice("data_format", self.data_format, DATA_FORMATS)
+        # The upper bound catches a typo before it reaches the allocator (100000 asks for a 60 TB
+        # activation); 4096 is far above the sizes diffusion UNets train at (SD's latents: 64-128).
+        _require_int(self, "resolution", 1, MAX_RESOLUTION)
+        _require_int(self, "channels", 1, note=" (image folders: 1 or 3)")
+        _require_number(self, "latent_scale", 0, low_open=True)
+        _require_bool(self, "random_flip")
+        _require_int(self, "num_workers", 0, note=" (0 loads in the main process)")
+        _require_choice("on_bad_data", self.on_bad_data, ("stop", "skip"))
+        # conditioning
         _require_choice("cond", self.cond, CONDITIONINGS)
+        _require_number(self, "label_dropout", 0, 1, high_open=True, what="a probability")
+        _require_int(self, "context_len", 1)
+        # diffusion: a schedule needs two timesteps (zero terminal SNR pins the last one to
+        # alpha_bar = 0 and rescales from the first)
         _require_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _require_int(self, "num_timesteps", 2, note=" (a schedule needs 2 timesteps or more)")
+        _require_number(self, "beta_start", 0, 1, low_open=True, high_open=True)
+        _require_number(
+            self, "beta_end", self.beta_start, 1, high_open=True, note=" (beta_start <= beta_end)"
+        )
+        _require_bool(self, "zero_terminal_snr")
         _require_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        # objective
         _require_choice("objective", self.objective, OBJECTIVES)
+        _require_str(
+            self, "init", "a checkpoint or run folder path, or '' for random weights", empty_ok=True
+        )
+        _require_str(
+            self,
+            "perceptual_checkpoint",
+            "a checkpoint or run folder path, or '' for the --init checkpoint",
+            empty_ok=True,
+        )
         _require_choice("perceptual_source", self.perceptual_source, PERCEPTUAL_SOURCES)
+        self._check_perceptual_layers()
+        _require_str(self, "perceptual_t", "'uniform', 'same' or 'LOW,HIGH'")
         _require_choice("predicted_noise", self.predicted_noise, PREDICTED_NOISE)
         _require_choice("distance", self.distance, DISTANCES)
-        _require(self, "mse_weight", self.mse_weight >= 0, "a number >= 0")
+        _require_number(self, "mse_weight", 0)
+        # optimisation
+        for name in ("steps", "batch_size", "grad_accum"):
+            _require_int(self, name, 1)
+        _require_number(self, "lr", 0, low_open=True)
+        _require_int(self, "lr_warmup_steps", 0, note=" (0 disables)")
+        _require_number(self, "weight_decay", 0)
+        _require_number(self, "adam_beta1", 0, 1, high_open=True)
+        _require_number(self, "adam_beta2", 0, 1, high_open=True)
+        _require_number(self, "adam_eps", 0, low_open=True)
+        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require_number(self, "grad_clip", 0, note=" (0 disables clipping)")
+        _require_int(self, "max_bad_steps", 1)
+        _require_number(self, "ema_decay", 0, 1, high_open=True)
+        # execution
+        _require_choice("device", self.device, DEVICES)
+        _require_choice("precision", self.precision, PRECISIONS)
+        _require_bool(self, "channels_last")
+        _require_choice("train_step", self.train_step, TRAIN_STEPS)
+        for name in ("cuda_graph", "compile", "batched_branches"):
+            _require_bool(self, name)
+        # The step's generator is seeded with seed * 1_000_003 + step, which must fit torch's
+        # 64-bit seed; numpy's 32-bit seed range is the usual convention and fits with room.
+        _require_int(self, "seed", 0, MAX_SEED)
+        # outputs
+        _require_str(self, "out", "a run folder path")
+        _require_bool(self, "resume")
+        _require_int(self, "log_every", 1)
+        for name in ("checkpoint_every", "keep_last", "sample_every"):
+            _require_int(self, name, 0, note=" (0 disables)")
+        _require_int(self, "sample_num", 1)
+        # the sampler spaces sample_steps distinct timesteps over the schedule
+        _require_int(self, "sample_steps", 1, self.num_timesteps, note=" (at most num_timesteps)")
+        _require_choice("sample_sampler", self.sample_sampler, SAMPLERS)
+        _require_number(self, "sample_cfg", 0, note=" (1 = no guidance)")
+        _require_number(self, "sample_cfg_rescale", 0, 1)
+        self._check_combinations()
+
+    def _check_perceptual_layers(self) -> None:
+        _require_str(self, "perceptual_layers", "layer names with weights, e.g. 'mid:1,down2:0.5'")
         try:
-            parse_layers(self.perceptual_layers)
+            layers = parse_layers(self.perceptual_layers)
+        except ValueError as error:
+            raise ConfigError(
+                f"invalid value {self.perceptual_layers!r} for perceptual_layers: {error}"
+            ) from None
+        # parse_layers takes float("nan") and float("inf") as weights; either makes the loss NaN
+        _require(
+            self,
+            "perceptual_layers",
+            all(math.isfinite(w) for w in layers.values()),
+            "layer names with finite weights >= 0, e.g. 'mid' or 'mid:1,down2:0.5'",
+        )
+
+    def _check_combinations(self) -> None:
+        """Rules between fields; each message names the field to change."""
+        if self.data_format in ("digits", "synthetic") and self.data != self.data_format:
+            _require(
+                self,
+                "data",
+                False,
+                f"{self.data_format!r} with --data-format {self.data_format} (built in, it reads "
+                "no files); pass --data-format auto for a folder",
+            )
+        if self.data_format == "images" and self.channels not in (1, 3):
+            # fastsp.data.ImageFolderDataset raises the same for an auto-detected image folder
+            _require(
+                self,
+                "channels",
+                False,
+                "1 (grayscale) or 3 (RGB) for an image folder; pass --channels 1 or --channels 3 "
+                "(other counts need latent shards or --data synthetic)",
+            )
+        try:
             parse_perceptual_t(self.perceptual_t, self.num_timesteps)
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -133,44 +243,14 @@ class TrainConfig:
                 "--init CHECKPOINT (it starts the online model and, unless "
                 "--perceptual-checkpoint names another, is the frozen perceptual network)"
             )
-        _require_choice("device", self.device, DEVICES)
-        _require_choice("precision", self.precision, PRECISIONS)
-        _require_choice("train_step", self.train_step, TRAIN_STEPS)
+        if self.perceptual_source == "ema" and self.perceptual_checkpoint:
+            # the trainer would silently ignore the checkpoint
+            raise ConfigError(
+                f"--perceptual-checkpoint {self.perceptual_checkpoint!r} is only read with "
+                "--perceptual-source frozen; drop it, or pass --perceptual-source frozen"
+            )
         if self.train_step == "reference":
             self._check_reference_step()
-        _require_choice("sample_sampler", self.sample_sampler, SAMPLERS)
-        for name in ("resolution", "num_timesteps", "steps", "batch_size", "grad_accum"):
-            _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
-        for name in ("sample_num", "sample_steps", "log_every", "context_len"):
-            _require(self, name, getattr(self, name) >= 1, "an integer >= 1")
-        _require_choice("on_bad_data", self.on_bad_data, ("stop", "skip"))
-        _require(self, "max_bad_steps", self.max_bad_steps >= 1, "an integer >= 1")
-        for name in (
-            "num_workers",
-            "lr_warmup_steps",
-            "checkpoint_every",
-            "sample_every",
-            "keep_last",
-        ):
-            _require(self, name, getattr(self, name) >= 0, "an integer >= 0 (0 disables)")
-        _require(self, "channels", self.channels >= 1, "an integer >= 1 (image folders: 1 or 3)")
-        _require(self, "lr", self.lr > 0, "a number > 0")
-        _require(self, "latent_scale", self.latent_scale > 0, "a number > 0")
-        _require(self, "label_dropout", 0 <= self.label_dropout < 1, "a probability in [0, 1)")
-        _require(self, "beta_start", 0 < self.beta_start < 1, "a number in (0, 1)")
-        _require(
-            self, "beta_end", self.beta_start <= self.beta_end < 1, "a number in [beta_start, 1)"
-        )
-        _require(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
-        _require(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)")
-        _require(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)")
-        _require(self, "adam_eps", self.adam_eps > 0, "a number > 0")
-        _require(self, "grad_clip", self.grad_clip >= 0, "a number >= 0 (0 disables clipping)")
-        _require(self, "ema_decay", 0 <= self.ema_decay < 1, "a number in [0, 1)")
-        _require(self, "sample_cfg", self.sample_cfg >= 0, "a number >= 0 (1 = no guidance)")
-        _require(
-            self, "sample_cfg_rescale", 0 <= self.sample_cfg_rescale <= 1, "a number in [0, 1]"
-        )
         if self.prediction_type == "eps" and self.zero_terminal_snr:
             raise ConfigError(
                 "prediction_type='eps' cannot be trained with zero_terminal_snr: at the last "
@@ -244,8 +324,62 @@ def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
 
 
 def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"invalid value {value!r} for {name}: choose one of {', '.join(choices)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_int(config: Any, name: str, low: int, high: int | None = None, note: str = "") -> None:
+    value = getattr(config, name)
+    ok = _is_int(value) and value >= low and (high is None or value <= high)
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    _require(config, name, ok, allowed + note)
+
+
+def _require_number(
+    config: Any,
+    name: str,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "a finite number",
+    note: str = "",
+) -> None:
+    """A real, finite value in the interval; an int is taken where a float is expected."""
+    value = getattr(config, name)
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (high is None or (value < high if high_open else value <= high))
+    )
+    if high is None:
+        allowed = f"{what} {'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _require(config, name, ok, allowed + note)
+
+
+def _require_bool(config: Any, name: str) -> None:
+    option = _option(name)
+    _require(
+        config,
+        name,
+        isinstance(getattr(config, name), bool),
+        f"True or False ({option} / --no-{option[2:]})",
+    )
+
+
+def _require_str(config: Any, name: str, allowed: str, empty_ok: bool = False) -> None:
+    """A string; `empty_ok` for the optional paths, where "" means "not given"."""
+    value = getattr(config, name)
+    _require(config, name, isinstance(value, str) and (empty_ok or value != ""), allowed)
 
 
 def resolve(

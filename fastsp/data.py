@@ -312,7 +312,13 @@ class ImageFolderDataset(Dataset):
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+            # A DataError, not a plain ValueError: with --data-format auto only this constructor
+            # knows the folder holds images, and train.py reports DataError as invalid input.
+            raise DataError(
+                f"invalid value {channels!r} for channels: it must be 1 (grayscale) or 3 (RGB) "
+                "for an image folder; pass --channels 1 or --channels 3 (other counts need "
+                "latent shards or --data synthetic)"
+            )
         if not _is_int(resolution) or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
         _check_policy(on_bad_data)

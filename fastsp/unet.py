@@ -31,6 +31,7 @@ which changes the layout of the weights, not their number.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,20 +64,35 @@ class UNetConfig:
     mid_attention: bool = True  # transformer between the two mid-block ResBlocks
 
     def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)
-        self.attention_levels = tuple(self.attention_levels)
-        n = len(self.channel_mult)
+        # Any sequence (JSON gives lists) becomes a tuple; a bare int or a string is refused below
+        if _is_sequence(self.channel_mult):
+            self.channel_mult = tuple(self.channel_mult)
+        if _is_sequence(self.attention_levels):
+            self.attention_levels = tuple(self.attention_levels)
         for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim"):
             _require_int(self, name, low=1)
         _require_int(self, "transformer_depth", low=1)
         _require_int(self, "context_dim", low=0)
         _require_int(self, "num_classes", low=0)
         _require_int(self, "norm_groups", low=1)
-        if n == 0 or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
+        for name in ("scale_shift_norm", "mid_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if (
+            not isinstance(self.channel_mult, tuple)
+            or not self.channel_mult
+            or not all(_is_int(m) and m >= 1 for m in self.channel_mult)
+        ):
             raise ValueError(
-                f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}"
+                f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult!r}"
             )
-        bad = [lvl for lvl in self.attention_levels if not isinstance(lvl, int) or not 0 <= lvl < n]
+        n = len(self.channel_mult)
+        if not isinstance(self.attention_levels, tuple):
+            raise ValueError(
+                f"attention_levels must be a tuple of level indices in 0..{n - 1}, "
+                f"got {self.attention_levels!r}"
+            )
+        bad = [lvl for lvl in self.attention_levels if not _is_int(lvl) or not 0 <= lvl < n]
         if bad or len(set(self.attention_levels)) != len(self.attention_levels):
             raise ValueError(
                 f"attention_levels must be distinct level indices in 0..{n - 1}, "
@@ -99,8 +115,14 @@ class UNetConfig:
                     f"head_dim={self.head_dim} must divide the channels of every level with "
                     f"attention (and the last level when mid_attention); level {i} has {ch}"
                 )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        dropout = self.dropout
+        if not (
+            isinstance(dropout, numbers.Real)
+            and not isinstance(dropout, bool)
+            and math.isfinite(dropout)
+            and 0.0 <= dropout < 1.0
+        ):
+            raise ValueError(f"dropout must be a finite number in [0, 1), got {dropout!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
@@ -108,9 +130,17 @@ class UNetConfig:
             )
 
 
+def _is_sequence(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _require_int(config: UNetConfig, name: str, low: int) -> None:
     value = getattr(config, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not _is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
