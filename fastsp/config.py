@@ -100,6 +100,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the online and perceptual networks
     batched_branches: bool = False  # real + predicted perceptual branches in one forward
     seed: int = 0
+    deterministic: bool = False  # torch's deterministic algorithms (bit-identical reruns on CUDA)
     # outputs
     out: str = "runs/digits"  # run folder: config, metrics, samples, checkpoints
     resume: bool = False  # continue from the run folder's latest checkpoint (fresh if none)
@@ -177,7 +178,7 @@ class TrainConfig:
         _require_choice("precision", self.precision, PRECISIONS)
         _require_bool(self, "channels_last")
         _require_choice("train_step", self.train_step, TRAIN_STEPS)
-        for name in ("cuda_graph", "compile", "batched_branches"):
+        for name in ("cuda_graph", "compile", "batched_branches", "deterministic"):
             _require_bool(self, name)
         # The step's generator is seeded with seed * 1_000_003 + step, which must fit torch's
         # 64-bit seed; numpy's 32-bit seed range is the usual convention and fits with room.

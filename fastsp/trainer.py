@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -256,6 +257,15 @@ def nonfinite_weights_error(
         f"checkpoint ({checkpoint_lib.latest_checkpoint(run_dir) or 'none yet'}) is intact. "
         "Lower --lr (or --adam-eps too small?) and resume from it"
     )
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: torch's deterministic kernels, so that a rerun or a resumed run is
+    bit-identical on CUDA as it is on the CPU. cuBLAS needs a fixed workspace size for that, set
+    before its first use (PyTorch's reproducibility notes); the loop's first step is that use."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 class StopSignal:
@@ -504,6 +514,9 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     )
     final_checkpoint = resume_from
     stop_signal = StopSignal()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        use_deterministic_algorithms()
     try:
         for step in range(start_step, cfg.steps):
             batch = next(batches)
@@ -607,6 +620,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                     f"{checkpoint_lib.latest_checkpoint(run_dir)}. Continue with --resume"
                 )
     finally:
+        torch.use_deterministic_algorithms(deterministic_before)
         stop_signal.restore()
         progress.close()
         if metrics is not None:

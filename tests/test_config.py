@@ -153,6 +153,7 @@ TRAIN_BAD: dict[str, list[dict]] = {
     "train_step": [{"train_step": "slow"}],
     "cuda_graph": [{"cuda_graph": None}],
     "compile": [{"compile": 0}],
+    "deterministic": [{"deterministic": "yes"}],
     "batched_branches": [{"batched_branches": "true"}],
     "seed": [{"seed": -1}, {"seed": 2**32}],
     "out": [{"out": ""}],

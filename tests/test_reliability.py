@@ -25,6 +25,7 @@ from fastsp.data import ShardedBatchSampler
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "fastsp" / "train.py")
 COMMON = ["--preset", "tiny", "--device", "cpu", "--batch-size", "8", "--log-every", "1"]
+COMMON += ["--deterministic"]  # the "deterministic mode" (the CPU is so anyway)
 STEPS = 6
 EXIT_PREEMPTED = 75
 EXIT_NUMERICAL_FAULT = 3
