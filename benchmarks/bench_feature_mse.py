@@ -6,12 +6,13 @@ Provider x mode (fwd under no_grad, fwd+bwd) x dtype (bf16, fp32) x size. Each c
 against an fp32 F.mse_loss before it is timed; ``extra_info`` holds GB/s counted from the bytes that
 must move and the percentage of the copy bandwidth measured in the same session. On CPU (kernels in
 Triton's interpreter, torch.compile with the aot_eager backend) it runs small sizes and claims
-nothing. The full GPU sweep with a results file is benchmarks/feature_mse_gpu.py.
+nothing: every case's ``extra_info["claims"]`` says so. The full GPU sweep with a results file and
+the targets' PASS/FAIL is benchmarks/feature_mse_gpu.py.
 """
 
 import pytest
 import torch
-from feature_mse_gpu import check, copy_bandwidth, make_step, providers_for, shape_of
+from feature_mse_gpu import CPU_CLAIMS, check, copy_bandwidth, make_step, providers_for, shape_of
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # sd21 mid-block [32, 1280, 8, 8] and 64M elements on GPU; small sizes on CPU
@@ -51,3 +52,5 @@ def test_feature_mse(benchmark, provider, mode, dtype, size, copy_gbs):
     must_move = x.numel() * x.element_size() * (2 if mode == "fwd" else 3)
     gbs = must_move / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update(gb_per_s=gbs, pct_copy_bw=100 * gbs / copy_gbs)
+    if _DEVICE.type != "cuda":
+        benchmark.extra_info["claims"] = CPU_CLAIMS

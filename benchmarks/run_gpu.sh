@@ -7,7 +7,9 @@
 # (sizes from the sd21 mid block up to 256M elements), 3. the step benchmark (reference / fast
 # eager / graphed / compiled x mse / self-perceptual x tiny, digits, sd21 at 32 and 64 latents).
 # Each part's full output goes to OUT/; OUT/gpu_suite.md and OUT/gpu_suite.json join them with
-# the card, date and versions. Exit status: non-zero if any part failed (the others still run).
+# the card, date and versions, and list the feature_mse targets (>= 85% of copy bandwidth, >= 3x
+# eager, >= 1.5x torch.compile for bf16 fwd+bwd at >= 64M elements) as PASS/FAIL lines.
+# Exit status: non-zero if any part failed or a target was missed (the other parts still run).
 set -u
 cd "$(dirname "$0")/.."
 DATE=$(date -u +%Y-%m-%d)
@@ -23,9 +25,16 @@ python -m pytest tests -m cuda -q -rs -p no:cacheprovider --junitxml "$OUT/gpu_t
 echo "gpu tests: $((SECONDS - start)) s, $(tail -n 1 "$OUT/gpu_tests.log")"
 
 start=$SECONDS
-python benchmarks/feature_mse_gpu.py --out "$OUT" --sizes 2621440 16777216 67108864 268435456 \
-    > "$OUT/feature_mse.log" 2>&1 || status=1
-echo "feature_mse benchmark: $((SECONDS - start)) s"
+python benchmarks/feature_mse_gpu.py --strict --out "$OUT" \
+    --sizes 2621440 16777216 67108864 268435456 > "$OUT/feature_mse.log" 2>&1
+rc=$?
+case $rc in  # feature_mse_gpu.py --strict: 1 a wrong result, 3 a target missed or none judged
+    0) targets="all met" ;;
+    3) targets="MISSED or not judged"; status=1 ;;
+    *) targets="not judged: the benchmark failed (exit $rc)"; status=1 ;;
+esac
+echo "feature_mse benchmark: $((SECONDS - start)) s, targets: $targets"
+grep -E '^(PASS|FAIL|--strict)' "$OUT/feature_mse.log" | sed 's/^/    /'
 
 start=$SECONDS
 python benchmarks/step_gpu.py --out "$OUT" --seconds 1.5 > "$OUT/step.log" 2>&1 || status=1
@@ -50,15 +59,25 @@ meta = {
 tests_tail = (out / "gpu_tests.log").read_text().strip().splitlines()[-1:]
 parts = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))
          if p.name != "gpu_suite.json"}
+targets = [t for name, part in parts.items() if name.startswith("feature_mse_")
+           for t in part.get("targets", [])]
+missed = [t for t in targets if not t["ok"]]
+verdict = (f"{len(missed)} of {len(targets)} missed" if targets
+           else "NOT JUDGED (the benchmark wrote no target rows)")
+meta["feature_mse_targets"] = verdict
 (out / "gpu_suite.json").write_text(json.dumps({**meta, "gpu_tests": tests_tail, **parts}, indent=1))
 md = [f"# fastsp GPU suite: {meta['gpu']}, {meta['date']}", "",
       f"torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, "
       f"xformers {meta['xformers']}, python {meta['python']}; exit status {status}", "",
-      "## GPU tests", "", "    " + " ".join(tests_tail), ""]
+      "## GPU tests", "", "    " + " ".join(tests_tail), "",
+      f"## feature_mse targets: {verdict}", ""]
+md += [f"- {'PASS' if t['ok'] else 'FAIL'}: bf16 fwd+bwd {t['numel']}: {t['label']} "
+       f"{t['value']:.2f} (needs >= {t['bound']})" for t in targets] + [""]
 for p in sorted(out.glob("*.md")):
     if p.name != "gpu_suite.md":
         md += [f"## {p.stem}", "", p.read_text().replace("\n# ", "\n### "), ""]
 (out / "gpu_suite.md").write_text("\n".join(md))
+print(f"feature_mse targets: {verdict}")
 print(f"wrote {out / 'gpu_suite.md'} and {out / 'gpu_suite.json'}")
 PY
 exit $status

@@ -12,10 +12,10 @@ Equivalent PyTorch code::
 Backends: ``"triton"`` runs the kernels of ``fastsp.kernels.feature_mse`` and
 ``fastsp.kernels.feature_mse_multi`` (one pass over memory, gradient fused into the forward,
 deterministic, no host sync, traced by ``torch.compile(fullgraph=True)`` without graph breaks;
-tested with the aot_eager backend); ``"torch"`` runs the reference above; ``"auto"`` picks Triton
-for CUDA tensors, and for CPU tensors when Triton runs in its interpreter (``TRITON_INTERPRET=1``
-set before triton is imported), the reference otherwise. Forcing ``"triton"`` where it cannot run
-raises ``TritonUnavailableError`` listing every reason.
+tested with the aot_eager backend and, for feature_mse on CPU, inductor); ``"torch"`` runs the
+reference above; ``"auto"`` picks Triton for CUDA tensors, and for CPU tensors when Triton runs in
+its interpreter (``TRITON_INTERPRET=1`` set before triton is imported), the reference otherwise.
+Forcing ``"triton"`` where it cannot run raises ``TritonUnavailableError`` listing every reason.
 As ``F.mse_loss``, differing input and target sizes warn (in eager mode only: under torch.compile
 the warning would be a graph break) and incompatible ones raise the same RuntimeError.
 Not supported by the Triton backend: double backward (backward with ``create_graph=True``
@@ -61,15 +61,18 @@ class TritonUnavailableError(NotImplementedError):
 
 
 def triton_unsupported_reasons(*tensors: Tensor) -> list[str]:
-    """Every reason the Triton kernels cannot take ``tensors`` (empty when they can)."""
-    if _IMPORT_ERROR is not None:
-        return [_IMPORT_ERROR]
-    reasons = []
+    """Every reason the Triton kernels cannot take ``tensors`` (empty when they can).
+
+    An import failure is listed with the others: the device and dtype reasons would still stop
+    these tensors once triton imports.
+    """
+    reasons = [] if _IMPORT_ERROR is None else [_IMPORT_ERROR]
+    interpreted = _k is not None and _k.INTERPRETED
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors are on different devices: {sorted(map(str, devices))}")
     for device in sorted(devices, key=str):
-        if device.type == "cpu" and not _k.INTERPRETED:
+        if device.type == "cpu" and not interpreted:
             reasons.append(
                 "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
             )
@@ -144,6 +147,23 @@ class FeatureMSELoss(nn.Module):
         return f"reduction={self.reduction!r}"
 
 
+def _stack_weights(weights: Sequence[float | Tensor] | Tensor) -> Sequence[float] | Tensor:
+    """Numbers as they are, else one 1-D tensor built on the device: weight tensors in a list are
+    stacked (differentiably), never read with float() (a host sync and a graph break); numbers
+    mixed in become fills of the first tensor's dtype and device."""
+    if isinstance(weights, Tensor) or not any(isinstance(w, Tensor) for w in weights):
+        return weights
+    like = next(w for w in weights if isinstance(w, Tensor))
+    return torch.stack(
+        [
+            w.reshape(())
+            if isinstance(w, Tensor)
+            else torch.full((), w, dtype=like.dtype, device=like.device)
+            for w in weights
+        ]
+    )
+
+
 def feature_mse_multi_ref(
     inputs: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float] | Tensor
 ) -> Tensor:
@@ -155,19 +175,20 @@ def feature_mse_multi_ref(
 def feature_mse_multi(
     inputs: Sequence[Tensor],
     targets: Sequence[Tensor],
-    weights: Sequence[float] | Tensor,
+    weights: Sequence[float | Tensor] | Tensor,
     *,
     backend: str = "auto",
 ) -> Tensor:
     """Weighted sum of per-pair mean squared errors, all pairs in one kernel launch.
 
     ``inputs[i]`` and ``targets[i]`` are broadcastable to each other; shapes and dtypes differ from
-    pair to pair. ``weights`` is a sequence of numbers or a 1-D tensor of ``len(inputs)`` (which
-    may require grad). Returns a 0-d tensor in the promoted dtype of all inputs and targets,
-    accumulated in fp32. Equivalent to
+    pair to pair. ``weights`` is a sequence of numbers, a 1-D tensor of ``len(inputs)``, or a
+    sequence of one-value tensors, which is stacked into one on the device (any of the tensors may
+    require grad; none is read on the host). Returns a 0-d tensor in the promoted dtype of all
+    inputs and targets, accumulated in fp32. Equivalent to
     ``sum(w * torch.nn.functional.mse_loss(x, y) for x, y, w in zip(inputs, targets, weights))``.
     """
-    inputs, targets = list(inputs), list(targets)
+    inputs, targets, weights = list(inputs), list(targets), _stack_weights(weights)
     if len(inputs) != len(targets) or len(inputs) != len(weights):
         raise ValueError(
             f"need as many targets and weights as inputs: {len(inputs)} inputs, "

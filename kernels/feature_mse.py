@@ -141,6 +141,11 @@ def _empty(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _dense_like(t: Tensor) -> Tensor:
+    # Same strides as the dense tensor t (empty_like would too; _empty lets tests poison it).
+    return _empty(t.shape, t.dtype, t.device).as_strided(t.shape, t.stride())
+
+
 def _empty_in_order(shape: Sequence[int], order: list[int], dtype, device) -> Tensor:
     """An uninitialised tensor of ``shape`` whose memory runs in dimension order ``order``."""
     inverse = sorted(range(len(order)), key=order.__getitem__)
@@ -514,7 +519,7 @@ def feature_mse_scale(
     else:
         # Fresh outputs even for an empty (not needed) buffer: a torch.library op may not return
         # one of its inputs (torch.compile of a loss where only the input requires grad).
-        out_gx, out_gy = torch.empty_like(gx), torch.empty_like(gy)
+        out_gx, out_gy = _dense_like(gx), _dense_like(gy)
     n = max(gx.numel(), gy.numel())
     if n == 0:
         return out_gx, out_gy

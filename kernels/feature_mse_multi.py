@@ -18,7 +18,9 @@ kernels/feature_mse.py): with grad enabled, the forward writes 2 w_i / N_i * d_i
 (and -that for every target) when any input (target) requires grad, and backward rewrites those
 buffers in place only when g != 1, decided on the device (bf16/fp16 ones recomputed from the pairs,
 fp32 ones scaled). Weights given as numbers are baked into the launch as fp32 arguments; a weight
-tensor is read on the device (no ``.item()``).
+tensor is read on the device (no ``.item()``). A list of weight tensors is refused here and
+stacked into one on the device by ``fastsp.feature_mse_multi``: reading each with ``float()`` would
+be a host sync per weight (and a graph break under torch.compile).
 
 Layout: a pair whose input and target are dense with equal strides (contiguous, channels_last
 with channels_last) is read as flat memory, with no copy. Any other pair (sliced views, broadcast,
@@ -380,7 +382,7 @@ def feature_mse_multi_scale(
     if in_place:
         out_gxs, out_gys = list(gxs), list(gys)
     else:
-        out_gxs, out_gys = [torch.empty_like(g) for g in gxs], [torch.empty_like(g) for g in gys]
+        out_gxs, out_gys = [_dense_like(g) for g in gxs], [_dense_like(g) for g in gys]
     ref = gxs or gys
     if not ref:
         return out_gxs, out_gys
@@ -556,8 +558,15 @@ def feature_mse_multi(
 ) -> Tensor:
     """``sum_i weights[i] * mse_loss(inputs[i], targets[i])`` for same-shape pairs, one launch.
 
-    Pairs that are not dense with equal strides are made contiguous (differentiably) first.
+    ``weights``: numbers, or one [T] tensor (fastsp.feature_mse_multi stacks a list of weight
+    tensors into one on the device before it calls this). Pairs that are not dense with equal
+    strides are made contiguous (differentiably) first.
     """
+    if not isinstance(weights, Tensor) and any(isinstance(w, Tensor) for w in weights):
+        raise TypeError(
+            "weights must be numbers or one 1-D tensor, not a list of tensors (reading each "
+            "would sync with the host): pass torch.stack(weights), or call fastsp.feature_mse_multi"
+        )
     if not len(inputs) == len(targets) == len(weights):
         raise ValueError(f"{len(inputs)} inputs, {len(targets)} targets, {len(weights)} weights")
     xs, ys = [], []

@@ -1,9 +1,10 @@
 """fastsp.feature_mse_multi (grouped kernel, one launch for all pairs) against float64 references.
 
-As in test_feature_mse.py: outputs poisoned, tiny launch constants, kernels run in Triton's
-interpreter on CPU.
+As in test_feature_mse.py: outputs poisoned, tiny launch constants (the production ones in
+test_matches_float64_reference_at_production_launch), kernels run in Triton's interpreter on CPU.
 """
 
+import contextlib
 import math
 import warnings
 
@@ -13,7 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastsp.feature_loss import TritonUnavailableError, feature_mse_multi, feature_mse_multi_ref
+from fastsp.feature_loss import (
+    TritonUnavailableError,
+    feature_mse_multi,
+    feature_mse_multi_ref,
+    feature_mse_ref,
+)
 
 # Different shapes, odd sizes, channels_last, a sliced view and a broadcast pair.
 _PAIRS = [
@@ -27,13 +33,17 @@ _PAIRS = [
     lambda dt: (torch.randn(4, 6, 5, dtype=dt), torch.randn(1, 6, 1, dtype=dt)),
 ]
 _WEIGHTS = [0.5, 1.5, 2.0, 0.25, 1.0, 3.0]
-# (dtype, atol, rtol): kernel error <= 2 x torch's own error in that dtype + atol + rtol * |ref|max
+# (dtype, atol, rtol) for _assert_rule. fp32: rtol 2.4e-7 = 2 ulp (eps 1.19e-7). The bf16 (eps
+# 7.8e-3) and fp16 (eps 9.8e-4) rtols are below one ulp of their dtype, tighter than 2 ulp: there
+# torch's own error, which includes its final rounding, already gives the 2 x torch term the room.
 _DTYPES = [
-    (torch.float32, 1e-6, 1e-6),
+    (torch.float32, 1e-6, 2.4e-7),
     (torch.bfloat16, 1e-5, 1e-3),
     (torch.float16, 1e-6, 2e-4),
 ]
+_TOLS = {dtype: (atol, rtol) for dtype, atol, rtol in _DTYPES}
 _TEST_LAUNCH = (64, 8, 4)
+_REAL_LAUNCH = kfm._DEFAULT_LAUNCH
 
 
 def _poisoned_empty(shape, dtype, device):
@@ -69,18 +79,23 @@ def _run(fn, xs, ys, weights, grad_out, cast=None):
 
 
 def _assert_rule(name, got, torch_got, ref, atol, rtol):
+    """flash-attention's rule, err <= 2 x torch_err + atol, plus rtol * |ref|max.
+
+    The last term is a rounding allowance of about 2 ulp of the output dtype at the result's
+    magnitude (rtol = 2 eps for fp32): the final rounding to the output dtype alone costs up to half
+    an ulp, and the kernel sums in another order than torch (per-program partials, then stage 2),
+    so where torch happens to land within a fraction of an ulp of the float64 value, 2 x its error
+    leaves no room for an equally valid order that lands an ulp away.
+    """
     err = (got.double() - ref).abs().max().item()
     torch_err = (torch_got.double() - ref).abs().max().item()
     bound = 2 * torch_err + atol + rtol * ref.abs().max().item()
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
 
 
-@pytest.mark.parametrize("tensor_weights", [False, True])
-@pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
-def test_matches_float64_reference(dtype, atol, rtol, tensor_weights):
-    xs, ys = _pairs(dtype)
-    weights = torch.tensor(_WEIGHTS) if tensor_weights else _WEIGHTS
+def _check_against_references(xs, ys, weights, atol, rtol):
     g = torch.tensor(0.7)
+    tensor_weights = isinstance(weights, torch.Tensor)
     got = _run(feature_mse_multi, xs, ys, weights, g)
     torch_got = _run(feature_mse_multi_ref, xs, ys, weights, g)
     ref = _run(feature_mse_multi_ref, xs, ys, weights, g.double(), cast=torch.float64)
@@ -93,6 +108,28 @@ def test_matches_float64_reference(dtype, atol, rtol, tensor_weights):
         _assert_rule(f"grad {i}", a, b, c, atol, rtol)
     if tensor_weights:
         _assert_rule("grad weights", got[3], torch_got[3], ref[3], atol, rtol)
+
+
+@pytest.mark.parametrize("tensor_weights", [False, True])
+@pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
+def test_matches_float64_reference(dtype, atol, rtol, tensor_weights):
+    xs, ys = _pairs(dtype)
+    weights = torch.tensor(_WEIGHTS) if tensor_weights else _WEIGHTS
+    _check_against_references(xs, ys, weights, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_float64_reference_at_production_launch(dtype, monkeypatch):
+    # The launch the GPU runs (BLOCK 4096): 1, 20 and 1 programs for these pairs, so each pair's
+    # summation order is the production one.
+    for module in (kfm, kfmm):
+        monkeypatch.setattr(module, "_DEFAULT_LAUNCH", _REAL_LAUNCH)
+    torch.manual_seed(0)
+    shapes = [(3000,), (41, 37, 53), (3, 5, 7)]
+    xs = [torch.randn(shape, dtype=dtype) for shape in shapes]
+    ys = [torch.randn(shape, dtype=dtype) for shape in shapes]
+    _check_against_references(xs, ys, [0.5, 1.5, 2.0], *_TOLS[dtype])
+    _check_against_references(xs, ys, torch.tensor([0.5, 1.5, 2.0]), *_TOLS[dtype])
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
@@ -191,33 +228,176 @@ def test_dispatch():
     )
 
 
-def test_torch_compile_fullgraph():
-    xs, ys = _pairs(torch.float32)
-    w = torch.tensor(_WEIGHTS)
+@pytest.mark.parametrize(
+    "dtype, needs_grad",
+    [(torch.float32, "both"), (torch.float32, "inputs"), (torch.bfloat16, "inputs")],
+)
+def test_torch_compile_fullgraph(dtype, needs_grad):
+    # "inputs" is the self-perceptual case (the real branch's features are detached). Weights as
+    # numbers and as a list of tensors (stacked in the graph into the weight-tensor path). The
+    # small pairs only (contiguous, channels_last, sliced, broadcast): the interpreter is slow.
+    keep = [0, 3, 4, 5]
+    xs, ys = ([t[i] for i in keep] for t in _pairs(dtype))
+    numbers = [_WEIGHTS[i] for i in keep]
+    w = torch.tensor(numbers)
 
     def step(xs, ys, w):
-        return feature_mse_multi(xs, ys, _WEIGHTS) + feature_mse_multi(xs, ys, w)
+        return feature_mse_multi(xs, ys, numbers) + feature_mse_multi(xs, ys, list(w.unbind()))
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = [
-        _run(lambda a, b, c, fn=fn: fn(a, b, w), xs, ys, _WEIGHTS, torch.tensor(1.5))
-        for fn in (step, compiled)
-    ]
+    results = []
+    for fn in (step, compiled):
+        xl = [x.detach().requires_grad_() for x in xs]
+        yl = [y.detach().requires_grad_(needs_grad == "both") for y in ys]
+        wrt = xl + (yl if needs_grad == "both" else [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the broadcast pair warns, as mse_loss does
+            out = fn(xl, yl, w)
+        results.append([out, *torch.autograd.grad(out, wrt, torch.tensor(1.5, dtype=dtype))])
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_weights_as_numbers_tensor_or_list_of_tensors():
+    xs, ys = _pairs(torch.float32)
+    w = torch.tensor(_WEIGHTS)
+    leaves = [v.clone().requires_grad_() for v in w]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for a, b in zip(
-            [results[0][0], *results[0][1], *results[0][2]],
-            [results[1][0], *results[1][1], *results[1][2]],
-            strict=True,
-        ):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        warnings.simplefilter("ignore")  # the broadcast pair warns, as mse_loss does
+        expected = feature_mse_multi_ref([x.double() for x in xs], [y.double() for y in ys], w)
+        outs = [
+            feature_mse_multi(xs, ys, _WEIGHTS),
+            feature_mse_multi(xs, ys, tuple(_WEIGHTS)),
+            feature_mse_multi(xs, ys, w),
+            feature_mse_multi(xs, ys, leaves),  # stacked on the device, never read with float()
+            feature_mse_multi(xs, ys, [leaves[0], *_WEIGHTS[1:]]),  # numbers become fills
+        ]
+        losses = [feature_mse_ref(x.double(), y.double()) for x, y in zip(xs, ys, strict=True)]
+    for out in outs:
+        torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=2.4e-7)
+    grads = torch.autograd.grad(outs[3], leaves, torch.tensor(0.7))
+    for grad, loss in zip(grads, losses, strict=True):  # dL/dw_i = loss_i * g
+        torch.testing.assert_close(grad.double(), loss * 0.7, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="shape"):
+        feature_mse_multi(xs[:1], ys[:1], [torch.ones(2)])  # one value per weight
+
+
+class HostRead(AssertionError):
+    pass
+
+
+# As in test_feature_mse.py: every Python-level way to read a tensor's value on the host (a device
+# sync on CUDA). Triton's interpreter reads its arguments through storages and numpy instead, so
+# on CPU what this catches is the op's own Python.
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    def refuse(name):
+        def read(*args, **kwargs):
+            raise HostRead(f"host read of a tensor: {name}")
+
+        return read
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+        patch.setattr(torch, "equal", refuse("torch.equal"))
+        yield
+
+
+@pytest.mark.parametrize("weights", ["numbers", "tensor", "list of tensors"])
+@pytest.mark.parametrize("needs_grad", ["inputs", "both"])
+def test_no_host_sync(needs_grad, weights):
+    for dtype in (torch.float32, torch.bfloat16):  # fp32 buffers are scaled, bf16 recomputed
+        torch.manual_seed(0)
+        xs = [torch.randn(3, 5, 7, dtype=dtype, requires_grad=True), torch.randn(30, dtype=dtype)]
+        ys = [torch.randn(3, 5, 7, dtype=dtype), torch.randn(30, dtype=dtype)]
+        xs[1].requires_grad_()
+        if needs_grad == "both":
+            ys = [y.requires_grad_() for y in ys]
+        w = torch.tensor([0.5, 2.0], requires_grad=True)
+        w_arg = {"numbers": [0.5, 2.0], "tensor": w, "list of tensors": list(w.unbind())}[weights]
+        wrt = xs + (ys if needs_grad == "both" else [])
+        g = torch.tensor(0.7, dtype=dtype)
+        with _no_host_reads():
+            out = feature_mse_multi(xs, ys, w_arg, backend="triton")
+            first = torch.autograd.grad(out, wrt, g, retain_graph=True)  # the fused buffers
+            second = torch.autograd.grad(out, wrt, torch.ones_like(g))  # from the pairs
+        ref_xs = [x.detach().double().requires_grad_() for x in xs]
+        ref_ys = [y.detach().double().requires_grad_() for y in ys]
+        ref = feature_mse_multi_ref(ref_xs, ref_ys, [0.5, 2.0])
+        ref_wrt = ref_xs + (ref_ys if needs_grad == "both" else [])
+        ref_first = torch.autograd.grad(ref, ref_wrt, g.double(), retain_graph=True)
+        ref_second = torch.autograd.grad(ref, ref_wrt, torch.tensor(1.0, dtype=torch.float64))
+        torch.testing.assert_close(out, ref.to(out.dtype))
+        for a, r in zip(first + second, ref_first + ref_second, strict=True):
+            torch.testing.assert_close(a, r.to(dtype))  # torch's default tolerance for dtype
+
+
+def test_the_host_read_check_fires(monkeypatch):
+    # Negative control: a deliberate read in the grouped forward launcher is caught through the
+    # custom op; so is the float() that list-of-tensor weights went through before they were
+    # stacked.
+    xs, ys = [torch.randn(3, 5, 7)], [torch.randn(3, 5, 7)]
+    fwd = kfmm.feature_mse_multi_fwd
+
+    def fwd_that_reads(xs, *args):
+        xs[0].sum().item()
+        return fwd(xs, *args)
+
+    monkeypatch.setattr(kfmm, "feature_mse_multi_fwd", fwd_that_reads)
+    with pytest.raises(HostRead, match="item"), _no_host_reads():
+        feature_mse_multi(xs, ys, [1.0], backend="triton")
+    with pytest.raises(HostRead, match="__float__"), _no_host_reads():
+        [float(w) for w in [torch.tensor(0.5)]]
+
+
+def test_forward_is_one_grouped_launch(monkeypatch):
+    # Every pair in one launch of the grouped kernel, then one stage-2 launch; backward with
+    # g != 1 is one launch too (scale for fp32 buffers, recompute for bf16).
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.kernel.__name__, grid))
+            return self.kernel[grid]
+
+    kernels = [
+        (module, name)
+        for module in (kfm, kfmm)
+        for name in dir(module)
+        if name.startswith("_feature_mse") and name.endswith("_kernel")
+    ]
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, Counted(getattr(module, name)))
+    for dtype, bwd in ((torch.float32, "scale"), (torch.bfloat16, "bwd")):
+        xs, ys = _pairs(dtype)
+        xs = [x.detach().requires_grad_() for x in xs]
+        launches.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the broadcast pair warns, as mse_loss does
+            out = feature_mse_multi(xs, ys, _WEIGHTS)
+        programs = kfmm.launch_rule([x.numel() for x in xs], _TEST_LAUNCH)[2][-1]
+        assert launches == [
+            ("_feature_mse_multi_fwd_kernel", (programs,)),
+            ("_feature_mse_multi_finalize_kernel", (1,)),
+        ]
+        launches.clear()
+        torch.autograd.grad(out, xs, torch.tensor(0.7, dtype=dtype))
+        assert launches == [(f"_feature_mse_multi_{bwd}_kernel", (programs,))]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype, atol, rtol", _DTYPES)
 def test_gpu_matches_float64_reference(dtype, atol, rtol, monkeypatch):
-    monkeypatch.setattr(kfm, "_DEFAULT_LAUNCH", (4096, 4096, 1024))
-    monkeypatch.setattr(kfmm, "_DEFAULT_LAUNCH", (4096, 4096, 1024))
+    for module in (kfm, kfmm):
+        monkeypatch.setattr(module, "_DEFAULT_LAUNCH", _REAL_LAUNCH)
     xs, ys = _pairs(dtype)
     xs, ys = [x.cuda() for x in xs], [y.cuda() for y in ys]
     g = torch.tensor(0.7, device="cuda")
