@@ -241,6 +241,31 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_checkpoints_and_resumes(tmp_path):
+    # What a scheduler does on preemption: SIGTERM to the job's torchrun, which forwards it to
+    # every rank. The ranks finish their step, agree, checkpoint, and --resume goes on from there.
+    out = tmp_path / "run"
+    args = ["--steps", "100000", "--checkpoint-every", "0", "--out", str(out), "--resume"]
+    agent = _start(_torchrun(2, args))
+    _wait_for_steps(out, agent, 3)
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=120)
+    assert agent.returncode != 0
+    checkpoint = checkpoint_lib.latest_checkpoint(out)
+    assert checkpoint is not None, stderr[-3000:]
+    checkpoint_lib.verify_checkpoint(checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    for rank in (0, 1):
+        said = re.findall(rf"rank {rank}: stopping after step (\d+)", stderr)
+        assert said == [str(state["step"])], stderr[-3000:]
+    steps = state["step"] + 2
+    resumed = _train(["--steps", str(steps), "--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"step {state['step']})" in resumed.stdout
+    checkpoint_lib.verify_checkpoint(out / "checkpoints" / f"step_{steps:08d}")
+
+
+@pytest.mark.slow
 def test_elastic_restart_after_a_rank_dies_resumes_by_itself(tmp_path, uninterrupted):
     out = tmp_path / "run"
     args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out), "--resume"]
