@@ -7,7 +7,6 @@ float64 tests marked ``at_production_launch`` (and test_bit_identical_runs) also
 constants, whose summation order the tiny ones do not reproduce.
 """
 
-import contextlib
 import math
 import warnings
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from host_reads import HostRead, no_host_reads
 
 from fastsp import feature_loss
 from fastsp.feature_loss import (
@@ -368,37 +368,6 @@ def test_import_failure_is_listed_with_every_other_reason(monkeypatch):
     assert type(feature_mse(xl, y.float()).grad_fn).__name__ == "MseLossBackward0"
 
 
-class HostRead(AssertionError):
-    pass
-
-
-# Every Python-level way to read a tensor's value on the host: on CUDA each is a device sync and
-# none can be captured in a CUDA graph. (tests/test_step.py's FailOnHostSync, a dispatch mode,
-# cannot look inside the op: a mode is popped while a custom op's implementation runs.)
-_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-
-@contextlib.contextmanager
-def _no_host_reads():
-    """Make every host read of a torch tensor raise HostRead inside the block.
-
-    Triton's interpreter reads kernel arguments through storages and numpy, never through these
-    methods, so on CPU anything this catches is the op's own Python (wrappers, launchers, autograd).
-    """
-
-    def refuse(name):
-        def read(*args, **kwargs):
-            raise HostRead(f"host read of a tensor: {name}")
-
-        return read
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _HOST_READS:
-            patch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
-        patch.setattr(torch, "equal", refuse("torch.equal"))
-        yield
-
-
 @pytest.mark.parametrize("needs_grad", ["input", "both"])
 @pytest.mark.parametrize("reduction", _REDUCTIONS)
 def test_no_host_sync(reduction, needs_grad):
@@ -408,7 +377,7 @@ def test_no_host_sync(reduction, needs_grad):
         y = _leaf(y) if needs_grad == "both" else y
         wrt = [t for t in (x, y) if t.requires_grad]
         g = _grad_out(x.shape, reduction).to(dtype)
-        with _no_host_reads():
+        with no_host_reads():
             out = feature_mse(x, y, reduction, backend="triton")
             # mean/sum: the fused buffers (scaled or recomputed); then, through the retained
             # graph, the backward from x and y
@@ -438,14 +407,14 @@ def test_the_host_read_check_fires(monkeypatch):
         return scale(gx, gy, grad_out, *args)
 
     monkeypatch.setattr(kfm, "feature_mse_fwd", fwd_that_reads)
-    with pytest.raises(HostRead, match="__float__"), _no_host_reads():
+    with pytest.raises(HostRead, match="__float__"), no_host_reads():
         feature_mse(x, y, backend="triton")
     monkeypatch.setattr(kfm, "feature_mse_fwd", fwd)
     monkeypatch.setattr(kfm, "feature_mse_scale", scale_that_reads)
     out = feature_mse(x, y, backend="triton")
-    with pytest.raises(HostRead, match="item"), _no_host_reads():
+    with pytest.raises(HostRead, match="item"), no_host_reads():
         torch.autograd.grad(out, x, torch.tensor(0.7))
-    with pytest.raises(HostRead, match="__bool__"), _no_host_reads():
+    with pytest.raises(HostRead, match="__bool__"), no_host_reads():
         if x.sum() > 0:  # a data-dependent Python branch
             pass
 

@@ -4,7 +4,6 @@ As in test_feature_mse.py: outputs poisoned, tiny launch constants (the producti
 test_matches_float64_reference_at_production_launch), kernels run in Triton's interpreter on CPU.
 """
 
-import contextlib
 import math
 import warnings
 
@@ -13,6 +12,7 @@ import fastsp.kernels.feature_mse_multi as kfmm
 import pytest
 import torch
 import torch.nn.functional as F
+from host_reads import HostRead, no_host_reads
 
 from fastsp.feature_loss import (
     TritonUnavailableError,
@@ -283,31 +283,6 @@ def test_weights_as_numbers_tensor_or_list_of_tensors():
         feature_mse_multi(xs[:1], ys[:1], [torch.ones(2)])  # one value per weight
 
 
-class HostRead(AssertionError):
-    pass
-
-
-# As in test_feature_mse.py: every Python-level way to read a tensor's value on the host (a device
-# sync on CUDA). Triton's interpreter reads its arguments through storages and numpy instead, so
-# on CPU what this catches is the op's own Python.
-_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-
-@contextlib.contextmanager
-def _no_host_reads():
-    def refuse(name):
-        def read(*args, **kwargs):
-            raise HostRead(f"host read of a tensor: {name}")
-
-        return read
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _HOST_READS:
-            patch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
-        patch.setattr(torch, "equal", refuse("torch.equal"))
-        yield
-
-
 @pytest.mark.parametrize("weights", ["numbers", "tensor", "list of tensors"])
 @pytest.mark.parametrize("needs_grad", ["inputs", "both"])
 def test_no_host_sync(needs_grad, weights):
@@ -322,7 +297,7 @@ def test_no_host_sync(needs_grad, weights):
         w_arg = {"numbers": [0.5, 2.0], "tensor": w, "list of tensors": list(w.unbind())}[weights]
         wrt = xs + (ys if needs_grad == "both" else [])
         g = torch.tensor(0.7, dtype=dtype)
-        with _no_host_reads():
+        with no_host_reads():
             out = feature_mse_multi(xs, ys, w_arg, backend="triton")
             first = torch.autograd.grad(out, wrt, g, retain_graph=True)  # the fused buffers
             second = torch.autograd.grad(out, wrt, torch.ones_like(g))  # from the pairs
@@ -349,9 +324,9 @@ def test_the_host_read_check_fires(monkeypatch):
         return fwd(xs, *args)
 
     monkeypatch.setattr(kfmm, "feature_mse_multi_fwd", fwd_that_reads)
-    with pytest.raises(HostRead, match="item"), _no_host_reads():
+    with pytest.raises(HostRead, match="item"), no_host_reads():
         feature_mse_multi(xs, ys, [1.0], backend="triton")
-    with pytest.raises(HostRead, match="__float__"), _no_host_reads():
+    with pytest.raises(HostRead, match="__float__"), no_host_reads():
         [float(w) for w in [torch.tensor(0.5)]]
 
 
