@@ -255,7 +255,7 @@ def nonfinite_weights_error(
     return NumericalFault(
         f"not saving the checkpoint of step {step}: non-finite weights in {shown}; the last "
         f"checkpoint ({checkpoint_lib.latest_checkpoint(run_dir) or 'none yet'}) is intact. "
-        "Lower --lr (or --adam-eps too small?) and resume from it"
+        "Lower --lr and resume from it"
     )
 
 
@@ -507,7 +507,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     )
     bad_items = 0  # items the data set substituted (--on-bad-data skip), counted on the host
     # Files found bad when the data set was built (--on-bad-data skip), left out of every epoch.
-    bad_files_left_out = list(getattr(dataset, "bad_files", []))
+    bad_files = len(getattr(dataset, "bad_files", []))
     steps_since_log, log_start = 0, time.perf_counter()
     progress = tqdm(
         total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
@@ -565,7 +565,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                         "grad_norm": grad_norm_value / max(good, 1.0),
                         "skipped_steps": steps_since_log - round(good),
                         "bad_items": round(bad_data * info.world_size),
-                        "bad_files": len(bad_files_left_out),
+                        "bad_files": bad_files,
                     }
                     metrics.write(done, values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
