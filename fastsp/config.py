@@ -38,6 +38,7 @@ TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
+ON_BAD_DATA = ("stop", "skip")  # what a bad file does: stop the run, or leave the file out
 MAX_RESOLUTION = 4096
 MAX_SEED = 2**32 - 1
 
@@ -128,7 +129,7 @@ class TrainConfig:
         _require_number(self, "latent_scale", 0, low_open=True)
         _require_bool(self, "random_flip")
         _require_int(self, "num_workers", 0, note=" (0 loads in the main process)")
-        _require_choice("on_bad_data", self.on_bad_data, ("stop", "skip"))
+        _require_choice("on_bad_data", self.on_bad_data, ON_BAD_DATA)
         # conditioning
         _require_choice("cond", self.cond, CONDITIONINGS)
         _require_number(self, "label_dropout", 0, 1, high_open=True, what="a probability")
@@ -329,13 +330,14 @@ def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"invalid value {value!r} for {name}: choose one of {', '.join(choices)}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int in Python)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _require_int(config: Any, name: str, low: int, high: int | None = None, note: str = "") -> None:
     value = getattr(config, name)
-    ok = _is_int(value) and value >= low and (high is None or value <= high)
+    ok = is_int(value) and value >= low and (high is None or value <= high)
     allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
     _require(config, name, ok, allowed + note)
 
