@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 try:
+    from fastsp.kernels import _common as _kc
     from fastsp.kernels import feature_mse as _k
     from fastsp.kernels import feature_mse_multi as _km
 
     _IMPORT_ERROR = None
 except ImportError as err:  # no triton on this platform
-    _k = _km = None
+    _kc = _k = _km = None
     _IMPORT_ERROR = f"triton kernels cannot be imported ({err})"
 
 __all__ = [
@@ -67,7 +68,7 @@ def triton_unsupported_reasons(*tensors: Tensor) -> list[str]:
     these tensors once triton imports.
     """
     reasons = [] if _IMPORT_ERROR is None else [_IMPORT_ERROR]
-    interpreted = _k is not None and _k.INTERPRETED
+    interpreted = _IMPORT_ERROR is None and _kc.INTERPRETED
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors are on different devices: {sorted(map(str, devices))}")

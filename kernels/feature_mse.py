@@ -60,37 +60,39 @@ which keeps the partials (and stage 2) small and the per-program work long. Thes
 from the usual rule for streaming kernels and have not yet been measured on a GPU; the benchmark
 script (benchmarks/feature_mse_gpu.py) reports how close they get to the copy bandwidth. Tests
 override them (``_DEFAULT_LAUNCH``, or ``launch=``) to run many programs and tiles on small inputs.
+These constants, ``plan_layout`` and the device helpers this op shares with feature_mse_multi
+(``_cast_rtne``, ``_chunk_start``, ``_scale_tiles``) are defined once, in kernels/_common.py.
 """
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from fastsp.kernels._common import (
+    _BLOCK,
+    _DEFAULT_LAUNCH,
+    _FINAL_BLOCK,
+    _MAX_PROGRAMS,
+    SUPPORTED_DTYPES,
+    _cast_rtne,
+    _chunk_start,
+    _dense_like,
+    _empty,
+    _is_flat,
+    _num_warps,
+    _scale_tiles,
+    _tracing,
+    plan_layout,
+)
 from torch import Tensor
 
-# Triton decides at decoration time whether kernels run in its interpreter (CPU tensors allowed).
-try:
-    INTERPRETED = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # triton before triton.knobs (3.4)
-    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-_BLOCK = 4096  # elements per tile
-_MAX_PROGRAMS = 4096  # partial sums per reduction
-_FINAL_BLOCK = 1024  # partials summed per step of stage 2
 _MAX_RANK = 4  # merged dimensions the strided kernels take
-_DEFAULT_LAUNCH = (_BLOCK, _MAX_PROGRAMS, _FINAL_BLOCK)
 
 
 # ---------------------------------------------------------------------------- launch rules
-def _num_warps(block: int) -> int:
-    return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
-
-
 def launch_rule(numel: int, launch: Sequence[int] = ()) -> tuple[int, int, int, int]:
     """(BLOCK, tiles per program, programs, stage-2 BLOCK) for ``numel`` elements.
 
@@ -102,48 +104,8 @@ def launch_rule(numel: int, launch: Sequence[int] = ()) -> tuple[int, int, int, 
     return block, tiles, triton.cdiv(num_tiles, tiles), final_block
 
 
-def plan_layout(shape: Sequence[int], *strides: Sequence[int], order: list[int] | None = None):
-    """Merge ``shape`` under every operand's ``strides`` into as few dimensions as possible.
-
-    Returns (order, sizes, merged strides per operand). ``order`` lists the original dimensions
-    outermost first; by default the memory order of the operands (largest stride first), and the
-    kernels traverse elements, and lay out their outputs, in it. ``sizes`` and each merged stride
-    list run outermost first, with size-1 dimensions dropped.
-    """
-    if order is None:
-        order = sorted(range(len(shape)), key=lambda d: (-max(s[d] for s in strides), d))
-    sizes: list[int] = []
-    merged: list[list[int]] = [[] for _ in strides]
-    for d in order:
-        if shape[d] == 1:
-            continue
-        if sizes and all(m[-1] == s[d] * shape[d] for m, s in zip(merged, strides, strict=True)):
-            sizes[-1] *= shape[d]
-            for m, s in zip(merged, strides, strict=True):
-                m[-1] = s[d]
-        else:
-            sizes.append(shape[d])
-            for m, s in zip(merged, strides, strict=True):
-                m.append(s[d])
-    return order, sizes, merged
-
-
-def _is_flat(sizes: list[int], merged: list[list[int]]) -> bool:
-    return not sizes or (len(sizes) == 1 and all(m[0] == 1 for m in merged))
-
-
 def _pad(values: list[int], fill: int) -> list[int]:
     return [fill] * (_MAX_RANK - len(values)) + values
-
-
-def _empty(shape, dtype, device) -> Tensor:
-    """Every output of this op is allocated here (tests replace it to poison outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dense_like(t: Tensor) -> Tensor:
-    # Same strides as the dense tensor t (empty_like would too; _empty lets tests poison it).
-    return _empty(t.shape, t.dtype, t.device).as_strided(t.shape, t.stride())
 
 
 def _empty_in_order(shape: Sequence[int], order: list[int], dtype, device) -> Tensor:
@@ -175,24 +137,6 @@ def _prepare(order: list[int], *tensors: Tensor):
 
 
 # ---------------------------------------------------------------------------- kernels
-@triton.jit
-def _cast_rtne(v, DTYPE: tl.constexpr):
-    # fp32 -> DTYPE rounding to nearest even. For bf16 the rounding is done on the fp32 bits
-    # first (a no-op change on GPUs, whose conversion rounds the same way): Triton's interpreter
-    # truncates fp32 -> bf16 and would otherwise make CPU tests up to 1 ulp worse than the GPU.
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(DTYPE)
-
-
-@triton.jit
-def _chunk_start(pid, tiles, BLOCK: tl.constexpr):
-    # First element owned by program `pid`; int64 so that tensors above 2^31 elements index right.
-    return pid.to(tl.int64) * tiles * BLOCK
-
-
 @triton.jit
 def _strided_offsets(idx, s1, s2, s3, st0, st1, st2, st3):
     # Row-major index over sizes (s0, s1, s2, s3) -> element offset under strides (st0..st3).
@@ -336,16 +280,6 @@ def _feature_mse_bwd_kernel(
             tl.store(gx_ptr + idx, _cast_rtne(grad, gx_ptr.dtype.element_ty), mask=mask)
         if WRITE_GY:
             tl.store(gy_ptr + idx, _cast_rtne(-grad, gy_ptr.dtype.element_ty), mask=mask)
-        start += BLOCK
-
-
-@triton.jit
-def _scale_tiles(src_ptr, dst_ptr, g, start, N, tiles, BLOCK: tl.constexpr):
-    for _ in range(tiles):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < N
-        v = tl.load(src_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + idx, _cast_rtne(v * g, dst_ptr.dtype.element_ty), mask=mask)
         start += BLOCK
 
 
@@ -602,10 +536,6 @@ def _(grad_input, grad_target, grad_out, launch):
 # ---------------------------------------------------------------------------- autograd
 # The torch.library registration below is this op's autograd.Function: torch.compile traces it
 # (fullgraph) where a plain autograd.Function around a Triton launch would not be capturable.
-def _tracing(t: Tensor) -> bool:
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
-
-
 def _fwd_setup_context(ctx, inputs, output):
     x, y, reduction, write_gx, write_gy, launch = inputs
     _, gx, gy = output

@@ -26,7 +26,8 @@ Layout: a pair whose input and target are dense with equal strides (contiguous, 
 with channels_last) is read as flat memory, with no copy. Any other pair (sliced views, broadcast,
 mixed layouts) is made contiguous first by the caller-visible ``.contiguous()`` (2 N_i e more bytes
 per copied tensor); the single-pair op ``feature_mse`` gathers strided tensors without copies.
-Launch constants are those of ``feature_mse`` (BLOCK 4096, at most about 4096 programs in total).
+Launch constants are those of ``feature_mse`` (BLOCK 4096, at most about 4096 programs in total),
+defined once with the other shared helpers in kernels/_common.py.
 """
 
 import math
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from fastsp.kernels.feature_mse import (
+from fastsp.kernels._common import (
     _BLOCK,
     _DEFAULT_LAUNCH,
     _FINAL_BLOCK,
@@ -43,10 +44,12 @@ from fastsp.kernels.feature_mse import (
     SUPPORTED_DTYPES,
     _cast_rtne,
     _chunk_start,
+    _dense_like,
     _empty,
     _is_flat,
     _num_warps,
     _scale_tiles,
+    _tracing,
     plan_layout,
 )
 from torch import Tensor
@@ -248,11 +251,6 @@ def _out_dtype(xs, ys, weights):
     for t in [*xs, *ys, *([weights] if weights is not None else [])]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _dense_like(t: Tensor) -> Tensor:
-    # Same strides as the dense tensor t (empty_like would too; _empty lets tests poison it).
-    return _empty(t.shape, t.dtype, t.device).as_strided(t.shape, t.stride())
 
 
 def _args(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -481,10 +479,6 @@ def _(grad_inputs, grad_targets, grad_out, launch):
 
 # ---------------------------------------------------------------------------- autograd
 # The torch.library registration is this op's autograd.Function (see kernels/feature_mse.py).
-def _tracing(t: Tensor) -> bool:
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
-
-
 def _fwd_setup_context(ctx, inputs, output):
     xs, ys, weights, weight_values, write_gx, write_gy, launch = inputs
     _, losses, gxs, gys = output

@@ -10,6 +10,7 @@ constants, whose summation order the tiny ones do not reproduce.
 import math
 import warnings
 
+import fastsp.kernels._common as kcommon
 import fastsp.kernels.feature_mse as kfm
 import fastsp.kernels.feature_mse_multi as kfmm
 import pytest
@@ -49,8 +50,11 @@ def _poisoned_empty(shape, dtype, device):
 
 @pytest.fixture(autouse=True)
 def _poison_and_small_launch(monkeypatch):
-    for module in (kfm, kfmm):
+    # _empty is bound in every kernel module (the op files import it from _common, whose
+    # _dense_like calls its own); _DEFAULT_LAUNCH is read by each op's public function.
+    for module in (kcommon, kfm, kfmm):
         monkeypatch.setattr(module, "_empty", _poisoned_empty)
+    for module in (kfm, kfmm):
         monkeypatch.setattr(module, "_DEFAULT_LAUNCH", _TEST_LAUNCH)
 
 
@@ -264,7 +268,7 @@ def test_launch_rule():
 
 @triton.jit
 def _offsets_probe_kernel(out_ptr, pid, tiles, s1, s2, s3, BLOCK: tl.constexpr):
-    start = kfm._chunk_start(pid, tiles, BLOCK)
+    start = kcommon._chunk_start(pid, tiles, BLOCK)
     idx = start + tl.arange(0, BLOCK)
     tl.store(out_ptr + tl.arange(0, BLOCK), idx)
     tl.store(
@@ -337,9 +341,9 @@ def test_dispatch():
 
 
 def test_cpu_without_the_interpreter_is_a_reason(monkeypatch):
-    # kfm.INTERPRETED is what Triton decided at import; without the interpreter CPU tensors
+    # kcommon.INTERPRETED is what Triton decided at import; without the interpreter CPU tensors
     # cannot run: forced triton says so, auto falls back to the reference.
-    monkeypatch.setattr(kfm, "INTERPRETED", False)
+    monkeypatch.setattr(kcommon, "INTERPRETED", False)
     x, y = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)
     assert triton_unsupported_reasons(x, y) == [
         "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"

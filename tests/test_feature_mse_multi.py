@@ -7,6 +7,7 @@ test_matches_float64_reference_at_production_launch), kernels run in Triton's in
 import math
 import warnings
 
+import fastsp.kernels._common as kcommon
 import fastsp.kernels.feature_mse as kfm
 import fastsp.kernels.feature_mse_multi as kfmm
 import pytest
@@ -52,8 +53,11 @@ def _poisoned_empty(shape, dtype, device):
 
 @pytest.fixture(autouse=True)
 def _poison_and_small_launch(monkeypatch):
-    for module in (kfm, kfmm):
+    # _empty is bound in every kernel module (the op files import it from _common, whose
+    # _dense_like calls its own); _DEFAULT_LAUNCH is read by each op's public function.
+    for module in (kcommon, kfm, kfmm):
         monkeypatch.setattr(module, "_empty", _poisoned_empty)
+    for module in (kfm, kfmm):
         monkeypatch.setattr(module, "_DEFAULT_LAUNCH", _TEST_LAUNCH)
 
 

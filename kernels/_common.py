@@ -1,0 +1,119 @@
+"""Layout and launch helpers shared by the feature-MSE ops (``feature_mse``, ``feature_mse_multi``).
+
+One definition of each, imported by both op files, which never import each other:
+- ``INTERPRETED``: whether Triton runs these kernels in its interpreter (CPU tensors allowed).
+- The supported dtypes and the fixed launch constants: BLOCK 4096 elements per tile, at most 4096
+  programs (partial sums) per reduction, stage 2 summing 1024 partials a step; ``_num_warps`` maps
+  a BLOCK to its warps. The reasons for these numbers are in kernels/feature_mse.py.
+- Host layout rules: ``plan_layout`` merges dimensions as TensorIterator does, ``_is_flat`` says
+  when the result is one flat run of memory shared by every operand.
+- Allocation: ``_empty`` (every output of both ops is allocated through it; tests replace it to
+  poison outputs) and ``_dense_like``.
+- Device helpers called from the kernels: ``_cast_rtne`` (the one rounding to the output dtype),
+  ``_chunk_start`` (a program's first element, in int64), ``_scale_tiles`` (the in-place scale of
+  fused gradient buffers).
+- ``_tracing``: whether a backward runs under torch.compile's tracing, where saved tensors may not
+  be rewritten in place.
+"""
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Triton decides at decoration time whether kernels run in its interpreter (CPU tensors allowed).
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton before triton.knobs (3.4)
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_BLOCK = 4096  # elements per tile
+_MAX_PROGRAMS = 4096  # partial sums per reduction
+_FINAL_BLOCK = 1024  # partials summed per step of stage 2
+_DEFAULT_LAUNCH = (_BLOCK, _MAX_PROGRAMS, _FINAL_BLOCK)
+
+
+# ---------------------------------------------------------------------------- launch rules
+def _num_warps(block: int) -> int:
+    return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+
+
+def plan_layout(shape: Sequence[int], *strides: Sequence[int], order: list[int] | None = None):
+    """Merge ``shape`` under every operand's ``strides`` into as few dimensions as possible.
+
+    Returns (order, sizes, merged strides per operand). ``order`` lists the original dimensions
+    outermost first; by default the memory order of the operands (largest stride first), and the
+    kernels traverse elements, and lay out their outputs, in it. ``sizes`` and each merged stride
+    list run outermost first, with size-1 dimensions dropped.
+    """
+    if order is None:
+        order = sorted(range(len(shape)), key=lambda d: (-max(s[d] for s in strides), d))
+    sizes: list[int] = []
+    merged: list[list[int]] = [[] for _ in strides]
+    for d in order:
+        if shape[d] == 1:
+            continue
+        if sizes and all(m[-1] == s[d] * shape[d] for m, s in zip(merged, strides, strict=True)):
+            sizes[-1] *= shape[d]
+            for m, s in zip(merged, strides, strict=True):
+                m[-1] = s[d]
+        else:
+            sizes.append(shape[d])
+            for m, s in zip(merged, strides, strict=True):
+                m.append(s[d])
+    return order, sizes, merged
+
+
+def _is_flat(sizes: list[int], merged: list[list[int]]) -> bool:
+    return not sizes or (len(sizes) == 1 and all(m[0] == 1 for m in merged))
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    """Every output of both ops is allocated here (tests replace it to poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dense_like(t: Tensor) -> Tensor:
+    # Same strides as the dense tensor t (empty_like would too; _empty lets tests poison it).
+    return _empty(t.shape, t.dtype, t.device).as_strided(t.shape, t.stride())
+
+
+# ---------------------------------------------------------------------------- device helpers
+@triton.jit
+def _cast_rtne(v, DTYPE: tl.constexpr):
+    # fp32 -> DTYPE rounding to nearest even. For bf16 the rounding is done on the fp32 bits
+    # first (a no-op change on GPUs, whose conversion rounds the same way): Triton's interpreter
+    # truncates fp32 -> bf16 and would otherwise make CPU tests up to 1 ulp worse than the GPU.
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
+
+
+@triton.jit
+def _chunk_start(pid, tiles, BLOCK: tl.constexpr):
+    # First element owned by program `pid`; int64 so that tensors above 2^31 elements index right.
+    return pid.to(tl.int64) * tiles * BLOCK
+
+
+@triton.jit
+def _scale_tiles(src_ptr, dst_ptr, g, start, N, tiles, BLOCK: tl.constexpr):
+    # dst = src * g over `tiles` tiles from `start`: the fused backward of fp32 gradient buffers.
+    for _ in range(tiles):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < N
+        v = tl.load(src_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + idx, _cast_rtne(v * g, dst_ptr.dtype.element_ty), mask=mask)
+        start += BLOCK
+
+
+# ---------------------------------------------------------------------------- autograd
+def _tracing(t: Tensor) -> bool:
+    # Under torch.compile (or a tensor subclass such as FakeTensor) a backward may not rewrite a
+    # saved tensor in place: functionalisation would copy it.
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
