@@ -1,10 +1,11 @@
-"""Data sets and the sharded, resumable batch stream.
+"""The data sets: readers for each `--data`, the item contract and the bad-data policy.
 
 Data sets: the built-in 8x8 digits (scikit-learn ships them, so nothing is downloaded), a folder of
-images (one subfolder per class), a folder of precomputed VAE latent shards, and synthetic noise
-for benchmarks. Every data set is indexed by a key `(index, flip)` and returns
-`{"x": [C, R, R] float32 in [-1, 1], "label": int64 0-d, "bad": int64 0-d,
-"context": [L, D] (optional)}`.
+images (one subfolder per class), a folder of precomputed VAE latent shards (fastsp.latent_shards)
+and synthetic noise for benchmarks; `build_dataset` picks the one `--data` names. The order they
+are read in (sharding, resume) is fastsp.data_stream's job. Every data set is indexed by a key
+`(index, flip)` and returns `{"x": [C, R, R] float32 in [-1, 1], "label": int64 0-d, "bad": int64
+0-d, "context": [L, D] (optional)}`.
 
 Bad data (`on_bad_data`): an image PIL cannot identify, a zero-byte file, one above the pixel limit
 (a possible decompression bomb), or a latent shard that is unreadable or disagrees with the others
@@ -15,57 +16,35 @@ that passes the header check but fails to decode (truncated) is found when read:
 `"bad": 1` so the trainer can count substituted items (`batch["bad"].sum()`); every other item
 has `"bad": 0`. The substitute depends only on which files are bad, never on the order they were
 read in, so batches stay the same for every run, rank and worker count.
-
-The stream: training reads one infinite sequence of keys, the concatenation of per-epoch
-permutations `perm_e = randperm(N)` drawn from a generator seeded by a hash of `(seed, e)`; the
-flip bit of each position is drawn from the same generator. Nothing depends on worker RNG, the
-world size or how many steps ran before.
-
-Sharding: step `s` covers stream positions `[s*B, (s+1)*B)` for the global batch `B`; rank `r`
-of `W` takes the contiguous slice `[r*B/W, (r+1)*B/W)`. Concatenating the ranks' slices gives the
-one-process batch, so a run's data does not change with the number of GPUs.
-
-Resume: a step's keys are a pure function of `(seed, N, B, step)`, so starting the sampler at
-`start_step = k` (from a checkpoint) continues mid-epoch exactly where step `k` of an
-uninterrupted run would be; only the current epoch's permutation is computed and cached.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
 import functools
-import numbers
 import os
 import struct
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
+
+from fastsp.config import DATA_FORMATS, ON_BAD_DATA, is_int
 
 __all__ = [
-    "DATA_FORMATS",
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
-    "ON_BAD_DATA",
     "BadDataWarning",
     "DataError",
     "DigitsDataset",
     "ImageFolderDataset",
-    "LatentsDataset",
-    "ShardedBatchSampler",
     "SyntheticDataset",
     "build_dataset",
-    "make_loader",
 ]
 
-DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
-ON_BAD_DATA = ("stop", "skip")  # what a bad file does: stop the run, or leave the file out
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (1024**3 // 4 // 3)
 
 DIGITS_HELDOUT = 297  # held-out images of the 1,797; the other 1,500 train
@@ -109,10 +88,6 @@ def _split_key(key) -> tuple[int, bool]:
     return int(key), False
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_index(index: int, n: int) -> int:
     if index < 0:
         index += n
@@ -144,7 +119,7 @@ class DigitsDataset(Dataset):
     def __init__(self, split: str = "train", resolution: int = 16):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        if not _is_int(resolution) or resolution < 8:
+        if not is_int(resolution) or resolution < 8:
             raise ValueError(
                 f"digits resolution must be an integer >= 8 (the source images are 8x8), "
                 f"got {resolution!r}"
@@ -319,10 +294,10 @@ class ImageFolderDataset(Dataset):
                 "for an image folder; pass --channels 1 or --channels 3 (other counts need "
                 "latent shards or --data synthetic)"
             )
-        if not _is_int(resolution) or resolution < 1:
+        if not is_int(resolution) or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
         _check_policy(on_bad_data)
-        if max_image_pixels is not None and (not _is_int(max_image_pixels) or max_image_pixels < 1):
+        if max_image_pixels is not None and (not is_int(max_image_pixels) or max_image_pixels < 1):
             raise ValueError(
                 f"max_image_pixels must be a positive integer or None, got {max_image_pixels!r}"
             )
@@ -479,280 +454,6 @@ class ImageFolderDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Latent shards
-# ---------------------------------------------------------------------------------------------
-
-_ST_FLOAT = {"F16", "BF16", "F32", "F64"}
-_ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
-_NPY_SIDE = (".labels.npy", ".context.npy")
-
-
-def _mismatch(path: str, sig: tuple, ref_path: str, ref: tuple, others: int) -> DataError:
-    """Why shard `path` (signature `sig` = ((C, H, W), has labels, context shape)) disagrees
-    with the majority `ref`, first held by `ref_path` and by `others` more shards."""
-    also = f" (as do {others} other shards)" if others else ""
-    (chw, has_labels, context), (ref_chw, ref_labels, ref_context) = sig, ref
-    if chw != ref_chw:
-        return DataError(
-            f"latent shard '{path}' has shape [N, {', '.join(map(str, chw))}] but '{ref_path}' "
-            f"has [N, {', '.join(map(str, ref_chw))}]{also}; every shard must come from the same "
-            f"VAE and resolution: regenerate or remove the shard"
-        )
-    if has_labels != ref_labels:
-        have, lack = (path, ref_path) if has_labels else (ref_path, path)
-        return DataError(
-            f"latent shard '{have}' has labels but '{lack}' has none{also}; give every shard "
-            f"labels or none"
-        )
-    return DataError(
-        f"latent shard '{path}' has context shape {context} but '{ref_path}' has {ref_context}"
-        f"{also}; every shard needs the same text-encoder context (or none)"
-    )
-
-
-class LatentsDataset(Dataset):
-    """A folder of precomputed VAE latent shards, read lazily (memory-mapped).
-
-    A shard is `NAME.npy` ([N, C, H, W] float; optional siblings `NAME.labels.npy` [N] int and
-    `NAME.context.npy` [N, L, D] float) or `NAME.safetensors` (keys "latents", optional "labels"
-    and "context", same shapes). Shards are read in sorted name order; all must agree on C, H == W,
-    on having labels and on the context shape. Items are `latents * latent_scale` in float32;
-    flipping latents is off unless `random_flip` (valid for SD's VAE, not for every VAE).
-
-    Bad shards (unreadable, not [N, C, H, H], not floating point, bad labels or context) and
-    shards that disagree with the others are found here, at construction. "The others" are the
-    majority: the (C, H, W), labels and context that most readable shards share (ties: the
-    earliest shard's), so one odd shard is the one named, even when it sorts first. With
-    `on_bad_data="stop"` the first bad shard raises `DataError`; with "skip" each is left out with
-    a `BadDataWarning` and listed in `bad_files`.
-    """
-
-    def __init__(
-        self,
-        root,
-        latent_scale: float = 1.0,
-        random_flip: bool = False,
-        on_bad_data: str = "stop",
-    ):
-        _check_policy(on_bad_data)
-        root = os.fspath(root)
-        if not os.path.exists(root):
-            raise _missing_folder("latents folder", root)
-        if not os.path.isdir(root):
-            raise DataError(f"latents folder '{root}' is a file, not a folder; {_FIX_DATA}")
-        self.on_bad_data = on_bad_data
-        self.bad_files: list[tuple[str, str]] = []  # (path, reason), in the order found
-        names = sorted(e for e in os.listdir(root) if not e.startswith("."))
-        shard_names = [
-            n
-            for n in names
-            if n.endswith(".safetensors") or (n.endswith(".npy") and not n.endswith(_NPY_SIDE))
-        ]
-        for n in names:
-            for suffix in _NPY_SIDE:
-                base = n[: -len(suffix)] + ".npy"
-                if n.endswith(suffix) and base not in shard_names:
-                    self._reject(
-                        DataError(
-                            f"'{os.path.join(root, n)}' has no latents shard '{base}' beside it; "
-                            f"add the shard or remove the file"
-                        ),
-                        os.path.join(root, n),
-                    )
-        if not shard_names:
-            raise DataError(
-                f"no latent shards (*.npy or *.safetensors) found in '{root}'; write the "
-                f"precomputed latents there, or {_FIX_DATA}"
-            )
-
-        self.root = root
-        self.latent_scale = float(latent_scale)
-        self.random_flip = random_flip
-        found = []  # (path, N, (C, H, W), max label, context shape) of each readable shard
-        for name in shard_names:
-            path = os.path.join(root, name)
-            try:
-                found.append((path, *self._inspect(path)))
-            except DataError as e:
-                self._reject(e, path)
-        if not found:
-            raise DataError(
-                f"no readable latent shards in '{root}': all {len(shard_names)} are bad (e.g. "
-                f"{self.bad_files[0][1]}); write the precomputed latents there, or {_FIX_DATA}"
-            )
-        # The reference: what most shards agree on (Counter keeps first-seen order for ties).
-        signatures = [(chw, lab is not None, ctx) for _, _, chw, lab, ctx in found]
-        votes = collections.Counter(signatures)
-        ref = max(votes, key=votes.__getitem__)
-        ref_path = found[signatures.index(ref)][0]
-        self.shards: list[str] = []
-        sizes: list[int] = []
-        max_label = -1
-        for (path, n, _, labels_max, _), sig in zip(found, signatures, strict=True):
-            if sig != ref:
-                self._reject(_mismatch(path, sig, ref_path, ref, votes[ref] - 1), path)
-                continue
-            if labels_max is not None:
-                max_label = max(max_label, labels_max)
-            if n:
-                self.shards.append(path)
-                sizes.append(n)
-        if not sizes:
-            raise DataError(f"every latent shard in '{root}' is empty; write latents into them")
-        self.offsets = np.cumsum([0] + sizes).tolist()  # shard i holds [offsets[i], offsets[i+1])
-        (self.channels, height, _), self.has_labels, self.context_shape = ref
-        self.resolution = height
-        self.num_classes = max_label + 1 if self.has_labels else 0
-        self.has_context = self.context_shape is not None
-        self._open: dict[str, dict] = {}  # per process, never pickled to workers
-
-    def _reject(self, error: DataError, path: str) -> None:
-        """A bad shard or file: raise `error` ("stop"), or warn and record it ("skip")."""
-        if self.on_bad_data == "stop":
-            raise error
-        _skip(self.bad_files, path, str(error))
-
-    @staticmethod
-    def _inspect(path: str) -> tuple[int, tuple[int, int, int], int | None, tuple | None]:
-        """Validate one shard without reading its latents: (N, (C, H, W), max label, context)."""
-        if path.endswith(".npy"):
-            base = path[: -len(".npy")]
-            side = [base + suffix for suffix in _NPY_SIDE]  # labels, context
-            try:
-                lat = np.load(path, mmap_mode="r")
-                lab, ctx = (np.load(p, mmap_mode="r") if os.path.exists(p) else None for p in side)
-            except (OSError, ValueError, EOFError) as e:
-                raise DataError(
-                    f"cannot read latent shard '{path}' or its .labels.npy / .context.npy ({e}); "
-                    f"remove it or write it again with numpy.save"
-                ) from e
-            shape, is_float = tuple(lat.shape), np.issubdtype(lat.dtype, np.floating)
-            dtype = str(lat.dtype)
-            labels = context = None
-            if lab is not None:
-                labels = (tuple(lab.shape), np.issubdtype(lab.dtype, np.integer), lab)
-            if ctx is not None:
-                context = (tuple(ctx.shape), np.issubdtype(ctx.dtype, np.floating))
-        else:
-            from safetensors import safe_open
-
-            try:
-                f = safe_open(path, framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise DataError(
-                    f"cannot read latent shard '{path}' ({e}); remove it or write it again with "
-                    f"safetensors.torch.save_file"
-                ) from e
-            keys = set(f.keys())
-            if "latents" not in keys:
-                raise DataError(
-                    f"latent shard '{path}' has no tensor named 'latents' (it has "
-                    f"{sorted(keys)}); save the latents under the key 'latents'"
-                )
-            sl = f.get_slice("latents")
-            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-            is_float = dtype in _ST_FLOAT
-            labels = context = None
-            if "labels" in keys:
-                ls = f.get_slice("labels")
-                labels = (tuple(ls.get_shape()), ls.get_dtype() in _ST_INT, None)
-                if labels[1]:
-                    labels = (*labels[:2], f.get_tensor("labels").numpy())
-            if "context" in keys:
-                cs = f.get_slice("context")
-                context = (tuple(cs.get_shape()), cs.get_dtype() in _ST_FLOAT)
-
-        if len(shape) != 4 or shape[2] != shape[3]:
-            raise DataError(
-                f"latent shard '{path}' has shape {list(shape)}; latents must be [N, C, H, W] "
-                f"with H == W: write square latents, one row per image"
-            )
-        if not is_float:
-            raise DataError(
-                f"latent shard '{path}' has dtype {dtype}; latents must be floating point "
-                f"(float16, bfloat16 or float32): save the VAE output without quantizing it"
-            )
-        n = shape[0]
-        labels_max = None
-        if labels is not None:
-            lshape, is_int, values = labels
-            if len(lshape) != 1 or lshape[0] != n or not is_int:
-                raise DataError(
-                    f"labels of latent shard '{path}' have shape {list(lshape)}"
-                    f"{'' if is_int else ' and a non-integer dtype'}; labels must be [{n}] "
-                    f"integers, one per latent"
-                )
-            if n:
-                lo, hi = int(values.min()), int(values.max())
-                if lo < 0:
-                    raise DataError(
-                        f"labels of latent shard '{path}' include {lo}; class labels must be "
-                        f"0, 1, 2, ... (no negatives)"
-                    )
-                labels_max = hi
-            else:
-                labels_max = -1
-        context_shape = None
-        if context is not None:
-            cshape, is_ctx_float = context
-            if len(cshape) != 3 or cshape[0] != n or not is_ctx_float:
-                raise DataError(
-                    f"context of latent shard '{path}' has shape {list(cshape)}; context must be "
-                    f"[{n}, L, D] floating point, one sequence per latent"
-                )
-            context_shape = tuple(cshape[1:])
-        return n, tuple(shape[1:]), labels_max, context_shape
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_open"] = {}  # memory maps and safetensors handles reopen in each worker
-        return state
-
-    def _handle(self, path: str) -> dict:
-        h = self._open.get(path)
-        if h is None:
-            if path.endswith(".npy"):
-                base = path[: -len(".npy")]
-                h = {"latents": np.load(path, mmap_mode="r")}
-                if self.has_labels:
-                    h["labels"] = np.load(base + ".labels.npy", mmap_mode="r")
-                if self.has_context:
-                    h["context"] = np.load(base + ".context.npy", mmap_mode="r")
-            else:
-                from safetensors import safe_open
-
-                f = safe_open(path, framework="pt")
-                h = {k: f.get_slice(k) for k in ("latents", "labels", "context") if k in f.keys()}
-                h["_file"] = f
-            self._open[path] = h
-        return h
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        index, flip = _split_key(key)
-        index = _check_index(index, len(self))
-        shard = bisect.bisect_right(self.offsets, index) - 1
-        row = index - self.offsets[shard]
-        h = self._handle(self.shards[shard])
-
-        def read(name: str) -> torch.Tensor:
-            if isinstance(h[name], np.ndarray):
-                return torch.from_numpy(np.array(h[name][row]))
-            return h[name][row : row + 1][0]
-
-        x = read("latents").float() * self.latent_scale
-        if flip and self.random_flip:
-            x = torch.flip(x, dims=(-1,))
-        label = read("labels").to(torch.int64) if self.has_labels else torch.tensor(0)
-        item = {"x": x.contiguous(), "label": label.reshape(()), "bad": torch.tensor(0)}
-        if self.has_context:
-            item["context"] = read("context").float().contiguous()
-        return item
-
-
-# ---------------------------------------------------------------------------------------------
 # Synthetic
 # ---------------------------------------------------------------------------------------------
 
@@ -821,13 +522,20 @@ def build_dataset(
     random_flip: bool = True,
     on_bad_data: str = "stop",
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    *,
+    num_classes: int = 0,
+    context_len: int = 0,
+    context_dim: int = 0,
+    seed: int = 0,
 ) -> Dataset:
     """The data set that `--data` names: "digits", "synthetic" or a folder.
 
     A folder holding any *.npy or *.safetensors file directly is read as latents, else as images;
     `data_format` forces one. `split` applies to digits only (give a folder of held-out images or
     latents as its own `--data`); `random_flip` and `max_image_pixels` apply to image folders
-    (latents never flip here); `on_bad_data` ("stop" or "skip") to folders.
+    (latents never flip here); `on_bad_data` ("stop" or "skip") to folders. `num_classes`,
+    `context_len`, `context_dim` and `seed` apply to synthetic only (see `SyntheticDataset`):
+    the other data sets get their classes and context from their files.
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
@@ -843,7 +551,15 @@ def build_dataset(
     if fmt == "digits":
         return DigitsDataset(split, resolution)
     if fmt == "synthetic":
-        return SyntheticDataset(_SYNTHETIC_ITEMS, channels, resolution)
+        return SyntheticDataset(
+            _SYNTHETIC_ITEMS,
+            channels,
+            resolution,
+            num_classes=num_classes,
+            context_len=context_len,
+            context_dim=context_dim,
+            seed=seed,
+        )
 
     path = os.fspath(data)
     if not os.path.exists(path):
@@ -857,6 +573,10 @@ def build_dataset(
         )
         fmt = "latents" if is_latents else "images"
     if fmt == "latents":
+        # Imported here, not at the top: fastsp.latent_shards imports DataError and the bad-data
+        # helpers from this module, so a top-level import would be a cycle.
+        from fastsp.latent_shards import LatentsDataset
+
         return LatentsDataset(path, latent_scale=latent_scale, on_bad_data=on_bad_data)
     return ImageFolderDataset(
         path,
@@ -865,153 +585,4 @@ def build_dataset(
         random_flip=random_flip,
         on_bad_data=on_bad_data,
         max_image_pixels=max_image_pixels,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampler and loader
-# ---------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit generator seed from a tuple of ints (nearby tuples give unrelated seeds)."""
-    h = 0
-    for v in values:
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h >> 1
-
-
-class ShardedBatchSampler(Sampler):
-    """Infinite, deterministic, rank-sharded and resumable stream of batches of keys (index, flip).
-
-    Yields, for steps `start_step, start_step + 1, ...`, this rank's `global_batch // world_size`
-    keys: the slice `[rank*b, (rank+1)*b)` of stream positions `[step*B, (step+1)*B)`, where the
-    stream is the concatenation of per-epoch permutations (see the module docstring).
-    """
-
-    def __init__(
-        self,
-        dataset_len: int,
-        global_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        start_step: int = 0,
-    ):
-        if dataset_len < 1:
-            raise ValueError(f"dataset_len must be >= 1, got {dataset_len}")
-        if global_batch < 1 or world_size < 1:
-            raise ValueError(
-                f"global_batch and world_size must be >= 1, got {global_batch} and {world_size}"
-            )
-        if global_batch % world_size:
-            raise ValueError(
-                f"global_batch {global_batch} is not divisible by world_size {world_size}; "
-                f"pick a global batch that is a multiple of the number of processes"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        self.dataset_len = dataset_len
-        self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.start_step = start_step
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def epoch(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Epoch `e`'s permutation [N] int64 and flip bits [N] bool (cached while in use)."""
-        if e not in self._cache:
-            g = torch.Generator().manual_seed(_mix(self.seed, e))
-            perm = torch.randperm(self.dataset_len, generator=g)
-            flips = torch.randint(0, 2, (self.dataset_len,), generator=g).bool()
-            self._cache = {k: v for k, v in self._cache.items() if k > e - 2}
-            self._cache[e] = (perm, flips)
-        return self._cache[e]
-
-    def step_tensors(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's indices [b] int64 and flip bits [b] bool for training step `step`."""
-        n = self.dataset_len
-        pos = step * self.global_batch + self.rank * self.local_batch
-        end = pos + self.local_batch
-        indices, flips = [], []
-        while pos < end:
-            e, off = divmod(pos, n)
-            take = min(end - pos, n - off)
-            perm, flip = self.epoch(e)
-            indices.append(perm[off : off + take])
-            flips.append(flip[off : off + take])
-            pos += take
-        if len(indices) == 1:
-            return indices[0], flips[0]
-        return torch.cat(indices), torch.cat(flips)
-
-    def keys(self, step: int) -> list[tuple[int, bool]]:
-        """This rank's keys `(index, flip)` for training step `step`."""
-        indices, flips = self.step_tensors(step)
-        return list(zip(indices.tolist(), flips.tolist(), strict=True))
-
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        step = self.start_step
-        while True:
-            yield self.keys(step)
-            step += 1
-
-
-class InMemoryLoader:
-    """The loader for in-memory data sets (those with `get_batch`): one gather per step, no
-    per-item collation, no workers. Yields exactly what the DataLoader path would."""
-
-    def __init__(self, dataset, batch_sampler: ShardedBatchSampler, pin_memory: bool = False):
-        self.dataset = dataset
-        self.batch_sampler = batch_sampler
-        self.pin_memory = pin_memory
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        step = self.batch_sampler.start_step
-        while True:
-            indices, _ = self.batch_sampler.step_tensors(step)  # flip: ignored by these data sets
-            batch = self.dataset.get_batch(indices)
-            if "bad" not in batch:  # in-memory data has no bad files; the key keeps batches alike
-                batch["bad"] = torch.zeros(indices.shape, dtype=torch.int64)
-            if self.pin_memory:
-                batch = {k: v.pin_memory() for k, v in batch.items()}
-            yield batch
-            step += 1
-
-
-def make_loader(
-    dataset,
-    global_batch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    start_step: int = 0,
-    num_workers: int = 0,
-):
-    """An endless iterable of this rank's batches, one per training step from `start_step`:
-    {"x": [B/W, C, R, R] float32, "label": [B/W] int64, "bad": [B/W] int64 (1 = substituted),
-    "context": [B/W, L, D] (if any)}."""
-    sampler = ShardedBatchSampler(len(dataset), global_batch, rank, world_size, seed, start_step)
-    pin = torch.cuda.is_available()
-    if hasattr(dataset, "get_batch"):
-        return InMemoryLoader(dataset, sampler, pin_memory=pin)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=pin,
-        persistent_workers=num_workers > 0,
     )

@@ -1,4 +1,5 @@
-"""Data sets, the sharded batch sampler and the loader (fastsp/data.py)."""
+"""Data sets, the sharded batch sampler and the loader (fastsp/data.py, latent_shards.py,
+data_stream.py)."""
 
 import itertools
 
@@ -12,12 +13,11 @@ from fastsp.data import (
     DataError,
     DigitsDataset,
     ImageFolderDataset,
-    LatentsDataset,
-    ShardedBatchSampler,
     SyntheticDataset,
     build_dataset,
-    make_loader,
 )
+from fastsp.data_stream import ShardedBatchSampler, make_loader
+from fastsp.latent_shards import LatentsDataset
 
 # Odd sizes: the dataset length is no multiple of any batch, so batches straddle epochs.
 _SAMPLER_CASES = [(37, 8), (5, 16), (100, 12)]  # (dataset_len, global_batch)
@@ -350,6 +350,29 @@ def test_synthetic():
     assert torch.equal(a["x"], torch.randn(3, 8, 8, generator=g))
     assert not torch.equal(a["x"], ds[(14, False)]["x"])
     assert ds.context_shape == (4, 5) and ds.has_context
+
+
+def test_build_dataset_synthetic_options():
+    # The trainer builds its synthetic set through build_dataset: classes, context and seed.
+    kwargs = dict(resolution=8, channels=3, num_classes=7, context_len=4, context_dim=5)
+    ds = build_dataset("synthetic", data_format="synthetic", seed=3, **kwargs)
+    assert isinstance(ds, SyntheticDataset) and len(ds) == 10_000
+    assert ds.num_classes == 7 and ds.has_context and ds.context_shape == (4, 5)
+    item = ds[(13, False)]
+    assert item["x"].shape == (3, 8, 8) and item["context"].shape == (4, 5)
+    assert item["label"].item() == 13 % 7
+    same = build_dataset("synthetic", seed=3, **kwargs)[(13, False)]
+    other = build_dataset("synthetic", seed=4, **kwargs)[(13, False)]
+    assert torch.equal(item["x"], same["x"]) and torch.equal(item["context"], same["context"])
+    assert not torch.equal(item["x"], other["x"])
+    assert not torch.equal(item["context"], other["context"])
+    assert torch.equal(item["x"], SyntheticDataset(50, 3, 8, 7, 4, 5, seed=3)[13]["x"])
+
+    plain = build_dataset("synthetic", resolution=8, channels=3)  # the defaults: no classes
+    assert plain.num_classes == 0 and not plain.has_context and plain.seed == 0
+    assert "context" not in plain[0] and plain[5]["label"].item() == 0
+    with pytest.raises(ValueError, match="context_len and context_dim"):
+        build_dataset("synthetic", context_len=4)
 
 
 def test_build_dataset(tmp_path):

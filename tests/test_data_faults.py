@@ -1,4 +1,5 @@
-"""Data faults (fastsp/data.py): bad files under on_bad_data "stop" and "skip", and odd image modes.
+"""Data faults (fastsp/data.py, fastsp/latent_shards.py): bad files under on_bad_data "stop" and
+"skip", and odd image modes.
 
 Every fault is a real file written into tmp_path: a zero-byte file, random bytes, an image above
 the pixel limit (a decompression bomb in miniature: a 20x20 image against max_image_pixels=100),
@@ -28,12 +29,11 @@ from fastsp.data import (
     BadDataWarning,
     DataError,
     ImageFolderDataset,
-    LatentsDataset,
-    ShardedBatchSampler,
     _convert_mode,
     build_dataset,
-    make_loader,
 )
+from fastsp.data_stream import ShardedBatchSampler, make_loader
+from fastsp.latent_shards import LatentsDataset, inspect_shard
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO / "fastsp" / "train.py")
@@ -338,7 +338,7 @@ def test_latent_fault_skip(tmp_path, fault):
     kept = sorted(str(p) for p in root.iterdir() if p != bad)
     assert ds.shards == kept
     assert ds.channels == 4 and ds.resolution == 6
-    assert len(ds) == sum(LatentsDataset._inspect(p)[0] for p in kept)
+    assert len(ds) == sum(inspect_shard(p).num_items for p in kept)
     items = [ds[(i, False)] for i in range(len(ds))]
     assert all(it["x"].shape == (4, 6, 6) and it["bad"].item() == 0 for it in items)
     serial = _take(make_loader(ds, 3, seed=1), 3)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.data import ShardedBatchSampler
+from fastsp.data_stream import ShardedBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "fastsp" / "train.py")

@@ -1,0 +1,375 @@
+"""Latent shards: a folder of precomputed VAE latents as a data set, and the check of each shard.
+
+`inspect_shard` reads one shard's header (never its latents) and either describes it as a
+`ShardInfo` or raises `DataError` saying what is wrong and how to fix it. `LatentsDataset` checks
+every shard this way at construction, keeps those that agree with the majority, and reads items
+lazily from memory maps. Items follow the contract in fastsp.data; bad shards follow its
+`on_bad_data` policy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fastsp.data import (
+    _FIX_DATA,
+    DataError,
+    _check_index,
+    _check_policy,
+    _missing_folder,
+    _skip,
+    _split_key,
+)
+
+__all__ = ["LatentsDataset", "ShardInfo", "inspect_shard"]
+
+_ST_FLOAT = {"F16", "BF16", "F32", "F64"}
+_ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+_NPY_SIDE = (".labels.npy", ".context.npy")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One readable, valid latent shard, as `inspect_shard` found it."""
+
+    path: str
+    num_items: int  # N, the number of latents (may be 0)
+    item_shape: tuple[int, int, int]  # (C, H, W) of one latent, H == W
+    has_labels: bool
+    max_label: int  # the largest class label; -1 without labels or when the shard is empty
+    context_shape: tuple[int, int] | None  # (L, D) of one item's context; None without context
+
+    @property
+    def layout(self) -> tuple:
+        """What every shard of a data set must share: (item shape, has labels, context shape),
+        hashable so the majority can be counted."""
+        return (self.item_shape, self.has_labels, self.context_shape)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What a shard's file(s) declare, before any check: shapes include the leading N."""
+
+    shape: tuple[int, ...]
+    dtype: str  # as the format spells it ("float32" for numpy, "F32" for safetensors)
+    is_float: bool
+    label_shape: tuple[int, ...] | None  # None: the shard has no labels
+    labels_are_int: bool
+    label_values: np.ndarray | None  # a .npy memory map; from .safetensors only if integral
+    context_shape: tuple[int, ...] | None  # None: the shard has no context
+    context_is_float: bool
+
+
+def _read_npy(path: str) -> _Header:
+    """The header of `NAME.npy` and its optional `NAME.labels.npy` / `NAME.context.npy`."""
+    base = path[: -len(".npy")]
+    side = [base + suffix for suffix in _NPY_SIDE]  # labels, context
+    try:
+        lat = np.load(path, mmap_mode="r")
+        lab, ctx = (np.load(p, mmap_mode="r") if os.path.exists(p) else None for p in side)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(
+            f"cannot read latent shard '{path}' or its .labels.npy / .context.npy ({e}); "
+            f"remove it or write it again with numpy.save"
+        ) from e
+    return _Header(
+        shape=tuple(lat.shape),
+        dtype=str(lat.dtype),
+        is_float=bool(np.issubdtype(lat.dtype, np.floating)),
+        label_shape=None if lab is None else tuple(lab.shape),
+        labels_are_int=lab is not None and bool(np.issubdtype(lab.dtype, np.integer)),
+        label_values=lab,  # memory-mapped: only the label check reads it
+        context_shape=None if ctx is None else tuple(ctx.shape),
+        context_is_float=ctx is not None and bool(np.issubdtype(ctx.dtype, np.floating)),
+    )
+
+
+def _read_safetensors(path: str) -> _Header:
+    """The header of `NAME.safetensors` (tensors "latents", optional "labels" and "context")."""
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types
+        raise DataError(
+            f"cannot read latent shard '{path}' ({e}); remove it or write it again with "
+            f"safetensors.torch.save_file"
+        ) from e
+    keys = set(f.keys())
+    if "latents" not in keys:
+        raise DataError(
+            f"latent shard '{path}' has no tensor named 'latents' (it has "
+            f"{sorted(keys)}); save the latents under the key 'latents'"
+        )
+    sl = f.get_slice("latents")
+    dtype = sl.get_dtype()
+    label_shape = label_values = context_shape = None
+    labels_are_int = context_is_float = False
+    if "labels" in keys:
+        ls = f.get_slice("labels")
+        label_shape, labels_are_int = tuple(ls.get_shape()), ls.get_dtype() in _ST_INT
+        if labels_are_int:
+            label_values = f.get_tensor("labels").numpy()
+    if "context" in keys:
+        cs = f.get_slice("context")
+        context_shape, context_is_float = tuple(cs.get_shape()), cs.get_dtype() in _ST_FLOAT
+    return _Header(
+        shape=tuple(sl.get_shape()),
+        dtype=dtype,
+        is_float=dtype in _ST_FLOAT,
+        label_shape=label_shape,
+        labels_are_int=labels_are_int,
+        label_values=label_values,
+        context_shape=context_shape,
+        context_is_float=context_is_float,
+    )
+
+
+def _check_latents(path: str, header: _Header) -> None:
+    shape = header.shape
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise DataError(
+            f"latent shard '{path}' has shape {list(shape)}; latents must be [N, C, H, W] "
+            f"with H == W: write square latents, one row per image"
+        )
+    if not header.is_float:
+        raise DataError(
+            f"latent shard '{path}' has dtype {header.dtype}; latents must be floating point "
+            f"(float16, bfloat16 or float32): save the VAE output without quantizing it"
+        )
+
+
+def _check_labels(path: str, n: int, header: _Header) -> int:
+    """The largest label of a shard of `n` latents (-1 when it has none or is empty)."""
+    if header.label_shape is None:
+        return -1
+    lshape, is_int = header.label_shape, header.labels_are_int
+    if len(lshape) != 1 or lshape[0] != n or not is_int:
+        raise DataError(
+            f"labels of latent shard '{path}' have shape {list(lshape)}"
+            f"{'' if is_int else ' and a non-integer dtype'}; labels must be [{n}] "
+            f"integers, one per latent"
+        )
+    if not n:
+        return -1
+    values = header.label_values
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0:
+        raise DataError(
+            f"labels of latent shard '{path}' include {lo}; class labels must be "
+            f"0, 1, 2, ... (no negatives)"
+        )
+    return hi
+
+
+def _check_context(path: str, n: int, header: _Header) -> tuple[int, int] | None:
+    """One item's context shape (L, D) of a shard of `n` latents, None when it has none."""
+    if header.context_shape is None:
+        return None
+    cshape = header.context_shape
+    if len(cshape) != 3 or cshape[0] != n or not header.context_is_float:
+        raise DataError(
+            f"context of latent shard '{path}' has shape {list(cshape)}; context must be "
+            f"[{n}, L, D] floating point, one sequence per latent"
+        )
+    return tuple(cshape[1:])
+
+
+def inspect_shard(path: str) -> ShardInfo:
+    """Validate one shard (.npy or .safetensors) without reading its latents.
+
+    Raises `DataError` naming the file when it is unreadable, its latents are not [N, C, H, H]
+    floating point, or its labels or context do not fit them."""
+    header = _read_npy(path) if path.endswith(".npy") else _read_safetensors(path)
+    _check_latents(path, header)
+    n = header.shape[0]
+    max_label = _check_labels(path, n, header)
+    context_shape = _check_context(path, n, header)
+    return ShardInfo(
+        path=path,
+        num_items=n,
+        item_shape=tuple(header.shape[1:]),
+        has_labels=header.label_shape is not None,
+        max_label=max_label,
+        context_shape=context_shape,
+    )
+
+
+def _mismatch(shard: ShardInfo, ref: ShardInfo, others: int) -> DataError:
+    """Why `shard` disagrees with the majority layout, first held by `ref` and by `others` more
+    shards."""
+    path, ref_path = shard.path, ref.path
+    also = f" (as do {others} other shards)" if others else ""
+    if shard.item_shape != ref.item_shape:
+        return DataError(
+            f"latent shard '{path}' has shape [N, {', '.join(map(str, shard.item_shape))}] but "
+            f"'{ref_path}' has [N, {', '.join(map(str, ref.item_shape))}]{also}; every shard "
+            f"must come from the same VAE and resolution: regenerate or remove the shard"
+        )
+    if shard.has_labels != ref.has_labels:
+        have, lack = (path, ref_path) if shard.has_labels else (ref_path, path)
+        return DataError(
+            f"latent shard '{have}' has labels but '{lack}' has none{also}; give every shard "
+            f"labels or none"
+        )
+    return DataError(
+        f"latent shard '{path}' has context shape {shard.context_shape} but '{ref_path}' has "
+        f"{ref.context_shape}{also}; every shard needs the same text-encoder context (or none)"
+    )
+
+
+class LatentsDataset(Dataset):
+    """A folder of precomputed VAE latent shards, read lazily (memory-mapped).
+
+    A shard is `NAME.npy` ([N, C, H, W] float; optional siblings `NAME.labels.npy` [N] int and
+    `NAME.context.npy` [N, L, D] float) or `NAME.safetensors` (keys "latents", optional "labels"
+    and "context", same shapes). Shards are read in sorted name order; all must agree on C, H == W,
+    on having labels and on the context shape. Items are `latents * latent_scale` in float32;
+    flipping latents is off unless `random_flip` (valid for SD's VAE, not for every VAE).
+
+    Bad shards (unreadable, not [N, C, H, H], not floating point, bad labels or context) and
+    shards that disagree with the others are found here, at construction. "The others" are the
+    majority: the (C, H, W), labels and context that most readable shards share (ties: the
+    earliest shard's), so one odd shard is the one named, even when it sorts first. With
+    `on_bad_data="stop"` the first bad shard raises `DataError`; with "skip" each is left out with
+    a `BadDataWarning` and listed in `bad_files`.
+    """
+
+    def __init__(
+        self,
+        root,
+        latent_scale: float = 1.0,
+        random_flip: bool = False,
+        on_bad_data: str = "stop",
+    ):
+        _check_policy(on_bad_data)
+        root = os.fspath(root)
+        if not os.path.exists(root):
+            raise _missing_folder("latents folder", root)
+        if not os.path.isdir(root):
+            raise DataError(f"latents folder '{root}' is a file, not a folder; {_FIX_DATA}")
+        self.on_bad_data = on_bad_data
+        self.bad_files: list[tuple[str, str]] = []  # (path, reason), in the order found
+        names = sorted(e for e in os.listdir(root) if not e.startswith("."))
+        shard_names = [
+            n
+            for n in names
+            if n.endswith(".safetensors") or (n.endswith(".npy") and not n.endswith(_NPY_SIDE))
+        ]
+        for n in names:
+            for suffix in _NPY_SIDE:
+                base = n[: -len(suffix)] + ".npy"
+                if n.endswith(suffix) and base not in shard_names:
+                    self._reject(
+                        DataError(
+                            f"'{os.path.join(root, n)}' has no latents shard '{base}' beside it; "
+                            f"add the shard or remove the file"
+                        ),
+                        os.path.join(root, n),
+                    )
+        if not shard_names:
+            raise DataError(
+                f"no latent shards (*.npy or *.safetensors) found in '{root}'; write the "
+                f"precomputed latents there, or {_FIX_DATA}"
+            )
+
+        self.root = root
+        self.latent_scale = float(latent_scale)
+        self.random_flip = random_flip
+        found: list[ShardInfo] = []  # each readable shard
+        for name in shard_names:
+            path = os.path.join(root, name)
+            try:
+                found.append(inspect_shard(path))
+            except DataError as e:
+                self._reject(e, path)
+        if not found:
+            raise DataError(
+                f"no readable latent shards in '{root}': all {len(shard_names)} are bad (e.g. "
+                f"{self.bad_files[0][1]}); write the precomputed latents there, or {_FIX_DATA}"
+            )
+        # The reference: what most shards agree on (Counter keeps first-seen order for ties).
+        layouts = [shard.layout for shard in found]
+        votes = collections.Counter(layouts)
+        ref = found[layouts.index(max(votes, key=votes.__getitem__))]
+        self.shards: list[str] = []
+        sizes: list[int] = []
+        max_label = -1
+        for shard in found:
+            if shard.layout != ref.layout:
+                self._reject(_mismatch(shard, ref, votes[ref.layout] - 1), shard.path)
+                continue
+            max_label = max(max_label, shard.max_label)
+            if shard.num_items:
+                self.shards.append(shard.path)
+                sizes.append(shard.num_items)
+        if not sizes:
+            raise DataError(f"every latent shard in '{root}' is empty; write latents into them")
+        self.offsets = np.cumsum([0] + sizes).tolist()  # shard i holds [offsets[i], offsets[i+1])
+        self.channels, self.resolution, _ = ref.item_shape
+        self.has_labels = ref.has_labels
+        self.context_shape = ref.context_shape
+        self.num_classes = max_label + 1 if self.has_labels else 0
+        self.has_context = self.context_shape is not None
+        self._open: dict[str, dict] = {}  # per process, never pickled to workers
+
+    def _reject(self, error: DataError, path: str) -> None:
+        """A bad shard or file: raise `error` ("stop"), or warn and record it ("skip")."""
+        if self.on_bad_data == "stop":
+            raise error
+        _skip(self.bad_files, path, str(error))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = {}  # memory maps and safetensors handles reopen in each worker
+        return state
+
+    def _handle(self, path: str) -> dict:
+        h = self._open.get(path)
+        if h is None:
+            if path.endswith(".npy"):
+                base = path[: -len(".npy")]
+                h = {"latents": np.load(path, mmap_mode="r")}
+                if self.has_labels:
+                    h["labels"] = np.load(base + ".labels.npy", mmap_mode="r")
+                if self.has_context:
+                    h["context"] = np.load(base + ".context.npy", mmap_mode="r")
+            else:
+                from safetensors import safe_open
+
+                f = safe_open(path, framework="pt")
+                h = {k: f.get_slice(k) for k in ("latents", "labels", "context") if k in f.keys()}
+                h["_file"] = f
+            self._open[path] = h
+        return h
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        index, flip = _split_key(key)
+        index = _check_index(index, len(self))
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        row = index - self.offsets[shard]
+        h = self._handle(self.shards[shard])
+
+        def read(name: str) -> torch.Tensor:
+            if isinstance(h[name], np.ndarray):
+                return torch.from_numpy(np.array(h[name][row]))
+            return h[name][row : row + 1][0]
+
+        x = read("latents").float() * self.latent_scale
+        if flip and self.random_flip:
+            x = torch.flip(x, dims=(-1,))
+        label = read("labels").to(torch.int64) if self.has_labels else torch.tensor(0)
+        item = {"x": x.contiguous(), "label": label.reshape(()), "bad": torch.tensor(0)}
+        if self.has_context:
+            item["context"] = read("context").float().contiguous()
+        return item
