@@ -16,32 +16,32 @@ tested with the aot_eager backend and, for feature_mse on CPU, inductor); ``"tor
 reference above; ``"auto"`` picks Triton for CUDA tensors, and for CPU tensors when Triton runs in
 its interpreter (``TRITON_INTERPRET=1`` set before triton is imported), the reference otherwise.
 Forcing ``"triton"`` where it cannot run raises ``TritonUnavailableError`` listing every reason.
+``feature_mse_backend(device)`` names the backend a run gets, for its log.
 As ``F.mse_loss``, differing input and target sizes warn (in eager mode only: under torch.compile
 the warning would be a graph break) and incompatible ones raise the same RuntimeError.
 Not supported by the Triton backend: double backward (backward with ``create_graph=True``
 raises a RuntimeError naming ``backend="torch"``).
+
+Triton not installed is the one import failure that falls back (to the reference, under
+``"auto"``). Any other failure to import ``fastsp.kernels`` (a syntax error, a missing name, a
+triton whose API the kernels do not match) raises ``KernelImportError`` when this module is
+imported, rather than letting a run train on the slow path without saying so.
 """
 
+import importlib
+import importlib.metadata
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-try:
-    from fastsp.kernels import _common as _kc
-    from fastsp.kernels import feature_mse as _k
-    from fastsp.kernels import feature_mse_multi as _km
-
-    _IMPORT_ERROR = None
-except ImportError as err:  # no triton on this platform
-    _kc = _k = _km = None
-    _IMPORT_ERROR = f"triton kernels cannot be imported ({err})"
-
 __all__ = [
     "FeatureMSELoss",
+    "KernelImportError",
     "TritonUnavailableError",
     "feature_mse",
+    "feature_mse_backend",
     "feature_mse_multi",
     "feature_mse_multi_ref",
     "feature_mse_ref",
@@ -50,6 +50,55 @@ __all__ = [
 
 _BACKENDS = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Imported in this order, so that the first one named in a failure is the one that is broken.
+_KERNEL_MODULES = (
+    "fastsp.kernels._common",
+    "fastsp.kernels.feature_mse",
+    "fastsp.kernels.feature_mse_multi",
+)
+
+
+class KernelImportError(RuntimeError):
+    """fastsp's Triton kernels fail to import for a reason other than triton not being installed.
+
+    A RuntimeError, not an ImportError: code that guards an optional import with
+    ``except ImportError`` must not turn a broken install back into a silent slow path.
+    """
+
+    def __init__(self, module: str, err: Exception):
+        self.module = module
+        try:
+            triton_version = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            triton_version = "not found"
+        super().__init__(
+            f"importing {module} failed: {type(err).__name__}: {err}\n"
+            "fastsp falls back to F.mse_loss only when triton is not installed; this is a broken "
+            f"install instead (triton {triton_version}, torch {torch.__version__}).\n"
+            "Fix: reinstall fastsp (`pip install -e .` in its checkout), or install a triton "
+            "version that works with this torch (setup.py asks for triton>=3.2)."
+        )
+
+
+def _import_kernels():
+    """(_common, feature_mse, feature_mse_multi, None): the kernel modules; or, when triton is not
+    installed, (None, None, None, that reason). Any other failure raises KernelImportError."""
+    modules = []
+    for name in _KERNEL_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as err:
+            missing = err.name or ""
+            if missing != "triton" and not missing.startswith("triton."):
+                raise KernelImportError(name, err) from err
+            detail = "" if missing == "triton" else f" (no module {missing!r})"
+            return None, None, None, f"triton is not installed{detail}"
+        except Exception as err:  # a syntax error, a missing name, triton's API changed, ...
+            raise KernelImportError(name, err) from err
+    return (*modules, None)
+
+
+_kc, _k, _km, _IMPORT_ERROR = _import_kernels()
 
 
 class TritonUnavailableError(NotImplementedError):
@@ -64,12 +113,16 @@ class TritonUnavailableError(NotImplementedError):
 def triton_unsupported_reasons(*tensors: Tensor) -> list[str]:
     """Every reason the Triton kernels cannot take ``tensors`` (empty when they can).
 
-    An import failure is listed with the others: the device and dtype reasons would still stop
-    these tensors once triton imports.
+    Triton not being installed is listed with the others: the device and dtype reasons would
+    still stop these tensors once it is.
     """
+    return _unsupported_reasons({t.device for t in tensors}, {t.dtype for t in tensors})
+
+
+def _unsupported_reasons(devices: set[torch.device], dtypes: set[torch.dtype]) -> list[str]:
+    # The one copy of the rules: for tensors, and for a bare device (feature_mse_backend).
     reasons = [] if _IMPORT_ERROR is None else [_IMPORT_ERROR]
     interpreted = _IMPORT_ERROR is None and _kc.INTERPRETED
-    devices = {t.device for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors are on different devices: {sorted(map(str, devices))}")
     for device in sorted(devices, key=str):
@@ -79,20 +132,43 @@ def triton_unsupported_reasons(*tensors: Tensor) -> list[str]:
             )
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"device {device} is neither CUDA nor CPU")
-    for dtype in sorted({t.dtype for t in tensors if t.dtype not in _DTYPES}, key=str):
+    for dtype in sorted({d for d in dtypes if d not in _DTYPES}, key=str):
         reasons.append(f"dtype {dtype} is not float32, bfloat16 or float16")
     return reasons
 
 
-def _use_triton(op: str, backend: str, tensors: Sequence[Tensor]) -> bool:
+def _torch_reasons(
+    op: str, backend: str, devices: set[torch.device], dtypes: set[torch.dtype]
+) -> list[str]:
+    """Why ``op`` runs the reference on these devices and dtypes; empty when it runs the kernels.
+    A forced ``"triton"`` that cannot run raises instead."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return False
-    reasons = triton_unsupported_reasons(*tensors)
+        return ["backend='torch'"]
+    reasons = _unsupported_reasons(devices, dtypes)
     if reasons and backend == "triton":
         raise TritonUnavailableError(op, reasons)
-    return not reasons
+    return reasons
+
+
+def _use_triton(op: str, backend: str, tensors: Sequence[Tensor]) -> bool:
+    return not _torch_reasons(op, backend, {t.device for t in tensors}, {t.dtype for t in tensors})
+
+
+def feature_mse_backend(device: torch.device | str, backend: str = "auto") -> str:
+    """The backend ``feature_mse`` and ``feature_mse_multi`` run on ``device``, as one line for a
+    run's log: ``"triton (fused kernels)"``, ``"triton (interpreter)"`` (Triton's interpreter,
+    ``TRITON_INTERPRET=1``), or ``"torch (F.mse_loss: <reasons>)"`` with the reasons of
+    ``triton_unsupported_reasons`` (``"triton is not installed"``, the CPU rule, ...) or
+    ``backend='torch'``. For float32/bfloat16/float16 features. Reads no tensor and touches no
+    device (no allocation, no sync). A forced ``backend="triton"`` that cannot run on ``device``
+    raises ``TritonUnavailableError``, as the losses would at their first call.
+    """
+    reasons = _torch_reasons("feature_mse", backend, {torch.device(device)}, set())
+    if reasons:
+        return f"torch (F.mse_loss: {'; '.join(reasons)})"
+    return "triton (interpreter)" if _kc.INTERPRETED else "triton (fused kernels)"
 
 
 def _broadcast_pair(input: Tensor, target: Tensor, stacklevel: int) -> tuple[Tensor, Tensor]:

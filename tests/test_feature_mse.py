@@ -25,6 +25,7 @@ from fastsp.feature_loss import (
     FeatureMSELoss,
     TritonUnavailableError,
     feature_mse,
+    feature_mse_backend,
     feature_mse_ref,
     triton_unsupported_reasons,
 )
@@ -353,6 +354,35 @@ def test_cpu_without_the_interpreter_is_a_reason(monkeypatch):
     out = feature_mse(x, y)
     assert type(out.grad_fn).__name__ == "MseLossBackward0"
     torch.testing.assert_close(out, F.mse_loss(x, y), atol=0, rtol=0)
+
+
+def test_backend_report():
+    # Under the interpreter (these tests' setup) the kernels run for CPU tensors, and for CUDA
+    # ones, named without touching any device (there is none on a CPU machine).
+    assert kcommon.INTERPRETED
+    assert feature_mse_backend(torch.device("cpu")) == "triton (interpreter)"
+    assert feature_mse_backend("cuda") == "triton (interpreter)"
+    assert feature_mse_backend("cpu", backend="triton") == "triton (interpreter)"
+    assert feature_mse_backend("cpu", backend="torch") == "torch (F.mse_loss: backend='torch')"
+    meta = torch.empty(2, device="meta")
+    assert feature_mse_backend("meta") == (
+        f"torch (F.mse_loss: {'; '.join(triton_unsupported_reasons(meta))})"
+    )
+    with pytest.raises(ValueError, match="backend must be one of"):
+        feature_mse_backend("cpu", backend="cuda")
+    with no_host_reads():
+        feature_mse_backend("cpu")
+
+
+def test_backend_report_without_the_interpreter(monkeypatch):
+    # The report gives the reasons triton_unsupported_reasons gives for tensors on that device;
+    # forced triton raises as feature_mse would.
+    monkeypatch.setattr(kcommon, "INTERPRETED", False)
+    (reason,) = triton_unsupported_reasons(torch.randn(2))
+    assert feature_mse_backend("cpu") == f"torch (F.mse_loss: {reason})"
+    assert feature_mse_backend("cuda") == "triton (fused kernels)"
+    with pytest.raises(TritonUnavailableError, match="TRITON_INTERPRET=1"):
+        feature_mse_backend("cpu", backend="triton")
 
 
 def test_import_failure_is_listed_with_every_other_reason(monkeypatch):
