@@ -37,7 +37,7 @@ echo "feature_mse benchmark: $((SECONDS - start)) s, targets: $targets"
 grep -E '^(PASS|FAIL|--strict)' "$OUT/feature_mse.log" | sed 's/^/    /'
 
 start=$SECONDS
-python benchmarks/step_gpu.py --out "$OUT" --seconds 1.5 > "$OUT/step.log" 2>&1 || status=1
+python benchmarks/bench_step.py --out "$OUT" --seconds 1.5 > "$OUT/step.log" 2>&1 || status=1
 echo "step benchmark: $((SECONDS - start)) s"
 
 python - "$OUT" "$status" <<'PY'

@@ -65,6 +65,9 @@ def any_rank(flag: bool) -> bool:
 
 
 def shutdown() -> None:
+    """Destroy the process group (fastsp.cli.run_command calls it on every way out)."""
+    global _control_group
+    _control_group = None
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
@@ -81,11 +84,3 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         tensor /= torch_dist.get_world_size()
     return tensor
 
-
-def broadcast_object(value, src: int = 0):
-    """Rank `src`'s Python object on every rank."""
-    if not torch_dist.is_initialized():
-        return value
-    box = [value]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -17,6 +17,7 @@ Any option of fastsp/train.py not listed by --help here is passed to every stage
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -26,14 +27,20 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config as config_lib  # noqa: E402
 from fastsp import dist  # noqa: E402
-from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config  # noqa: E402
-from fastsp.train import EXIT_INVALID_INPUT, run_reporting_errors  # noqa: E402
+from fastsp.cli import EXIT_INVALID_INPUT, run_command  # noqa: E402
+from fastsp.sample import (  # noqa: E402
+    default_labels,
+    display_scale,
+    generate,
+    image_grid,
+    save_png,
+    schedule_from_config,
+)
 from fastsp.trainer import train  # noqa: E402
 
 
@@ -68,16 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stage_argv(args, name: str, extra: list[str], *options: str) -> list[str]:
-    out = str(Path(args.out) / name)
-    return ["--preset", args.preset, *extra, "--out", out, "--resume", *options]
-
-
-def run_stage(argv: list[str]) -> Path:
-    cfg, model_cfg = config_lib.parse_args(argv)
-    return train(cfg, model_cfg)
-
-
 def labelled(grid: np.ndarray, title: str, scale: int) -> Image.Image:
     """A grid image enlarged `scale` times with a title strip above it."""
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
@@ -97,7 +94,7 @@ def write_comparison(
         model, config = checkpoint_lib.load_model(run_dir, device=device)
         train_cfg = config["train"]
         classes = model.config.num_classes
-        labels = torch.arange(num) % classes if classes > 0 else None
+        labels = default_labels(num, classes, None)
         shape = (model.config.in_channels, train_cfg["resolution"], train_cfg["resolution"])
         images = generate(
             model,
@@ -127,26 +124,36 @@ def write_comparison(
     save_png(np.asarray(canvas), path)
 
 
+def stage_configs(args: argparse.Namespace, extra: list[str]):
+    """The three stages' (TrainConfig, UNetConfig), each a `dataclasses.replace` of the one
+    config that the preset and the options passed through (`extra`) make; all are validated
+    before the first stage starts."""
+    base, model_cfg = config_lib.parse_args(["--preset", args.preset, *extra])
+    out = Path(args.out)
+
+    def stage(name: str, **fields):
+        return dataclasses.replace(base, out=str(out / name), resume=True, **fields), model_cfg
+
+    stage1 = stage("stage1_mse", steps=args.stage1_steps, seed=args.seed)
+    # Both stage-2 runs see the same data order and noise (seed + 1): they differ only in the loss.
+    stage2 = dict(
+        steps=args.stage2_steps,
+        lr=args.stage2_lr,
+        seed=args.seed + 1,
+        init=str(out / "stage1_mse"),
+    )
+    sp = stage("stage2_self_perceptual", objective="self_perceptual", **stage2)
+    mse = stage("stage2_mse", objective="mse", **stage2)
+    return stage1, sp, mse
+
+
 def run_pipeline(args: argparse.Namespace, extra: list[str]) -> None:
     out = Path(args.out)
-    stage1_dir = out / "stage1_mse"
-    stage1_argv = stage_argv(
-        args, "stage1_mse", extra, "--steps", str(args.stage1_steps), "--seed", str(args.seed)
-    )
-    # Both stage-2 runs see the same data order and noise (seed + 1): they differ only in the loss.
-    stage2 = ["--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr)]
-    stage2 += ["--seed", str(args.seed + 1), "--init", str(stage1_dir)]
-    sp_argv = stage_argv(
-        args, "stage2_self_perceptual", extra, *stage2, "--objective", "self_perceptual"
-    )
-    mse_argv = stage_argv(args, "stage2_mse", extra, *stage2)
-    # Every stage's options are checked before the first one starts.
-    device = config_lib.parse_args(stage1_argv)[0].device
-    config_lib.parse_args(sp_argv)
-    config_lib.parse_args(mse_argv)
-    stage1 = run_stage(stage1_argv)
-    sp = run_stage(sp_argv)
-    mse = run_stage(mse_argv)
+    stage1_config, sp_config, mse_config = stage_configs(args, extra)
+    stage1 = train(*stage1_config)
+    sp = train(*sp_config)
+    mse = train(*mse_config)
+    device = stage1_config[0].device
     info = dist.init(device)
     if info.is_main:
         comparison = out / "comparison.png"
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INVALID_INPUT
-    return run_reporting_errors(run_pipeline, args, extra)
+    return run_command(run_pipeline, args, extra)
 
 
 if __name__ == "__main__":

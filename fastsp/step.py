@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -142,23 +143,80 @@ def step_randomness(
     )
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    """What one training step needs besides its modules; `from_train` derives it from a run's
+    configs, tests and benchmarks may build it directly."""
+
+    seed: int  # the step's randomness is drawn from (seed, step): see `step_seed`
+    global_batch: int  # drawn in full on every rank; each rank trains on its slice
+    shape: tuple[int, ...]  # [C, H, W] of x0
+    world_size: int = 1
+    rank: int = 0  # this rank trains on items [rank * local_batch, (rank + 1) * local_batch)
+    num_classes: int = 0  # class labels of the model (0: unconditional or context)
+    context_shape: tuple[int, int] | None = None  # [L, D] of the cross-attention context
+    label_dropout: float = 0.0  # CFG dropout: the null label (or a zero context) this often
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 0.0  # max global gradient norm (0: not clipped)
+    mse_weight: float = 0.0  # weight of the MSE loss added to the self-perceptual one
+    bf16: bool = False  # bf16 autocast of the forwards
+    channels_last: bool = False  # memory format of the inputs
+    reference_loss: bool = False  # the naive oracle's loss (fastsp.reference) instead
+    prediction_type: str = "v"  # the model's parameterisation (the reference loss needs it)
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_train(cls, cfg, model_cfg, *, world_size: int, rank: int, bf16: bool) -> StepConfig:
+        """The step of a run of `cfg` (a TrainConfig) and `model_cfg` (completed from the data)."""
+        context_dim = model_cfg.context_dim
+        return cls(
+            seed=cfg.seed,
+            global_batch=cfg.batch_size,
+            shape=(model_cfg.in_channels, cfg.resolution, cfg.resolution),
+            world_size=world_size,
+            rank=rank,
+            num_classes=model_cfg.num_classes,
+            context_shape=(cfg.context_len, context_dim) if context_dim else None,
+            label_dropout=cfg.label_dropout,
+            grad_accum=cfg.grad_accum,
+            grad_clip=cfg.grad_clip,
+            mse_weight=cfg.mse_weight,
+            bf16=bf16,
+            channels_last=cfg.channels_last,
+            reference_loss=cfg.train_step == "reference",
+            prediction_type=cfg.prediction_type,
+        )
+
+
+def uses_bf16(precision: str, train_step: str, device: torch.device) -> bool:
+    """The step's precision: bf16 autocast when asked for, or by default for the fast step on
+    CUDA (the reference step is the fp32 oracle); fp32 otherwise."""
+    return precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and train_step == "fast"
+    )
+
+
 class TrainStep:
-    """The training step of `fastsp.trainer.train`; call `run(batch, step, lr, ema_weight)`.
+    """The training step of `fastsp.trainer.run_loop`; call `run(batch, step, lr, ema_weight)`.
 
     Args:
+        config: the step's settings (`StepConfig.from_train` for a run).
         model: the online model (fp32 master weights); `online` is what is called (the model, or
             its DDP wrapper, or a compiled version of either).
         ema, optimizer: the EMA copy and the optimizer over `model.parameters()`.
         perceptual_loss: stage 2's loss, None for stage 1.
-        local_batch: this rank's batch; `global_batch` is drawn and this rank takes its slice
-            `rank * local_batch : (rank + 1) * local_batch`.
-        shape: [C, H, W] of x0.
-        num_classes, context_shape: the condition of the model (0 / None when unused).
-        reference_loss: use the naive oracle's loss instead of the fast one.
     """
 
     def __init__(
         self,
+        config: StepConfig,
         *,
         model: torch.nn.Module,
         online: torch.nn.Module,
@@ -167,32 +225,14 @@ class TrainStep:
         schedule: NoiseSchedule,
         perceptual_loss: SelfPerceptualLoss | None,
         device: torch.device,
-        seed: int,
-        global_batch: int,
-        local_batch: int,
-        rank: int,
-        shape: tuple[int, ...],
-        num_classes: int = 0,
-        context_shape: tuple[int, int] | None = None,
-        label_dropout: float = 0.0,
-        grad_accum: int = 1,
-        grad_clip: float = 0.0,
-        mse_weight: float = 0.0,
-        bf16: bool = False,
-        channels_last: bool = False,
-        reference_loss: bool = False,
-        prediction_type: str = "v",
-        ddp: bool = False,
     ):
+        self.config = config
         self.model, self.online, self.ema, self.optimizer = model, online, ema, optimizer
-        self.schedule, self.perceptual_loss = schedule, perceptual_loss
-        self.device, self.seed = device, seed
-        self.global_batch, self.local_batch, self.rank = global_batch, local_batch, rank
-        self.shape, self.num_classes = tuple(shape), num_classes
-        self.label_dropout, self.grad_accum, self.grad_clip = label_dropout, grad_accum, grad_clip
-        self.mse_weight, self.bf16, self.reference_loss = mse_weight, bf16, reference_loss
-        self.prediction_type, self.ddp = prediction_type, ddp
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.schedule, self.perceptual_loss, self.device = schedule, perceptual_loss, device
+        local_batch, shape = config.local_batch, config.shape
+        self.memory_format = (
+            torch.channels_last if config.channels_last else torch.contiguous_format
+        )
         self.params = list(model.parameters())
         self.dtype = self.params[0].dtype  # fp32 master weights (float64 in tests)
         # torch's fused AdamW skips a step on the device (found_inf); any other optimizer (the
@@ -205,11 +245,13 @@ class TrainStep:
             memory_format=self.memory_format
         )
         self.labels = (
-            torch.zeros(local_batch, dtype=torch.long, device=device) if num_classes else None
+            torch.zeros(local_batch, dtype=torch.long, device=device)
+            if config.num_classes
+            else None
         )
         self.context = (
-            torch.zeros((local_batch, *context_shape), device=device, dtype=self.dtype)
-            if context_shape
+            torch.zeros((local_batch, *config.context_shape), device=device, dtype=self.dtype)
+            if config.context_shape
             else None
         )
         # Device scalars the host fills before each step: a captured graph reads them in place.
@@ -251,29 +293,34 @@ class TrainStep:
         """One step from the static buffers. No host reads: capturable as one CUDA graph."""
         noise, t, drop, t_prime = draw_randomness(
             self.generator,
-            self.global_batch,
-            self.shape,
+            self.config.global_batch,
+            self.config.shape,
             self.schedule,
-            self.label_dropout,
+            self.config.label_dropout,
             self.perceptual_loss,
             self.dtype,
         )
-        mine = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        mine = slice(
+            self.config.rank * self.config.local_batch,
+            (self.config.rank + 1) * self.config.local_batch,
+        )
         noise, t, drop = noise[mine], t[mine], drop[mine]
         noise = noise.contiguous(memory_format=self.memory_format)
         t_prime = t_prime[mine] if t_prime is not None else None
         labels, context = self.labels, self.context
         if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
-            labels = torch.where(drop, self.num_classes, labels)
+            labels = torch.where(drop, self.config.num_classes, labels)
         if context is not None:
             context = context * (~drop).to(context.dtype)[:, None, None]
 
-        micro_batch = self.local_batch // self.grad_accum
+        micro_batch = self.config.local_batch // self.config.grad_accum
         step_loss = torch.zeros((), device=self.device, dtype=self.metric_dtype)
-        for micro in range(self.grad_accum):
+        for micro in range(self.config.grad_accum):
             part = slice(micro * micro_batch, (micro + 1) * micro_batch)
-            last = micro == self.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.ddp else self.online.no_sync()
+            last = micro == self.config.grad_accum - 1
+            sync = (
+                contextlib.nullcontext() if last or not self.config.ddp else self.online.no_sync()
+            )
             cond = {
                 "labels": labels[part] if labels is not None else None,
                 "context": context[part] if context is not None else None,
@@ -281,11 +328,11 @@ class TrainStep:
             # cache_enabled=False: autocast's cache of cast weights must not outlive a captured
             # region (PyTorch's CUDA-graph notes); each weight is cast once per step anyway.
             autocast = torch.autocast(
-                self.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False
+                self.device.type, torch.bfloat16, enabled=self.config.bf16, cache_enabled=False
             )
             with sync, autocast:
                 micro_t_prime = t_prime[part] if t_prime is not None else None
-                if self.reference_loss:
+                if self.config.reference_loss:
                     loss = reference_training_loss(
                         self.online,
                         self.schedule,
@@ -295,7 +342,7 @@ class TrainStep:
                         cond,
                         self.perceptual_loss,
                         micro_t_prime,
-                        self.prediction_type,
+                        self.config.prediction_type,
                     )
                 else:
                     loss = training_loss(
@@ -307,16 +354,16 @@ class TrainStep:
                         cond,
                         self.perceptual_loss,
                         micro_t_prime,
-                        self.mse_weight,
+                        self.config.mse_weight,
                     )
-                (loss / self.grad_accum).backward()
-            step_loss += loss.detach().to(self.metric_dtype) / self.grad_accum
+                (loss / self.config.grad_accum).backward()
+            step_loss += loss.detach().to(self.metric_dtype) / self.config.grad_accum
 
         # The update is skipped on the device when the (all-reduced, so identical on every rank)
         # gradient norm is not finite: fused AdamW reads `found_inf` and leaves parameters,
         # moments and its step count alone; the EMA moves by a zero weight.
-        if self.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None]
@@ -347,7 +394,7 @@ class TrainStep:
             self.labels.copy_(batch["label"], non_blocking=True)
         if self.context is not None:
             self.context.copy_(batch["context"], non_blocking=True)
-        self.generator.manual_seed(step_seed(self.seed, step))
+        self.generator.manual_seed(step_seed(self.config.seed, step))
         if self.host_skip:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -375,7 +422,7 @@ class TrainStep:
             reasons.append(f"the step runs on {self.device.type}, CUDA graphs need CUDA")
         if self.host_skip:
             reasons.append("the optimizer is not torch's fused AdamW (no found_inf: a host sync)")
-        if self.reference_loss:
+        if self.config.reference_loss:
             reasons.append("the reference step is the eager oracle")
         return reasons
 
@@ -395,7 +442,7 @@ class TrainStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS_DDP if self.ddp else WARMUP_STEPS):
+                for _ in range(WARMUP_STEPS_DDP if self.config.ddp else WARMUP_STEPS):
                     self.compute()
             torch.cuda.current_stream().wait_stream(side)
             self.optimizer.zero_grad(set_to_none=True)  # backward in the graph allocates them

@@ -1,4 +1,5 @@
-"""The training loop: `train(train_config, model_config)`, read top to bottom.
+"""Training: `build_run(train_config, model_config)` validates and assembles a run, and
+`run_loop(run)` trains it, read top to bottom; `train` is the two in one call.
 
 Determinism across world sizes: the data stream (fastsp.data.ShardedBatchSampler) and the noise,
 timesteps and label dropout of a step are functions of (seed, step) over the *global* batch; each
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,43 +29,48 @@ from tqdm import tqdm
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp import dist
+from fastsp.attention import describe_backend as describe_attention
 from fastsp.config import ConfigError, TrainConfig
-from fastsp.data import SyntheticDataset, build_dataset, make_loader
+from fastsp.data import build_dataset
+from fastsp.data_stream import make_loader
 from fastsp.diffusion import NoiseSchedule
 from fastsp.faults import kill_point
+from fastsp.feature_loss import feature_mse_backend
 from fastsp.perceptual import SelfPerceptualLoss
-from fastsp.sample import display_scale, generate, image_grid, save_png, schedule_from_config
-from fastsp.step import TrainStep, nccl_graph_environment
+from fastsp.sample import (
+    default_labels,
+    display_scale,
+    generate,
+    image_grid,
+    save_png,
+    schedule_from_config,
+)
+from fastsp.step import StepConfig, TrainStep, nccl_graph_environment, uses_bf16
 from fastsp.unet import UNet, UNetConfig
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
     """The training data set, and the model config completed from it (channels, classes, context)"""
-    if cfg.data == "synthetic" and cfg.data_format in ("auto", "synthetic"):
-        context_dim = model_cfg.context_dim if cfg.cond == "context" else 0
-        if cfg.cond == "context" and context_dim == 0:
-            raise ConfigError(
-                "--cond context with --data synthetic needs --context-dim > 0 (e.g. 1024)"
-            )
-        dataset = SyntheticDataset(
-            10_000,
-            cfg.channels,
-            cfg.resolution,
-            num_classes=10 if cfg.cond == "class" else 0,
-            context_len=cfg.context_len if context_dim else 0,
-            context_dim=context_dim,
-            seed=cfg.seed,
+    synthetic = cfg.data == "synthetic" and cfg.data_format in ("auto", "synthetic")
+    context_dim = model_cfg.context_dim if cfg.cond == "context" else 0
+    if synthetic and cfg.cond == "context" and context_dim == 0:
+        raise ConfigError(
+            "--cond context with --data synthetic needs --context-dim > 0 (e.g. 1024)"
         )
-    else:
-        dataset = build_dataset(
-            cfg.data,
-            cfg.data_format,
-            resolution=cfg.resolution,
-            channels=cfg.channels,
-            latent_scale=cfg.latent_scale,
-            random_flip=cfg.random_flip,
-            on_bad_data=cfg.on_bad_data,
-        )
+    dataset = build_dataset(
+        cfg.data,
+        cfg.data_format,
+        resolution=cfg.resolution,
+        channels=cfg.channels,
+        latent_scale=cfg.latent_scale,
+        random_flip=cfg.random_flip,
+        on_bad_data=cfg.on_bad_data,
+        # what synthetic data holds (folders and digits say it themselves)
+        num_classes=10 if cfg.cond == "class" else 0,
+        context_len=cfg.context_len if context_dim else 0,
+        context_dim=context_dim,
+        seed=cfg.seed,
+    )
     if cfg.cond == "class" and dataset.num_classes == 0:
         raise ConfigError(
             f"--cond class needs labelled data, but {cfg.data} has no labels "
@@ -345,7 +352,7 @@ class MetricsWriter:
 def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torch.device) -> None:
     """A grid of EMA samples, without guidance unless sample_cfg says otherwise."""
     num = cfg.sample_num
-    labels = torch.arange(num) % ema.config.num_classes if ema.config.num_classes > 0 else None
+    labels = default_labels(num, ema.config.num_classes, None)
     context = (
         torch.stack([dataset[(i, False)]["context"] for i in range(num)])
         if ema.config.context_dim > 0
@@ -368,12 +375,46 @@ def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torc
     save_png(image_grid(images), path, scale=display_scale(cfg.resolution))
 
 
-def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
-    """Run (or resume) training; returns the final checkpoint's folder.
+def describe_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
+    """The optimizer implementation a run uses, for its first lines and backends.json."""
+    if type(optimizer).__module__.startswith("apex"):
+        return "apex FusedAdam (adam_w_mode)"
+    flags = [name for name in ("fused", "foreach", "capturable") if optimizer.defaults.get(name)]
+    if not flags:  # torch picks: foreach for CUDA tensors, a for-loop for CPU ones
+        flags = [
+            "foreach" if device.type == "cuda" else "for-loop",
+            f"torch's default on {device.type.upper()}",
+        ]
+    return f"torch {type(optimizer).__name__} ({', '.join(flags)})"
 
-    Every check that can fail on user input runs before the first file is written.
+
+@dataclasses.dataclass
+class Run:
+    """A validated, assembled training run that has not started: `build_run` writes no file.
+
+    `run_loop(run)` trains it. Benchmarks and tests time and inspect `run.step`, the very step
+    the loop runs.
     """
-    # ---- validate everything before any work -------------------------------------------------
+
+    cfg: TrainConfig
+    model_cfg: UNetConfig  # completed from the data set (channels, classes, context)
+    info: dist.DistInfo
+    run_dir: Path
+    dataset: Any
+    model: UNet  # the online model's fp32 master weights
+    ema: UNet
+    optimizer: torch.optim.Optimizer
+    perceptual_loss: SelfPerceptualLoss | None
+    step: TrainStep
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    resume_from: Path | None
+    init_from: Path | None
+    backends: dict[str, str]  # what runs each part of the step (attention, feature MSE, ...)
+
+
+def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
+    """Validate everything that can fail on user input, then build data, models, the perceptual
+    loss, the optimizer and the step, and load the resume state. Writes nothing."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "--device cuda was requested but torch sees no CUDA device; use --device cpu"
@@ -401,20 +442,16 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         check_same_shape(
             init_from, model_cfg, "pass --init a checkpoint trained with these model options"
         )
-    config_text = config_lib.dumps(cfg, model_cfg)
-    use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and cfg.train_step == "fast"
-    )
+    bf16 = uses_bf16(cfg.precision, cfg.train_step, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
 
-    # ---- model, EMA, optimizer ---------------------------------------------------------------
     model = UNet(model_cfg)
     if init_from is not None and resume_from is None:  # stage 2 starts from stage 1's EMA weights
         checkpoint_lib.load_weights(model, init_from / "ema.safetensors")
     model = model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    perceptual_loss = build_perceptual_loss(cfg, model_cfg, schedule, ema, device, use_bf16)
+    perceptual_loss = build_perceptual_loss(cfg, model_cfg, schedule, ema, device, bf16)
     optimizer = build_optimizer(cfg, model.parameters(), device)
     start_step = 0
     if resume_from is not None:
@@ -436,9 +473,10 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         if perceptual_loss is not None:
             features = perceptual_loss.features
             features.network = torch.compile(features.network)
-    local_batch = cfg.batch_size // info.world_size
-    context_shape = (cfg.context_len, model_cfg.context_dim) if model_cfg.context_dim else None
-    train_step = TrainStep(
+    step = TrainStep(
+        StepConfig.from_train(
+            cfg, model_cfg, world_size=info.world_size, rank=info.rank, bf16=bf16
+        ),
         model=model,
         online=online,
         ema=ema,
@@ -446,37 +484,85 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         schedule=schedule,
         perceptual_loss=perceptual_loss,
         device=device,
-        seed=cfg.seed,
-        global_batch=cfg.batch_size,
-        local_batch=local_batch,
-        rank=info.rank,
-        shape=(model_cfg.in_channels, cfg.resolution, cfg.resolution),
-        num_classes=model_cfg.num_classes,
-        context_shape=context_shape,
-        label_dropout=cfg.label_dropout,
-        grad_accum=cfg.grad_accum,
-        grad_clip=cfg.grad_clip,
-        mse_weight=cfg.mse_weight,
-        bf16=use_bf16,
-        channels_last=cfg.channels_last,
-        reference_loss=cfg.train_step == "reference",
-        prediction_type=cfg.prediction_type,
-        ddp=info.world_size > 1,
     )
+    graph_off = step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"])
+    backends = {
+        "attention": describe_attention(model_cfg.attention_backend, device),
+        "feature_mse": feature_mse_backend(device),
+        "optimizer": describe_optimizer(optimizer, device),
+        "precision": "bf16 autocast, fp32 master weights" if bf16 else "fp32",
+        "compile": "torch.compile (online and perceptual networks)" if cfg.compile else "off",
+        "cuda_graph": (
+            "eager (" + "; ".join(graph_off) + ")"
+            if graph_off
+            else "to be captured at the first step"
+        ),
+    }
+    return Run(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        info=info,
+        run_dir=run_dir,
+        dataset=dataset,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        perceptual_loss=perceptual_loss,
+        step=step,
+        start_step=start_step,
+        resume_from=resume_from,
+        init_from=init_from,
+        backends=backends,
+    )
+
+
+def write_backends(run: Run) -> None:
+    if run.info.is_main:
+        checkpoint_lib.atomic_write_text(
+            run.run_dir / "backends.json", json.dumps(run.backends, indent=2) + "\n"
+        )
+
+
+def capture_step(run: Run, batch: dict[str, torch.Tensor], log=print) -> None:
+    """Capture the step as one CUDA graph on its first batch, where the run asks for it and can
+    (fastsp.step.TrainStep.capture logs why not); backends.json then says what happened."""
+    if not (run.cfg.cuda_graph and run.info.device.type == "cuda"):
+        return  # backends.json already says why the step runs eagerly
+    captured = run.step.capture(batch, log=log)
+    run.backends["cuda_graph"] = (
+        "captured: the whole step replays as one CUDA graph"
+        if captured
+        else f"eager ({run.step.graph_error or 'capture is not supported here, see the log'})"
+    )
+    if run.run_dir.exists():
+        write_backends(run)
+
+
+def run_loop(run: Run) -> Path:
+    """Train `run` from its start step to cfg.steps; returns the final checkpoint's folder.
+
+    Rank 0 writes the run folder: config.json, backends.json, metrics.jsonl, sample grids and
+    checkpoints. SIGTERM/SIGINT stop after the current step with a checkpoint (`Preempted`).
+    """
+    cfg, info, run_dir, train_step = run.cfg, run.info, run.run_dir, run.step
+    model, ema, optimizer, device = run.model, run.ema, run.optimizer, run.info.device
+    start_step = run.start_step
+    config_text = config_lib.dumps(cfg, run.model_cfg)
 
     # ---- outputs (rank 0) ----------------------------------------------------------------------
     metrics = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_lib.atomic_write_text(run_dir / "config.json", config_text)
+        write_backends(run)
         metrics = MetricsWriter(run_dir, start_step)
-        if cfg.resume and resume_from is None:
+        if cfg.resume and run.resume_from is None:
             print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
-        if resume_from is not None:
-            print(f"resuming from {resume_from} (step {start_step})")
-        elif init_from is not None:
-            print(f"initialised from {init_from}")
-        if perceptual_loss is not None:
+        if run.resume_from is not None:
+            print(f"resuming from {run.resume_from} (step {start_step})")
+        elif run.init_from is not None:
+            print(f"initialised from {run.init_from}")
+        if run.perceptual_loss is not None:
             source = (
                 "EMA of the online model"
                 if cfg.perceptual_source == "ema"
@@ -486,17 +572,18 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 f"objective: self-perceptual at {cfg.perceptual_layers}, "
                 f"perceptual network: {source}"
             )
-
         params = sum(p.numel() for p in model.parameters())
         print(
-            f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(dataset)} items); "
-            f"device: {device} x {info.world_size}; precision: {'bf16' if use_bf16 else 'fp32'}"
+            f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(run.dataset)} items); "
+            f"device: {device} x {info.world_size}"
         )
+        for part, backend in run.backends.items():
+            print(f"{part.replace('_', ' ')}: {backend}")
 
     # ---- the loop ------------------------------------------------------------------------------
     batches = iter(
         make_loader(
-            dataset,
+            run.dataset,
             cfg.batch_size,
             info.rank,
             info.world_size,
@@ -507,12 +594,12 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     )
     bad_items = 0  # items the data set substituted (--on-bad-data skip), counted on the host
     # Files found bad when the data set was built (--on-bad-data skip), left out of every epoch.
-    bad_files = len(getattr(dataset, "bad_files", []))
+    bad_files = len(getattr(run.dataset, "bad_files", []))
     steps_since_log, log_start = 0, time.perf_counter()
     progress = tqdm(
         total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
     )
-    final_checkpoint = resume_from
+    final_checkpoint = run.resume_from
     stop_signal = StopSignal()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
@@ -521,8 +608,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
         for step in range(start_step, cfg.steps):
             batch = next(batches)
             bad_items += int(batch["bad"].sum()) if "bad" in batch else 0  # a CPU tensor
-            if step == start_step and cfg.cuda_graph and device.type == "cuda":
-                train_step.capture(batch, log=print if info.is_main else lambda message: None)
+            if step == start_step:
+                capture_step(run, batch, log=print if info.is_main else lambda message: None)
             # One step on the device (fastsp.step): randomness from (seed, step), forward,
             # perceptual pass, loss, backward, clip, fused AdamW (skipped if not finite), EMA.
             train_step.run(batch, step, learning_rate(cfg, step), 1.0 - ema_decay(cfg, step))
@@ -582,7 +669,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
                 done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)
             ):
                 write_samples(
-                    run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, dataset, device
+                    run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, run.dataset, device
                 )
             if checkpoint_now or preempted:
                 save_error = None
@@ -633,3 +720,8 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
             f"  metrics: {run_dir / 'metrics.jsonl'}"
         )
     return checkpoint_lib.latest_checkpoint(run_dir) or run_dir
+
+
+def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
+    """Build and run (or resume) a training run; returns the final checkpoint's folder."""
+    return run_loop(build_run(cfg, model_cfg))

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
 from fastsp.perceptual import SelfPerceptualLoss
-from fastsp.step import TrainStep, step_randomness
+from fastsp.step import StepConfig, TrainStep, step_randomness
 from fastsp.unet import UNET_PRESETS, UNet
 
 B, RES, LR = 8, 16, 1e-3
@@ -59,22 +59,18 @@ def _fast_step(model, perceptual, objective, *, fused=True, **options):
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused)
     ema = copy.deepcopy(model).requires_grad_(False)
-    defaults = dict(
+    device = options.pop("device", torch.device("cpu"))
+    config = StepConfig(seed=3, global_batch=B, shape=(1, RES, RES), num_classes=10, **options)
+    return TrainStep(
+        config,
         model=model,
         online=model,
         ema=ema,
         optimizer=optimizer,
         schedule=schedule,
         perceptual_loss=perceptual_loss,
-        device=torch.device("cpu"),
-        seed=3,
-        global_batch=B,
-        local_batch=B,
-        rank=0,
-        shape=(1, RES, RES),
-        num_classes=10,
+        device=device,
     )
-    return TrainStep(**{**defaults, **options})
 
 
 @pytest.mark.parametrize("objective", ["mse", "self_perceptual"])
