@@ -3,19 +3,29 @@
 The public surface: the fused feature-space MSE (`feature_mse`, `FeatureMSELoss`,
 `feature_mse_multi`), the self-perceptual loss for any trainer (`SelfPerceptualLoss`), the
 diffusion core (`NoiseSchedule`) and the UNet (`UNet`, `UNetConfig`).
+
+The names are imported on first use (PEP 562), so `import fastsp.checkpoint` or
+`import fastsp.config` does not import the training objective or register its Triton kernels.
 """
 
-from fastsp.diffusion import NoiseSchedule
-from fastsp.feature_loss import (
-    FeatureMSELoss,
-    TritonUnavailableError,
-    feature_mse,
-    feature_mse_multi,
-)
-from fastsp.perceptual import SelfPerceptualLoss
-from fastsp.unet import UNet, UNetConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "FeatureMSELoss": "fastsp.feature_loss",
+    "NoiseSchedule": "fastsp.diffusion",
+    "SelfPerceptualLoss": "fastsp.perceptual",
+    "TritonUnavailableError": "fastsp.feature_loss",
+    "UNet": "fastsp.unet",
+    "UNetConfig": "fastsp.config",
+    "feature_mse": "fastsp.feature_loss",
+    "feature_mse_multi": "fastsp.feature_loss",
+}
 
 __all__ = [
     "FeatureMSELoss",
@@ -28,3 +38,28 @@ __all__ = [
     "feature_mse",
     "feature_mse_multi",
 ]
+
+if TYPE_CHECKING:
+    from fastsp.config import UNetConfig
+    from fastsp.diffusion import NoiseSchedule
+    from fastsp.feature_loss import (
+        FeatureMSELoss,
+        TritonUnavailableError,
+        feature_mse,
+        feature_mse_multi,
+    )
+    from fastsp.perceptual import SelfPerceptualLoss
+    from fastsp.unet import UNet
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastsp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
+from fastsp.config import ATTENTION_BACKENDS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Cache of xformers' verdicts, keyed by the input signature (see _xformers_key).

@@ -1,10 +1,18 @@
-"""Typed training configuration, named presets, and the command-line layer over them.
+"""Typed configuration, named presets, the option vocabularies, and the command line over them.
 
-One flat dataclass holds every training field; the UNet's architecture is its own dataclass
-(`fastsp.unet.UNetConfig`). On the command line every field of both is `--field-name VALUE`
-(booleans: `--field-name` / `--no-field-name`; tuples: comma-separated). A preset fills in the
-defaults; explicit options override it. Everything is validated before any work starts, and the
-resolved configuration is written into the run folder and into every checkpoint.
+A leaf module: it imports only the standard library (no torch, no other fastsp module), so a
+checkpoint, the sampler or a data module can read and validate a configuration without importing
+the model or the training objective. The modules that use an option's vocabulary (the schedules,
+the samplers, the losses, the attention backends, the data readers) import it from here: each
+vocabulary and each rule between options is defined once.
+
+Two dataclasses: `TrainConfig` holds every training field, `UNetConfig` the UNet's architecture
+(re-exported as `fastsp.unet.UNetConfig`). Every field is declared with `option(default, help,
+choices)`: its one-line description and allowed values live in the field's metadata, and
+`--help` shows them. On the command line every field of both is `--field-name VALUE` (booleans:
+`--field-name` / `--no-field-name`; tuples: comma-separated). A preset fills in the defaults;
+explicit options override it. Everything is validated before any work starts, and the resolved
+configuration is written into the run folder and into every checkpoint.
 """
 
 from __future__ import annotations
@@ -18,102 +26,513 @@ import numbers
 import sys
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from fastsp.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS
-from fastsp.perceptual import DISTANCES, PREDICTED_NOISE, parse_layers, parse_perceptual_t
-from fastsp.unet import UNET_PRESETS, UNetConfig
 
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field, the value and what's allowed."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Vocabularies: the allowed values of each option, imported from here by the modules that use them
+
+# fastsp.diffusion
+PREDICTION_TYPES = ("v", "eps", "x0")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+SAMPLERS = ("ddim", "euler")
+# fastsp.perceptual
+PERCEPTUAL_T = ("uniform", "same")  # or a (low, high) range of timesteps, inclusive
+PREDICTED_NOISE = ("eps_hat", "eps")
+DISTANCES = ("l2", "l1")
+# fastsp.attention
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
+# fastsp.data
 CONDITIONINGS = ("none", "class", "context")
+DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
+ON_BAD_DATA = ("stop", "skip")  # what a bad file does: stop the run, or leave the file out
+# the trainer
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "apex_fused_adam")
 TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
-DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
-ON_BAD_DATA = ("stop", "skip")  # what a bad file does: stop the run, or leave the file out
+
 MAX_RESOLUTION = 4096
 MAX_SEED = 2**32 - 1
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its one-line description (and allowed values) as the field's metadata.
+
+    `build_parser` shows both in `--help`; the dataclass default is `default` (tuples are
+    immutable, so they are plain defaults too).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers: each raises a ConfigError that names the field, the value and what's allowed
+
+
+def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(
+            f"invalid value {getattr(config, name)!r} for {name}: it must be {allowed}"
+        )
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"invalid value {value!r} for {name}: choose one of {', '.join(choices)}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_int(config: Any, name: str, low: int, high: int | None = None, note: str = "") -> None:
+    value = getattr(config, name)
+    ok = is_int(value) and value >= low and (high is None or value <= high)
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    _require(config, name, ok, allowed + note)
+
+
+def _require_number(
+    config: Any,
+    name: str,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "a finite number",
+    note: str = "",
+) -> None:
+    """A real, finite value in the interval; an int is taken where a float is expected."""
+    value = getattr(config, name)
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (high is None or (value < high if high_open else value <= high))
+    )
+    if high is None:
+        allowed = f"{what} {'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _require(config, name, ok, allowed + note)
+
+
+def _option(name: str) -> str:
+    """A field's command-line option: num_timesteps -> --num-timesteps."""
+    return "--" + name.replace("_", "-")
+
+
+def _require_bool(config: Any, name: str) -> None:
+    flag = _option(name)
+    _require(
+        config,
+        name,
+        isinstance(getattr(config, name), bool),
+        f"True or False ({flag} / --no-{flag[2:]})",
+    )
+
+
+def _require_str(config: Any, name: str, allowed: str, empty_ok: bool = False) -> None:
+    """A string; `empty_ok` for the optional paths, where "" means "not given"."""
+    value = getattr(config, name)
+    _require(config, name, isinstance(value, str) and (empty_ok or value != ""), allowed)
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules between options, and the parsers of option values (pure: strings and flags in)
+
+
+def refuse_eps_at_zero_terminal_snr(
+    prediction_type: str, zero_terminal_snr: bool, *, cli: bool = False
+) -> None:
+    """Raise ConfigError for eps-prediction on a schedule with zero terminal SNR (PAPER.md).
+
+    x0_hat = (x_t - s_t eps_hat) / a_t, and zero terminal SNR makes a_{T-1} = 0. The callers
+    reduce what they hold to the flag: a config's zero_terminal_snr, a schedule whose
+    alphas_cumprod reaches 0, a batch whose a_t is 0. `cli` words the fix as command-line
+    options instead of keyword arguments.
+    """
+    if prediction_type != "eps" or not zero_terminal_snr:
+        return
+    fix = (
+        "pass --prediction-type v, or --no-zero-terminal-snr"
+        if cli
+        else 'pass prediction_type="v", or zero_terminal_snr=False'
+    )
+    raise ConfigError(
+        "prediction_type 'eps' cannot be used with zero terminal SNR (zero_terminal_snr=True, or "
+        "any zero-terminal-SNR schedule: alphas_cumprod reaches 0): at the last timestep "
+        "a_t = sqrt(alpha_bar_t) = 0, so x0_hat = (x_t - s_t * eps_hat) / a_t divides by zero. "
+        "Use prediction_type 'v' (the paper's choice) or 'x0', or a schedule without zero "
+        f"terminal SNR: {fix}."
+    )
+
+
+def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:
+    """ "mid" | "mid:1,down2:0.5" | ["mid", "down2"] | {"mid": 1.0} -> {layer: weight}."""
+    if isinstance(spec, Mapping):
+        layers = {str(k): float(v) for k, v in spec.items()}
+    else:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        layers = {}
+        for item in (i.strip() for i in items):
+            name, _, weight = item.partition(":")
+            try:
+                layers[name.strip()] = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(
+                    f"layer weight {weight!r} in {item!r} is not a number; "
+                    "write e.g. 'mid:1,down2:0.5'"
+                ) from None
+    if not layers or any(not name for name in layers):
+        raise ValueError(f"no layer names in {spec!r}; write e.g. 'mid' or 'mid:1,down2:0.5'")
+    if any(w < 0 for w in layers.values()):
+        raise ValueError(f"layer weights must be >= 0, got {layers}")
+    return layers
+
+
+def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str | tuple[int, int]:
+    """ "uniform" | "same" | "LOW,HIGH" (inclusive) -> "uniform" | "same" | (low, high)."""
+    if isinstance(spec, str) and spec in PERCEPTUAL_T:
+        return spec
+    try:
+        low, high = (int(v) for v in (spec.split(",") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"perceptual_t {spec!r} must be 'uniform', 'same', or a range 'LOW,HIGH' of timesteps"
+        ) from None
+    if not 0 <= low <= high < num_timesteps:
+        raise ValueError(
+            f"perceptual_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}"
+        )
+    return low, high
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: the UNet's architecture (fastsp.unet builds it) and its named shapes
+
+
+@dataclass
+class UNetConfig:
+    """The shape of a `fastsp.unet.UNet`; validated on construction."""
+
+    in_channels: int = option(
+        3, "image/latent channels in, and predicted out (from the data, not an option)"
+    )
+    base_channels: int = option(64, "channels of level 0; the timestep embedding has 4x this")
+    channel_mult: tuple[int, ...] = option(
+        (1, 2, 2), "level i has base_channels * channel_mult[i] channels"
+    )
+    num_res_blocks: int = option(2, "ResBlocks per down level (up levels have one more)")
+    attention_levels: tuple[int, ...] = option(
+        (1, 2), "levels (0 = full resolution) with transformers"
+    )
+    head_dim: int = option(64, "channels per attention head; heads = level channels // head_dim")
+    transformer_depth: int = option(1, "transformer blocks per transformer")
+    context_dim: int = option(
+        0, "0 = no cross-attention; > 0 = cross-attention to a context [B, L, context_dim]"
+    )
+    num_classes: int = option(
+        0,
+        "0 = unconditional; > 0 = class embedding, row num_classes = the null label (from the "
+        "data, not an option)",
+    )
+    scale_shift_norm: bool = option(
+        True, "ADM's timestep scale-shift of the second norm; off = SD's additive embedding"
+    )
+    norm_groups: int = option(32, "GroupNorm groups; must divide every level's channel count")
+    dropout: float = option(0.0, "dropout inside ResBlocks, before the second conv")
+    attention_backend: str = option(
+        "auto", "attention kernels (fastsp.attention); auto picks per input", ATTENTION_BACKENDS
+    )
+    mid_attention: bool = option(True, "a transformer between the two mid-block ResBlocks")
+
+    def __post_init__(self):
+        # Any sequence (JSON gives lists) becomes a tuple; a bare int or a string is refused below
+        if _is_sequence(self.channel_mult):
+            self.channel_mult = tuple(self.channel_mult)
+        if _is_sequence(self.attention_levels):
+            self.attention_levels = tuple(self.attention_levels)
+        for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim"):
+            _require_int(self, name, 1)
+        _require_int(self, "transformer_depth", 1)
+        _require_int(self, "context_dim", 0, note=" (0 = no cross-attention)")
+        _require_int(self, "num_classes", 0, note=" (0 = unconditional)")
+        _require_int(self, "norm_groups", 1)
+        for name in ("scale_shift_norm", "mid_attention"):
+            _require_bool(self, name)
+        _require(
+            self,
+            "channel_mult",
+            isinstance(self.channel_mult, tuple)
+            and len(self.channel_mult) > 0
+            and all(is_int(m) and m >= 1 for m in self.channel_mult),
+            "a non-empty tuple of integers >= 1, e.g. 1,2,4",
+        )
+        n = len(self.channel_mult)
+        levels = self.attention_levels
+        _require(
+            self,
+            "attention_levels",
+            isinstance(levels, tuple)
+            and all(is_int(lvl) and 0 <= lvl < n for lvl in levels)
+            and len(set(levels)) == len(levels),
+            f"a tuple of distinct level indices in 0..{n - 1}, e.g. {n - 1}",
+        )
+        for i, m in enumerate(self.channel_mult):
+            ch = self.base_channels * m
+            _require(
+                self,
+                "norm_groups",
+                ch % self.norm_groups == 0,
+                f"a divisor of every level's channels; level {i} has base_channels * "
+                f"channel_mult[{i}] = {ch}",
+            )
+        attn_levels = set(levels)
+        if self.mid_attention:
+            attn_levels.add(n - 1)
+        for i in sorted(attn_levels):
+            ch = self.base_channels * self.channel_mult[i]
+            _require(
+                self,
+                "head_dim",
+                ch % self.head_dim == 0,
+                "a divisor of the channels of every level with attention (and of the last "
+                f"level when mid_attention); level {i} has {ch}",
+            )
+        _require_number(self, "dropout", 0, 1, high_open=True)
+        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # Unit tests: forward + backward at batch 8, 16x16 in a few milliseconds.
+    "tiny": UNetConfig(
+        in_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        head_dim=16,
+        norm_groups=8,
+        num_classes=10,
+    ),
+    # CPU demo on 16x16 (upsampled 8x8) digits, class-conditional (10% label dropout in training
+    # makes CFG usable); set num_classes=0 for the unconditional variant. Sized by measurement to
+    # train at batch 64 on two CPU cores: ~1.0M parameters, ~0.12-0.16 s per forward + backward.
+    "digits": UNetConfig(
+        in_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attention_levels=(1, 2),
+        head_dim=16,
+        norm_groups=8,
+        num_classes=10,
+    ),
+    # Stable Diffusion 2.1-base's UNet shape (865,910,724 parameters); for GPU benchmarks.
+    "sd21": UNetConfig(
+        in_channels=4,
+        base_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        head_dim=64,
+        context_dim=1024,
+        num_classes=0,
+        scale_shift_norm=False,
+        norm_groups=32,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+# The presets. Each names its UNet shape (UNET_PRESETS above) and overrides TrainConfig's
+# defaults. `digits` is the CPU demo and the default; `tiny` is for tests; `sd21` is the Stable
+# Diffusion 2.1-base UNet for GPU benchmarks (synthetic latents and context unless --data is set).
+DEFAULT_PRESET = "digits"
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        resolution=8,
+        batch_size=8,
+        steps=20,
+        lr=1e-3,
+        lr_warmup_steps=0,
+        log_every=5,
+        checkpoint_every=0,
+        sample_every=0,
+        sample_num=16,
+        sample_steps=4,
+        out="runs/tiny",
+    ),
+    "digits": dict(out="runs/digits"),
+    "sd21": dict(
+        data="synthetic",
+        resolution=64,
+        channels=4,
+        cond="context",
+        batch_size=32,
+        steps=1000,
+        lr=1e-4,
+        lr_warmup_steps=500,
+        weight_decay=0.01,
+        ema_decay=0.9999,
+        channels_last=True,
+        checkpoint_every=0,
+        sample_every=0,
+        sample_num=4,
+        out="runs/sd21",
+    ),
+}
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs, besides the UNet's shape (see `UNetConfig`)."""
 
-    preset: str = "digits"  # the preset these values started from (informational once resolved)
+    preset: str = option(
+        DEFAULT_PRESET, "the named defaults that explicit options override", tuple(PRESETS)
+    )
     # data
-    data: str = "digits"  # "digits" (built in), "synthetic", or a folder of images / latent shards
-    data_format: str = "auto"  # how to read `data`; auto detects latents vs images
-    resolution: int = 16  # image (or latent) side length the model trains at
-    channels: int = 1  # image folders: 1 = grayscale, 3 = RGB; synthetic data: any (sd21: 4)
-    latent_scale: float = 1.0  # multiplies latents read from shards (SD's VAE: 0.18215)
-    random_flip: bool = True  # horizontal flips for image folders (never for digits)
-    num_workers: int = 0  # DataLoader worker processes per rank
-    on_bad_data: str = "stop"  # an unreadable image or shard: stop with its name, or skip it
+    data: str = option(
+        "digits", "training data: digits (built in), synthetic, or a folder of images or latents"
+    )
+    data_format: str = option(
+        "auto", "how to read --data; auto tells latent shards from images", DATA_FORMATS
+    )
+    resolution: int = option(16, "image (or latent) side length the model trains at")
+    channels: int = option(1, "image folders: 1 = grayscale, 3 = RGB; synthetic data: any")
+    latent_scale: float = option(1.0, "multiplies latents read from shards (SD's VAE: 0.18215)")
+    random_flip: bool = option(True, "horizontal flips for image folders (never for digits)")
+    num_workers: int = option(0, "DataLoader worker processes per rank (0 = the main process)")
+    on_bad_data: str = option(
+        "stop", "an unreadable image or shard: stop with its name, or skip it", ON_BAD_DATA
+    )
     # conditioning
-    cond: str = "class"  # none | class (labels, with a null label) | context (cross-attention)
-    label_dropout: float = 0.1  # probability a label (or context) is replaced by the null one (CFG)
-    context_len: int = 77  # context sequence length for synthetic context data
+    cond: str = option(
+        "class",
+        "conditioning: none, class labels (with a null label), or a context (cross-attention)",
+        CONDITIONINGS,
+    )
+    label_dropout: float = option(
+        0.1, "probability that a label (or context) is replaced by the null one (for CFG)"
+    )
+    context_len: int = option(77, "context sequence length of synthetic context data")
     # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction)
-    beta_schedule: str = "scaled_linear"
-    num_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    zero_terminal_snr: bool = True
-    prediction_type: str = "v"
+    beta_schedule: str = option(
+        "scaled_linear", "the beta schedule (the paper: scaled_linear)", BETA_SCHEDULES
+    )
+    num_timesteps: int = option(1000, "diffusion timesteps T")
+    beta_start: float = option(0.00085, "the first beta (cosine ignores it)")
+    beta_end: float = option(0.012, "the last beta before the rescale (cosine ignores it)")
+    zero_terminal_snr: bool = option(
+        True, "rescale the schedule so that its last timestep is pure noise (the paper)"
+    )
+    prediction_type: str = option("v", "what the network predicts (the paper: v)", PREDICTION_TYPES)
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
-    objective: str = "mse"  # mse | self_perceptual
-    init: str = ""  # checkpoint or run folder whose EMA weights start the model ("" = random)
-    perceptual_checkpoint: str = ""  # the frozen perceptual network ("" = the --init checkpoint)
-    perceptual_source: str = "frozen"  # frozen (a checkpoint; the paper) | ema (the online EMA)
-    perceptual_layers: str = "mid"  # feature taps and weights, e.g. "mid" or "mid:1,down2:0.5"
-    perceptual_t: str = "uniform"  # t' per example: uniform | same | LOW,HIGH (inclusive)
-    predicted_noise: str = "eps_hat"  # re-noise x0_hat with eps_hat (the paper) or the true eps
-    distance: str = "l2"  # feature distance: l2 (the paper) | l1
-    mse_weight: float = 0.0  # weight of the ordinary MSE loss added to the self-perceptual one
+    objective: str = option(
+        "mse", "the loss: mse (stage 1) or self_perceptual (stage 2, needs --init)", OBJECTIVES
+    )
+    init: str = option(
+        "", "checkpoint or run folder whose EMA weights start the model ('' = random weights)"
+    )
+    perceptual_checkpoint: str = option(
+        "", "the frozen perceptual network ('' = the --init checkpoint)"
+    )
+    perceptual_source: str = option(
+        "frozen",
+        "the perceptual network: frozen (a checkpoint; the paper) or ema (the online EMA)",
+        PERCEPTUAL_SOURCES,
+    )
+    perceptual_layers: str = option(
+        "mid", "feature taps and their weights, e.g. mid or mid:1,down2:0.5"
+    )
+    perceptual_t: str = option(
+        "uniform", "t' per example: uniform (the paper), same, or LOW,HIGH (inclusive)"
+    )
+    predicted_noise: str = option(
+        "eps_hat",
+        "what re-noises x0_hat: eps_hat (the paper) or the true eps",
+        PREDICTED_NOISE,
+    )
+    distance: str = option("l2", "the feature distance (the paper: l2)", DISTANCES)
+    mse_weight: float = option(
+        0.0, "weight of the ordinary MSE loss added to the self-perceptual one"
+    )
     # optimisation
-    steps: int = 3000  # optimizer steps
-    batch_size: int = 64  # global batch: summed over ranks and gradient-accumulation micro-steps
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-3
-    lr_warmup_steps: int = 100  # linear warm-up from 0 to lr
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    optimizer: str = "adamw"  # adamw (torch; fused kernel on CUDA) | apex_fused_adam (needs apex)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    max_bad_steps: int = 10  # stop after this many consecutive non-finite steps (each skipped)
-    ema_decay: float = 0.999  # EMA of the weights, used for samples
+    steps: int = option(3000, "optimizer steps")
+    batch_size: int = option(
+        64, "global batch: summed over ranks and gradient-accumulation micro-steps"
+    )
+    grad_accum: int = option(1, "gradient-accumulation micro-steps per optimizer step")
+    lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
+    lr_warmup_steps: int = option(100, "steps of linear warm-up from 0 to lr (0 = none)")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    adam_beta1: float = option(0.9, "AdamW's beta1 (decay of the gradient's running mean)")
+    adam_beta2: float = option(0.999, "AdamW's beta2 (decay of the squared gradient's mean)")
+    adam_eps: float = option(1e-8, "AdamW's epsilon (added to the denominator)")
+    optimizer: str = option(
+        "adamw",
+        "adamw (torch's; fused kernel on CUDA) or apex_fused_adam (needs apex)",
+        OPTIMIZERS,
+    )
+    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)")
+    max_bad_steps: int = option(
+        10, "stop after this many consecutive non-finite steps (each one is skipped)"
+    )
+    ema_decay: float = option(0.999, "decay of the weights' EMA, the weights samples use")
     # execution
-    device: str = "auto"  # auto = cuda when available, else cpu
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = False  # channels_last memory format for the model and its inputs
-    train_step: str = "fast"  # fast (fastsp.step) | reference (the naive oracle, fp32 eager)
-    cuda_graph: bool = True  # capture the whole fast step as one CUDA graph (CUDA only)
-    compile: bool = False  # torch.compile the online and perceptual networks
-    batched_branches: bool = False  # real + predicted perceptual branches in one forward
-    seed: int = 0
-    deterministic: bool = False  # torch's deterministic algorithms (bit-identical reruns on CUDA)
+    device: str = option("auto", "auto = cuda when available, else cpu", DEVICES)
+    precision: str = option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", PRECISIONS)
+    channels_last: bool = option(False, "channels_last memory format for the model and its inputs")
+    train_step: str = option(
+        "fast",
+        "fast (fastsp.step) or reference (the naive oracle, fp32 eager)",
+        TRAIN_STEPS,
+    )
+    cuda_graph: bool = option(True, "capture the whole fast step as one CUDA graph (CUDA only)")
+    compile: bool = option(False, "torch.compile the online and perceptual networks")
+    batched_branches: bool = option(
+        False, "run the real and predicted perceptual branches as one forward"
+    )
+    seed: int = option(0, "the seed of every random draw of the run")
+    deterministic: bool = option(
+        False, "torch's deterministic algorithms (bit-identical reruns on CUDA)"
+    )
     # outputs
-    out: str = "runs/digits"  # run folder: config, metrics, samples, checkpoints
-    resume: bool = False  # continue from the run folder's latest checkpoint (fresh if none)
-    log_every: int = 50  # steps between metric lines (the only host syncs of the loop)
-    checkpoint_every: int = 1000  # steps between checkpoints; one is always written at the end
-    keep_last: int = 0  # keep only the newest K checkpoints (0 keeps all; the newest never goes)
-    sample_every: int = 1000  # steps between sample grids; one is always written at the end
-    sample_num: int = 64  # images in a sample grid
-    sample_steps: int = 50  # sampler steps for sample grids
-    sample_sampler: str = "ddim"  # ddim | euler
-    sample_cfg: float = 1.0  # classifier-free guidance scale for sample grids (1 = none)
-    sample_cfg_rescale: float = 0.0  # CFG rescale phi for sample grids
+    out: str = option("runs/digits", "run folder: config, metrics, samples, checkpoints")
+    resume: bool = option(
+        False, "continue from the run folder's latest checkpoint (a fresh start if none)"
+    )
+    log_every: int = option(50, "steps between metric lines (the only host syncs of the loop)")
+    checkpoint_every: int = option(1000, "steps between checkpoints (0 = only the one at the end)")
+    keep_last: int = option(
+        0, "keep only the newest K checkpoints (0 = keep all; the newest never goes)"
+    )
+    sample_every: int = option(1000, "steps between sample grids (0 = only the one at the end)")
+    sample_num: int = option(64, "images in a sample grid")
+    sample_steps: int = option(50, "sampler steps for sample grids")
+    sample_sampler: str = option("ddim", "the sampler of sample grids", SAMPLERS)
+    sample_cfg: float = option(
+        1.0, "classifier-free guidance scale of sample grids (1 = no guidance)"
+    )
+    sample_cfg_rescale: float = option(0.0, "CFG rescale phi of sample grids (0 = none)")
 
     def __post_init__(self):
         # Each field alone first (type, finiteness, range), so the cross-field rules below can
@@ -253,12 +672,7 @@ class TrainConfig:
             )
         if self.train_step == "reference":
             self._check_reference_step()
-        if self.prediction_type == "eps" and self.zero_terminal_snr:
-            raise ConfigError(
-                "prediction_type='eps' cannot be trained with zero_terminal_snr: at the last "
-                "timestep sqrt(alpha_bar) = 0, so x0 = (x_t - s*eps)/a divides by zero. Use "
-                "--prediction-type v (the paper's choice) or --no-zero-terminal-snr."
-            )
+        refuse_eps_at_zero_terminal_snr(self.prediction_type, self.zero_terminal_snr, cli=True)
 
     def _check_reference_step(self) -> None:
         """The naive reference step implements only the paper's defaults (PAPER.md Algorithm 1)."""
@@ -280,111 +694,6 @@ class TrainConfig:
                 )
 
 
-# The presets. Each names its UNet shape (fastsp.unet.UNET_PRESETS) and overrides TrainConfig's
-# defaults. `digits` is the CPU demo and the default; `tiny` is for tests; `sd21` is the Stable
-# Diffusion 2.1-base UNet for GPU benchmarks (synthetic latents and context unless --data is set).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        resolution=8,
-        batch_size=8,
-        steps=20,
-        lr=1e-3,
-        lr_warmup_steps=0,
-        log_every=5,
-        checkpoint_every=0,
-        sample_every=0,
-        sample_num=16,
-        sample_steps=4,
-        out="runs/tiny",
-    ),
-    "digits": dict(out="runs/digits"),
-    "sd21": dict(
-        data="synthetic",
-        resolution=64,
-        channels=4,
-        cond="context",
-        batch_size=32,
-        steps=1000,
-        lr=1e-4,
-        lr_warmup_steps=500,
-        weight_decay=0.01,
-        ema_decay=0.9999,
-        channels_last=True,
-        checkpoint_every=0,
-        sample_every=0,
-        sample_num=4,
-        out="runs/sd21",
-    ),
-}
-
-
-def _require(config: Any, name: str, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(
-            f"invalid value {getattr(config, name)!r} for {name}: it must be {allowed}"
-        )
-
-
-def _require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"invalid value {value!r} for {name}: choose one of {', '.join(choices)}")
-
-
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool (True is an int in Python)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _require_int(config: Any, name: str, low: int, high: int | None = None, note: str = "") -> None:
-    value = getattr(config, name)
-    ok = is_int(value) and value >= low and (high is None or value <= high)
-    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    _require(config, name, ok, allowed + note)
-
-
-def _require_number(
-    config: Any,
-    name: str,
-    low: float,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    what: str = "a finite number",
-    note: str = "",
-) -> None:
-    """A real, finite value in the interval; an int is taken where a float is expected."""
-    value = getattr(config, name)
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and (high is None or (value < high if high_open else value <= high))
-    )
-    if high is None:
-        allowed = f"{what} {'>' if low_open else '>='} {low}"
-    else:
-        allowed = f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    _require(config, name, ok, allowed + note)
-
-
-def _require_bool(config: Any, name: str) -> None:
-    option = _option(name)
-    _require(
-        config,
-        name,
-        isinstance(getattr(config, name), bool),
-        f"True or False ({option} / --no-{option[2:]})",
-    )
-
-
-def _require_str(config: Any, name: str, allowed: str, empty_ok: bool = False) -> None:
-    """A string; `empty_ok` for the optional paths, where "" means "not given"."""
-    value = getattr(config, name)
-    _require(config, name, isinstance(value, str) and (empty_ok or value != ""), allowed)
-
-
 def resolve(
     preset: str, train_overrides: dict[str, Any], model_overrides: dict[str, Any]
 ) -> tuple[TrainConfig, UNetConfig]:
@@ -394,7 +703,7 @@ def resolve(
     try:
         train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
         model = dataclasses.replace(UNET_PRESETS[preset], **model_overrides)
-    except ValueError as error:  # UNetConfig validates with ValueError; present both the same way
+    except ValueError as error:  # every refusal reads as a ConfigError
         raise ConfigError(str(error)) from None
     return train, model
 
@@ -446,10 +755,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _base_type(annotation: Any) -> Any:
     """`int | None` -> int; `tuple[int, ...]` -> tuple."""
     hint = annotation
@@ -467,40 +772,91 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+def _show(value: Any) -> str:
+    """A default as it is written on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return "''" if value == "" else str(value)
+
+
+def _help(f: dataclasses.Field, by_preset: dict[str, Any]) -> str:
+    """The field's description, its allowed values, and its default: the default preset's
+    value, followed by the other presets' values where they differ from it."""
+    text = f.metadata["help"]
+    if f.metadata["choices"]:
+        text += f"; one of {', '.join(f.metadata['choices'])}"
+    default = by_preset[DEFAULT_PRESET]
+    others = [f"{name}: {_show(v)}" for name, v in by_preset.items() if v != default]
+    where = "".join(f"; {other}" for other in others)
+    where = f" with --preset {DEFAULT_PRESET}{where}" if others else ""
+    return f"{text} (default: {_show(default)}{where})".replace("%", "%%")
+
+
+def _add_dataclass_options(
+    parser: argparse.ArgumentParser, cls: type, skip: set[str], presets: dict[str, Any]
+) -> None:
+    """One option per field of `cls`; `presets` maps each preset name to its `cls` instance."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = _base_type(hints[f.name])
         dest = f"{cls.__name__}.{f.name}"
+        help = _help(f, {name: getattr(c, f.name) for name, c in presets.items()})
         if kind is bool:
             parser.add_argument(
-                _option(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None
+                _option(f.name),
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help,
             )
         elif kind is tuple:
             parser.add_argument(
-                _option(f.name), dest=dest, type=_int_tuple, default=None, metavar="A,B,..."
+                _option(f.name),
+                dest=dest,
+                type=_int_tuple,
+                default=None,
+                metavar="A,B,...",
+                help=help,
             )
         else:
             parser.add_argument(
-                _option(f.name), dest=dest, type=kind, default=None, metavar=kind.__name__.upper()
+                _option(f.name),
+                dest=dest,
+                type=kind,
+                default=None,
+                metavar=kind.__name__.upper(),
+                help=help,
             )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every field of TrainConfig and UNetConfig as an option, with its description, allowed
+    values and default in --help (allowed values are checked by the configs, not by argparse,
+    so that a refusal reads the same from the command line and from Python)."""
     parser = _Parser(
         prog="fastsp/train.py",
-        description="Train a diffusion model (MSE objective). Every config field is an option; "
-        "a preset supplies the defaults.",
+        description="Train a diffusion model with the MSE or the self-perceptual objective. "
+        "Every config field is an option; a preset supplies the defaults, and each option "
+        f"shows its default under --preset {DEFAULT_PRESET} and where other presets differ.",
         allow_abbrev=False,
     )
+    preset = next(f for f in dataclasses.fields(TrainConfig) if f.name == "preset")
     parser.add_argument(
-        "--preset", default="digits", help=f"one of {', '.join(PRESETS)} (default: digits)"
+        "--preset", default=DEFAULT_PRESET, help=_help(preset, {DEFAULT_PRESET: DEFAULT_PRESET})
     )
-    _add_dataclass_options(parser, TrainConfig, skip={"preset"})
+    train_presets = {name: TrainConfig(**values, preset=name) for name, values in PRESETS.items()}
+    _add_dataclass_options(
+        parser.add_argument_group("training options"), TrainConfig, {"preset"}, train_presets
+    )
     # in_channels and num_classes come from the data set; the rest of the UNet shape is an option.
-    _add_dataclass_options(parser, UNetConfig, skip={"in_channels", "num_classes"})
+    _add_dataclass_options(
+        parser.add_argument_group("UNet options"),
+        UNetConfig,
+        {"in_channels", "num_classes"},
+        UNET_PRESETS,
+    )
     return parser
 
 

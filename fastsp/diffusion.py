@@ -28,9 +28,12 @@ from collections.abc import Callable
 
 import torch
 
-PREDICTION_TYPES = ("v", "eps", "x0")
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SAMPLERS = ("ddim", "euler")
+from fastsp.config import (
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    refuse_eps_at_zero_terminal_snr,
+)
 
 _COSINE_S = 0.008
 _COSINE_MAX_BETA = 0.999
@@ -170,6 +173,45 @@ def training_target(
 # ---------------------------------------------------------------------------------------------
 
 
+class CoefficientTable:
+    """(a_t, s_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) looked up on the device.
+
+    a, s: float64 [T] on CPU. The [2, T] table is cached per (device, dtype), so after the first
+    call per device and dtype a lookup needs no host sync and no host-to-device copy: it can be
+    captured in a CUDA graph. `NoiseSchedule` and `fastsp.perceptual.SelfPerceptualLoss` share it.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        alphas_cumprod = alphas_cumprod.detach().to(device="cpu", dtype=torch.float64)
+        self.a = alphas_cumprod.sqrt()
+        self.s = (1 - alphas_cumprod).sqrt()
+        # (device, dtype) -> [2, T] table of (a, s); filled on first use per device and dtype.
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def prepare(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        """Build the table for (device, dtype) now (a bare "cuda" means the current device)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._table(device, dtype)
+
+    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            table = torch.stack([self.a, self.s]).to(device=device, dtype=dtype)
+            self._tables[key] = table
+        return table
+
+    def __call__(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) for integer timesteps t [B] on like.device, each [B, 1, ..., 1] to broadcast
+        against `like` [B, ...], in like.dtype."""
+        table = self._table(like.device, like.dtype)
+        shape = (t.shape[0],) + (1,) * (like.ndim - 1)
+        coef = table[:, t]  # [2, B]
+        return coef[0].view(shape), coef[1].view(shape)
+
+
 class NoiseSchedule:
     """Discrete diffusion schedule with table lookups for training and sampling.
 
@@ -192,13 +234,7 @@ class NoiseSchedule:
         _check_int("num_timesteps", num_timesteps, 2)
         if not isinstance(zero_terminal_snr, bool):
             raise ValueError(f"zero_terminal_snr must be a bool, got {zero_terminal_snr!r}")
-        if prediction_type == "eps" and zero_terminal_snr:
-            raise ValueError(
-                'prediction_type="eps" cannot be used with zero_terminal_snr=True: at the last '
-                "step a_t = sqrt(alpha_bar_t) = 0, so x0_hat = (x_t - s_t * eps_hat) / a_t divides "
-                'by zero and the model cannot express x0 there. Use prediction_type="v" (the '
-                'paper\'s choice) or prediction_type="x0", or set zero_terminal_snr=False.'
-            )
+        refuse_eps_at_zero_terminal_snr(prediction_type, zero_terminal_snr)
         betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -208,10 +244,8 @@ class NoiseSchedule:
         self.prediction_type = prediction_type
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        self.a = self.alphas_cumprod.sqrt()
-        self.s = (1 - self.alphas_cumprod).sqrt()
-        # (device, dtype) -> [2, T] table of (a, s); filled on first use per device and dtype.
-        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._coefficients = CoefficientTable(self.alphas_cumprod)
+        self.a, self.s = self._coefficients.a, self._coefficients.s
 
     def __repr__(self) -> str:
         return (
@@ -229,19 +263,8 @@ class NoiseSchedule:
         one host-to-device copy happens outside the captured region and torch.compile does not
         recompile once the cache is filled.
         """
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self._table(device, dtype)
+        self._coefficients.prepare(device, dtype)
         return self
-
-    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        table = self._tables.get(key)
-        if table is None:
-            table = torch.stack([self.a, self.s]).to(device=device, dtype=dtype)
-            self._tables[key] = table
-        return table
 
     def coefficients(
         self, t: torch.Tensor, like: torch.Tensor
@@ -252,10 +275,7 @@ class NoiseSchedule:
         The (a, s) tables are cached per (device, dtype) and indexed on the device: no host sync
         and no host-to-device copy after the first call, so it can be captured in a CUDA graph.
         """
-        table = self._table(like.device, like.dtype)
-        shape = (t.shape[0],) + (1,) * (like.ndim - 1)
-        coef = table[:, t]  # [2, B]
-        return coef[0].view(shape), coef[1].view(shape)
+        return self._coefficients(t, like)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = a_t x0 + s_t eps; x0, eps [B, ...], t long [B]. Returns [B, ...]."""

@@ -27,13 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.diffusion import split_prediction
+from fastsp.config import (
+    DISTANCES,
+    PREDICTED_NOISE,
+    parse_layers,
+    parse_perceptual_t,
+    refuse_eps_at_zero_terminal_snr,
+)
+from fastsp.diffusion import CoefficientTable, split_prediction
 from fastsp.feature_loss import feature_mse, feature_mse_multi
 from fastsp.unet import UNet
 
-PERCEPTUAL_T = ("uniform", "same")  # or a (low, high) range of timesteps, inclusive
-PREDICTED_NOISE = ("eps_hat", "eps")
-DISTANCES = ("l2", "l1")
 # diffusers' names for the prediction types, accepted as aliases
 _PREDICTION_ALIASES = {
     "v_prediction": "v",
@@ -43,46 +47,6 @@ _PREDICTION_ALIASES = {
     "eps": "eps",
     "x0": "x0",
 }
-
-
-def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:
-    """ "mid" | "mid:1,down2:0.5" | ["mid", "down2"] | {"mid": 1.0} -> {layer: weight}."""
-    if isinstance(spec, Mapping):
-        layers = {str(k): float(v) for k, v in spec.items()}
-    else:
-        items = spec.split(",") if isinstance(spec, str) else list(spec)
-        layers = {}
-        for item in (i.strip() for i in items):
-            name, _, weight = item.partition(":")
-            try:
-                layers[name.strip()] = float(weight) if weight else 1.0
-            except ValueError:
-                raise ValueError(
-                    f"layer weight {weight!r} in {item!r} is not a number; "
-                    "write e.g. 'mid:1,down2:0.5'"
-                ) from None
-    if not layers or any(not name for name in layers):
-        raise ValueError(f"no layer names in {spec!r}; write e.g. 'mid' or 'mid:1,down2:0.5'")
-    if any(w < 0 for w in layers.values()):
-        raise ValueError(f"layer weights must be >= 0, got {layers}")
-    return layers
-
-
-def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str | tuple[int, int]:
-    """ "uniform" | "same" | "LOW,HIGH" (inclusive) -> "uniform" | "same" | (low, high)."""
-    if isinstance(spec, str) and spec in PERCEPTUAL_T:
-        return spec
-    try:
-        low, high = (int(v) for v in (spec.split(",") if isinstance(spec, str) else spec))
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"perceptual_t {spec!r} must be 'uniform', 'same', or a range 'LOW,HIGH' of timesteps"
-        ) from None
-    if not 0 <= low <= high < num_timesteps:
-        raise ValueError(
-            f"perceptual_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}"
-        )
-    return low, high
 
 
 class _StopForward(Exception):
@@ -189,14 +153,9 @@ class SelfPerceptualLoss:
             raise ValueError(f"distance {distance!r} must be one of {DISTANCES}")
         self.prediction_type = _PREDICTION_ALIASES[prediction_type]
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64)
-        if self.prediction_type == "eps" and bool(self.alphas_cumprod.min() <= 0):
-            # Checked once here, on the host, so that the step itself never reads a tensor.
-            raise ValueError(
-                "prediction_type 'eps' cannot be used with a zero-terminal-SNR schedule "
-                "(alphas_cumprod reaches 0): x0_hat = (x_t - s_t * eps_hat) / a_t divides by "
-                "a_t = 0 at the last step, so the loss is NaN. Use prediction_type 'v' (the "
-                "paper's choice) or 'x0', or a schedule without the zero-terminal-SNR rescale."
-            )
+        # Checked once here, on the host, so that the step itself never reads a tensor.
+        zero_terminal_snr = bool(self.alphas_cumprod.min() <= 0)
+        refuse_eps_at_zero_terminal_snr(self.prediction_type, zero_terminal_snr)
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.perceptual_t = parse_perceptual_t(perceptual_t, self.num_timesteps)
         self.predicted_noise = predicted_noise
@@ -205,7 +164,7 @@ class SelfPerceptualLoss:
         self.layers = parse_layers(layers)
         self.perceptual = perceptual.eval().requires_grad_(False)
         self.features = FeatureExtractor(self.perceptual, list(self.layers))
-        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._coefficients = CoefficientTable(self.alphas_cumprod)
 
     def sample_t_prime(
         self, t: torch.Tensor, generator: torch.Generator | None = None
@@ -217,21 +176,6 @@ class SelfPerceptualLoss:
             (0, self.num_timesteps - 1) if self.perceptual_t == "uniform" else self.perceptual_t
         )
         return torch.randint(low, high + 1, t.shape, generator=generator, device=t.device)
-
-    def _coefficients(
-        self, t: torch.Tensor, like: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # a_t = sqrt(alpha_bar_t), s_t = sqrt(1 - alpha_bar_t); one cached table per device/dtype
-        # so a step never copies from the host.
-        key = (like.device, like.dtype)
-        if key not in self._tables:
-            ab = self.alphas_cumprod
-            self._tables[key] = torch.stack([ab.sqrt(), (1 - ab).sqrt()]).to(
-                like.device, like.dtype
-            )
-        a, s = self._tables[key][:, t]
-        shape = (-1,) + (1,) * (like.dim() - 1)
-        return a.view(shape), s.view(shape)
 
     def _distance(
         self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]

@@ -1,8 +1,9 @@
 """The naive reference: one MSE step and one self-perceptual step, written the obvious way.
 
 This file is the oracle for every optimisation of the trainer and the baseline of the
-benchmarks. It is deliberately naive and independent of the fast code paths (it imports nothing
-from fastsp): eager mode in the inputs' dtype (fp32, or float64 in tests), the schedule arithmetic
+benchmarks. It is deliberately naive and independent of the fast code paths (from fastsp it
+imports only the leaf fastsp.config: the prediction types and the eps-prediction rule): eager
+mode in the inputs' dtype (fp32, or float64 in tests), the schedule arithmetic
 written out from PAPER.md, two separate *full* forwards of the frozen perceptual network with a
 forward hook on its mid block (no `taps=`, so the decoder half runs and is thrown away), no
 truncation, `F.mse_loss`, and torch's default AdamW.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PREDICTION_TYPES = ("v", "eps", "x0")
+from fastsp.config import PREDICTION_TYPES, refuse_eps_at_zero_terminal_snr
 
 
 def coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int = 4):
@@ -84,8 +85,7 @@ def reference_self_perceptual_loss(
     if prediction_type == "v":  # x0_hat = a x_t - s v_hat, eps_hat = s x_t + a v_hat
         x0_hat, eps_hat = a * x_t - s * out, s * x_t + a * out
     elif prediction_type == "eps":  # x0_hat = (x_t - s eps_hat) / a
-        if bool((a == 0).any()):
-            raise ValueError("eps-prediction divides by a_t = 0 (zero terminal SNR)")
+        refuse_eps_at_zero_terminal_snr(prediction_type, bool((a == 0).any()))
         x0_hat, eps_hat = (x_t - s * out) / a, out
     else:  # eps_hat = (x_t - a x0_hat) / s
         if bool((s == 0).any()):

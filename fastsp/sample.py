@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.diffusion import SAMPLERS, NoiseSchedule, sample
+from fastsp.config import SAMPLERS
+from fastsp.diffusion import NoiseSchedule, sample
 from fastsp.unet import UNet
 
 
@@ -121,9 +122,10 @@ def display_scale(resolution: int) -> int:
     return max(1, 128 // resolution)
 
 
-def default_labels(num: int, num_classes: int, label: int | None) -> torch.Tensor | None:
-    """`label` for every sample, or labels cycling through the classes; None if unconditional."""
-    if num_classes == 0:
+def default_labels(num: int, num_classes: int, label: int | None = None) -> torch.Tensor | None:
+    """Labels long [num] on the CPU: `label` for every sample, or (default) cycling through the
+    classes, `arange(num) % num_classes`; None for an unconditional model (num_classes <= 0)."""
+    if num_classes <= 0:
         return None
     if label is not None:
         return torch.full((num,), label, dtype=torch.long)

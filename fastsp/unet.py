@@ -1,5 +1,8 @@
 """ADM / Stable-Diffusion style UNet with named feature taps and an early-stopping forward.
 
+Its shape is a `UNetConfig` with named presets `UNET_PRESETS`, both defined in the leaf
+`fastsp.config` (so a checkpoint reads them without torch) and re-exported here.
+
     conv_in -> down[0] .. down[n-1] -> mid -> up[0] .. up[n-1] -> norm_out, SiLU, conv_out
 
 - ResBlock: GroupNorm, SiLU, conv3x3, timestep embedding (ADM scale-shift of the second norm, or
@@ -31,158 +34,15 @@ which changes the layout of the weights, not their number.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.attention import ATTENTION_BACKENDS, attention
-
-
-@dataclass
-class UNetConfig:
-    in_channels: int = 3  # image/latent channels in; the model predicts the same number out
-    base_channels: int = 64  # channels of level 0; the timestep embedding has 4x this
-    channel_mult: tuple[int, ...] = (
-        1,
-        2,
-        2,
-    )  # level i has base_channels * channel_mult[i] channels
-    num_res_blocks: int = 2  # ResBlocks per down level (up levels have one more)
-    attention_levels: tuple[int, ...] = (1, 2)  # levels (0 = full resolution) with transformers
-    head_dim: int = 64  # channels per attention head; heads = level channels // head_dim
-    transformer_depth: int = 1  # transformer blocks per transformer
-    context_dim: int = 0  # 0 = no cross-attention; >0 = cross-attention to context [B, L, dim]
-    num_classes: int = 0  # 0 = unconditional; >0 = class embedding, row num_classes = null label
-    scale_shift_norm: bool = True  # ADM timestep scale-shift; False = SD's additive embedding
-    norm_groups: int = 32  # GroupNorm groups; must divide every level's channel count
-    dropout: float = 0.0  # dropout inside ResBlocks, before the second conv
-    attention_backend: str = "auto"  # one of fastsp.attention.ATTENTION_BACKENDS
-    mid_attention: bool = True  # transformer between the two mid-block ResBlocks
-
-    def __post_init__(self):
-        # Any sequence (JSON gives lists) becomes a tuple; a bare int or a string is refused below
-        if _is_sequence(self.channel_mult):
-            self.channel_mult = tuple(self.channel_mult)
-        if _is_sequence(self.attention_levels):
-            self.attention_levels = tuple(self.attention_levels)
-        for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim"):
-            _require_int(self, name, low=1)
-        _require_int(self, "transformer_depth", low=1)
-        _require_int(self, "context_dim", low=0)
-        _require_int(self, "num_classes", low=0)
-        _require_int(self, "norm_groups", low=1)
-        for name in ("scale_shift_norm", "mid_attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if (
-            not isinstance(self.channel_mult, tuple)
-            or not self.channel_mult
-            or not all(_is_int(m) and m >= 1 for m in self.channel_mult)
-        ):
-            raise ValueError(
-                f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult!r}"
-            )
-        n = len(self.channel_mult)
-        if not isinstance(self.attention_levels, tuple):
-            raise ValueError(
-                f"attention_levels must be a tuple of level indices in 0..{n - 1}, "
-                f"got {self.attention_levels!r}"
-            )
-        bad = [lvl for lvl in self.attention_levels if not _is_int(lvl) or not 0 <= lvl < n]
-        if bad or len(set(self.attention_levels)) != len(self.attention_levels):
-            raise ValueError(
-                f"attention_levels must be distinct level indices in 0..{n - 1}, "
-                f"got {self.attention_levels}"
-            )
-        for i, m in enumerate(self.channel_mult):
-            ch = self.base_channels * m
-            if ch % self.norm_groups:
-                raise ValueError(
-                    f"norm_groups={self.norm_groups} must divide every level's channels; level {i} "
-                    f"has base_channels * channel_mult[{i}] = {ch}"
-                )
-        attn_levels = set(self.attention_levels)
-        if self.mid_attention:
-            attn_levels.add(n - 1)
-        for i in sorted(attn_levels):
-            ch = self.base_channels * self.channel_mult[i]
-            if ch % self.head_dim:
-                raise ValueError(
-                    f"head_dim={self.head_dim} must divide the channels of every level with "
-                    f"attention (and the last level when mid_attention); level {i} has {ch}"
-                )
-        dropout = self.dropout
-        if not (
-            isinstance(dropout, numbers.Real)
-            and not isinstance(dropout, bool)
-            and math.isfinite(dropout)
-            and 0.0 <= dropout < 1.0
-        ):
-            raise ValueError(f"dropout must be a finite number in [0, 1), got {dropout!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
-                f"got {self.attention_backend!r}"
-            )
-
-
-def _is_sequence(value) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _require_int(config: UNetConfig, name: str, low: int) -> None:
-    value = getattr(config, name)
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-UNET_PRESETS: dict[str, UNetConfig] = {
-    # Unit tests: forward + backward at batch 8, 16x16 in a few milliseconds.
-    "tiny": UNetConfig(
-        in_channels=1,
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_levels=(1,),
-        head_dim=16,
-        norm_groups=8,
-        num_classes=10,
-    ),
-    # CPU demo on 16x16 (upsampled 8x8) digits, class-conditional (10% label dropout in training
-    # makes CFG usable); set num_classes=0 for the unconditional variant. Sized by measurement to
-    # train at batch 64 on two CPU cores: ~1.0M parameters, ~0.12-0.16 s per forward + backward.
-    "digits": UNetConfig(
-        in_channels=1,
-        base_channels=16,
-        channel_mult=(1, 2, 4),
-        num_res_blocks=1,
-        attention_levels=(1, 2),
-        head_dim=16,
-        norm_groups=8,
-        num_classes=10,
-    ),
-    # Stable Diffusion 2.1-base's UNet shape (865,910,724 parameters); for GPU benchmarks.
-    "sd21": UNetConfig(
-        in_channels=4,
-        base_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        attention_levels=(0, 1, 2),
-        head_dim=64,
-        context_dim=1024,
-        num_classes=0,
-        scale_shift_norm=False,
-        norm_groups=32,
-    ),
-}
+from fastsp.attention import attention
+from fastsp.config import UNET_PRESETS as UNET_PRESETS  # re-exported: fastsp.unet.UNET_PRESETS
+from fastsp.config import UNetConfig
 
 
 # Sinusoidal timestep embedding (ADM / DDPM): [cos(t f_i), sin(t f_i)], f_i = 10000^(-i/half).

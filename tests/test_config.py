@@ -25,6 +25,73 @@ def test_every_field_is_an_option():
             assert "--" + f.name.replace("_", "-") in options, f.name
 
 
+def _fields_with_options():
+    """(field, option) for every field that is a command-line option."""
+    skip = {"in_channels", "num_classes"}  # from the data set
+    return [
+        (f, "--" + f.name.replace("_", "-"))
+        for cls in (TrainConfig, UNetConfig)
+        for f in dataclasses.fields(cls)
+        if not (cls is UNetConfig and f.name in skip)
+    ]
+
+
+def test_every_field_has_a_description():
+    for cls in (TrainConfig, UNetConfig):
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help")
+            assert isinstance(text, str) and text.strip(), f"{cls.__name__}.{f.name}"
+            assert "\n" not in text, f"{cls.__name__}.{f.name}: one line"
+            choices = f.metadata.get("choices")
+            assert choices is None or (choices and all(isinstance(c, str) for c in choices))
+            if choices:  # the allowed values shown are the ones the config accepts
+                assert getattr(cls(), f.name) in choices
+
+
+def _help_entries(monkeypatch) -> dict[str, str]:
+    """--help's entry of each option (its invocation and help text, whitespace collapsed)."""
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside a help text
+    text = config_lib.build_parser().format_help()
+    entries: list[str] = []
+    for line in text[text.index("\noptions:") :].splitlines():
+        if line.startswith("  -"):  # an option's invocation starts an entry
+            entries.append(line)
+        elif line.startswith("    ") and entries:  # its help, when on the next line
+            entries[-1] += " " + line
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
+
+
+def test_help_shows_each_option_with_its_description_default_and_choices(monkeypatch):
+    entries = _help_entries(monkeypatch)
+    for f, flag in _fields_with_options():
+        entry = entries[flag]
+        assert " ".join(f.metadata["help"].split()) in entry, (flag, entry)
+        assert "(default: " in entry, (flag, entry)
+        if f.metadata["choices"]:
+            assert "one of " + ", ".join(f.metadata["choices"]) in entry, (flag, entry)
+    # the default is the default preset's value; the other presets' values follow, named
+    assert entries["--resolution"].endswith("(default: 16 with --preset digits; tiny: 8; sd21: 64)")
+    assert entries["--num-timesteps"].endswith("(default: 1000)")  # the same in every preset
+    assert entries["--preset"].endswith("one of tiny, digits, sd21 (default: digits)")
+
+
+def test_eps_at_zero_terminal_snr_is_one_rule_with_one_message():
+    from fastsp.diffusion import NoiseSchedule
+
+    with pytest.raises(ConfigError) as cli:
+        TrainConfig(prediction_type="eps")
+    with pytest.raises(ValueError) as api:
+        NoiseSchedule(prediction_type="eps", zero_terminal_snr=True)
+    # the same explanation; only the fix is worded for the caller (options vs keywords)
+    explanation = str(cli.value).rsplit(": pass ", 1)[0]
+    assert (
+        explanation == str(api.value).rsplit(": pass ", 1)[0] and "divides by zero" in explanation
+    )
+    assert "--no-zero-terminal-snr" in str(cli.value) and "zero_terminal_snr=False" in str(
+        api.value
+    )
+
+
 def test_overrides_types_and_booleans():
     train, model = parse_args(
         [

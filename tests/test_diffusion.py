@@ -9,6 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from fastsp.diffusion import (
     BETA_SCHEDULES,
     SAMPLERS,
+    CoefficientTable,
     NoiseSchedule,
     guided_output,
     make_betas,
@@ -22,6 +23,7 @@ from fastsp.diffusion import (
     x0_eps_from_v,
     x0_eps_from_x0,
 )
+from fastsp.sample import default_labels
 
 T = 1000
 _SHAPE = (3, 5, 7, 9)  # odd sizes
@@ -217,6 +219,28 @@ def test_coefficients_shape_dtype_device(dtype):
         assert a.dtype == s.dtype == dtype and a.device == like.device
         torch.testing.assert_close(a.flatten(), sched.a[t].to(dtype))
         torch.testing.assert_close(s.flatten(), sched.s[t].to(dtype))
+
+
+def test_coefficient_table_matches_the_schedule():
+    """One (a, s) lookup, shared by NoiseSchedule and SelfPerceptualLoss (fastsp.perceptual)."""
+    sched = NoiseSchedule()
+    table = CoefficientTable(sched.alphas_cumprod.float())  # any dtype in: float64 tables
+    assert table.a.dtype == table.s.dtype == torch.float64
+    t = torch.tensor([999, 0, 321])
+    like = torch.zeros(3, 2, 4, dtype=torch.float32)
+    for got, want in zip(table(t, like), sched.coefficients(t, like), strict=True):
+        assert got.shape == (3, 1, 1)
+        torch.testing.assert_close(got, want)
+    assert table(t, like)[0][0].item() == 0.0  # zero terminal SNR: a_{T-1} = 0
+
+
+def test_default_labels_serve_every_caller():
+    # the sampling CLI (a fixed label or cycling), the trainer's and the pipeline's grids (cycling)
+    assert default_labels(5, 3).tolist() == [0, 1, 2, 0, 1]
+    assert torch.equal(default_labels(5, 3), torch.arange(5) % 3)
+    assert default_labels(4, 10, 7).tolist() == [7] * 4
+    assert default_labels(4, 10, None).dtype == torch.long
+    assert default_labels(4, 0) is None and default_labels(4, 0, None) is None
 
 
 def test_add_noise_and_split_compile_fullgraph():

@@ -1,0 +1,100 @@
+"""What importing a fastsp module drags in: config is a leaf; checkpoints never load the loss.
+
+Each import check runs in a fresh interpreter, since this test process has imported everything.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastsp
+from fastsp import attention, config, diffusion, perceptual, reference, unet
+
+REPO = Path(__file__).resolve().parents[1]
+# the training objective and its Triton kernels
+_OBJECTIVE = ("fastsp.perceptual", "fastsp.feature_loss", "fastsp.kernels", "triton")
+
+
+def _modules_after(statement: str) -> set[str]:
+    """The names in sys.modules after `statement` in a fresh interpreter run from the repo."""
+    probe = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_checkpoint_and_sampling_do_not_import_the_objective():
+    modules = _modules_after("import fastsp.checkpoint, fastsp.sample, fastsp.config")
+    assert "fastsp.checkpoint" in modules and "fastsp.sample" in modules
+    loaded = [
+        m for m in modules if m in _OBJECTIVE or m.startswith(tuple(n + "." for n in _OBJECTIVE))
+    ]
+    assert not loaded, f"importing a checkpoint or the sampler loaded {loaded}"
+
+
+def test_config_alone_imports_no_torch_and_no_other_fastsp_module():
+    modules = _modules_after("import fastsp.config")
+    assert not [m for m in modules if m == "torch" or m.startswith("torch.")]
+    assert {m for m in modules if m.split(".")[0] == "fastsp"} == {"fastsp", "fastsp.config"}
+
+
+def test_config_source_imports_only_the_standard_library():
+    tree = ast.parse((REPO / "fastsp" / "config.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[0])
+    assert names - {"__future__"} <= sys.stdlib_module_names, names - sys.stdlib_module_names
+
+
+def test_public_names_are_lazy_but_all_there():
+    from fastsp import (  # noqa: F401
+        FeatureMSELoss,
+        NoiseSchedule,
+        SelfPerceptualLoss,
+        TritonUnavailableError,
+        UNet,
+        UNetConfig,
+        feature_mse,
+        feature_mse_multi,
+    )
+
+    assert set(fastsp.__all__) <= set(dir(fastsp))
+    for name in ("feature_mse", "SelfPerceptualLoss", "UNet", "UNetConfig", "NoiseSchedule"):
+        assert name in dir(fastsp)
+    assert fastsp.UNetConfig is unet.UNetConfig is config.UNetConfig
+    assert fastsp.NoiseSchedule is diffusion.NoiseSchedule
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fastsp.no_such_name  # noqa: B018
+
+
+def test_public_names_import_from_a_fresh_interpreter():
+    statement = (
+        "from fastsp import feature_mse, SelfPerceptualLoss, UNet, UNetConfig, NoiseSchedule\n"
+        "import fastsp\n"
+        "assert {'feature_mse', 'SelfPerceptualLoss', 'UNet', 'UNetConfig', 'NoiseSchedule'}"
+        " <= set(dir(fastsp))"
+    )
+    assert "fastsp.feature_loss" in _modules_after(statement)
+
+
+def test_each_vocabulary_has_one_definition():
+    """The modules that use a vocabulary (or a value parser) hold config's object itself."""
+    shared = {
+        diffusion: ("BETA_SCHEDULES", "PREDICTION_TYPES", "SAMPLERS"),
+        perceptual: ("DISTANCES", "PREDICTED_NOISE", "parse_layers", "parse_perceptual_t"),
+        attention: ("ATTENTION_BACKENDS",),
+        reference: ("PREDICTION_TYPES",),
+        unet: ("UNetConfig", "UNET_PRESETS"),
+    }
+    for module, names in shared.items():
+        for name in names:
+            assert getattr(module, name) is getattr(config, name), f"{module.__name__}.{name}"
