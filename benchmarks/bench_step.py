@@ -375,7 +375,7 @@ def to_markdown(payload: dict) -> str:
             by_variant or "-",
             f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-",
         ]
-        lines.append(f"| {s['model']} | {s.get('best_fast_variant', '-')} | " + " | ".join(cells))
+        lines.append(f"| {s['model']} | {s.get('best_fast_variant', '-')} | {' | '.join(cells)} |")
     lines += ["", "Targets:", ""]
     lines += [
         f"- {'PASS' if t['ok'] else 'FAIL'}: {t['model']} {t['target']} {t['value']:.3f} "

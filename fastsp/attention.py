@@ -24,6 +24,7 @@ it branches on device, dtype and shape only.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -250,3 +251,26 @@ def attention(
     if backend == "sdpa":
         return _sdpa_attention(q, k, v)
     return _math_attention(q, k, v)
+
+
+def describe_backend(backend: str, device: torch.device) -> str:
+    """What `attention(..., backend=backend)` runs on `device`, for a run's first lines.
+
+    Per-input support is xformers' to decide at call time, so for ``auto`` on CUDA this names
+    xformers and its SDPA fallback; everywhere else the choice is fixed by device and backend.
+    """
+    _check_backend(backend)
+    if backend in ("sdpa", "math"):
+        return backend
+    if device.type != "cuda":
+        if backend == "xformers":
+            return "xformers (it has no operator for CPU tensors: every call will fail)"
+        return "sdpa (xformers runs CUDA tensors only)"
+    if _import_xformers() is None:
+        if backend == "xformers":
+            return f"xformers ({_xops_error}: every call will fail)"
+        return f"sdpa ({_xops_error})"
+    version = getattr(sys.modules.get("xformers"), "__version__", "unknown version")
+    if backend == "xformers":
+        return f"xformers {version}"
+    return f"xformers {version} (sdpa for inputs it does not support)"
