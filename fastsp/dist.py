@@ -83,4 +83,3 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         tensor /= torch_dist.get_world_size()
     return tensor
-
