@@ -11,7 +11,7 @@ from typing import Any
 from fastsp import dist
 from fastsp.checkpoint import CheckpointError, CheckpointWriteError
 from fastsp.config import ConfigError
-from fastsp.data import DataError
+from fastsp.data_policy import DataError
 from fastsp.trainer import NumericalFault, Preempted
 
 EXIT_OK = 0

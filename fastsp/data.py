@@ -31,13 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fastsp.config import DATA_FORMATS, ON_BAD_DATA, is_int
+from fastsp.config import DATA_FORMATS, is_int
+from fastsp.data_policy import (
+    FIX_DATA,
+    DataError,
+    check_index,
+    check_policy,
+    missing_folder,
+    skip_bad_file,
+    split_key,
+)
+from fastsp.latent_shards import LatentsDataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
-    "BadDataWarning",
-    "DataError",
     "DigitsDataset",
     "ImageFolderDataset",
     "SyntheticDataset",
@@ -51,49 +59,9 @@ DIGITS_HELDOUT = 297  # held-out images of the 1,797; the other 1,500 train
 _DIGITS_SPLIT_SEED = 0  # fixed forever: the split must not move with a run's --seed
 _SYNTHETIC_ITEMS = 10_000
 
-_FIX_DATA = (
-    "pass --data PATH to a folder of images (one subfolder per class) or of latent shards, "
-    "or --data digits for the built-in data set"
-)
-
-
-class DataError(ValueError):
-    """Bad user data: the message names the file or folder, the problem and the fix."""
-
-
-class BadDataWarning(UserWarning):
-    """A bad file left out, or replaced by another item, because `on_bad_data` is "skip"."""
-
 
 class _BadImage(Exception):
     """An image that cannot be used; the message is the reason (callers add the path)."""
-
-
-def _check_policy(on_bad_data) -> None:
-    if on_bad_data not in ON_BAD_DATA:
-        raise ValueError(f"on_bad_data must be one of {ON_BAD_DATA}, got {on_bad_data!r}")
-
-
-def _skip(bad_files: list[tuple[str, str]], path: str, reason: str) -> None:
-    """Record a bad file and warn once about it (on_bad_data == "skip")."""
-    bad_files.append((path, reason))
-    warnings.warn(f"skipping '{path}': {reason}", BadDataWarning, stacklevel=3)
-
-
-def _split_key(key) -> tuple[int, bool]:
-    """A sampler key `(index, flip)`; a bare int means no flip."""
-    if isinstance(key, tuple):
-        index, flip = key
-        return int(index), bool(flip)
-    return int(key), False
-
-
-def _check_index(index: int, n: int) -> int:
-    if index < 0:
-        index += n
-    if not 0 <= index < n:
-        raise IndexError(f"index {index} out of range for a data set of {n} items")
-    return index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +117,7 @@ class DigitsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        index = _check_index(_split_key(key)[0], len(self))
+        index = check_index(split_key(key)[0], len(self))
         return {"x": self.images[index], "label": self.labels[index], "bad": torch.tensor(0)}
 
     def get_batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -257,10 +225,6 @@ def _convert_mode(img, channels: int):
     return img.convert("RGB" if channels == 3 else "L")
 
 
-def _missing_folder(kind: str, root: str) -> DataError:
-    return DataError(f"{kind} '{root}' does not exist; {_FIX_DATA}")
-
-
 class ImageFolderDataset(Dataset):
     """A folder of images: one subfolder per class, or images directly in `root` (unlabeled).
 
@@ -296,16 +260,16 @@ class ImageFolderDataset(Dataset):
             )
         if not is_int(resolution) or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
-        _check_policy(on_bad_data)
+        check_policy(on_bad_data)
         if max_image_pixels is not None and (not is_int(max_image_pixels) or max_image_pixels < 1):
             raise ValueError(
                 f"max_image_pixels must be a positive integer or None, got {max_image_pixels!r}"
             )
         root = os.fspath(root)
         if not os.path.exists(root):
-            raise _missing_folder("image folder", root)
+            raise missing_folder("image folder", root)
         if not os.path.isdir(root):
-            raise DataError(f"image folder '{root}' is a file, not a folder; {_FIX_DATA}")
+            raise DataError(f"image folder '{root}' is a file, not a folder; {FIX_DATA}")
 
         top = sorted(e for e in os.listdir(root) if not e.startswith("."))
         top_images = [os.path.join(root, e) for e in top if _is_image(e)]
@@ -368,7 +332,7 @@ class ImageFolderDataset(Dataset):
                 f"with a valid image, or pass --on-bad-data skip to train without it"
             )
         for path, err in bad:
-            _skip(self.bad_files, path, err)
+            skip_bad_file(self.bad_files, path, err)
         good = [i for i, err in enumerate(errors) if not err]
         if not good:
             path, err = bad[0]
@@ -433,7 +397,7 @@ class ImageFolderDataset(Dataset):
                         f"a valid image, or pass --on-bad-data skip to train without it"
                     ) from e
                 self._bad_indices.add(j)
-                _skip(self.bad_files, path, str(e))
+                skip_bad_file(self.bad_files, path, str(e))
         example = self.files[min(self._bad_indices)]
         raise DataError(
             f"no image in '{self.root}' can be decoded ({n} files, e.g. '{example}'); put valid "
@@ -441,8 +405,8 @@ class ImageFolderDataset(Dataset):
         )
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        index, flip = _split_key(key)
-        index = _check_index(index, len(self))
+        index, flip = split_key(key)
+        index = check_index(index, len(self))
         used, x = self._load_or_substitute(index)
         if flip and self.random_flip:
             x = torch.flip(x, dims=(-1,))
@@ -494,7 +458,7 @@ class SyntheticDataset(Dataset):
         return self.num_items
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        index = _check_index(_split_key(key)[0], len(self))
+        index = check_index(split_key(key)[0], len(self))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         r = self.resolution
         item = {
@@ -539,7 +503,7 @@ def build_dataset(
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
-    _check_policy(on_bad_data)
+    check_policy(on_bad_data)
     fmt = data_format
     if fmt == "auto" and data in ("digits", "synthetic"):
         fmt = data
@@ -563,9 +527,9 @@ def build_dataset(
 
     path = os.fspath(data)
     if not os.path.exists(path):
-        raise DataError(f"data folder '{path}' does not exist; {_FIX_DATA}")
+        raise DataError(f"data folder '{path}' does not exist; {FIX_DATA}")
     if not os.path.isdir(path):
-        raise DataError(f"data path '{path}' is a file, not a folder; {_FIX_DATA}")
+        raise DataError(f"data path '{path}' is a file, not a folder; {FIX_DATA}")
     if fmt == "auto":
         names = os.listdir(path)
         is_latents = any(
@@ -573,10 +537,6 @@ def build_dataset(
         )
         fmt = "latents" if is_latents else "images"
     if fmt == "latents":
-        # Imported here, not at the top: fastsp.latent_shards imports DataError and the bad-data
-        # helpers from this module, so a top-level import would be a cycle.
-        from fastsp.latent_shards import LatentsDataset
-
         return LatentsDataset(path, latent_scale=latent_scale, on_bad_data=on_bad_data)
     return ImageFolderDataset(
         path,

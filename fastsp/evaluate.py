@@ -54,7 +54,8 @@ from safetensors.torch import save as save_safetensors
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import quality
 from fastsp.config import SAMPLERS
-from fastsp.data import DataError, DigitsDataset, ImageFolderDataset
+from fastsp.data import DigitsDataset, ImageFolderDataset
+from fastsp.data_policy import DataError
 from fastsp.sample import default_labels, generate, schedule_from_config
 
 CLASSIFIER_VERSION = "digits-cnn-v1"  # change when the network or its training changes

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fastsp.data import (
-    _FIX_DATA,
+from fastsp.data_policy import (
+    FIX_DATA,
     DataError,
-    _check_index,
-    _check_policy,
-    _missing_folder,
-    _skip,
-    _split_key,
+    check_index,
+    check_policy,
+    missing_folder,
+    skip_bad_file,
+    split_key,
 )
 
 __all__ = ["LatentsDataset", "ShardInfo", "inspect_shard"]
@@ -249,12 +249,12 @@ class LatentsDataset(Dataset):
         random_flip: bool = False,
         on_bad_data: str = "stop",
     ):
-        _check_policy(on_bad_data)
+        check_policy(on_bad_data)
         root = os.fspath(root)
         if not os.path.exists(root):
-            raise _missing_folder("latents folder", root)
+            raise missing_folder("latents folder", root)
         if not os.path.isdir(root):
-            raise DataError(f"latents folder '{root}' is a file, not a folder; {_FIX_DATA}")
+            raise DataError(f"latents folder '{root}' is a file, not a folder; {FIX_DATA}")
         self.on_bad_data = on_bad_data
         self.bad_files: list[tuple[str, str]] = []  # (path, reason), in the order found
         names = sorted(e for e in os.listdir(root) if not e.startswith("."))
@@ -277,7 +277,7 @@ class LatentsDataset(Dataset):
         if not shard_names:
             raise DataError(
                 f"no latent shards (*.npy or *.safetensors) found in '{root}'; write the "
-                f"precomputed latents there, or {_FIX_DATA}"
+                f"precomputed latents there, or {FIX_DATA}"
             )
 
         self.root = root
@@ -293,7 +293,7 @@ class LatentsDataset(Dataset):
         if not found:
             raise DataError(
                 f"no readable latent shards in '{root}': all {len(shard_names)} are bad (e.g. "
-                f"{self.bad_files[0][1]}); write the precomputed latents there, or {_FIX_DATA}"
+                f"{self.bad_files[0][1]}); write the precomputed latents there, or {FIX_DATA}"
             )
         # The reference: what most shards agree on (Counter keeps first-seen order for ties).
         layouts = [shard.layout for shard in found]
@@ -324,7 +324,7 @@ class LatentsDataset(Dataset):
         """A bad shard or file: raise `error` ("stop"), or warn and record it ("skip")."""
         if self.on_bad_data == "stop":
             raise error
-        _skip(self.bad_files, path, str(error))
+        skip_bad_file(self.bad_files, path, str(error))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -354,8 +354,8 @@ class LatentsDataset(Dataset):
         return self.offsets[-1]
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        index, flip = _split_key(key)
-        index = _check_index(index, len(self))
+        index, flip = split_key(key)
+        index = check_index(index, len(self))
         shard = bisect.bisect_right(self.offsets, index) - 1
         row = index - self.offsets[shard]
         h = self._handle(self.shards[shard])

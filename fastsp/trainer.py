@@ -538,6 +538,66 @@ def capture_step(run: Run, batch: dict[str, torch.Tensor], log=print) -> None:
         write_backends(run)
 
 
+def start_outputs(run: Run, config_text: str) -> MetricsWriter | None:
+    """Rank 0: the run folder with config.json and backends.json, the metrics file, and the
+    run's first lines (where it starts from, the objective, the model, the backends)."""
+    if not run.info.is_main:
+        return None
+    cfg, run_dir = run.cfg, run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_lib.atomic_write_text(run_dir / "config.json", config_text)
+    write_backends(run)
+    metrics = MetricsWriter(run_dir, run.start_step)
+    if cfg.resume and run.resume_from is None:
+        print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
+    if run.resume_from is not None:
+        print(f"resuming from {run.resume_from} (step {run.start_step})")
+    elif run.init_from is not None:
+        print(f"initialised from {run.init_from}")
+    if run.perceptual_loss is not None:
+        source = (
+            "EMA of the online model"
+            if cfg.perceptual_source == "ema"
+            else (cfg.perceptual_checkpoint or cfg.init)
+        )
+        print(
+            f"objective: self-perceptual at {cfg.perceptual_layers}, perceptual network: {source}"
+        )
+    params = sum(p.numel() for p in run.model.parameters())
+    print(
+        f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(run.dataset)} items); "
+        f"device: {run.info.device} x {run.info.world_size}"
+    )
+    for part, backend in run.backends.items():
+        print(f"{part.replace('_', ' ')}: {backend}")
+    return metrics
+
+
+def save_step_checkpoint(run: Run, done: int, config_text: str) -> Path | None:
+    """Every rank: rank 0 saves the checkpoint of step `done` (and prunes); a failed save stops
+    every rank now, not at a collective's timeout. Returns the new checkpoint (rank 0)."""
+    saved, save_error = None, None
+    if run.info.is_main:
+        state = {"samples_seen": done * run.cfg.batch_size, "world_size": run.info.world_size}
+        # Never let a checkpoint with non-finite weights replace (or, with --keep-last, prune)
+        # good ones. The step skips non-finite gradients, so this is the last line of defence;
+        # one host read per checkpoint.
+        save_error = nonfinite_weights_error(done, run.model, run.ema, run.run_dir)
+        if save_error is None:
+            try:
+                saved = checkpoint_lib.save_checkpoint(
+                    run.run_dir, done, run.model, run.ema, run.optimizer, state, config_text
+                )
+                checkpoint_lib.prune_checkpoints(run.run_dir, run.cfg.keep_last)
+            except checkpoint_lib.CheckpointError as error:
+                save_error = error
+    if dist.any_rank(save_error is not None):
+        raise save_error or checkpoint_lib.CheckpointWriteError(
+            f"rank 0 could not save the checkpoint of step {done}; see its error"
+        )
+    return saved
+
+
 def run_loop(run: Run) -> Path:
     """Train `run` from its start step to cfg.steps; returns the final checkpoint's folder.
 
@@ -545,40 +605,10 @@ def run_loop(run: Run) -> Path:
     checkpoints. SIGTERM/SIGINT stop after the current step with a checkpoint (`Preempted`).
     """
     cfg, info, run_dir, train_step = run.cfg, run.info, run.run_dir, run.step
-    model, ema, optimizer, device = run.model, run.ema, run.optimizer, run.info.device
-    start_step = run.start_step
+    ema, device, start_step = run.ema, run.info.device, run.start_step
     config_text = config_lib.dumps(cfg, run.model_cfg)
 
-    # ---- outputs (rank 0) ----------------------------------------------------------------------
-    metrics = None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_lib.atomic_write_text(run_dir / "config.json", config_text)
-        write_backends(run)
-        metrics = MetricsWriter(run_dir, start_step)
-        if cfg.resume and run.resume_from is None:
-            print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
-        if run.resume_from is not None:
-            print(f"resuming from {run.resume_from} (step {start_step})")
-        elif run.init_from is not None:
-            print(f"initialised from {run.init_from}")
-        if run.perceptual_loss is not None:
-            source = (
-                "EMA of the online model"
-                if cfg.perceptual_source == "ema"
-                else (cfg.perceptual_checkpoint or cfg.init)
-            )
-            print(
-                f"objective: self-perceptual at {cfg.perceptual_layers}, "
-                f"perceptual network: {source}"
-            )
-        params = sum(p.numel() for p in model.parameters())
-        print(
-            f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(run.dataset)} items); "
-            f"device: {device} x {info.world_size}"
-        )
-        for part, backend in run.backends.items():
-            print(f"{part.replace('_', ' ')}: {backend}")
+    metrics = start_outputs(run, config_text)  # rank 0: the run folder and the first lines
 
     # ---- the loop ------------------------------------------------------------------------------
     batches = iter(
@@ -672,26 +702,7 @@ def run_loop(run: Run) -> Path:
                     run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, run.dataset, device
                 )
             if checkpoint_now or preempted:
-                save_error = None
-                if info.is_main:
-                    state = {"samples_seen": done * cfg.batch_size, "world_size": info.world_size}
-                    # Never let a checkpoint with non-finite weights replace (or, with
-                    # --keep-last, prune) good ones. The step skips non-finite gradients, so
-                    # this is the last line of defence; one host read per checkpoint.
-                    save_error = nonfinite_weights_error(done, model, ema, run_dir)
-                    if save_error is None:
-                        try:
-                            final_checkpoint = checkpoint_lib.save_checkpoint(
-                                run_dir, done, model, ema, optimizer, state, config_text
-                            )
-                            checkpoint_lib.prune_checkpoints(run_dir, cfg.keep_last)
-                        except checkpoint_lib.CheckpointError as error:
-                            save_error = error
-                # A failed save (disk full) stops every rank now, not at a collective's timeout.
-                if dist.any_rank(save_error is not None):
-                    raise save_error or checkpoint_lib.CheckpointWriteError(
-                        f"rank 0 could not save the checkpoint of step {done}; see its error"
-                    )
+                final_checkpoint = save_step_checkpoint(run, done, config_text)
             kill_point(f"step:{done}")
             if preempted:
                 # Every rank says where it stopped before anyone exits (torchrun then terminates

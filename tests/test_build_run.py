@@ -15,7 +15,7 @@ from fastsp import cli, dist, pipeline
 from fastsp import config as config_lib
 from fastsp.checkpoint import CheckpointError, CheckpointWriteError
 from fastsp.config import ConfigError
-from fastsp.data import DataError
+from fastsp.data_policy import DataError
 from fastsp.step import StepConfig
 from fastsp.trainer import NumericalFault, Preempted, build_run, run_loop
 

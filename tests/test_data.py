@@ -10,12 +10,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fastsp.data import (
-    DataError,
     DigitsDataset,
     ImageFolderDataset,
     SyntheticDataset,
     build_dataset,
 )
+from fastsp.data_policy import DataError
 from fastsp.data_stream import ShardedBatchSampler, make_loader
 from fastsp.latent_shards import LatentsDataset
 

@@ -26,12 +26,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fastsp.data import (
-    BadDataWarning,
-    DataError,
     ImageFolderDataset,
     _convert_mode,
     build_dataset,
 )
+from fastsp.data_policy import BadDataWarning, DataError
 from fastsp.data_stream import ShardedBatchSampler, make_loader
 from fastsp.latent_shards import LatentsDataset, inspect_shard
 

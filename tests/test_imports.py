@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import fastsp
-from fastsp import attention, config, data, diffusion, perceptual, reference, unet
+from fastsp import attention, config, data, data_policy, diffusion, perceptual, reference, unet
 
 REPO = Path(__file__).resolve().parents[1]
 # the training objective and its Triton kernels
@@ -94,7 +94,8 @@ def test_each_vocabulary_has_one_definition():
         attention: ("ATTENTION_BACKENDS",),
         reference: ("PREDICTION_TYPES",),
         unet: ("UNetConfig", "UNET_PRESETS"),
-        data: ("DATA_FORMATS", "ON_BAD_DATA", "is_int"),
+        data: ("DATA_FORMATS", "is_int"),
+        data_policy: ("ON_BAD_DATA",),
     }
     for module, names in shared.items():
         for name in names:
