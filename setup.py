@@ -6,6 +6,8 @@
 
 from setuptools import setup
 
+SD = ["diffusers>=0.30", "transformers>=4.40"]
+
 setup(
     name="fastsp",
     version="0.1.0",
@@ -29,14 +31,17 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # diffusers: the tests run the README's example with a tiny diffusers UNet.
+        # Stable Diffusion: diffusers UNets in and out, the VAE and the CLIP text encoder for
+        # data preparation and prompt sampling (fastsp.sd_components). Never needed for digits.
+        "sd": SD,
+        # The tests build tiny random diffusers and transformers models in the test itself.
         "dev": [
+            *SD,
             "pytest>=8",
             "pytest-benchmark>=4",
             "ruff>=0.5",
             "build>=1.0",
             "wheel",
-            "diffusers",
             "matplotlib",  # the figure of benchmarks/quality/reproduce.py
         ],
     },
