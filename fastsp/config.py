@@ -261,20 +261,27 @@ class UNetConfig:
         "auto", "attention kernels (fastsp.attention); auto picks per input", ATTENTION_BACKENDS
     )
     mid_attention: bool = option(True, "a transformer between the two mid-block ResBlocks")
+    linear_projection: bool = option(
+        True,
+        "transformers' proj_in/proj_out: Linear (SD 2.x); off = 1x1 convolutions (SD 1.x)",
+    )
+    num_heads: tuple[int, ...] = option(
+        (),
+        "attention heads per level (SD 1.x: 8 at every level); empty = channels // head_dim",
+    )
 
     def __post_init__(self):
         # Any sequence (JSON gives lists) becomes a tuple; a bare int or a string is refused below
-        if _is_sequence(self.channel_mult):
-            self.channel_mult = tuple(self.channel_mult)
-        if _is_sequence(self.attention_levels):
-            self.attention_levels = tuple(self.attention_levels)
+        for name in ("channel_mult", "attention_levels", "num_heads"):
+            if _is_sequence(getattr(self, name)):
+                setattr(self, name, tuple(getattr(self, name)))
         for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim"):
             _require_int(self, name, 1)
         _require_int(self, "transformer_depth", 1)
         _require_int(self, "context_dim", 0, note=" (0 = no cross-attention)")
         _require_int(self, "num_classes", 0, note=" (0 = unconditional)")
         _require_int(self, "norm_groups", 1)
-        for name in ("scale_shift_norm", "mid_attention"):
+        for name in ("scale_shift_norm", "mid_attention", "linear_projection"):
             _require_bool(self, name)
         _require(
             self,
@@ -306,17 +313,41 @@ class UNetConfig:
         attn_levels = set(levels)
         if self.mid_attention:
             attn_levels.add(n - 1)
-        for i in sorted(attn_levels):
-            ch = self.base_channels * self.channel_mult[i]
+        if self.num_heads != ():
             _require(
                 self,
-                "head_dim",
-                ch % self.head_dim == 0,
-                "a divisor of the channels of every level with attention (and of the last "
-                f"level when mid_attention); level {i} has {ch}",
+                "num_heads",
+                isinstance(self.num_heads, tuple)
+                and len(self.num_heads) == n
+                and all(is_int(h) and h >= 1 for h in self.num_heads),
+                f"empty (heads = channels // head_dim) or {n} integers >= 1, one per level",
             )
+        for i in sorted(attn_levels):
+            ch = self.base_channels * self.channel_mult[i]
+            if self.num_heads != ():
+                _require(
+                    self,
+                    "num_heads",
+                    ch % self.num_heads[i] == 0,
+                    "divisors of the channels of their levels; level "
+                    f"{i} has {ch} channels and {self.num_heads[i]} heads",
+                )
+            else:
+                _require(
+                    self,
+                    "head_dim",
+                    ch % self.head_dim == 0,
+                    "a divisor of the channels of every level with attention (and of the last "
+                    f"level when mid_attention); level {i} has {ch}",
+                )
         _require_number(self, "dropout", 0, 1, high_open=True)
         _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+    def heads(self, level: int) -> int:
+        """Attention heads of the transformers at `level` (the mid block is the last level)."""
+        if self.num_heads != ():
+            return self.num_heads[level]
+        return self.base_channels * self.channel_mult[level] // self.head_dim
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {
@@ -418,7 +449,11 @@ class TrainConfig:
     )
     resolution: int = option(16, "image (or latent) side length the model trains at")
     channels: int = option(1, "image folders: 1 = grayscale, 3 = RGB; synthetic data: any")
-    latent_scale: float = option(1.0, "multiplies latents read from shards (SD's VAE: 0.18215)")
+    latent_scale: float = option(
+        1.0,
+        "multiplies latents of hand-made shards (raw SD VAE latents: 0.18215); must stay 1 for "
+        "fastsp.prepare's shards, which carry the VAE's factor already (metadata.json)",
+    )
     random_flip: bool = option(True, "horizontal flips for image folders (never for digits)")
     num_workers: int = option(0, "DataLoader worker processes per rank (0 = the main process)")
     on_bad_data: str = option(

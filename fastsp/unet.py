@@ -9,10 +9,12 @@ Its shape is a `UNetConfig` with named presets `UNET_PRESETS`, both defined in t
   SD's additive bias after the first conv), GroupNorm, SiLU, dropout, conv3x3, plus a 1x1 skip
   conv when the channel count changes. The second conv is zero-initialised (ADM), so every block
   starts as the identity.
-- Transformer (SD2's SpatialTransformer with linear projections): GroupNorm, Linear proj_in, then
+- Transformer (SD's SpatialTransformer): GroupNorm, proj_in (Linear as SD 2.x, or a 1x1 conv as
+  SD 1.x with linear_projection=False), then
   `transformer_depth` blocks of LayerNorm + self-attention, LayerNorm + cross-attention (when
-  context_dim > 0), LayerNorm + GEGLU feed-forward (x4), each residual; Linear proj_out
-  (zero-initialised); residual around the whole. heads = channels // head_dim. Every attention
+  context_dim > 0), LayerNorm + GEGLU feed-forward (x4), each residual; proj_out
+  (zero-initialised); residual around the whole. heads = channels // head_dim (SD 2.x), or
+  num_heads[level] when num_heads is set (SD 1.x: 8 at every level). Every attention
   layer calls `fastsp.attention.attention` with the config's backend.
 - Down level i: num_res_blocks x (ResBlock [+ transformer]) then a stride-2 conv (not on the last
   level); it pushes every block's output and the downsample's output onto the skip list.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +91,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over [B, L, C]; self-attention when context_dim is None."""
 
-    def __init__(self, dim: int, head_dim: int, backend: str, context_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, backend: str, context_dim: int | None = None):
         super().__init__()
-        self.heads = dim // head_dim
+        self.heads = heads
         self.backend = backend
         self.is_cross = context_dim is not None
         if self.is_cross:
@@ -125,14 +128,14 @@ class GEGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, config: UNetConfig):
+    def __init__(self, dim: int, heads: int, config: UNetConfig):
         super().__init__()
         backend = config.attention_backend
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, config.head_dim, backend)
+        self.attn1 = Attention(dim, heads, backend)
         if config.context_dim > 0:
             self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(dim, config.head_dim, backend, context_dim=config.context_dim)
+            self.attn2 = Attention(dim, heads, backend, context_dim=config.context_dim)
         else:
             self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(dim)
@@ -146,27 +149,43 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """SD2's transformer over the pixels of [B, C, H, W] (linear proj_in / proj_out)."""
+    """The transformer over the pixels of [B, C, H, W] at one level.
 
-    def __init__(self, channels: int, config: UNetConfig):
+    proj_in / proj_out are Linear layers over the channels (SD 2.x) or, with
+    `linear_projection=False`, 1x1 convolutions (SD 1.x): the same map, kept in the layout of
+    the checkpoints of each family.
+    """
+
+    def __init__(self, channels: int, heads: int, config: UNetConfig):
         super().__init__()
+        self.linear = config.linear_projection
         self.norm = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels)
+        project = nn.Linear if self.linear else partial(nn.Conv2d, kernel_size=1)
+        self.proj_in = project(channels, channels)
         self.blocks = nn.ModuleList(
-            TransformerBlock(channels, config) for _ in range(config.transformer_depth)
+            TransformerBlock(channels, heads, config) for _ in range(config.transformer_depth)
         )
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = project(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)
         # [B, C, H, W] -> [B, HW, C]: a free view when x is channels_last.
-        y = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if self.linear:
+            y = self.proj_in(y)
         for block in self.blocks:
             y = block(y, context)
-        y = self.proj_out(y)
-        return x + y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if self.linear:
+            y = self.proj_out(y)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if not self.linear:
+            y = self.proj_out(y)
+        return x + y
 
 
 class Downsample(nn.Module):
@@ -191,7 +210,7 @@ class DownLevel(nn.Module):
     """One encoder level; returns its last hidden state and appends its skips to `skips`."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int, attn: bool, last: bool, config: UNetConfig
+        self, in_ch: int, out_ch: int, emb_dim: int, heads: int, last: bool, config: UNetConfig
     ):
         super().__init__()
         self.res = nn.ModuleList(
@@ -199,7 +218,9 @@ class DownLevel(nn.Module):
             for i in range(config.num_res_blocks)
         )
         self.attn = (
-            nn.ModuleList(SpatialTransformer(out_ch, config) for _ in self.res) if attn else None
+            nn.ModuleList(SpatialTransformer(out_ch, heads, config) for _ in self.res)
+            if heads
+            else None
         )
         self.downsample = None if last else Downsample(out_ch)
 
@@ -219,7 +240,8 @@ class MidBlock(nn.Module):
     def __init__(self, ch: int, emb_dim: int, config: UNetConfig):
         super().__init__()
         self.res1 = ResBlock(ch, ch, emb_dim, config)
-        self.attn = SpatialTransformer(ch, config) if config.mid_attention else None
+        heads = config.heads(len(config.channel_mult) - 1)
+        self.attn = SpatialTransformer(ch, heads, config) if config.mid_attention else None
         self.res2 = ResBlock(ch, ch, emb_dim, config)
 
     def forward(self, h, emb, context) -> torch.Tensor:
@@ -238,7 +260,7 @@ class UpLevel(nn.Module):
         out_ch: int,
         skip_chs: Sequence[int],
         emb_dim: int,
-        attn: bool,
+        heads: int,
         last: bool,
         config: UNetConfig,
     ):
@@ -248,7 +270,9 @@ class UpLevel(nn.Module):
             ResBlock(c + s, out_ch, emb_dim, config) for c, s in zip(chs, skip_chs, strict=True)
         )
         self.attn = (
-            nn.ModuleList(SpatialTransformer(out_ch, config) for _ in self.res) if attn else None
+            nn.ModuleList(SpatialTransformer(out_ch, heads, config) for _ in self.res)
+            if heads
+            else None
         )
         self.upsample = None if last else Upsample(out_ch)
 
@@ -289,8 +313,8 @@ class UNet(nn.Module):
         in_ch = base
         for i in range(n):
             last = i == n - 1
-            attn = i in config.attention_levels
-            self.down.append(DownLevel(in_ch, chs[i], emb_dim, attn, last, config))
+            heads = config.heads(i) if i in config.attention_levels else 0
+            self.down.append(DownLevel(in_ch, chs[i], emb_dim, heads, last, config))
             skip_chs += [chs[i]] * (config.num_res_blocks + (0 if last else 1))
             in_ch = chs[i]
 
@@ -300,8 +324,8 @@ class UNet(nn.Module):
         for j in range(n):
             i = n - 1 - j  # the resolution level this up level works at
             level_skips = [skip_chs.pop() for _ in range(config.num_res_blocks + 1)]
-            attn = i in config.attention_levels
-            self.up.append(UpLevel(in_ch, chs[i], level_skips, emb_dim, attn, i == 0, config))
+            heads = config.heads(i) if i in config.attention_levels else 0
+            self.up.append(UpLevel(in_ch, chs[i], level_skips, emb_dim, heads, i == 0, config))
             in_ch = chs[i]
 
         self.norm_out = nn.GroupNorm(config.norm_groups, in_ch)
@@ -316,6 +340,8 @@ class UNet(nn.Module):
         )
 
     def _embed(self, x, t, labels) -> torch.Tensor:
+        if t.ndim == 0:  # one timestep for the whole batch (diffusers' schedulers pass these)
+            t = t.expand(x.shape[0])
         emb_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(emb_dtype))
         if self.label_embed is not None:
@@ -327,6 +353,18 @@ class UNet(nn.Module):
         elif labels is not None:
             raise ValueError("labels were given but the model is unconditional (num_classes=0)")
         return emb
+
+    def _check_size(self, x):
+        # Each down level but the last halves H and W, and the up levels concatenate the skips of
+        # the same size: a size the halvings do not divide would fail inside torch.cat.
+        multiple = 2 ** (len(self.config.channel_mult) - 1)
+        h, w = x.shape[-2:]
+        if h % multiple or w % multiple:
+            raise ValueError(
+                f"input size {h}x{w} is not divisible by {multiple} (2 ** (levels - 1) for "
+                f"{len(self.config.channel_mult)} levels): pad or resize it to a multiple of "
+                f"{multiple}"
+            )
 
     def _check_context(self, context):
         if self.config.context_dim > 0 and context is None:
@@ -350,7 +388,7 @@ class UNet(nn.Module):
 
         Args:
             x: [B, in_channels, H, W] noisy input.
-            t: [B] timesteps (long or float, 0..999).
+            t: [B] timesteps (long or float, 0..999), or a 0-d tensor for the whole batch.
             labels: [B] long class labels, or None (the null label when num_classes > 0).
                 Label num_classes is the null label used for CFG dropout.
             context: [B, L, context_dim] cross-attention context; required iff context_dim > 0.
@@ -375,6 +413,7 @@ class UNet(nn.Module):
                 if name in wanted:
                     last = k
         self._check_context(context)
+        self._check_size(x)
 
         out: dict[str, torch.Tensor] = {}
         if last < 0:

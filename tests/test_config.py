@@ -255,6 +255,8 @@ UNET_BAD: dict[str, list[dict]] = {
     "dropout": [{"dropout": 1.0}, {"dropout": NAN}, {"dropout": INF}],
     "attention_backend": [{"attention_backend": "flash"}],
     "mid_attention": [{"mid_attention": 1}],
+    "linear_projection": [{"linear_projection": "yes"}],
+    "num_heads": [{"num_heads": (8,)}, {"num_heads": (8, 0, 8)}, {"num_heads": (8, 7, 8)}],
 }
 
 # "Class.field" -> why that field has no invalid value. Empty: every field has one (booleans

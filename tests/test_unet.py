@@ -304,3 +304,43 @@ def test_tiny_trains_fast():
 def test_config_validation(overrides, field):
     with pytest.raises(ValueError, match=field):
         UNetConfig(**overrides)
+
+
+def test_zero_dim_timestep_is_broadcast_to_the_batch():
+    model = _model(_TINY)
+    x, t, labels, _ = _inputs(_TINY)
+    one = torch.tensor(417)
+    with torch.no_grad():
+        expected = model(x, one.expand(x.shape[0]), labels)
+        torch.testing.assert_close(model(x, one, labels), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(10, 16), (16, 6)])
+def test_size_not_divisible_by_the_halvings_is_a_clear_error(size):
+    config = UNET_PRESETS["digits"]  # 3 levels: sizes must be multiples of 4
+    model = _model(config)
+    x = torch.randn(1, config.in_channels, *size)
+    labels = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"input size {size[0]}x{size[1]} is not divisible by 4"):
+        model(x, torch.tensor([3]), labels)
+
+
+def test_conv_projections_and_per_level_heads():
+    """SD 1.x's layout: 1x1-conv proj_in/proj_out, the same number of heads at every level."""
+    config = replace(_TINY, linear_projection=False, num_heads=(2, 4))
+    model = _model(config)
+    transformer = model.mid.attn
+    assert isinstance(transformer.proj_in, torch.nn.Conv2d)
+    assert transformer.proj_in.weight.shape == (32, 32, 1, 1)
+    assert transformer.blocks[0].attn1.heads == 4
+    # The conv layout computes the same map as the linear one with the same weights.
+    linear = UNet(replace(_TINY, num_heads=(2, 4))).eval()
+    linear.load_state_dict(
+        {
+            k: v.flatten(1) if k.endswith(("proj_in.weight", "proj_out.weight")) else v
+            for k, v in model.state_dict().items()
+        }
+    )
+    x, t, labels, _ = _inputs(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, labels), linear(x, t, labels))
