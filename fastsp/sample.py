@@ -3,6 +3,12 @@
 python -m fastsp.sample --checkpoint runs/digits --num 64 --steps 50 --out grid.png
 python -m fastsp.sample --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --label 3 \
         --out threes.png
+python -m fastsp.sample --checkpoint runs/sd21_sp --prompt "a photo of a cat" --num 4 \
+        --vae SD/vae --text-encoder SD/text_encoder --out cats.png
+
+With --prompt (a model trained with --cond context on text embeddings) the prompt is encoded by
+the local CLIP text encoder, the model samples latents, and the local VAE decodes them to RGB;
+diffusers and transformers come with the `sd` extra (`pip install -e ".[sd]"`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from PIL import Image
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.config import SAMPLERS
+from fastsp.config import SAMPLERS, ConfigError
 from fastsp.diffusion import NoiseSchedule, sample
 from fastsp.unet import UNet
 
@@ -48,12 +54,14 @@ def generate(
     guidance_rescale: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    null_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`num` samples [num, *shape] in [-1, 1], for `labels` [num] and/or `context` [num, L, D].
 
-    Guidance (guidance_scale != 1) contrasts the given labels / context with the null label / a
-    zero context. The starting noise comes from a CPU generator seeded with `seed`, so a grid is
-    the same on every device.
+    Guidance (guidance_scale != 1) contrasts the given labels / context with the null label /
+    `null_context` ([L, D], [1, L, D] or [num, L, D]: the empty or negative prompt's embedding;
+    default a zero context). The starting noise comes from a CPU generator seeded with `seed`, so
+    a grid is the same on every device.
     """
     if guidance_scale != 1 and labels is None and context is None:
         raise ValueError(
@@ -64,7 +72,10 @@ def generate(
     labels = labels.to(device) if labels is not None else None
     context = context.to(device) if context is not None else None
     null_labels = torch.full_like(labels, model.config.num_classes) if labels is not None else None
-    null_context = torch.zeros_like(context) if context is not None else None
+    if context is not None and null_context is not None:
+        null_context = null_context.to(device, context.dtype).expand_as(context)
+    elif context is not None:
+        null_context = torch.zeros_like(context)
 
     def model_fn(x, t):
         return model(x, t, labels=labels, context=context).float()
@@ -132,6 +143,10 @@ def default_labels(num: int, num_classes: int, label: int | None = None) -> torc
     return torch.arange(num) % num_classes
 
 
+DEFAULT_NUM = 64  # a grid
+DEFAULT_PROMPT_NUM = 4  # full-size decoded images cost far more than a grid of digits
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastsp.sample", description=__doc__.split("\n")[0], allow_abbrev=False
@@ -141,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a checkpoint folder, or a run folder (its latest checkpoint)",
     )
-    parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help=f"number of images (default {DEFAULT_NUM}, {DEFAULT_PROMPT_NUM} with --prompt)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     parser.add_argument(
@@ -157,51 +177,153 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", required=True, help="output PNG path")
+    text = parser.add_argument_group("prompt sampling (a model trained on text embeddings)")
+    text.add_argument("--prompt", default=None, help="the text every image is sampled for")
+    text.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="what guidance steers away from (needs --cfg > 1; default the empty prompt)",
+    )
+    text.add_argument("--vae", default=None, help="local VAE folder (or pipeline folder)")
+    text.add_argument(
+        "--text-encoder", default=None, help="local CLIP text encoder folder (or pipeline folder)"
+    )
+    text.add_argument(
+        "--tokenizer", default=None, help="local tokenizer folder (default: beside the encoder)"
+    )
     return parser
+
+
+# the options only prompt sampling reads: refused without --prompt rather than ignored
+_PROMPT_OPTIONS = ("negative_prompt", "vae", "text_encoder", "tokenizer")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse contradictory or incomplete options with a one-line ConfigError."""
+    if (args.num is not None and args.num < 1) or args.steps < 1:
+        raise ConfigError("--num and --steps must be >= 1")
+    if not 0 <= args.cfg_rescale <= 1:
+        raise ConfigError("--cfg-rescale must be in [0, 1]")
+    if args.prompt is None:
+        given = [f"--{name.replace('_', '-')}" for name in _PROMPT_OPTIONS if getattr(args, name)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to prompt sampling; pass --prompt")
+        return
+    missing = [option for option in ("vae", "text_encoder") if getattr(args, option) is None]
+    if missing:
+        names = " and ".join(f"--{name.replace('_', '-')}" for name in missing)
+        raise ConfigError(
+            f"--prompt needs {names}: the local folders of the text encoder that made the "
+            "training context and of the VAE that decodes the latents (or a pipeline folder)"
+        )
+    if args.negative_prompt is not None and args.cfg == 1:
+        raise ConfigError("--negative-prompt is only used by guidance; pass --cfg > 1 with it")
+
+
+def sample_grid(args: argparse.Namespace, model: UNet, config: dict) -> None:
+    """A grid of `--num` samples of a class-conditional or unconditional model."""
+    num_classes = model.config.num_classes
+    if args.label is not None and num_classes == 0:
+        raise ConfigError(
+            "--label needs a class-conditional model; this one is unconditional, drop --label"
+        )
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise ConfigError(
+            f"--label {args.label} is not a class of this model: use 0..{num_classes - 1}"
+        )
+    if model.config.context_dim > 0:
+        raise ConfigError(
+            "this model is conditioned on a context sequence; sample it with --prompt (and "
+            "--vae, --text-encoder) when that context is a text embedding"
+        )
+    train = config["train"]
+    labels = default_labels(args.num, num_classes, args.label)
+    shape = (model.config.in_channels, train["resolution"], train["resolution"])
+    images = generate(
+        model,
+        schedule_from_config(train),
+        args.num,
+        shape,
+        labels=labels,
+        num_steps=args.steps,
+        sampler=args.sampler,
+        guidance_scale=args.cfg,
+        guidance_rescale=args.cfg_rescale,
+        seed=args.seed,
+        device=args.device,
+    )
+    save_png(image_grid(images), args.out, scale=display_scale(train["resolution"]))
+
+
+def sample_prompt(args: argparse.Namespace, model: UNet, config: dict) -> None:
+    """`--num` RGB images of `--prompt`: one image as itself, several as a grid, full size.
+
+    The unconditional branch of guidance is the negative prompt's embedding, or the empty
+    prompt's: Stable Diffusion (and fastsp's CFG dropout on prepared shards) trains its null
+    context as the encoding of "" by the same text encoder.
+    """
+    from fastsp import sd_components  # diffusers and transformers only for prompts
+
+    if model.config.context_dim == 0:
+        raise ConfigError(
+            f"--prompt needs a model trained with --cond context on text embeddings; "
+            f"{args.checkpoint} has no cross-attention (context_dim 0): drop --prompt"
+        )
+    tokenizer, encoder = sd_components.load_text_encoder(
+        args.text_encoder, args.tokenizer, device=args.device
+    )
+    hidden = encoder.config.hidden_size
+    if hidden != model.config.context_dim:
+        raise ConfigError(
+            f"--text-encoder {args.text_encoder} encodes to {hidden} dimensions but the model's "
+            f"context_dim is {model.config.context_dim}; pass the text encoder it was trained with"
+        )
+    vae = sd_components.load_vae(args.vae, device=args.device)
+    latent_channels = vae.config.latent_channels
+    if latent_channels != model.config.in_channels:
+        raise ConfigError(
+            f"--vae {args.vae} has {latent_channels} latent channels but the model takes "
+            f"{model.config.in_channels}; pass the VAE whose latents it was trained on"
+        )
+    context = sd_components.encode_text(tokenizer, encoder, [args.prompt])
+    null_context = None
+    if args.cfg != 1:
+        null_context = sd_components.encode_text(tokenizer, encoder, [args.negative_prompt or ""])
+    train = config["train"]
+    labels = default_labels(args.num, model.config.num_classes, args.label)
+    latents = generate(
+        model,
+        schedule_from_config(train),
+        args.num,
+        (model.config.in_channels, train["resolution"], train["resolution"]),
+        labels=labels,
+        context=context.expand(args.num, -1, -1),
+        num_steps=args.steps,
+        sampler=args.sampler,
+        guidance_scale=args.cfg,
+        guidance_rescale=args.cfg_rescale,
+        seed=args.seed,
+        device=args.device,
+        null_context=null_context,
+    )
+    images = sd_components.decode_latents(vae, latents)
+    save_png(image_grid(images, padding=0 if args.num == 1 else 1), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.num < 1 or args.steps < 1:
-            raise ValueError("--num and --steps must be >= 1")
-        if not 0 <= args.cfg_rescale <= 1:
-            raise ValueError("--cfg-rescale must be in [0, 1]")
+        check_arguments(args)
+        if args.num is None:
+            args.num = DEFAULT_NUM if args.prompt is None else DEFAULT_PROMPT_NUM
         model, config = checkpoint_lib.load_model(
             args.checkpoint, weights=args.weights, device=args.device
         )
-        num_classes = model.config.num_classes
-        if args.label is not None and num_classes == 0:
-            raise ValueError(
-                "--label needs a class-conditional model; this one is unconditional, drop --label"
-            )
-        if args.label is not None and not 0 <= args.label < num_classes:
-            raise ValueError(
-                f"--label {args.label} is not a class of this model: use 0..{num_classes - 1}"
-            )
-        if model.config.context_dim > 0:
-            raise ValueError(
-                "this model is conditioned on a context sequence; sampling it needs your own "
-                "context encoder"
-            )
-        train = config["train"]
-        labels = default_labels(args.num, num_classes, args.label)
-        shape = (model.config.in_channels, train["resolution"], train["resolution"])
-        images = generate(
-            model,
-            schedule_from_config(train),
-            args.num,
-            shape,
-            labels=labels,
-            num_steps=args.steps,
-            sampler=args.sampler,
-            guidance_scale=args.cfg,
-            guidance_rescale=args.cfg_rescale,
-            seed=args.seed,
-            device=args.device,
-        )
-        save_png(image_grid(images), args.out, scale=display_scale(train["resolution"]))
-    except (ValueError, checkpoint_lib.CheckpointError) as error:
+        if args.prompt is None:
+            sample_grid(args, model, config)
+        else:
+            sample_prompt(args, model, config)
+    except (ValueError, checkpoint_lib.CheckpointError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.num} samples to {args.out}")

@@ -38,6 +38,13 @@ def test_checkpoint_and_sampling_do_not_import_the_objective():
     assert not loaded, f"importing a checkpoint or the sampler loaded {loaded}"
 
 
+def test_the_digits_job_imports_neither_diffusers_nor_transformers():
+    """They come with the `sd` extra: the trainer, the main job and the sampler run without it."""
+    modules = _modules_after("import fastsp.trainer, fastsp.pipeline, fastsp.sample")
+    assert "fastsp.trainer" in modules and "fastsp.pipeline" in modules
+    assert "diffusers" not in modules and "transformers" not in modules
+
+
 def test_config_alone_imports_no_torch_and_no_other_fastsp_module():
     modules = _modules_after("import fastsp.config")
     assert not [m for m in modules if m == "torch" or m.startswith("torch.")]
