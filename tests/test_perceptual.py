@@ -448,10 +448,35 @@ def test_unknown_perceptual_layer_lists_the_valid_ones(stage1, tmp_path, capsys)
 # Use from another trainer: the README's example, run as written
 
 
-def _readme_example() -> str:
+def _readme_example(index: int = 0) -> str:
+    """The `index`-th python block of the README's "Use from another trainer" section."""
     text = (REPO / "README.md").read_text()
-    section = text.split("## Use from another trainer", 1)[1]
-    return section.split("```python", 1)[1].split("```", 1)[0]
+    section = text.split("## Use from another trainer", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python")[1 + index].split("```", 1)[0]
+
+
+# Stable Diffusion 2.1-base's scheduler/scheduler_config.json, as its pipeline folder holds it.
+_SD21_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def _check_sd_zero_snr_schedule(scheduler) -> None:
+    """The paper's schedule: Stable Diffusion's scaled-linear betas at zero terminal SNR, v."""
+    expected = NoiseSchedule().alphas_cumprod.double()
+    assert scheduler.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), expected, rtol=0, atol=1e-6)
 
 
 def test_readme_example_with_a_diffusers_unet():
@@ -465,6 +490,7 @@ def test_readme_example_with_a_diffusers_unet():
         namespace["before"],
     )
     assert torch.isfinite(loss) and loss.item() > 0
+    _check_sd_zero_snr_schedule(namespace["scheduler"])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
     # The frozen network stops after mid_block: its up blocks and output conv never run.
     ran = []
@@ -476,6 +502,19 @@ def test_readme_example_with_a_diffusers_unet():
     assert not ran and torch.isfinite(again)
     assert all(p.grad is None for p in perceptual.parameters())
     assert all(torch.equal(v, before[k]) for k, v in perceptual.state_dict().items())
+
+
+def test_readme_schedule_from_a_pipeline_folder(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    block = _readme_example(1)
+    folder = re.search(r'sd_folder = "([^"]+)"', block).group(1)
+    (tmp_path / folder / "scheduler").mkdir(parents=True)
+    config_file = tmp_path / folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(_SD21_SCHEDULER_CONFIG))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    _check_sd_zero_snr_schedule(namespace["scheduler"])
 
 
 def test_hooked_extractor_stops_a_diffusers_unet_after_the_mid_block():
