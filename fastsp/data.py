@@ -50,6 +50,7 @@ __all__ = [
     "ImageFolderDataset",
     "SyntheticDataset",
     "build_dataset",
+    "load_image",
 ]
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
@@ -176,7 +177,7 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
         IndexError,
         struct.error,
         Image.DecompressionBombError,
-        Image.DecompressionBombWarning,  # raised as an error inside `ImageFolderDataset._load`
+        Image.DecompressionBombWarning,  # raised as an error inside `_decode_image`
     )
 
 
@@ -223,6 +224,61 @@ def _convert_mode(img, channels: int):
         color = np.rint(rgba[..., :-1] * (rgba[..., -1:] / 255.0)).astype(np.uint8)
         img = Image.fromarray(color[..., 0] if img.mode == "LA" else color)
     return img.convert("RGB" if channels == 3 else "L")
+
+
+def _decode_image(
+    path: str, resolution: int, channels: int, max_image_pixels: int | None
+) -> torch.Tensor:
+    """Decode, convert, resize the short side, center-crop: -> [C, R, R] float32 in [-1, 1].
+
+    Raises `_BadImage` (the reason) when the file cannot be decoded."""
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (not raises) up to twice its limit; above our limit is bad data.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                reason = _bomb_reason(img.size, _pixel_limit(max_image_pixels))
+                if reason is None:
+                    img.load()
+                    img = ImageOps.exif_transpose(img)
+                    img = _convert_mode(img, channels)
+    except _decode_errors() as e:
+        raise _BadImage(f"{type(e).__name__}: {e}") from e
+    if reason is not None:
+        raise _BadImage(reason)
+    r = resolution
+    width, height = img.size
+    scale = r / min(width, height)
+    size = (max(r, round(width * scale)), max(r, round(height * scale)))
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - r) // 2, (size[1] - r) // 2
+    img = img.crop((left, top, left + r, top + r))
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [R, R, C] or [R, R]
+    pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    return pixels.float().div_(127.5).sub_(1.0).contiguous()
+
+
+def load_image(
+    path: str,
+    resolution: int,
+    channels: int = 3,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> torch.Tensor:
+    """One image file as `ImageFolderDataset` reads it (see `_convert_mode`; short side resized
+    to `resolution`, bicubic, center-cropped): -> [C, R, R] float32 in [-1, 1], C = `channels`.
+
+    Raises `DataError` naming the file when PIL cannot decode it or it is above
+    `max_image_pixels` (fastsp.prepare reads its captioned images through this)."""
+    try:
+        return _decode_image(path, resolution, channels, max_image_pixels)
+    except _BadImage as e:
+        raise DataError(
+            f"cannot read image '{path}' ({e}); remove the file or replace it with a valid "
+            f"image, or pass --on-bad-data skip to go on without it"
+        ) from e
 
 
 class ImageFolderDataset(Dataset):
@@ -348,36 +404,8 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def _load(self, path: str) -> torch.Tensor:
-        """Decode, convert, resize the short side, center-crop: -> [C, R, R] float32 in [-1, 1].
-
-        Raises `_BadImage` (the reason) when the file cannot be decoded."""
-        from PIL import Image, ImageOps
-
-        try:
-            with warnings.catch_warnings():
-                # PIL warns (not raises) up to twice its limit; above our limit is bad data.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    reason = _bomb_reason(img.size, _pixel_limit(self.max_image_pixels))
-                    if reason is None:
-                        img.load()
-                        img = ImageOps.exif_transpose(img)
-                        img = _convert_mode(img, self.channels)
-        except _decode_errors() as e:
-            raise _BadImage(f"{type(e).__name__}: {e}") from e
-        if reason is not None:
-            raise _BadImage(reason)
-        r = self.resolution
-        width, height = img.size
-        scale = r / min(width, height)
-        size = (max(r, round(width * scale)), max(r, round(height * scale)))
-        if size != img.size:
-            img = img.resize(size, Image.Resampling.BICUBIC)
-        left, top = (size[0] - r) // 2, (size[1] - r) // 2
-        img = img.crop((left, top, left + r, top + r))
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [R, R, C] or [R, R]
-        pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-        return pixels.float().div_(127.5).sub_(1.0).contiguous()
+        """-> [C, R, R] float32 in [-1, 1]; raises `_BadImage` (the reason) if it cannot decode."""
+        return _decode_image(path, self.resolution, self.channels, self.max_image_pixels)
 
     def _load_or_substitute(self, index: int) -> tuple[int, torch.Tensor]:
         """(the index read, its pixels): `index` itself or, under "skip", the first of

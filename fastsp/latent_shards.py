@@ -5,12 +5,23 @@
 every shard this way at construction, keeps those that agree with the majority, and reads items
 lazily from memory maps. Items follow the contract in fastsp.data; bad shards follow its
 `on_bad_data` policy.
+
+A folder written by fastsp.prepare also holds `metadata.json` (`METADATA_FILE`, with "format":
+"fastsp-latents": the VAE's scaling factor, the resolution, the encoders, the shard manifest) and
+the empty prompt's context `empty_prompt.safetensors` (`EMPTY_PROMPT_FILE`, key "context" [L, D],
+never read as a shard). Its latents already carry the VAE's scaling factor (they are
+`vae.encode(x).latent_dist.mean * scaling_factor`), so the rule of `latent_scale` is: it multiplies
+the latents of folders WITHOUT that metadata (hand-made shards of raw VAE latents: pass 0.18215
+for SD's VAE), and with the metadata it must stay 1 (anything else is a DataError naming the
+metadata's factor, never a second multiplication). `read_metadata(folder)` and
+`read_null_context(folder)` give both files to other tools (prompt sampling).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import json
 import os
 from dataclasses import dataclass
 
@@ -28,7 +39,20 @@ from fastsp.data_policy import (
     split_key,
 )
 
-__all__ = ["LatentsDataset", "ShardInfo", "inspect_shard"]
+__all__ = [
+    "EMPTY_PROMPT_FILE",
+    "METADATA_FILE",
+    "METADATA_FORMAT",
+    "LatentsDataset",
+    "ShardInfo",
+    "inspect_shard",
+    "read_metadata",
+    "read_null_context",
+]
+
+METADATA_FILE = "metadata.json"
+METADATA_FORMAT = "fastsp-latents"  # metadata.json's "format": what fastsp.prepare wrote
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
 _ST_FLOAT = {"F16", "BF16", "F32", "F64"}
 _ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
@@ -225,6 +249,53 @@ def _mismatch(shard: ShardInfo, ref: ShardInfo, others: int) -> DataError:
     )
 
 
+def read_metadata(folder) -> dict | None:
+    """`folder/metadata.json` as fastsp.prepare wrote it, or None when the folder has none (a
+    `metadata.json` of another tool, without "format": "fastsp-latents", is not ours: None too).
+
+    Raises `DataError` when the file cannot be read or parsed."""
+    path = os.path.join(os.fspath(folder), METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"cannot read '{path}' ({e}); run python -m fastsp.prepare again into this folder "
+            f"to rewrite it"
+        ) from e
+    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
+        return None
+    return metadata
+
+
+def read_null_context(folder) -> torch.Tensor | None:
+    """The empty prompt's context [L, D] float32 of a folder fastsp.prepare wrote (what CFG
+    dropout trains with and CFG sampling contrasts against), or None without fastsp metadata.
+
+    Raises `DataError` when the metadata is there but the embedding is missing or unreadable."""
+    metadata = read_metadata(folder)
+    if metadata is None:
+        return None
+    path = os.path.join(os.fspath(folder), metadata.get("empty_prompt", EMPTY_PROMPT_FILE))
+    from safetensors.torch import load_file
+
+    try:
+        context = load_file(path)["context"]
+    except Exception as e:  # a missing file, a bad header or no "context" key
+        raise DataError(
+            f"cannot read the empty-prompt embedding '{path}' ({type(e).__name__}: {e}); run "
+            f"python -m fastsp.prepare again into this folder to rewrite it"
+        ) from e
+    if context.ndim != 2:
+        raise DataError(
+            f"the empty-prompt embedding '{path}' has shape {list(context.shape)}, not [L, D]; "
+            f"run python -m fastsp.prepare again into this folder to rewrite it"
+        )
+    return context.float()
+
+
 class LatentsDataset(Dataset):
     """A folder of precomputed VAE latent shards, read lazily (memory-mapped).
 
@@ -233,6 +304,11 @@ class LatentsDataset(Dataset):
     and "context", same shapes). Shards are read in sorted name order; all must agree on C, H == W,
     on having labels and on the context shape. Items are `latents * latent_scale` in float32;
     flipping latents is off unless `random_flip` (valid for SD's VAE, not for every VAE).
+
+    A folder fastsp.prepare wrote (module docstring) has `metadata` (its metadata.json) and
+    `null_context` ([L, D], the empty prompt's context, which the trainer's CFG dropout uses); its
+    latents already carry the VAE's factor, so `latent_scale` must be 1 there. Other folders have
+    `metadata` and `null_context` None.
 
     Bad shards (unreadable, not [N, C, H, H], not floating point, bad labels or context) and
     shards that disagree with the others are found here, at construction. "The others" are the
@@ -257,7 +333,17 @@ class LatentsDataset(Dataset):
             raise DataError(f"latents folder '{root}' is a file, not a folder; {FIX_DATA}")
         self.on_bad_data = on_bad_data
         self.bad_files: list[tuple[str, str]] = []  # (path, reason), in the order found
+        self.metadata = read_metadata(root)
+        if self.metadata is not None and float(latent_scale) != 1.0:
+            raise DataError(
+                f"latent_scale {latent_scale} was given, but the latents in '{root}' already "
+                f"carry the VAE's scaling factor {self.metadata.get('scaling_factor')} "
+                f"({METADATA_FILE} of fastsp.prepare); drop --latent-scale (it must be 1 here)"
+            )
+        self.null_context = read_null_context(root) if self.metadata is not None else None
         names = sorted(e for e in os.listdir(root) if not e.startswith("."))
+        if self.metadata is not None:  # the empty prompt's context is not a shard
+            names = [n for n in names if n != EMPTY_PROMPT_FILE]
         shard_names = [
             n
             for n in names
@@ -318,6 +404,12 @@ class LatentsDataset(Dataset):
         self.context_shape = ref.context_shape
         self.num_classes = max_label + 1 if self.has_labels else 0
         self.has_context = self.context_shape is not None
+        if self.null_context is not None and tuple(self.null_context.shape) != self.context_shape:
+            raise DataError(
+                f"the empty-prompt embedding of '{root}' has shape "
+                f"{list(self.null_context.shape)} but its shards' context is "
+                f"{self.context_shape}; run python -m fastsp.prepare again into a new folder"
+            )
         self._open: dict[str, dict] = {}  # per process, never pickled to workers
 
     def _reject(self, error: DataError, path: str) -> None:

@@ -155,7 +155,7 @@ class StepConfig:
     rank: int = 0  # this rank trains on items [rank * local_batch, (rank + 1) * local_batch)
     num_classes: int = 0  # class labels of the model (0: unconditional or context)
     context_shape: tuple[int, int] | None = None  # [L, D] of the cross-attention context
-    label_dropout: float = 0.0  # CFG dropout: the null label (or a zero context) this often
+    label_dropout: float = 0.0  # CFG dropout: the null label (or the null context) this often
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 0.0  # max global gradient norm (0: not clipped)
     mse_weight: float = 0.0  # weight of the MSE loss added to the self-perceptual one
@@ -212,6 +212,9 @@ class TrainStep:
             its DDP wrapper, or a compiled version of either).
         ema, optimizer: the EMA copy and the optimizer over `model.parameters()`.
         perceptual_loss: stage 2's loss, None for stage 1.
+        null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
+            empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
+            the data set's `null_context`), zeros when None.
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class TrainStep:
         schedule: NoiseSchedule,
         perceptual_loss: SelfPerceptualLoss | None,
         device: torch.device,
+        null_context: torch.Tensor | None = None,
     ):
         self.config = config
         self.model, self.online, self.ema, self.optimizer = model, online, ema, optimizer
@@ -254,6 +258,18 @@ class TrainStep:
             if config.context_shape
             else None
         )
+        # A static buffer too (a captured graph reads it in place); zeros unless the data set
+        # stores an empty-prompt embedding.
+        self.null_context = None
+        if config.context_shape:
+            self.null_context = torch.zeros(config.context_shape, device=device, dtype=self.dtype)
+            if null_context is not None:
+                if tuple(null_context.shape) != tuple(config.context_shape):
+                    raise ValueError(
+                        f"null_context has shape {list(null_context.shape)}, the step's context "
+                        f"is {list(config.context_shape)} ([L, D])"
+                    )
+                self.null_context.copy_(null_context)
         # Device scalars the host fills before each step: a captured graph reads them in place.
         self.lr = torch.zeros((), device=device)
         self.ema_weight = torch.zeros((), device=device, dtype=self.dtype)
@@ -310,8 +326,8 @@ class TrainStep:
         labels, context = self.labels, self.context
         if labels is not None:  # classifier-free guidance dropout: the null label is num_classes
             labels = torch.where(drop, self.config.num_classes, labels)
-        if context is not None:
-            context = context * (~drop).to(context.dtype)[:, None, None]
+        if context is not None:  # a dropped item's context is the null context, row for row
+            context = torch.where(drop[:, None, None], self.null_context, context)
 
         micro_batch = self.config.local_batch // self.config.grad_accum
         step_loss = torch.zeros((), device=self.device, dtype=self.metric_dtype)

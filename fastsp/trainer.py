@@ -81,6 +81,12 @@ def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
             f"--cond context needs a context sequence per item, but {cfg.data} has none "
             "(latent shards need a 'context' array); pass --cond class or --cond none"
         )
+    if getattr(dataset, "resolution", cfg.resolution) != cfg.resolution:  # latents set their own
+        raise ConfigError(
+            f"--resolution {cfg.resolution} does not match the latents in {cfg.data}, which are "
+            f"{dataset.resolution}x{dataset.resolution}; pass --resolution {dataset.resolution} "
+            "(the latent side, not the image side)"
+        )
     model_cfg = dataclasses.replace(
         model_cfg,
         in_channels=dataset.channels,
@@ -354,7 +360,7 @@ def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torc
     num = cfg.sample_num
     labels = default_labels(num, ema.config.num_classes, None)
     context = (
-        torch.stack([dataset[(i, False)]["context"] for i in range(num)])
+        torch.stack([dataset[(i % len(dataset), False)]["context"] for i in range(num)])
         if ema.config.context_dim > 0
         else None
     )
@@ -365,6 +371,7 @@ def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torc
         (ema.config.in_channels, cfg.resolution, cfg.resolution),
         labels=labels,
         context=context,
+        null_context=getattr(dataset, "null_context", None),
         num_steps=cfg.sample_steps,
         sampler=cfg.sample_sampler,
         guidance_scale=cfg.sample_cfg,
@@ -473,10 +480,13 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         if perceptual_loss is not None:
             features = perceptual_loss.features
             features.network = torch.compile(features.network)
+    step_config = StepConfig.from_train(
+        cfg, model_cfg, world_size=info.world_size, rank=info.rank, bf16=bf16
+    )
+    if step_config.context_shape is not None:  # the data's [L, D] (--context-len: synthetic)
+        step_config = dataclasses.replace(step_config, context_shape=dataset.context_shape)
     step = TrainStep(
-        StepConfig.from_train(
-            cfg, model_cfg, world_size=info.world_size, rank=info.rank, bf16=bf16
-        ),
+        step_config,
         model=model,
         online=online,
         ema=ema,
@@ -484,6 +494,8 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         schedule=schedule,
         perceptual_loss=perceptual_loss,
         device=device,
+        # CFG dropout's context: the empty prompt's embedding of fastsp.prepare's shards
+        null_context=getattr(dataset, "null_context", None),
     )
     graph_off = step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"])
     backends = {

@@ -7,6 +7,7 @@
 - CUDA only: the graphed step equals the eager step.
 """
 
+import contextlib
 import copy
 import dataclasses
 
@@ -357,3 +358,59 @@ def test_reference_step_refuses_options_it_does_not_implement():
         TrainConfig(train_step="reference", perceptual_layers="down1")
     with pytest.raises(ConfigError, match="--precision 'bf16' needs --train-step fast"):
         TrainConfig(train_step="reference", precision="bf16")
+
+
+class _ContextRecorder(torch.nn.Module):
+    """The online model, recording the context each forward receives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.contexts = model, []
+
+    def forward(self, x, t, labels=None, context=None):
+        self.contexts.append(context.detach().clone())
+        return self.model(x, t, labels=labels, context=context)
+
+
+@pytest.mark.parametrize("reference_loss", [False, True])
+def test_cfg_dropout_gives_dropped_rows_exactly_the_null_context(reference_loss):
+    # Text conditioning is trained as Stable Diffusion is: a dropped item's context is the empty
+    # prompt's embedding (the data set's null_context), not zeros; in the fast step (without a
+    # host read) and in the reference step alike.
+    length, dim = 5, 16
+    config = dataclasses.replace(UNET_PRESETS["tiny"], num_classes=0, context_dim=dim)
+    torch.manual_seed(0)
+    model = UNet(config)
+    g = torch.Generator().manual_seed(2)
+    batch = {"x": torch.randn(B, 1, RES, RES, generator=g)}
+    batch["context"] = torch.randn(B, length, dim, generator=g)
+    null_context = torch.randn(length, dim, generator=g)
+    recorder = _ContextRecorder(model)
+    schedule = NoiseSchedule()
+    step_config = StepConfig(
+        seed=3,
+        global_batch=B,
+        shape=(1, RES, RES),
+        context_shape=(length, dim),
+        label_dropout=0.5,
+        reference_loss=reference_loss,
+    )
+    step = TrainStep(
+        step_config,
+        model=model,
+        online=recorder,
+        ema=copy.deepcopy(model).requires_grad_(False),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=LR, fused=True),
+        schedule=schedule,
+        perceptual_loss=None,
+        device=torch.device("cpu"),
+        null_context=null_context,
+    )
+    step.load(batch, 5, LR, 0.1)
+    with FailOnHostSync() if not reference_loss else contextlib.nullcontext():
+        step.compute()
+    drop = step_randomness(3, 5, B, (1, RES, RES), schedule, 0.5, torch.device("cpu"))[2]
+    assert 0 < int(drop.sum()) < B
+    seen = recorder.contexts[0]
+    assert torch.equal(seen[drop], null_context.expand(int(drop.sum()), -1, -1))
+    assert torch.equal(seen[~drop], batch["context"][~drop])

@@ -1,0 +1,459 @@
+"""Captioned images -> the latent shards the trainer reads (Stable Diffusion's VAE and CLIP text
+encoder, from local folders).
+
+python -m fastsp.prepare --images DIR --vae SD/vae --text-encoder SD/text_encoder \
+        --resolution 512 --out LATENTS
+torchrun --nproc_per_node=8 -m fastsp.prepare ...            # the shards split across ranks
+python fastsp/train.py --data LATENTS --cond context --resolution 64 ...   # the latent side
+
+Captions: `NAME.txt` beside each image `NAME.png` (any of fastsp.data.IMAGE_EXTENSIONS, found
+recursively), or one `metadata.jsonl` in DIR with a {"file_name": ..., "text": ...} line per image
+(the Hugging Face image-folder convention; file_name relative to DIR). With a metadata.jsonl the
+.txt files are not read. An image without a caption, a metadata line without an image, and an
+image PIL cannot decode are bad data: `--on-bad-data stop` (default) stops with the file's name,
+`skip` leaves it out, warns and counts it in metadata.json.
+
+Each image is read as fastsp.data reads images (`fastsp.data.load_image`: RGB, short side resized
+to R, center-cropped to R x R, [-1, 1]) and encoded as StableDiffusionPipeline does
+(fastsp.sd_components): latents = the VAE posterior's mean (or, with --sample-latents, a sample
+seeded by (--seed, shard)) times the VAE's scaling factor, context = the text encoder's last
+hidden state of the caption padded to the tokenizer's max length. Output, in --out:
+
+    shard_00000.safetensors ...  "latents" [N, 4, R/f, R/f] and "context" [N, L, D] float32, N <=
+                                 --shard-size images in sorted file order (f: the VAE's factor,
+                                 8 for SD); the header's metadata holds the shard's manifest
+    empty_prompt.safetensors     "context" [L, D]: the empty prompt "", what CFG dropout trains
+                                 with and CFG sampling contrasts against
+    metadata.json                written last, so its presence means complete: "format"
+                                 "fastsp-latents", the scaling factor, resolution, latent and
+                                 context shapes, the encoders' folders and configs, the options,
+                                 the image count, the skipped files and the shard manifest
+
+The latents carry the VAE's scaling factor: train with --latent-scale 1 (the default; anything
+else is refused, see fastsp.latent_shards). Every file is written atomically (a temporary file and
+a rename); a rerun into the same --out skips the shards already written after checking from their
+manifest that they hold the same images and captions with the same options, and refuses (exit 2)
+when they do not: pass another --out, or delete the folder, to prepare again. Under torchrun rank
+r writes shards r, r + W, ...; rank 0 writes the empty prompt and metadata.json after a barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastsp import dist
+from fastsp.checkpoint import CheckpointWriteError, atomic_write_bytes, atomic_write_text
+from fastsp.cli import run_command
+from fastsp.config import ON_BAD_DATA, ConfigError
+from fastsp.data import IMAGE_EXTENSIONS, _find_images, load_image
+from fastsp.data_policy import DataError, skip_bad_file
+from fastsp.latent_shards import EMPTY_PROMPT_FILE, METADATA_FILE, METADATA_FORMAT, read_metadata
+from fastsp.sd_components import (
+    component_folder,
+    encode_images,
+    encode_text,
+    load_text_encoder,
+    load_vae,
+)
+
+__all__ = ["CaptionedImage", "find_captioned_images", "main", "plan_shards", "prepare"]
+
+CAPTIONS_FILE = "metadata.jsonl"
+MANIFEST_KEY = "fastsp_prepare"  # the key of a shard's manifest in its safetensors header
+METADATA_VERSION = 1
+FIX_OUT = "pass another --out, or delete the folder to prepare it again"
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    name: str  # the path relative to --images, with "/" (as metadata.jsonl's file_name)
+    path: str
+    caption: str
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _read_captions_file(path: str) -> dict[str, str]:
+    """file_name -> text of a metadata.jsonl; a DataError naming the line for a bad one."""
+    captions: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name, text = entry["file_name"], entry["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(
+                    f"line {number} of '{path}' is not a JSON object with \"file_name\" and "
+                    f'"text" ({type(e).__name__}: {e}); fix or remove the line'
+                ) from e
+            if not isinstance(name, str) or not isinstance(text, str):
+                raise DataError(
+                    f'line {number} of \'{path}\': "file_name" and "text" must be strings; fix '
+                    f"the line"
+                )
+            name = Path(name).as_posix()
+            if name in captions:
+                raise DataError(
+                    f"line {number} of '{path}' captions '{name}' a second time; keep one line "
+                    f"per image"
+                )
+            captions[name] = text
+    return captions
+
+
+def find_captioned_images(
+    root: str, on_bad_data: str = "stop", bad_files: list | None = None
+) -> list[CaptionedImage]:
+    """The captioned images under `root`, sorted by name (see the module docstring for the two
+    caption conventions). A missing caption or a captioned file that does not exist raises a
+    DataError ("stop") or is skipped, warned about and appended to `bad_files` ("skip")."""
+    if not os.path.isdir(root):
+        problem = "does not exist" if not os.path.exists(root) else "is a file, not a folder"
+        raise DataError(f"--images '{root}' {problem}; pass a folder of captioned images")
+    bad_files = [] if bad_files is None else bad_files
+
+    def bad(path: str, reason: str) -> None:
+        if on_bad_data == "stop":
+            raise DataError(f"{reason}, or pass --on-bad-data skip to go on without it")
+        skip_bad_file(bad_files, path, reason)
+
+    paths = _find_images(root)
+    names = [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+    captions_path = os.path.join(root, CAPTIONS_FILE)
+    captions = _read_captions_file(captions_path) if os.path.isfile(captions_path) else None
+    found = []
+    for name, path in zip(names, paths, strict=True):
+        if captions is not None:
+            caption = captions.get(name)
+            fix = f'add a line with "file_name": "{name}" to \'{captions_path}\''
+        else:
+            text_path = os.path.splitext(path)[0] + ".txt"
+            caption = None
+            if os.path.isfile(text_path):
+                with open(text_path, encoding="utf-8") as f:
+                    caption = f.read().strip()
+            fix = f"write its caption into '{text_path}'"
+        if caption is None:
+            bad(path, f"image '{path}' has no caption; {fix}")
+            continue
+        found.append(CaptionedImage(name, path, caption))
+    if captions is not None:
+        for name in sorted(set(captions) - set(names)):
+            path = os.path.join(root, name)
+            bad(
+                path,
+                f"'{captions_path}' captions '{name}', which is not an image in '{root}' "
+                f"({', '.join(IMAGE_EXTENSIONS)}); add the image or remove the line",
+            )
+    if not found:
+        raise DataError(
+            f"no captioned images in '{root}' ({len(paths)} image files, {len(bad_files)} "
+            f"skipped); put images there with NAME.txt captions or a {CAPTIONS_FILE}"
+        )
+    return found
+
+
+def plan_shards(images: list[CaptionedImage], shard_size: int) -> list[list[CaptionedImage]]:
+    """Consecutive runs of `shard_size` images (the last may be shorter): shard i's images
+    depend only on the images and the size, never on the number of ranks."""
+    return [images[i : i + shard_size] for i in range(0, len(images), shard_size)]
+
+
+def _digest(images: list[CaptionedImage]) -> str:
+    listing = json.dumps([[image.name, image.caption] for image in images])
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+def _read_manifest(path: str) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {})[MANIFEST_KEY])
+    except Exception as e:  # unreadable, or not written by fastsp.prepare
+        raise ConfigError(
+            f"'{path}' is not a shard fastsp.prepare wrote ({type(e).__name__}: {e}); {FIX_OUT}"
+        ) from e
+
+
+def _check_options(path: str, saved: dict, options: dict) -> None:
+    """Refuse a file written with other options, naming every one that differs."""
+    differ = [
+        f"{key} {saved.get(key)!r} (now {value!r})"
+        for key, value in options.items()
+        if saved.get(key) != value
+    ]
+    if differ:
+        raise ConfigError(f"'{path}' was prepared with {', '.join(differ)}; {FIX_OUT}")
+
+
+def _check_same(path: str, manifest: dict, options: dict, images: list[CaptionedImage]) -> None:
+    """Refuse a shard written with other options or from other images."""
+    _check_options(path, manifest["options"], options)
+    if manifest["images"] != _digest(images):
+        raise ConfigError(
+            f"'{path}' holds other images or captions than this run would put in it (the "
+            f"--images folder changed); {FIX_OUT}"
+        )
+
+
+def _check_out_folder(out: str, planned: set[str]) -> None:
+    """Refuse files in --out the trainer would read as shards but this run does not write."""
+    if not os.path.isdir(out):
+        return
+    for entry in sorted(os.listdir(out)):
+        if entry.startswith(".") or entry in planned or entry == EMPTY_PROMPT_FILE:
+            continue
+        if entry.endswith((".npy", ".safetensors")):
+            raise ConfigError(
+                f"--out '{out}' holds '{entry}', which is not a shard of this preparation (the "
+                f"trainer would read it too); {FIX_OUT}"
+            )
+
+
+def _encode_shard(
+    images: list[CaptionedImage],
+    vae,
+    tokenizer,
+    text_encoder,
+    args: argparse.Namespace,
+    generator: torch.Generator | None,
+    bad_files: list,
+    progress,
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(latents [N, C, h, w], context [N, L, D], skipped [[name, reason]]) of one shard's images,
+    encoded in batches of --batch-size."""
+    latents, contexts, skipped = [], [], []
+    for start in range(0, len(images), args.batch_size):
+        batch, pixels = [], []
+        chunk = images[start : start + args.batch_size]
+        for image in chunk:
+            try:
+                pixels.append(load_image(image.path, args.resolution, channels=3))
+                batch.append(image)
+            except DataError as e:
+                if args.on_bad_data == "stop":
+                    raise
+                skip_bad_file(bad_files, image.path, str(e))
+                skipped.append([image.path, str(e)])
+        if batch:
+            latents.append(encode_images(vae, torch.stack(pixels), generator).float().cpu())
+            context = encode_text(tokenizer, text_encoder, [image.caption for image in batch])
+            contexts.append(context.float().cpu())
+        progress.update(len(chunk))
+    return latents, contexts, skipped
+
+
+def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+    """[C, h, w] of one latent; refuses a resolution the VAE cannot halve evenly."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ConfigError(
+            f"--resolution {resolution} must be divisible by {factor} (the VAE's downsampling "
+            f"factor); pick a multiple of {factor}"
+        )
+    side = resolution // factor
+    return (vae.config.latent_channels, side, side)
+
+
+def _json_config(config) -> dict:
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _write_shard(path: str, latents, context, manifest: dict) -> None:
+    from safetensors.torch import save
+
+    data = save(
+        {"latents": latents.contiguous(), "context": context.contiguous()},
+        metadata={MANIFEST_KEY: json.dumps(manifest)},
+    )
+    try:
+        atomic_write_bytes(Path(path), data)
+    except OSError as e:  # nothing of this shard is left; the ones before it are complete
+        raise CheckpointWriteError(
+            f"cannot write '{path}': {e.strerror or e}; the shards written so far are complete: "
+            f"free space (or fix the cause) and rerun the same command, it skips them"
+        ) from e
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Write --out (module docstring). Raises ConfigError / DataError (exit 2) on bad input."""
+    for name in ("resolution", "shard_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use cpu")
+    info = dist.init(args.device)
+    uncaptioned: list = []  # (path, reason) of the files find_captioned_images skipped
+    images = find_captioned_images(args.images, args.on_bad_data, uncaptioned)
+    bad_files: list = []
+    vae = load_vae(args.vae, device=info.device)
+    tokenizer, text_encoder = load_text_encoder(
+        args.text_encoder, args.tokenizer, device=info.device
+    )
+    latent_shape = _latent_shape(vae, args.resolution)
+    vae_folder = component_folder(args.vae, "vae", "diffusers AutoencoderKL", "--vae")
+    encoder_folder = component_folder(
+        args.text_encoder, "text_encoder", "transformers CLIPTextModel", "--text-encoder"
+    )
+    # What a shard's bytes depend on besides its images: a rerun must match all of it.
+    options = {
+        "resolution": args.resolution,
+        "sample_latents": args.sample_latents,
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+        "batch_size": args.batch_size,
+        "vae": os.path.abspath(vae_folder),
+        "text_encoder": os.path.abspath(encoder_folder),
+        "tokenizer": os.path.abspath(tokenizer.name_or_path),
+    }
+    empty = encode_text(tokenizer, text_encoder, [""])[0].float().cpu()  # [L, D]
+    shards = plan_shards(images, args.shard_size)
+    names = [shard_name(i) for i in range(len(shards))]
+    out = args.out
+    _check_out_folder(out, set(names))
+    finished = read_metadata(out) if os.path.isdir(out) else None
+    if finished is not None:  # a finished folder: refuse other options before any work
+        _check_options(os.path.join(out, METADATA_FILE), finished.get("options", {}), options)
+    os.makedirs(out, exist_ok=True)
+
+    mine = list(range(info.rank, len(shards), info.world_size))
+    from tqdm import tqdm
+
+    progress = tqdm(
+        total=sum(len(shards[i]) for i in mine),
+        unit="img",
+        desc=f"encoding into {out}",
+        disable=not info.is_main,
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    written = 0
+    for index in mine:
+        path = os.path.join(out, names[index])
+        if os.path.exists(path):
+            _check_same(path, _read_manifest(path), options, shards[index])
+            progress.update(len(shards[index]))
+            continue
+        generator = (
+            torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            if args.sample_latents
+            else None
+        )
+        latents, contexts, skipped = _encode_shard(
+            shards[index], vae, tokenizer, text_encoder, args, generator, bad_files, progress
+        )
+        _write_shard(
+            path,
+            torch.cat(latents) if latents else torch.zeros((0, *latent_shape)),
+            torch.cat(contexts) if contexts else torch.zeros((0, *empty.shape)),
+            {"options": options, "images": _digest(shards[index]), "skipped": skipped},
+        )
+        written += 1
+    progress.close()
+    dist.barrier()  # every shard is on disk before rank 0 describes them
+    if not info.is_main:
+        return
+    manifest, skipped = [], [list(entry) for entry in uncaptioned]
+    for name, planned in zip(names, shards, strict=True):
+        shard = _read_manifest(os.path.join(out, name))
+        skipped.extend(shard["skipped"])
+        manifest.append(
+            {
+                "name": name,
+                "num_images": len(planned) - len(shard["skipped"]),
+                "images": shard["images"],
+            }
+        )
+    from safetensors.torch import save
+
+    atomic_write_bytes(Path(out) / EMPTY_PROMPT_FILE, save({"context": empty.contiguous()}))
+    metadata = {
+        "format": METADATA_FORMAT,
+        "version": METADATA_VERSION,
+        "scaling_factor": float(vae.config.scaling_factor),
+        "resolution": args.resolution,
+        "latent_shape": list(latent_shape),
+        "context_shape": list(empty.shape),
+        "num_images": sum(entry["num_images"] for entry in manifest),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "empty_prompt": EMPTY_PROMPT_FILE,
+        "vae": {"folder": options["vae"], "config": _json_config(vae.config)},
+        "text_encoder": {
+            "folder": options["text_encoder"],
+            "config": _json_config(text_encoder.config.to_dict()),
+        },
+        "tokenizer": {
+            "folder": options["tokenizer"],
+            "model_max_length": tokenizer.model_max_length,
+        },
+        "options": options,
+        "shards": manifest,
+    }
+    atomic_write_text(Path(out) / METADATA_FILE, json.dumps(metadata, indent=1) + "\n")
+    seconds = time.perf_counter() - start
+    print(
+        f"prepared {metadata['num_images']} images ({metadata['num_skipped']} skipped) in "
+        f"{len(names)} shards ({written} written by rank 0 in {seconds:.1f}s) into {out}: "
+        f"latents {list(latent_shape)}, context {list(empty.shape)}, scaling factor "
+        f"{metadata['scaling_factor']}; train with --data {out} --cond context --resolution "
+        f"{latent_shape[1]}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsp.prepare", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    parser.add_argument("--images", required=True, help="folder of captioned images")
+    parser.add_argument("--vae", required=True, help="local AutoencoderKL (or pipeline) folder")
+    parser.add_argument(
+        "--text-encoder", required=True, help="local CLIPTextModel (or pipeline) folder"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="local CLIP tokenizer folder (default: beside the encoder)",
+    )
+    parser.add_argument(
+        "--resolution", type=int, required=True, help="image side R (SD 2.1-base: 512)"
+    )
+    parser.add_argument("--out", required=True, help="output folder of latent shards")
+    parser.add_argument(
+        "--sample-latents",
+        action="store_true",
+        help="a sample of the VAE posterior (seeded by --seed and the shard) instead of its mean",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample-latents")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    parser.add_argument(
+        "--on-bad-data",
+        default="stop",
+        choices=ON_BAD_DATA,
+        help="an undecodable or uncaptioned image: stop with its name, or skip it (counted)",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(prepare, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
