@@ -2,7 +2,8 @@
 
 The public surface: the fused feature-space MSE (`feature_mse`, `FeatureMSELoss`,
 `feature_mse_multi`), the self-perceptual loss for any trainer (`SelfPerceptualLoss`), the
-diffusion core (`NoiseSchedule`) and the UNet (`UNet`, `UNetConfig`).
+diffusion core (`NoiseSchedule`), the UNet (`UNet`, `UNetConfig`) and `load_unet` (a diffusers
+UNet or pipeline folder, or a fastsp checkpoint).
 
 The names are imported on first use (PEP 562), so `import fastsp.checkpoint` or
 `import fastsp.config` does not import the training objective or register its Triton kernels.
@@ -25,6 +26,7 @@ _LAZY = {
     "UNetConfig": "fastsp.config",
     "feature_mse": "fastsp.feature_loss",
     "feature_mse_multi": "fastsp.feature_loss",
+    "load_unet": "fastsp.diffusers_unet",
 }
 
 __all__ = [
@@ -37,10 +39,12 @@ __all__ = [
     "__version__",
     "feature_mse",
     "feature_mse_multi",
+    "load_unet",
 ]
 
 if TYPE_CHECKING:
     from fastsp.config import UNetConfig
+    from fastsp.diffusers_unet import load_unet
     from fastsp.diffusion import NoiseSchedule
     from fastsp.feature_loss import (
         FeatureMSELoss,
