@@ -247,8 +247,9 @@ def _encode_shard(
             except DataError as e:
                 if args.on_bad_data == "stop":
                     raise
-                skip_bad_file(bad_files, image.path, str(e))
-                skipped.append([image.path, str(e)])
+                reason = str(e.__cause__ or e)  # what PIL said, without the fix for "stop"
+                skip_bad_file(bad_files, image.path, reason)
+                skipped.append([image.path, reason])
         if batch:
             latents.append(encode_images(vae, torch.stack(pixels), generator).float().cpu())
             context = encode_text(tokenizer, text_encoder, [image.caption for image in batch])
@@ -380,7 +381,6 @@ def prepare(args: argparse.Namespace) -> None:
         )
     from safetensors.torch import save
 
-    atomic_write_bytes(Path(out) / EMPTY_PROMPT_FILE, save({"context": empty.contiguous()}))
     metadata = {
         "format": METADATA_FORMAT,
         "version": METADATA_VERSION,
@@ -404,7 +404,9 @@ def prepare(args: argparse.Namespace) -> None:
         "options": options,
         "shards": manifest,
     }
-    atomic_write_text(Path(out) / METADATA_FILE, json.dumps(metadata, indent=1) + "\n")
+    if metadata != read_metadata(out):  # a rerun of a finished folder rewrites nothing
+        atomic_write_bytes(Path(out) / EMPTY_PROMPT_FILE, save({"context": empty.contiguous()}))
+        atomic_write_text(Path(out) / METADATA_FILE, json.dumps(metadata, indent=1) + "\n")
     seconds = time.perf_counter() - start
     print(
         f"prepared {metadata['num_images']} images ({metadata['num_skipped']} skipped) in "
