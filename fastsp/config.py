@@ -975,10 +975,31 @@ def resolve(
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     try:
         train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
-        model = dataclasses.replace(UNET_PRESETS[preset], **model_overrides)
+        model = dataclasses.replace(
+            _init_model(train.init, model_overrides) or UNET_PRESETS[preset], **model_overrides
+        )
     except ValueError as error:  # every refusal reads as a ConfigError
         raise ConfigError(str(error)) from None
     return train, model
+
+
+def _init_model(init: str, model_overrides: dict[str, Any]) -> UNetConfig | None:
+    """With --init of a diffusers UNet (or pipeline) folder, the architecture is that folder's,
+    and a model option that says otherwise is refused; None for any other --init."""
+    folder = diffusers_unet_folder(init) if init else None
+    if folder is None:
+        return None
+    model = unet_config_from_diffusers(read_diffusers_config(folder))
+    differ = {k: v for k, v in model_overrides.items() if getattr(model, k) != v}
+    if differ:
+        details = ", ".join(
+            f"{_option(k)} {_show(v)} vs {_show(getattr(model, k))}" for k, v in differ.items()
+        )
+        raise ConfigError(
+            f"--init {init} is a diffusers UNet whose config.json sets the architecture, and the "
+            f"model options contradict it ({details}); drop those options"
+        )
+    return model
 
 
 def to_dict(train: TrainConfig, model: UNetConfig) -> dict[str, Any]:

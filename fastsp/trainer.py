@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
-from fastsp import dist
+from fastsp import diffusers_unet, dist
 from fastsp.attention import describe_backend as describe_attention
 from fastsp.config import ConfigError, TrainConfig
 from fastsp.data import build_dataset
@@ -115,8 +115,9 @@ def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig) -> None:
 
 
 def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
-    """Refuse a checkpoint whose model config differs from `model_cfg`, naming every field."""
-    saved = checkpoint_lib.read_config(checkpoint)["model"]
+    """Refuse a checkpoint (or diffusers UNet folder) whose model config differs from
+    `model_cfg`, naming every field."""
+    saved = diffusers_unet.source_model_config(checkpoint)
     ours = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # tuples -> lists, as saved
     differ = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
     if differ:
@@ -201,11 +202,11 @@ def build_perceptual_loss(
     if cfg.perceptual_source == "ema":
         perceptual = ema
     else:
-        source = checkpoint_lib.resolve_checkpoint(cfg.perceptual_checkpoint or cfg.init)
+        source = diffusers_unet.resolve_source(cfg.perceptual_checkpoint or cfg.init)
         fix = "the perceptual network must have the online model's shape: pass a checkpoint of it"
         check_same_shape(source, model_cfg, fix)
         perceptual = UNet(model_cfg)
-        checkpoint_lib.load_weights(perceptual, source / "ema.safetensors")
+        diffusers_unet.load_state_into(perceptual, source)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         # Frozen, so it can be held in bf16 when the step runs under bf16 autocast: half the
         # weight traffic of the perceptual forwards, and no per-step fp32 -> bf16 weight casts.
@@ -444,7 +445,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         )
     if resume_from is not None:
         check_resume(resume_from, cfg, model_cfg)
-    init_from = checkpoint_lib.resolve_checkpoint(cfg.init) if cfg.init else None
+    init_from = diffusers_unet.resolve_source(cfg.init) if cfg.init else None
     if init_from is not None:
         check_same_shape(
             init_from, model_cfg, "pass --init a checkpoint trained with these model options"
@@ -455,7 +456,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
 
     model = UNet(model_cfg)
     if init_from is not None and resume_from is None:  # stage 2 starts from stage 1's EMA weights
-        checkpoint_lib.load_weights(model, init_from / "ema.safetensors")
+        diffusers_unet.load_state_into(model, init_from)
     model = model.to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     perceptual_loss = build_perceptual_loss(cfg, model_cfg, schedule, ema, device, bf16)

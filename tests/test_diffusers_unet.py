@@ -152,7 +152,10 @@ def test_mid_tap_equals_diffusers_mid_block(tmp_path):
 def test_pipeline_folder_loads_its_unet(tmp_path):
     theirs = _diffusers_unet(SD1_LIKE)
     theirs.save_pretrained(tmp_path / "pipe" / "unet")
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
     _assert_same_forward(fastsp.load_unet(tmp_path / "pipe", dtype=torch.float64), theirs)
 
@@ -254,7 +257,7 @@ def test_train_init_and_perceptual_from_diffusers_folder_then_export(tmp_path):
             *TRAIN,
             *TINY_RUN,
             "--init",
-            "run1",
+            str(unet_dir),
             "--objective",
             "self_perceptual",
             "--perceptual-checkpoint",

@@ -1,0 +1,56 @@
+"""Export a fastsp checkpoint as a diffusers UNet folder.
+
+    python -m fastsp.export --checkpoint runs/sd21 --to-diffusers out/unet [--weights ema|model]
+
+--checkpoint takes a checkpoint folder or a run folder (its latest complete checkpoint). OUT gets
+config.json and diffusion_pytorch_model.safetensors (fp32), which
+`diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options; drop it into a
+pipeline folder as its unet/. The folder is written atomically; OUT must not exist or be empty.
+Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
+diffusers cannot express, a non-empty OUT), with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastsp import checkpoint as checkpoint_lib
+from fastsp.cli import run_command
+from fastsp.diffusers_unet import export_to_diffusers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsp.export",
+        description="Write a fastsp checkpoint as a diffusers UNet2DConditionModel folder.",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest)"
+    )
+    parser.add_argument(
+        "--to-diffusers", required=True, metavar="OUT", help="the folder to write (new or empty)"
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        default="ema",
+        help="the EMA weights (default) or the online model's",
+    )
+    return parser
+
+
+def export(args: argparse.Namespace) -> None:
+    model, config = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
+    # The latent size the model was trained at: the pipelines' default generation size.
+    out = export_to_diffusers(model, args.to_diffusers, sample_size=config["train"]["resolution"])
+    print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(export, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
