@@ -145,12 +145,13 @@ def test_missing_folders_name_what_was_expected(run, tmp_path, capsys):
     assert "does not exist; expected a local transformers CLIPTextModel" in _error(capsys, argv)
 
 
-def test_without_transformers_the_command_exits_2_naming_the_extra(run, sd, tmp_path):
+@pytest.mark.parametrize("missing", ["transformers", "diffusers"])
+def test_without_the_sd_extra_the_command_exits_2_naming_it(run, sd, tmp_path, missing):
     argv = ["--checkpoint", str(run), "--prompt", PROMPT, "--vae", str(sd), "--text-encoder"]
     argv += [str(sd), "--out", str(tmp_path / "x.png")]
     probe = (
         "import sys\n"
-        "sys.modules['transformers'] = None  # as if the sd extra were not installed\n"
+        f"sys.modules[{missing!r}] = None  # as if the sd extra were not installed\n"
         "from fastsp.sample import main\n"
         f"sys.exit(main({argv!r}))"
     )
@@ -158,5 +159,7 @@ def test_without_transformers_the_command_exits_2_naming_the_extra(run, sd, tmp_
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert 'pip install -e ".[sd]"' in result.stderr.strip().splitlines()[-1]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and missing in message
+    assert 'pip install -e ".[sd]"' in message
     assert not (tmp_path / "x.png").exists()
