@@ -181,6 +181,46 @@ def test_unsupported_config_is_refused_listing_every_field():
         assert part in message
 
 
+@pytest.mark.parametrize("fault", ["no weights", "truncated", "extra tensor", "wrong shape"])
+def test_damaged_diffusers_folder_is_a_one_line_error(tmp_path, fault):
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(tmp_path / "unet", SD2_LIKE)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if fault == "no weights":
+        weights.unlink()
+    elif fault == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    else:
+        tensors = load_file(weights)
+        if fault == "extra tensor":
+            tensors["class_embedding.weight"] = torch.zeros(3, 4)
+        else:
+            tensors["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
+        save_file(tensors, weights)
+    with pytest.raises(fastsp.checkpoint.CheckpointError) as caught:
+        fastsp.load_unet(folder)
+    assert "\n" not in str(caught.value) and str(folder) in str(caught.value)
+
+
+def test_load_unet_of_a_fastsp_run_is_its_ema_model(tmp_path):
+    train, model_cfg = config_lib.resolve("tiny", {}, {})
+    torch.manual_seed(0)
+    model, ema = fastsp.UNet(model_cfg), fastsp.UNet(model_cfg)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_()
+    optimizer = torch.optim.AdamW(model.parameters())
+    text = config_lib.dumps(train, model_cfg)
+    fastsp.checkpoint.save_checkpoint(tmp_path / "run", 5, model, ema, optimizer, {"step": 5}, text)
+    loaded = fastsp.load_unet(tmp_path / "run", dtype=torch.float64)
+    pairs = zip(loaded.state_dict().items(), ema.state_dict().values(), strict=True)
+    for (name, got), want in pairs:
+        assert got.dtype == torch.float64 and torch.equal(got, want.double()), name
+    with pytest.raises(fastsp.checkpoint.CheckpointError, match="does not exist"):
+        fastsp.load_unet(tmp_path / "nowhere")
+
+
 def test_sd21_base_on_meta_device_maps_every_key():
     with torch.device("meta"):
         theirs = UNet2DConditionModel(**SD21_BASE)
