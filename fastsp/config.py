@@ -723,10 +723,14 @@ class TrainConfig:
         "mse", "the loss: mse (stage 1) or self_perceptual (stage 2, needs --init)", OBJECTIVES
     )
     init: str = option(
-        "", "checkpoint or run folder whose EMA weights start the model ('' = random weights)"
+        "",
+        "checkpoint or run folder whose EMA weights start the model, or a diffusers UNet or "
+        "pipeline folder (its config.json sets the architecture) ('' = random weights)",
     )
     perceptual_checkpoint: str = option(
-        "", "the frozen perceptual network ('' = the --init checkpoint)"
+        "",
+        "the frozen perceptual network: a checkpoint, run, or diffusers UNet or pipeline folder "
+        "('' = the --init checkpoint)",
     )
     perceptual_source: str = option(
         "frozen",
@@ -839,12 +843,15 @@ class TrainConfig:
         # objective
         _require_choice("objective", self.objective, OBJECTIVES)
         _require_str(
-            self, "init", "a checkpoint or run folder path, or '' for random weights", empty_ok=True
+            self,
+            "init",
+            "a checkpoint, run or diffusers UNet folder path, or '' for random weights",
+            empty_ok=True,
         )
         _require_str(
             self,
             "perceptual_checkpoint",
-            "a checkpoint or run folder path, or '' for the --init checkpoint",
+            "a checkpoint, run or diffusers UNet folder path, or '' for the --init checkpoint",
             empty_ok=True,
         )
         _require_choice("perceptual_source", self.perceptual_source, PERCEPTUAL_SOURCES)
