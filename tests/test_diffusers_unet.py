@@ -127,6 +127,23 @@ def test_load_unet_forward_equals_diffusers(tmp_path, family, variant):
     _assert_same_forward(ours, theirs)
 
 
+def test_scale_shift_time_embedding_maps(tmp_path):
+    """resnet_time_scale_shift='scale_shift' is fastsp's scale_shift_norm (ADM's)."""
+    theirs = _diffusers_unet({**SD2_LIKE, "resnet_time_scale_shift": "scale_shift"})
+    theirs.save_pretrained(tmp_path)
+    ours = fastsp.load_unet(tmp_path, dtype=torch.float64)
+    assert ours.config.scale_shift_norm
+    _assert_same_forward(ours, theirs)
+
+
+def test_export_of_a_model_diffusers_cannot_express_is_refused(tmp_path):
+    model = fastsp.UNet(config_lib.UNET_PRESETS["tiny"])  # class labels, no context
+    with pytest.raises(ConfigError) as caught:
+        export_to_diffusers(model, tmp_path / "out")
+    assert "num_classes=10" in str(caught.value) and "context_dim=0" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_family_configs_map_to_their_layouts():
     sd1 = unet_config_from_diffusers(SD1_LIKE)
     assert (sd1.num_heads, sd1.linear_projection, sd1.attention_levels) == ((8, 8), False, (0,))
