@@ -26,7 +26,7 @@ import re
 import shutil
 import struct
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +141,15 @@ def diffusers_names(name: str) -> tuple[str, ...]:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
 class _Stored:
-    """Where one tensor lies: its file, dtype, shape and byte range."""
+    """Where one tensor lies in a safetensors file."""
 
-    def __init__(self, file: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int):
-        self.file, self.dtype, self.shape, self.start = file, dtype, shape, start
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    nbytes: int
 
 
 def _read_header(file: Path) -> dict[str, _Stored]:
@@ -156,7 +160,7 @@ def _read_header(file: Path) -> dict[str, _Stored]:
     except (OSError, ValueError, struct.error) as error:
         raise CheckpointError(f"{file} is not a readable safetensors file ({error})") from None
     stored = {}
-    for name, entry in header.items():
+    for name, entry in header.items():  # {name: {dtype, shape, data_offsets}, __metadata__}
         if name == "__metadata__":
             continue
         dtype = _DTYPES.get(entry.get("dtype"))
@@ -164,9 +168,8 @@ def _read_header(file: Path) -> dict[str, _Stored]:
             raise CheckpointError(
                 f"{file}: tensor {name} is {entry.get('dtype')}; fastsp reads F32, F16, BF16, F64"
             )
-        stored[name] = _Stored(
-            file, dtype, tuple(entry["shape"]), 8 + size + entry["data_offsets"][0]
-        )
+        begin, end = entry["data_offsets"]
+        stored[name] = _Stored(file, dtype, tuple(entry["shape"]), 8 + size + begin, end - begin)
     return stored
 
 
@@ -192,9 +195,10 @@ def _weights_files(folder: Path) -> list[Path]:
 
 def _into(target: torch.Tensor, stored: _Stored, handle) -> None:
     """Read one stored tensor into `target` (same number of elements), converting its dtype."""
-    buffer = (
-        target if target.dtype == stored.dtype else torch.empty_like(target, dtype=stored.dtype)
-    )
+    direct = target.dtype == stored.dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(target.shape, dtype=stored.dtype)
+    if buffer.nbytes != stored.nbytes:
+        raise CheckpointError(f"{stored.file} is damaged: its header gives a tensor a wrong size")
     handle.seek(stored.start)
     # view(torch.uint8): the raw bytes of any dtype, numpy included (bf16 has no numpy type)
     if handle.readinto(buffer.view(-1).view(torch.uint8).numpy()) != buffer.nbytes:
