@@ -25,35 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# diffusers' published unet/config.json of stabilityai/stable-diffusion-2-1-base.
-SD21_BASE = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    act_fn="silu",
-    attention_head_dim=(5, 10, 20, 20),
-    block_out_channels=(320, 640, 1280, 1280),
-    center_input_sample=False,
-    cross_attention_dim=1024,
-    down_block_types=(
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    downsample_padding=1,
-    dual_cross_attention=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    num_class_embeds=None,
-    only_cross_attention=False,
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    use_linear_projection=True,
-)
 GIB = 2**30
 
 
@@ -111,11 +82,13 @@ def main() -> int:
     import safetensors
     import torch
 
+    from fastsp.diffusers_unet import SD21_BASE_CONFIG
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastsp-bench-import-") as tmp:
         torch.manual_seed(0)
         start = time.perf_counter()
-        theirs = diffusers.UNet2DConditionModel(**SD21_BASE).eval()
+        theirs = diffusers.UNet2DConditionModel(**SD21_BASE_CONFIG).eval()
         print(f"built the diffusers SD 2.1-base UNet in {time.perf_counter() - start:.1f} s")
         for name in sorted(args.dtypes, key=["fp32", "fp16"].index):  # fp32 before .half()
             if name == "fp16":

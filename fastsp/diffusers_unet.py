@@ -45,6 +45,38 @@ from fastsp.config import (
 )
 from fastsp.unet import UNet
 
+# diffusers' published unet/config.json of stabilityai/stable-diffusion-2-1-base (its bookkeeping
+# fields left out): what the `sd21` preset converts from, and the tests' and benchmarks' full-size
+# model.
+SD21_BASE_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    act_fn="silu",
+    attention_head_dim=(5, 10, 20, 20),
+    block_out_channels=(320, 640, 1280, 1280),
+    center_input_sample=False,
+    cross_attention_dim=1024,
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    downsample_padding=1,
+    dual_cross_attention=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    num_class_embeds=None,
+    only_cross_attention=False,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    use_linear_projection=True,
+)
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 # The version of diffusers' config format the export writes (read by from_pretrained).

@@ -13,7 +13,7 @@ import torch
 import fastsp
 from fastsp import config as config_lib
 from fastsp.config import ConfigError, unet_config_from_diffusers
-from fastsp.diffusers_unet import diffusers_names, export_to_diffusers
+from fastsp.diffusers_unet import SD21_BASE_CONFIG, diffusers_names, export_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DConditionModel = diffusers.UNet2DConditionModel
@@ -49,35 +49,6 @@ SD2_LIKE = dict(
     norm_num_groups=8,
 )
 FAMILIES = {"sd1": SD1_LIKE, "sd2": SD2_LIKE}
-# diffusers' published config of stabilityai/stable-diffusion-2-1-base's unet/config.json.
-SD21_BASE = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    act_fn="silu",
-    attention_head_dim=(5, 10, 20, 20),
-    block_out_channels=(320, 640, 1280, 1280),
-    center_input_sample=False,
-    cross_attention_dim=1024,
-    down_block_types=(
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    downsample_padding=1,
-    dual_cross_attention=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    num_class_embeds=None,
-    only_cross_attention=False,
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    use_linear_projection=True,
-)
 SD21_PARAMS = 865_910_724
 
 
@@ -149,7 +120,7 @@ def test_family_configs_map_to_their_layouts():
     assert (sd1.num_heads, sd1.linear_projection, sd1.attention_levels) == ((8, 8), False, (0,))
     sd2 = unet_config_from_diffusers(SD2_LIKE)
     assert (sd2.head_dim, sd2.num_heads, sd2.transformer_depth) == (16, (), 2)
-    assert unet_config_from_diffusers(SD21_BASE) == config_lib.UNET_PRESETS["sd21"]
+    assert unet_config_from_diffusers(SD21_BASE_CONFIG) == config_lib.UNET_PRESETS["sd21"]
 
 
 def test_mid_tap_equals_diffusers_mid_block(tmp_path):
@@ -240,8 +211,8 @@ def test_load_unet_of_a_fastsp_run_is_its_ema_model(tmp_path):
 
 def test_sd21_base_on_meta_device_maps_every_key():
     with torch.device("meta"):
-        theirs = UNet2DConditionModel(**SD21_BASE)
-        ours = fastsp.UNet(unet_config_from_diffusers(SD21_BASE))
+        theirs = UNet2DConditionModel(**SD21_BASE_CONFIG)
+        ours = fastsp.UNet(unet_config_from_diffusers(SD21_BASE_CONFIG))
     their_shapes = {k: v.shape for k, v in theirs.state_dict().items()}
     mapped = {}
     for name, tensor in ours.state_dict().items():
