@@ -12,6 +12,22 @@ WORDS = ("a", "photo", "of", "cat", "dog", "digit", "zero", "one", "red", "blue"
 CONTEXT_DIM = 32
 MAX_LENGTH = 8
 
+# Stable Diffusion 2.1-base's scheduler/scheduler_config.json, as its pipeline folder holds it.
+SD21_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
 
 def save_tokenizer(folder: Path) -> Path:
     from transformers import CLIPTokenizer

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sd_tiny import SD21_SCHEDULER_CONFIG
 
 from fastsp import config, reference
 from fastsp import train as train_cli
@@ -455,23 +456,6 @@ def _readme_example(index: int = 0) -> str:
     return section.split("```python")[1 + index].split("```", 1)[0]
 
 
-# Stable Diffusion 2.1-base's scheduler/scheduler_config.json, as its pipeline folder holds it.
-_SD21_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-
 def _check_sd_zero_snr_schedule(scheduler) -> None:
     """The paper's schedule: Stable Diffusion's scaled-linear betas at zero terminal SNR, v."""
     expected = NoiseSchedule().alphas_cumprod.double()
@@ -510,7 +494,7 @@ def test_readme_schedule_from_a_pipeline_folder(tmp_path, monkeypatch):
     folder = re.search(r'sd_folder = "([^"]+)"', block).group(1)
     (tmp_path / folder / "scheduler").mkdir(parents=True)
     config_file = tmp_path / folder / "scheduler" / "scheduler_config.json"
-    config_file.write_text(json.dumps(_SD21_SCHEDULER_CONFIG))
+    config_file.write_text(json.dumps(SD21_SCHEDULER_CONFIG))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)

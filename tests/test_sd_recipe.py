@@ -21,7 +21,7 @@ from fastsp.trainer import train
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from sd_tiny import CONTEXT_DIM, save_pipeline_components  # noqa: E402
+from sd_tiny import CONTEXT_DIM, SD21_SCHEDULER_CONFIG, save_pipeline_components  # noqa: E402
 
 from fastsp import export, prepare  # noqa: E402  (they need the sd extra)
 
@@ -55,20 +55,6 @@ MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
-SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 
 
 def _save_sd_folder(root: Path) -> Path:
@@ -77,7 +63,7 @@ def _save_sd_folder(root: Path) -> Path:
     torch.manual_seed(0)
     diffusers.UNet2DConditionModel(**TINY_SD2_UNET).save_pretrained(sd / "unet")
     (sd / "scheduler").mkdir()
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21_SCHEDULER_CONFIG))
     (sd / "model_index.json").write_text(json.dumps(MODEL_INDEX))
     return sd
 
