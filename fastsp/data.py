@@ -137,7 +137,7 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _find_images(folder: str) -> list[str]:
+def find_images(folder: str) -> list[str]:
     """Image files under `folder`, recursively, sorted; hidden files and folders skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -334,7 +334,7 @@ class ImageFolderDataset(Dataset):
         for name in top:
             sub = os.path.join(root, name)
             if os.path.isdir(sub):
-                images = _find_images(sub)
+                images = find_images(sub)
                 if images:
                     classes.append((name, images))
         if classes and top_images:

@@ -54,7 +54,7 @@ from fastsp import dist
 from fastsp.checkpoint import CheckpointWriteError, atomic_write_bytes, atomic_write_text
 from fastsp.cli import run_command
 from fastsp.config import ON_BAD_DATA, ConfigError
-from fastsp.data import IMAGE_EXTENSIONS, _find_images, load_image
+from fastsp.data import IMAGE_EXTENSIONS, find_images, load_image
 from fastsp.data_policy import DataError, skip_bad_file
 from fastsp.latent_shards import EMPTY_PROMPT_FILE, METADATA_FILE, METADATA_FORMAT, read_metadata
 from fastsp.sd_components import (
@@ -130,7 +130,7 @@ def find_captioned_images(
             raise DataError(f"{reason}, or pass --on-bad-data skip to go on without it")
         skip_bad_file(bad_files, path, reason)
 
-    paths = _find_images(root)
+    paths = find_images(root)
     names = [Path(os.path.relpath(p, root)).as_posix() for p in paths]
     captions_path = os.path.join(root, CAPTIONS_FILE)
     captions = _read_captions_file(captions_path) if os.path.isfile(captions_path) else None
