@@ -25,7 +25,6 @@ of the frozen network with a forward hook, F.mse_loss): the same loop around the
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -482,7 +481,19 @@ class TrainStep:
         return self.graph is not None
 
 
-def nccl_graph_environment() -> None:
-    """PyTorch's CUDA-graph notes: DDP's backward can be captured only with NCCL's async error
-    handling off (set before the process group starts)."""
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+# PyTorch's CUDA-graph notes ("Usage with torch.nn.parallel.DistributedDataParallel"): a DDP
+# backward can be captured only with NCCL's async error handling off, set before the process
+# group starts. torchrun's agent puts TORCH_NCCL_ASYNC_ERROR_HANDLING (default "1") into every
+# worker's environment, so the value is assigned, not set as a default.
+NCCL_GRAPH_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+
+
+def graph_environment(cfg, world_size: int, device_type: str) -> dict[str, str]:
+    """The environment a run must assign before `init_process_group`: NCCL_GRAPH_ENVIRONMENT
+    when the fast step will be captured with DDP on CUDA, else nothing (the gloo/CPU path and a
+    single process keep the environment they were given).
+
+    cfg: a TrainConfig (`cuda_graph`, `train_step`); world_size: torchrun's WORLD_SIZE;
+    device_type: the device the run will use ("cuda" or "cpu")."""
+    captured = cfg.cuda_graph and cfg.train_step == "fast" and device_type == "cuda"
+    return dict(NCCL_GRAPH_ENVIRONMENT) if captured and world_size > 1 else {}

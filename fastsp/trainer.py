@@ -45,7 +45,7 @@ from fastsp.sample import (
     save_png,
     schedule_from_config,
 )
-from fastsp.step import StepConfig, TrainStep, nccl_graph_environment, uses_bf16
+from fastsp.step import StepConfig, TrainStep, graph_environment, uses_bf16
 from fastsp.unet import UNet, UNetConfig
 
 
@@ -430,8 +430,11 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     schedule = schedule_from_config(dataclasses.asdict(cfg))
     dataset, model_cfg = build_data(cfg, model_cfg)
     check_resolution(cfg, model_cfg)
-    if cfg.cuda_graph and cfg.train_step == "fast":
-        nccl_graph_environment()  # before the process group starts
+    # Decided from the config before the process group starts (fastsp.step.graph_environment):
+    # torchrun's WORLD_SIZE and the device dist.init will pick.
+    world_size = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+    graph_env = graph_environment(cfg, world_size, dist.pick_device(cfg.device).type)
+    os.environ.update(graph_env)
     info = dist.init(cfg.device)
     device = info.device
     check_batch(cfg, info.world_size)
@@ -509,6 +512,12 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
             "eager (" + "; ".join(graph_off) + ")"
             if graph_off
             else "to be captured at the first step"
+        ),
+        "graph_environment": (
+            ", ".join(f"{name}={value}" for name, value in graph_env.items())
+            + " (assigned for CUDA-graph capture of DDP)"
+            if graph_env
+            else "unchanged (no CUDA-graph capture with DDP on CUDA)"
         ),
     }
     return Run(

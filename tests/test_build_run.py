@@ -16,11 +16,19 @@ from fastsp import config as config_lib
 from fastsp.checkpoint import CheckpointError, CheckpointWriteError
 from fastsp.config import ConfigError
 from fastsp.data_policy import DataError
-from fastsp.step import StepConfig
+from fastsp.step import StepConfig, graph_environment
 from fastsp.trainer import NumericalFault, Preempted, build_run, run_loop
 
 REPO = Path(__file__).resolve().parents[1]
-BACKEND_PARTS = {"attention", "feature_mse", "optimizer", "precision", "compile", "cuda_graph"}
+BACKEND_PARTS = {
+    "attention",
+    "feature_mse",
+    "optimizer",
+    "precision",
+    "compile",
+    "cuda_graph",
+    "graph_environment",
+}
 
 
 def _tiny(tmp_path, **fields):
@@ -46,6 +54,9 @@ def test_build_run_validates_and_assembles_without_writing(tmp_path):
     assert run.backends["optimizer"] == "torch AdamW (fused)"
     assert run.backends["compile"] == "off"
     assert run.backends["cuda_graph"] == "eager (the step runs on cpu, CUDA graphs need CUDA)"
+    assert run.backends["graph_environment"] == (
+        "unchanged (no CUDA-graph capture with DDP on CUDA)"
+    )
     # under the test suite's TRITON_INTERPRET=1 the CPU feature MSE runs the kernels
     assert "triton" in run.backends["feature_mse"]
 
@@ -168,3 +179,21 @@ def test_exit_statuses_live_in_the_package_not_in_an_entry_script():
     )
     assert result.returncode == cli.EXIT_INVALID_INPUT
     assert "unknown preset 'nope'" in result.stderr or "nope" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("fields", "world_size", "device_type", "expected"),
+    [
+        # the one case that captures a DDP backward: NCCL's async error handling off
+        ({}, 2, "cuda", {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}),
+        ({}, 1, "cuda", {}),  # one process: no process group
+        ({}, 2, "cpu", {}),  # gloo, no graphs
+        ({"cuda_graph": False}, 2, "cuda", {}),
+        ({"train_step": "reference"}, 2, "cuda", {}),  # the oracle runs eagerly
+    ],
+)
+def test_graph_environment_is_assigned_only_for_a_captured_ddp_step(
+    tmp_path, fields, world_size, device_type, expected
+):
+    cfg, _ = _tiny(tmp_path, **{"cuda_graph": True, **fields})
+    assert graph_environment(cfg, world_size, device_type) == expected

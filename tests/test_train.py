@@ -211,3 +211,53 @@ def test_sample_grid_is_deterministic(tmp_path):
     a = sample_cli.generate(model, schedule, 4, (1, 8, 8), labels=labels, num_steps=3, seed=7)
     b = sample_cli.generate(model, schedule, 4, (1, 8, 8), labels=labels, num_steps=3, seed=7)
     assert torch.equal(a, b) and a.shape == (4, 1, 8, 8) and a.abs().max() <= 1
+
+
+WORKER_ENVIRONMENT_SCRIPT = """
+import json, os, sys
+from fastsp import config as config_lib
+from fastsp.step import graph_environment
+
+cfg, _ = config_lib.resolve("tiny", {"cuda_graph": True, "out": sys.argv[1]}, {})
+before = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+# as fastsp.trainer.build_run applies it, for the run that captures DDP on CUDA
+os.environ.update(graph_environment(cfg, int(os.environ["WORLD_SIZE"]), "cuda"))
+after = os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
+with open(os.path.join(sys.argv[1], os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({"before": before, "after": after}, f)
+"""
+
+
+def test_torchrun_workers_get_the_nccl_setting_for_graph_capture(tmp_path):
+    """torchrun's agent sets TORCH_NCCL_ASYNC_ERROR_HANDLING in every worker (here "1", as its
+    default), so the capture recipe's "0" must be assigned, not set as a default."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_ENVIRONMENT_SCRIPT)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    result = subprocess.run(
+        [*torchrun, "--nproc_per_node=2", str(script), str(seen)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in ("0", "1"):
+        assert json.loads((seen / f"{rank}.json").read_text()) == {"before": "1", "after": "0"}
+    # The real CPU run (gloo, no graphs) keeps the agent's value and records that it did.
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    result = subprocess.run(
+        [*torchrun, "--nproc_per_node=2", TRAIN_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    backends = json.loads((out / "backends.json").read_text())
+    assert backends["graph_environment"] == "unchanged (no CUDA-graph capture with DDP on CUDA)"
