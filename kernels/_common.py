@@ -85,13 +85,20 @@ def _dense_like(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- device helpers
 @triton.jit
 def _cast_rtne(v, DTYPE: tl.constexpr):
-    # fp32 -> DTYPE rounding to nearest even. For bf16 the rounding is done on the fp32 bits
-    # first (a no-op change on GPUs, whose conversion rounds the same way): Triton's interpreter
-    # truncates fp32 -> bf16 and would otherwise make CPU tests up to 1 ulp worse than the GPU.
+    # fp32 -> DTYPE rounding to nearest even. bf16 is rounded on the fp32 bits and its top half
+    # bitcast: the same result as the GPU's cvt.rn.bf16.f32 (PTX ISA, cvt), while Triton's
+    # interpreter truncates fp32 -> bf16 (and flushes denormals), which would make CPU tests up to
+    # 1 ulp worse than the GPU. NaN is mapped first: the addition carries NVIDIA's canonical NaN
+    # 0x7FFFFFFF into the sign bit (0x8000, bf16 -0.0), which would hide a NaN from the
+    # non-finite-step guard; 0x7FC0 is the quiet NaN torch's own conversion returns for every NaN
+    # (c10/util/BFloat16.h, round_to_nearest_even). +-inf and the largest finite values (which
+    # round to inf) need no special case. fp16 uses the conversion itself: cvt.rn.f16.f32 on the
+    # GPU and numpy's astype in the interpreter both round to nearest even and keep NaNs.
     if DTYPE == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        half = tl.where(v != v, 0x7FC0, rounded).to(tl.uint16)
+        return half.to(tl.bfloat16, bitcast=True)
     return v.to(DTYPE)
 
 
