@@ -7,8 +7,10 @@
 # (sizes from the sd21 mid block up to 256M elements), 3. the step benchmark (reference / fast
 # eager / graphed / compiled x mse / self-perceptual x tiny, digits, sd21 at 32 and 64 latents).
 # Each part's full output goes to OUT/; OUT/gpu_suite.md and OUT/gpu_suite.json join them with
-# the card, date and versions, and list the feature_mse targets (>= 85% of copy bandwidth, >= 3x
-# eager, >= 1.5x torch.compile for bf16 fwd+bwd at >= 64M elements) as PASS/FAIL lines.
+# the card, date and versions, and list the feature_mse targets (>= 85% of copy bandwidth, >= 2.0x
+# eager, >= 1.4x torch.compile for bf16 fwd+bwd at >= 64M elements; from the bytes moved, eager
+# 7 N, compile 5 N, fused 3 N, no kernel can beat 2.33x eager or 1.67x compile) as PASS/FAIL lines,
+# each speed-up with its ceiling.
 # Exit status: non-zero if any part failed or a target was missed (the other parts still run).
 set -u
 cd "$(dirname "$0")/.."
@@ -72,7 +74,9 @@ md = [f"# fastsp GPU suite: {meta['gpu']}, {meta['date']}", "",
       "## GPU tests", "", "    " + " ".join(tests_tail), "",
       f"## feature_mse targets: {verdict}", ""]
 md += [f"- {'PASS' if t['ok'] else 'FAIL'}: bf16 fwd+bwd {t['numel']}: {t['label']} "
-       f"{t['value']:.2f} (needs >= {t['bound']})" for t in targets] + [""]
+       f"{t['value']:.2f} (needs >= {t['bound']}"
+       + (f", ceiling {t['ceiling']:.2f})" if t.get("ceiling") is not None else ")")
+       for t in targets] + [""]
 for p in sorted(out.glob("*.md")):
     if p.name != "gpu_suite.md":
         md += [f"## {p.stem}", "", p.read_text().replace("\n# ", "\n### "), ""]
