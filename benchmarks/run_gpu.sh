@@ -10,7 +10,11 @@
 # the card, date and versions, and list the feature_mse targets (>= 85% of copy bandwidth, >= 2.0x
 # eager, >= 1.4x torch.compile for bf16 fwd+bwd at >= 64M elements; from the bytes moved, eager
 # 7 N, compile 5 N, fused 3 N, no kernel can beat 2.33x eager or 1.67x compile) as PASS/FAIL lines,
-# each speed-up with its ceiling.
+# each speed-up with its ceiling. They also record what ran: torch's CUDA version, the output of
+# `python -m xformers.info` (OUT/xformers_info.txt: whether xformers' CUDA extensions load beside
+# this torch; an xformers wheel built for another CUDA fails to load and `auto` attention falls
+# back to SDPA) and, per step case, the backends it reports (attention, feature MSE, optimizer,
+# precision, compile, CUDA graph).
 # Exit status: non-zero if any part failed or a target was missed (the other parts still run).
 set -u
 cd "$(dirname "$0")/.."
@@ -20,6 +24,10 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" \
     || { echo "no nvidia-smi: this suite needs an NVIDIA GPU" >&2; exit 2; }
 status=0
+# Recorded, never judged: a missing or broken xformers is a finding, not a failure of the suite.
+python -m xformers.info > "$OUT/xformers_info.txt" 2>&1 \
+    || echo "python -m xformers.info failed (exit $?): xformers is absent or does not import" \
+        >> "$OUT/xformers_info.txt"
 
 start=$SECONDS
 python -m pytest tests -m cuda -q -rs -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" \
@@ -67,6 +75,9 @@ missed = [t for t in targets if not t["ok"]]
 verdict = (f"{len(missed)} of {len(targets)} missed" if targets
            else "NOT JUDGED (the benchmark wrote no target rows)")
 meta["feature_mse_targets"] = verdict
+xformers_info = out / "xformers_info.txt"
+info = xformers_info.read_text().strip().splitlines() if xformers_info.exists() else ["(missing)"]
+meta["xformers_info"] = info
 (out / "gpu_suite.json").write_text(json.dumps({**meta, "gpu_tests": tests_tail, **parts}, indent=1))
 md = [f"# fastsp GPU suite: {meta['gpu']}, {meta['date']}", "",
       f"torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, "
@@ -77,6 +88,22 @@ md += [f"- {'PASS' if t['ok'] else 'FAIL'}: bf16 fwd+bwd {t['numel']}: {t['label
        f"{t['value']:.2f} (needs >= {t['bound']}"
        + (f", ceiling {t['ceiling']:.2f})" if t.get("ceiling") is not None else ")")
        for t in targets] + [""]
+md += ["## xformers (`python -m xformers.info`, in xformers_info.txt)", ""]
+md += ["    " + line for line in info] + [""]
+# Per step case, the backends that actually ran (bench_step.py's results[*]["backends"]).
+step_rows = [r for name, part in parts.items() if name.startswith("step_")
+             for r in part.get("results", []) if "backends" in r]
+keys = ["attention", "feature_mse", "optimizer", "precision", "compile", "cuda_graph"]
+md += ["## Step cases: backends that ran", ""]
+if step_rows:
+    md += ["| model | objective | variant | " + " | ".join(keys) + " |",
+           "|---|---|---|" + "---|" * len(keys)]
+    md += ["| " + " | ".join([r["model"], r["objective"], r["variant"]]
+                             + [str(r["backends"].get(k, "-")).replace("|", "/") for k in keys])
+           + " |" for r in step_rows]
+else:
+    md += ["No step results (the step benchmark wrote no results with backends)."]
+md += [""]
 for p in sorted(out.glob("*.md")):
     if p.name != "gpu_suite.md":
         md += [f"## {p.stem}", "", p.read_text().replace("\n# ", "\n### "), ""]
