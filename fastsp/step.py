@@ -272,15 +272,17 @@ class TrainStep:
         # Device scalars the host fills before each step: a captured graph reads them in place.
         self.lr = torch.zeros((), device=device)
         self.ema_weight = torch.zeros((), device=device, dtype=self.dtype)
-        # The EMA update, ema <- ema + w (model - ema), is one foreach lerp with no temporaries;
-        # w is ema_weight, or 0 on a skipped step (which leaves ema exact). The lerp takes w as
-        # a list of stride-0 views of one buffer: the overload taking a 0-d tensor reads it on
-        # the host (`.item()`), which a CUDA graph cannot contain (the capture-safety test
-        # catches it).
+        # The EMA update, ema <- ema + w (model - ema), w = ema_weight or 0 on a skipped step
+        # (which leaves ema exact), as three foreach ops: sub, mul_ by w, add_. The forms of
+        # `_foreach_lerp_` do not fit: .Scalar reads a 0-d tensor w on the host (`.item()`,
+        # which a CUDA graph cannot contain; the capture-safety test catches it), and .List with
+        # stride-0 `expand_as` views of w leaves torch's fused multi-tensor path, which needs
+        # dense, non-overlapping tensors (ATen's ForeachUtils.h, can_use_fast_route), for one
+        # kernel per parameter. `_foreach_mul_.Tensor` takes w as a 0-d device tensor and reads
+        # it on the device, on the fused path.
         self.ema_step_weight = torch.zeros((), device=device, dtype=self.dtype)
         self.ema_params = list(ema.parameters())
         self.model_values = [p.detach() for p in self.params]
-        self.ema_step_weights = [self.ema_step_weight.expand_as(p) for p in self.ema_params]
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)
         self.generator = torch.Generator(device=device)
@@ -394,12 +396,19 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch.mul(self.ema_weight, finite, out=self.ema_step_weight)
-            torch._foreach_lerp_(self.ema_params, self.model_values, self.ema_step_weights)
+            self.update_ema()
         self.loss_sum += torch.where(finite, step_loss, 0.0)
         self.grad_norm_sum += torch.where(finite, grad_norm.to(self.metric_dtype), 0.0)
         self.good_steps += finite
         self.bad_in_a_row.copy_(torch.where(finite, 0, self.bad_in_a_row + 1))
         torch.maximum(self.worst_bad_in_a_row, self.bad_in_a_row, out=self.worst_bad_in_a_row)
+
+    def update_ema(self) -> None:
+        """ema <- ema + ema_step_weight (model - ema), on the fused foreach path (see __init__).
+        One temporary the size of the model, freed at once."""
+        step = torch._foreach_sub(self.model_values, self.ema_params)
+        torch._foreach_mul_(step, self.ema_step_weight)
+        torch._foreach_add_(self.ema_params, step)
 
     # ---- host side -----------------------------------------------------------------------------
     def load(self, batch: dict[str, torch.Tensor], step: int, lr: float, ema_weight: float) -> None:

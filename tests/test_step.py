@@ -201,6 +201,53 @@ def test_a_non_finite_step_is_skipped_on_the_device():
     assert all(torch.equal(a, p) for a, p in zip(ema_before, step.ema.parameters(), strict=True))
 
 
+class RecordOps(TorchDispatchMode):
+    """Records every aten op with its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [
+            t
+            for t in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if isinstance(t, torch.Tensor)
+        ]
+        self.calls.append((func, tensors))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("weight", [0.1, 0.0])
+def test_the_ema_update_is_fused_foreach_ops_on_dense_tensors(weight):
+    # torch's fused multi-tensor path needs dense tensors (ATen's ForeachUtils.h): the update
+    # must be foreach ops only, with no stride-0 (expanded) argument and no per-parameter op.
+    model, perceptual = _models(torch.float64)
+    step = _fast_step(model, perceptual, "mse")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema_before = [p.clone() for p in step.ema_params]
+    step.ema_step_weight.fill_(weight)
+    with RecordOps() as recorded, FailOnHostSync():
+        step.update_ema()
+    ops = [func for func, _ in recorded.calls]
+    assert ops and all(func.__name__.startswith("_foreach_") for func in ops), ops
+    for func, tensors in recorded.calls:
+        assert all(0 not in t.stride() for t in tensors if t.dim() > 0), func
+    ema = list(step.ema.parameters())
+    for e, before, m in zip(ema, ema_before, model.parameters(), strict=True):
+        if weight == 0:  # a skipped step leaves the EMA bit-exact
+            assert (
+                torch.equal(e, before) and (e.view(torch.int64) == before.view(torch.int64)).all()
+            )
+        else:
+            # 1e-12 relative to the tensor's scale (lerp may round through an fma)
+            scale = before.abs().max().item()
+            expected = torch.lerp(before, m, weight)
+            torch.testing.assert_close(e, expected, rtol=1e-12, atol=1e-12 * scale)
+
+
 def test_the_longest_run_of_bad_steps_is_kept_until_the_next_log():
     # The trainer reads the streak only at log intervals: a run of 3 bad steps that ends before
     # the log must still be seen there (so --max-bad-steps 3 stops training).
@@ -291,9 +338,31 @@ def test_bf16_trajectory_stays_close_to_fp32():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("objective", ["mse", "self_perceptual"])
-def test_graphed_step_equals_eager_step_on_cuda(objective):
+def test_graphed_step_equals_eager_step_on_cuda(objective, monkeypatch):
     # The CUDA graph replays the step's kernels; the generator is re-seeded per step through the
     # graph's registered generator state, so graphed and eager draw the same noise.
+    # Bit equality of two separate runs needs deterministic kernels: flash attention's backward
+    # (SDPA runs its deterministic variant only under torch.use_deterministic_algorithms) and
+    # cuDNN's default algorithms are not run-to-run deterministic otherwise; cuBLAS needs a fixed
+    # workspace (PyTorch's reproducibility notes; fastsp.trainer.use_deterministic_algorithms,
+    # the same switch as --deterministic). fastsp's Triton kernels use no atomics. Exact, not a
+    # tolerance: any difference in what the graph replays shows up.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        _check_graphed_step_equals_eager_step(objective)
+    finally:  # the rest of the suite runs with the settings it had
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def _check_graphed_step_equals_eager_step(objective):
     results = []
     for graphed in (False, True):
         model, perceptual = _models(device="cuda")
