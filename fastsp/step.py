@@ -172,9 +172,18 @@ class StepConfig:
         return self.world_size > 1
 
     @classmethod
-    def from_train(cls, cfg, model_cfg, *, world_size: int, rank: int, bf16: bool) -> StepConfig:
-        """The step of a run of `cfg` (a TrainConfig) and `model_cfg` (completed from the data)."""
-        context_dim = model_cfg.context_dim
+    def from_train(
+        cls,
+        cfg,
+        model_cfg,
+        *,
+        world_size: int,
+        rank: int,
+        bf16: bool,
+        context_shape: tuple[int, int] | None = None,
+    ) -> StepConfig:
+        """The step of a run of `cfg` (a TrainConfig) and `model_cfg` (completed from the data);
+        `context_shape` is the data set's [L, D] (None without cross-attention)."""
         return cls(
             seed=cfg.seed,
             global_batch=cfg.batch_size,
@@ -182,7 +191,7 @@ class StepConfig:
             world_size=world_size,
             rank=rank,
             num_classes=model_cfg.num_classes,
-            context_shape=(cfg.context_len, context_dim) if context_dim else None,
+            context_shape=tuple(context_shape) if context_shape else None,
             label_dropout=cfg.label_dropout,
             grad_accum=cfg.grad_accum,
             grad_clip=cfg.grad_clip,

@@ -484,13 +484,15 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         if perceptual_loss is not None:
             features = perceptual_loss.features
             features.network = torch.compile(features.network)
-    step_config = StepConfig.from_train(
-        cfg, model_cfg, world_size=info.world_size, rank=info.rank, bf16=bf16
-    )
-    if step_config.context_shape is not None:  # the data's [L, D] (--context-len: synthetic)
-        step_config = dataclasses.replace(step_config, context_shape=dataset.context_shape)
     step = TrainStep(
-        step_config,
+        StepConfig.from_train(
+            cfg,
+            model_cfg,
+            world_size=info.world_size,
+            rank=info.rank,
+            bf16=bf16,
+            context_shape=dataset.context_shape if model_cfg.context_dim else None,
+        ),
         model=model,
         online=online,
         ema=ema,
