@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from fastsp import config as config_lib
 from fastsp.faults import kill_point
-from fastsp.unet import UNet
+from fastsp.models import build_model
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILES = (
@@ -121,7 +121,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _missing_files(checkpoint: Path) -> list[str]:
-    return [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    try:
+        return [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    except PermissionError:  # a folder this user cannot search: not missing, unreadable
+        raise _unreadable(checkpoint) from None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -307,9 +310,23 @@ def _first_line(error: BaseException) -> str:
     return line.split(". ")[0][:200] if len(line) > 120 else line
 
 
+def _unreadable(file: Path) -> CheckpointError:
+    """A file this user may not read: nothing says it is damaged, so nothing advises deleting."""
+    return CheckpointError(
+        f"{file} cannot be read: permission denied. The checkpoint may well be intact: give this "
+        "user read access to its folder and files, or pass another checkpoint"
+    )
+
+
 def _require_file(file: Path) -> None:
-    if not file.is_file():
+    try:
+        exists = file.is_file()
+    except PermissionError:  # the folder above it cannot be searched
+        raise _unreadable(file) from None
+    if not exists:
         raise _damaged(file, "is missing")
+    if not os.access(file, os.R_OK):
+        raise _unreadable(file)
     if file.stat().st_size == 0:
         raise _damaged(file, "is empty (0 bytes)")
 
@@ -399,8 +416,10 @@ def _check_rng(file: Path, value: Any) -> dict[str, Any]:
     return value
 
 
-def read_config(checkpoint: Path) -> dict[str, Any]:
-    """config.json of a checkpoint: the resolved configuration, {"train": {...}, "model": {...}}."""
+def read_configs(checkpoint: Path) -> tuple[config_lib.TrainConfig, Any]:
+    """config.json of a checkpoint as validated configs (TrainConfig, the model's config),
+    through the one reader every command uses (fastsp.config.configs_from_dict): a missing,
+    unknown or mistyped field is a CheckpointError naming the file and the field."""
     file = Path(checkpoint) / "config.json"
     config = _read_json(file)
     if not (
@@ -409,7 +428,17 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
         and isinstance(config.get("train"), dict)
     ):
         raise _damaged(file, "does not hold a configuration with 'model' and 'train' sections")
-    return config
+    try:
+        return config_lib.configs_from_dict(config, str(file))
+    except config_lib.ConfigError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    """config.json of a checkpoint, validated (`read_configs`), as a dict: {"train": {...},
+    "model": {...}}."""
+    train, model = read_configs(checkpoint)
+    return json.loads(json.dumps(config_lib.to_dict(train, model)))
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -495,8 +524,9 @@ def load_training_state(
 
 def load_model(
     path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
-) -> tuple[UNet, dict[str, Any]]:
-    """A UNet rebuilt from a checkpoint's config.json with its `ema` or `model` weights.
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model (a UNet or a DiT, as config.json's model section says) rebuilt from a
+    checkpoint's config.json with its `ema` or `model` weights.
 
     Returns the model in eval mode and the checkpoint's resolved configuration (a dict).
     """
@@ -504,7 +534,7 @@ def load_model(
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     checkpoint = resolve_checkpoint(path)
     config = read_config(checkpoint)
-    model = UNet(config_lib.model_config_from_dict(config["model"]))
+    model = build_model(config_lib.model_config_from_dict(config["model"]))
     load_weights(model, checkpoint / f"{weights}.safetensors")
     return model.to(device).eval(), config
 
@@ -536,9 +566,9 @@ def verify_checkpoint(path: str | Path) -> None:
 
 def _looks_complete(checkpoint: Path) -> bool:
     """A cheap check that reads headers only: all six files, none truncated or unparsable."""
-    if _missing_files(checkpoint):
-        return False
     try:
+        if _missing_files(checkpoint):
+            return False
         for name in ("model.safetensors", "ema.safetensors"):
             with safe_open(str(checkpoint / name), framework="pt"):  # checks size vs. header
                 pass

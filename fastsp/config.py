@@ -6,11 +6,14 @@ the model or the training objective. The modules that use an option's vocabulary
 the samplers, the losses, the attention backends, the data readers) import it from here: each
 vocabulary and each rule between options is defined once.
 
-Two dataclasses: `TrainConfig` holds every training field, `UNetConfig` the UNet's architecture
-(re-exported as `fastsp.unet.UNetConfig`). Every field is declared with `option(default, help,
-choices)`: its one-line description and allowed values live in the field's metadata, and
-`--help` shows them. On the command line every field of both is `--field-name VALUE` (booleans:
-`--field-name` / `--no-field-name`; tuples: comma-separated). A preset fills in the defaults;
+Three dataclasses: `TrainConfig` holds every training field, `UNetConfig` the UNet's architecture
+(re-exported as `fastsp.unet.UNetConfig`), `DiTConfig` the transformer's (fastsp.dit); a preset
+names one of the two models (MODEL_PRESETS), and config.json records its kind. Every field is
+declared with `option(default, help, choices)`: its one-line description and allowed values live
+in the field's metadata, and `--help` shows them. On the command line every field is
+`--field-name VALUE` (booleans: `--field-name` / `--no-field-name`; tuples: comma-separated); the
+DiT's fields it shares with the UNet (context_dim, attention_backend) are one option, and an
+option of the model kind the preset does not build is refused. A preset fills in the defaults;
 explicit options override it. Everything is validated before any work starts, and the resolved
 configuration is written into the run folder and into every checkpoint.
 """
@@ -51,7 +54,8 @@ DISTANCES = ("l2", "l1")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 # fastsp.data
 CONDITIONINGS = ("none", "class", "context")
-DATA_FORMATS = ("auto", "digits", "images", "latents", "synthetic")
+DATA_FORMATS = ("auto", "digits", "images", "latents", "letters", "synthetic")
+BUILTIN_DATA = ("digits", "letters", "synthetic")  # data sets that read no files
 ON_BAD_DATA = ("stop", "skip")  # what a bad file does: stop the run, or leave the file out
 # the trainer
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -392,6 +396,102 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 }
 
 
+@dataclass
+class DiTConfig:
+    """The shape of a `fastsp.dit.DiT` (a transformer over patches); validated on construction.
+
+    in_channels, num_classes, context_dim and attention_backend mean what they mean in UNetConfig
+    (and share its command-line options); the others are the DiT's own.
+    """
+
+    in_channels: int = option(
+        4, "image/latent channels in, and predicted out (from the data, not an option)"
+    )
+    input_size: int = option(
+        32,
+        "input side the positional grid is laid out for (diffusers' sample_size); other sizes "
+        "get the grid rescaled to it, as diffusers does",
+    )
+    patch_size: int = option(2, "side of the square patches that become tokens")
+    hidden_size: int = option(1152, "token width D")
+    depth: int = option(28, "transformer blocks; the 'mid' tap is the output of the first half")
+    heads: int = option(16, "attention heads; hidden_size / heads channels each")
+    mlp_ratio: int = option(4, "the MLP's hidden width is mlp_ratio * hidden_size")
+    norm_eps: float = option(
+        1e-6, "epsilon of the LayerNorm before each MLP (diffusers' norm_eps; DiT: 1e-6)"
+    )
+    context_dim: int = option(
+        0, "0 = no cross-attention; > 0 = cross-attention to a context [B, L, context_dim]"
+    )
+    num_classes: int = option(
+        0,
+        "0 = unconditional; > 0 = class embedding, row num_classes = the null label (from the "
+        "data, not an option)",
+    )
+    attention_backend: str = option(
+        "auto", "attention kernels (fastsp.attention); auto picks per input", ATTENTION_BACKENDS
+    )
+
+    def __post_init__(self):
+        for name in ("in_channels", "input_size", "patch_size", "heads", "mlp_ratio"):
+            _require_int(self, name, 1)
+        # "mid" is the output of the first depth // 2 blocks: at least one
+        _require_int(self, "depth", 2, note=" (the 'mid' tap is the output of depth // 2 blocks)")
+        _require_int(self, "context_dim", 0, note=" (0 = no cross-attention)")
+        _require_int(self, "num_classes", 0, note=" (0 = unconditional)")
+        _require_int(self, "hidden_size", 4)
+        # the 2-D sin-cos positions give a quarter of the channels to each of sin, cos x row, col
+        _require(self, "hidden_size", self.hidden_size % 4 == 0, "a multiple of 4")
+        _require(
+            self,
+            "heads",
+            self.hidden_size % self.heads == 0,
+            f"a divisor of hidden_size {self.hidden_size}",
+        )
+        _require(
+            self,
+            "input_size",
+            self.input_size % self.patch_size == 0,
+            f"a multiple of patch_size {self.patch_size}",
+        )
+        _require_number(self, "norm_eps", 0, low_open=True)
+        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+
+# The DiT paper's models (its Table 1: S, B, L, XL; patch 2) for 256x256 images as 32x32x4 latents
+# and ImageNet's 1000 classes, and two small ones. Parameter counts (fastsp.dit.DiT, measured on
+# the meta device by tests/test_dit.py) are in the README's DiT section.
+DIT_PRESETS: dict[str, DiTConfig] = {
+    # Unit tests: a few milliseconds per forward + backward at batch 8, 8x8.
+    "dit_tiny": DiTConfig(
+        in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=4, heads=2, num_classes=10
+    ),
+    # CPU demo on the 16x16 digits, class-conditional: 64 tokens of patch 2.
+    "dit_digits": DiTConfig(
+        in_channels=1,
+        input_size=16,
+        patch_size=2,
+        hidden_size=128,
+        depth=6,
+        heads=4,
+        num_classes=10,
+    ),
+    "dit_s2": DiTConfig(hidden_size=384, depth=12, heads=6, num_classes=1000),
+    "dit_b2": DiTConfig(hidden_size=768, depth=12, heads=12, num_classes=1000),
+    "dit_l2": DiTConfig(hidden_size=1024, depth=24, heads=16, num_classes=1000),
+    "dit_xl2": DiTConfig(hidden_size=1152, depth=28, heads=16, num_classes=1000),
+}
+# Every model preset by name; a training preset (PRESETS) of the same name builds it.
+MODEL_PRESETS: dict[str, UNetConfig | DiTConfig] = {**UNET_PRESETS, **DIT_PRESETS}
+# The model kind recorded in config.json's model section ("kind"); a section without one is a UNet
+# (config.json files written before the DiT).
+MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig}
+
+
+def model_kind(model: UNetConfig | DiTConfig) -> str:
+    return next(kind for kind, cls in MODEL_KINDS.items() if isinstance(model, cls))
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers' UNet2DConditionModel config <-> UNetConfig. Here, not in fastsp.diffusers_unet, so
 # that `--init DIFFUSERS_FOLDER` resolves the model shape on the stdlib-only command-line path.
@@ -668,6 +768,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample_num=4,
         out="runs/sd21",
     ),
+    # The DiT (fastsp.dit) on the same footing: dit_tiny for tests, dit_digits the CPU demo, and
+    # the paper's shapes on synthetic 32x32x4 latents with class labels for GPU benchmarks.
+    "dit_tiny": dict(
+        resolution=8,
+        batch_size=8,
+        steps=20,
+        lr=1e-3,
+        lr_warmup_steps=0,
+        log_every=5,
+        checkpoint_every=0,
+        sample_every=0,
+        sample_num=16,
+        sample_steps=4,
+        out="runs/dit_tiny",
+    ),
+    "dit_digits": dict(lr=3e-4, out="runs/dit_digits"),
+    **{
+        name: dict(
+            data="synthetic",
+            resolution=32,
+            channels=4,
+            cond="class",
+            batch_size=32,
+            steps=1000,
+            lr=1e-4,
+            lr_warmup_steps=0,
+            ema_decay=0.9999,
+            checkpoint_every=0,
+            sample_every=0,
+            sample_num=4,
+            out=f"runs/{name}",
+        )
+        for name in ("dit_s2", "dit_b2", "dit_l2", "dit_xl2")
+    },
 }
 
 
@@ -680,7 +814,9 @@ class TrainConfig:
     )
     # data
     data: str = option(
-        "digits", "training data: digits (built in), synthetic, or a folder of images or latents"
+        "digits",
+        "training data: digits or letters (built in; letters needs matplotlib), synthetic, or a "
+        "folder of images or latents",
     )
     data_format: str = option(
         "auto", "how to read --data; auto tells latent shards from images", DATA_FORMATS
@@ -915,7 +1051,7 @@ class TrainConfig:
 
     def _check_combinations(self) -> None:
         """Rules between fields; each message names the field to change."""
-        if self.data_format in ("digits", "synthetic") and self.data != self.data_format:
+        if self.data_format in BUILTIN_DATA and self.data != self.data_format:
             _require(
                 self,
                 "data",
@@ -931,6 +1067,13 @@ class TrainConfig:
                 False,
                 "1 (grayscale) or 3 (RGB) for an image folder; pass --channels 1 or --channels 3 "
                 "(other counts need latent shards or --data synthetic)",
+            )
+        if self.sample_cfg != 1 and self.cond == "none":
+            # else the final grid would fail after every step of training
+            raise ConfigError(
+                f"--sample-cfg {self.sample_cfg} needs a conditional model (guidance contrasts "
+                "the conditional and the unconditional prediction), but --cond none trains an "
+                "unconditional one; pass --sample-cfg 1, or --cond class or --cond context"
             )
         try:
             parse_perceptual_t(self.perceptual_t, self.num_timesteps)
@@ -976,18 +1119,32 @@ class TrainConfig:
 
 def resolve(
     preset: str, train_overrides: dict[str, Any], model_overrides: dict[str, Any]
-) -> tuple[TrainConfig, UNetConfig]:
+) -> tuple[TrainConfig, UNetConfig | DiTConfig]:
     """Preset defaults, then explicit overrides; both dataclasses validate on construction."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     try:
         train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
-        model = dataclasses.replace(
-            _init_model(train.init, model_overrides) or UNET_PRESETS[preset], **model_overrides
-        )
+        base = _init_model(train.init, model_overrides) or MODEL_PRESETS[preset]
+        _check_model_options(preset, base, model_overrides)
+        model = dataclasses.replace(base, **model_overrides)
     except ValueError as error:  # every refusal reads as a ConfigError
         raise ConfigError(str(error)) from None
     return train, model
+
+
+def _check_model_options(preset: str, base: Any, model_overrides: dict[str, Any]) -> None:
+    """Refuse the options of the other model kind (e.g. --depth with a UNet preset): the
+    preset decides whether the run builds a UNet or a DiT."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    foreign = [_option(name) for name in model_overrides if name not in fields]
+    if foreign:
+        kind = "DiT" if isinstance(base, DiTConfig) else "UNet"
+        other = "a UNet preset (tiny, digits, sd21)" if kind == "DiT" else "a dit_* preset"
+        raise ConfigError(
+            f"{', '.join(foreign)}: not an option of the {kind} that --preset {preset} builds; "
+            f"drop it, or pick {other}"
+        )
 
 
 def _init_model(init: str, model_overrides: dict[str, Any]) -> UNetConfig | None:
@@ -1009,29 +1166,98 @@ def _init_model(init: str, model_overrides: dict[str, Any]) -> UNetConfig | None
     return model
 
 
-def to_dict(train: TrainConfig, model: UNetConfig) -> dict[str, Any]:
+def model_to_dict(model: UNetConfig | DiTConfig) -> dict[str, Any]:
+    """config.json's model section: the model's kind ("unet" or "dit") and its fields."""
+    return {"kind": model_kind(model), **dataclasses.asdict(model)}
+
+
+def to_dict(train: TrainConfig, model: UNetConfig | DiTConfig) -> dict[str, Any]:
     """The resolved configuration as written to config.json (tuples become lists)."""
-    return {"train": dataclasses.asdict(train), "model": dataclasses.asdict(model)}
+    return {"train": dataclasses.asdict(train), "model": model_to_dict(model)}
 
 
-def _from_dict(cls: type, values: dict[str, Any], what: str) -> Any:
-    """A config dataclass from config.json; unknown fields are an error, not ignored."""
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+def _from_dict(cls: type, values: Any, what: str, source: str = "config.json") -> Any:
+    """A config dataclass from a config.json section. Every field must be there, nothing else,
+    each of its type and range: a missing field is not filled with today's default (the file
+    would then describe a run that never was), an unknown one is not ignored, and the
+    dataclass's own validation names a mistyped one. One line, naming the file and the field."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: the {what} section is not a JSON object")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"config.json has unknown {what} fields {unknown}: from another version?")
-    # JSON has lists where the dataclasses have tuples
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        raise ConfigError(
+            f"{source} has unknown {what} fields {unknown}: from another version, or edited by "
+            "hand? Remove them"
+        )
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise ConfigError(
+            f"{source} lacks the {what} fields {missing}: from another version, or edited by "
+            "hand? Add them with the values the run used"
+        )
+    try:  # JSON has lists where the dataclasses have tuples
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except ValueError as error:  # a ConfigError naming the field, its value and what is allowed
+        raise ConfigError(f"{source}: {error}") from None
 
 
-def model_config_from_dict(values: dict[str, Any]) -> UNetConfig:
-    return _from_dict(UNetConfig, values, "model")
+def model_config_from_dict(
+    values: dict[str, Any], source: str = "config.json"
+) -> UNetConfig | DiTConfig:
+    """The model config of config.json's model section; without a "kind" (config.json files
+    written before the DiT) it is a UNet."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: the model section is not a JSON object")
+    values = dict(values)
+    kind = values.pop("kind", "unet")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(
+            f"{source} has an unknown model kind {kind!r}: choose one of "
+            f"{', '.join(MODEL_KINDS)} (from another version?)"
+        )
+    return _from_dict(MODEL_KINDS[kind], values, "model", source)
 
 
-def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    return _from_dict(TrainConfig, values, "training")
+def train_config_from_dict(values: Any, source: str = "config.json") -> TrainConfig:
+    return _from_dict(TrainConfig, values, "training", source)
 
 
-def dumps(train: TrainConfig, model: UNetConfig) -> str:
+CONFIG_SECTIONS = ("train", "model")
+
+
+def configs_from_dict(values: Any, source: str = "config.json") -> tuple[TrainConfig, Any]:
+    """The one reader of a config.json (a run folder's or a checkpoint's): its {"train": ...,
+    "model": ...} as validated configs (the model's class from its kind). Resuming, sampling and
+    evaluating all read through it, so they accept and refuse the same files."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source} does not hold a JSON object with sections {CONFIG_SECTIONS}")
+    unknown = sorted(set(values) - set(CONFIG_SECTIONS))
+    missing = [name for name in CONFIG_SECTIONS if name not in values]
+    if unknown or missing:
+        raise ConfigError(
+            f"{source} must hold exactly the sections {list(CONFIG_SECTIONS)}"
+            + (f"; unknown: {unknown}" if unknown else "")
+            + (f"; missing: {missing}" if missing else "")
+        )
+    return (
+        train_config_from_dict(values["train"], source),
+        model_config_from_dict(values["model"], source),
+    )
+
+
+def read_config_file(path: str | Path) -> tuple[TrainConfig, Any]:
+    """A config.json file through `configs_from_dict`; an unreadable file is a ConfigError."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read: {error.strerror or error}") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is not valid JSON ({error})") from None
+    return configs_from_dict(values, str(path))
+
+
+def dumps(train: TrainConfig, model: UNetConfig | DiTConfig) -> str:
     return json.dumps(to_dict(train, model), indent=2, sort_keys=True) + "\n"
 
 
@@ -1086,10 +1312,12 @@ def _help(f: dataclasses.Field, by_preset: dict[str, Any]) -> str:
     text = f.metadata["help"]
     if f.metadata["choices"]:
         text += f"; one of {', '.join(f.metadata['choices'])}"
-    default = by_preset[DEFAULT_PRESET]
+    # the DiT's options have no value under the default (UNet) preset: their first preset's
+    first = DEFAULT_PRESET if DEFAULT_PRESET in by_preset else next(iter(by_preset))
+    default = by_preset[first]
     others = [f"{name}: {_show(v)}" for name, v in by_preset.items() if v != default]
     where = "".join(f"; {other}" for other in others)
-    where = f" with --preset {DEFAULT_PRESET}{where}" if others else ""
+    where = f" with --preset {first}{where}" if others else ""
     return f"{text} (default: {_show(default)}{where})".replace("%", "%%")
 
 
@@ -1158,10 +1386,22 @@ def build_parser() -> argparse.ArgumentParser:
         {"in_channels", "num_classes"},
         UNET_PRESETS,
     )
+    # The DiT's own fields; the ones it shares with the UNet (--context-dim,
+    # --attention-backend) are the UNet options above, and apply to whichever model the preset
+    # builds.
+    shared = {f.name for f in dataclasses.fields(UNetConfig)}
+    _add_dataclass_options(
+        parser.add_argument_group(
+            "DiT options (with a dit_* preset; --context-dim and --attention-backend apply too)"
+        ),
+        DiTConfig,
+        shared,
+        DIT_PRESETS,
+    )
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, UNetConfig]:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, UNetConfig | DiTConfig]:
     """Parse the command line into validated configs; a bad value exits with status 2."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -1173,7 +1413,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, UNetConfig]:
     model_overrides = {
         k.split(".", 1)[1]: v
         for k, v in args.items()
-        if k.startswith("UNetConfig.") and v is not None
+        if k.startswith(("UNetConfig.", "DiTConfig.")) and v is not None
     }
     try:
         return resolve(args["preset"], train_overrides, model_overrides)

@@ -12,7 +12,7 @@ layers (the mid block by default).
 
 Cost (PAPER.md, "Cost of one self-perceptual step"): the frozen network runs only up to the
 deepest tapped layer, the real branch runs under no_grad, and the frozen network's parameters
-never require gradients, so its backward computes input gradients only. For a fastsp `UNet` the
+never require gradients, so its backward computes input gradients only. For a fastsp model the
 forward stops through its native `taps=` argument; for any other network (e.g. a diffusers
 `UNet2DConditionModel`, layer "mid_block") forward hooks capture the named submodules' outputs and
 stop the forward once the deepest one has run.
@@ -36,7 +36,7 @@ from fastsp.config import (
 )
 from fastsp.diffusion import CoefficientTable, split_prediction
 from fastsp.feature_loss import feature_mse, feature_mse_multi
-from fastsp.unet import UNet
+from fastsp.models import is_native
 
 # diffusers' names for the prediction types, accepted as aliases
 _PREDICTION_ALIASES = {
@@ -63,14 +63,14 @@ def _tensor_of(output: Any) -> torch.Tensor:
 class FeatureExtractor:
     """Outputs of named layers of a network, computed by a forward that stops after the deepest.
 
-    `network(x, t, **cond)` must be its call. A fastsp `UNet` uses its tap names ("mid",
-    "down0", ...); any other module uses submodule names from `named_modules()`.
+    `network(x, t, **cond)` must be its call. A fastsp `UNet` or `DiT` uses its tap names ("mid",
+    "down0", "block3", ...); any other module uses submodule names from `named_modules()`.
     """
 
     def __init__(self, network: nn.Module, layers: Sequence[str]):
         self.network = network
         self.layers = list(layers)
-        self.native = isinstance(network, UNet)
+        self.native = is_native(network)
         valid = (
             network.tap_names if self.native else tuple(n for n, _ in network.named_modules() if n)
         )

@@ -10,14 +10,11 @@ batch (up to float summation order).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +25,16 @@ from tqdm import tqdm
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
-from fastsp import diffusers_unet, dist
+from fastsp import diffusers_unet, dist, preemption, run_folder
 from fastsp.attention import describe_backend as describe_attention
-from fastsp.config import ConfigError, TrainConfig
-from fastsp.data import build_dataset
+from fastsp.config import ConfigError, DiTConfig, TrainConfig
+from fastsp.data import build_dataset, describe_data
 from fastsp.data_stream import make_loader
 from fastsp.diffusion import NoiseSchedule
 from fastsp.faults import kill_point
 from fastsp.feature_loss import feature_mse_backend
+from fastsp.latent_shards import LatentsDataset
+from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.sample import (
     default_labels,
@@ -45,7 +44,14 @@ from fastsp.sample import (
     save_png,
     schedule_from_config,
 )
-from fastsp.step import StepConfig, TrainStep, graph_environment, uses_bf16
+from fastsp.step import (
+    GraphCaptureError,
+    StepConfig,
+    TrainStep,
+    captures_graph,
+    graph_environment,
+    uses_bf16,
+)
 from fastsp.unet import UNet, UNetConfig
 
 
@@ -87,6 +93,8 @@ def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
             f"{dataset.resolution}x{dataset.resolution}; pass --resolution {dataset.resolution} "
             "(the latent side, not the image side)"
         )
+    if cfg.cond == "class" and isinstance(dataset, LatentsDataset):
+        dataset.check_label_range()  # one stray huge label must not grow the label embedding
     model_cfg = dataclasses.replace(
         model_cfg,
         in_channels=dataset.channels,
@@ -94,6 +102,44 @@ def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
         context_dim=dataset.context_shape[-1] if cfg.cond == "context" else 0,
     )
     return dataset, model_cfg
+
+
+def data_config(cfg: TrainConfig, dataset) -> tuple[TrainConfig, list[str]]:
+    """`cfg` with the values the data set decides (digits and latent shards have their own
+    channels, context shards their own length: --channels and --context-len apply to image
+    folders and synthetic data), so that config.json records what the run trains on; and the
+    lines that say so, with what the data holds (fastsp.data.describe_data)."""
+    lines = describe_data(dataset, labels=cfg.cond == "class")
+    decided = {"channels": (dataset.channels, "image folders and synthetic data")}
+    if cfg.cond == "context" and dataset.context_shape is not None:
+        decided["context_len"] = (dataset.context_shape[0], "synthetic data")
+    for name, (value, where) in decided.items():
+        if getattr(cfg, name) != value:
+            lines.append(
+                f"{name.replace('_', ' ')}: {value}, the data's own (--{name.replace('_', '-')} "
+                f"{getattr(cfg, name)} applies to {where} only); config.json records {value}"
+            )
+    return dataclasses.replace(cfg, **{name: v for name, (v, _) in decided.items()}), lines
+
+
+def check_out_and_data(cfg: TrainConfig, dataset) -> None:
+    """The run folder and a data folder must not hold one another: grids and checkpoints
+    written into the data would be read as data (a new class "samples") by the next run."""
+    root = getattr(dataset, "root", None)  # image and latent folders; built-in data has none
+    if root is None:
+        return
+    data, out = os.path.realpath(root), os.path.realpath(cfg.out)
+    if os.path.commonpath([data, out]) == data:
+        raise ConfigError(
+            f"--out {cfg.out} is {'the data folder' if out == data else 'inside the data folder'}"
+            f" {root}: the run's grids and checkpoints would be read as data by the next run; "
+            "pass an --out outside the data folder"
+        )
+    if os.path.commonpath([data, out]) == out:
+        raise ConfigError(
+            f"the data folder {root} is inside --out {cfg.out}: the run would write beside its "
+            "own data; pass an --out that does not hold the data folder"
+        )
 
 
 def check_batch(cfg: TrainConfig, world_size: int) -> None:
@@ -105,7 +151,14 @@ def check_batch(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
-def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig) -> None:
+def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig) -> None:
+    if isinstance(model_cfg, DiTConfig):
+        if cfg.resolution % model_cfg.patch_size != 0:
+            raise ConfigError(
+                f"--resolution {cfg.resolution} must be divisible by the DiT's --patch-size "
+                f"{model_cfg.patch_size}; pick a multiple of it"
+            )
+        return
     factor = 2 ** (len(model_cfg.channel_mult) - 1)
     if cfg.resolution % factor != 0:
         raise ConfigError(
@@ -117,8 +170,8 @@ def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig) -> None:
 def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
     """Refuse a checkpoint (or diffusers UNet folder) whose model config differs from
     `model_cfg`, naming every field."""
-    saved = diffusers_unet.source_model_config(checkpoint)
-    ours = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # tuples -> lists, as saved
+    saved = {"kind": "unet", **diffusers_unet.source_model_config(checkpoint)}  # no kind: a UNet
+    ours = json.loads(json.dumps(config_lib.model_to_dict(model_cfg)))  # tuples -> lists, as saved
     differ = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
@@ -127,18 +180,135 @@ def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
         )
 
 
-def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: UNetConfig) -> None:
-    """A checkpoint can only be resumed by a run of the same model shape and global batch."""
-    fix = "resume with the original options, or pass another --out to start a new run"
-    check_same_shape(checkpoint, model_cfg, fix)
-    saved = checkpoint_lib.read_config(checkpoint)
-    for name in ("batch_size", "seed"):
-        if saved["train"][name] != getattr(cfg, name):
-            raise checkpoint_lib.CheckpointError(
-                f"{checkpoint} was trained with --{name.replace('_', '-')} "
-                f"{saved['train'][name]}, not {getattr(cfg, name)}; the data stream depends on "
-                "it. Resume with the original value"
-            )
+# What a resume may change, decided field by field; every TrainConfig field is named (a test
+# checks it). "same": the field defines what the run learns (data, conditioning, diffusion,
+# objective, optimizer and EMA settings) or what the checkpoint's state means (the global batch
+# and the seed fix the data stream); a resume with another value is refused. "may change": how
+# the run executes, how long, what it logs and writes. "said": may change, and the start says so.
+# The optimizer's hyperparameters besides the learning rate are "same": load_state_dict would put
+# the checkpoint's back into the optimizer while config.json claimed the new ones.
+RESUME_FIELDS: dict[str, str] = {
+    "preset": "may change",  # only the defaults; the resolved fields are compared
+    "data": "same",
+    "data_format": "same",
+    "resolution": "same",
+    "channels": "same",
+    "latent_scale": "same",
+    "random_flip": "same",
+    "num_workers": "may change",
+    "on_bad_data": "may change",  # what a file that went bad does; the data's rule stays
+    "cond": "same",
+    "label_dropout": "same",
+    "context_len": "same",
+    "beta_schedule": "same",
+    "num_timesteps": "same",
+    "beta_start": "same",
+    "beta_end": "same",
+    "zero_terminal_snr": "same",
+    "prediction_type": "same",
+    "objective": "same",
+    "init": "same",  # stage 2's frozen perceptual network unless perceptual_checkpoint names one
+    "perceptual_checkpoint": "same",
+    "perceptual_source": "same",
+    "perceptual_layers": "same",
+    "perceptual_t": "same",
+    "predicted_noise": "same",
+    "distance": "same",
+    "mse_weight": "same",
+    "steps": "may change",
+    "batch_size": "same",
+    "grad_accum": "may change",  # the same global batch in more or fewer micro-steps
+    "lr": "said",
+    "lr_warmup_steps": "said",
+    "weight_decay": "same",
+    "adam_beta1": "same",
+    "adam_beta2": "same",
+    "adam_eps": "same",
+    "optimizer": "same",  # another optimizer's state
+    "grad_clip": "same",
+    "max_bad_steps": "may change",
+    "ema_decay": "same",  # the EMA is the model that samples
+    "device": "may change",
+    "precision": "may change",
+    "channels_last": "may change",
+    "train_step": "may change",  # fast and reference compute the same update
+    "cuda_graph": "may change",
+    "compile": "may change",
+    "batched_branches": "may change",
+    "seed": "same",
+    "deterministic": "may change",
+    "out": "may change",  # a run folder copied elsewhere
+    "resume": "may change",
+    "log_every": "may change",
+    "checkpoint_every": "may change",
+    "keep_last": "may change",
+    "sample_every": "may change",
+    "sample_num": "may change",
+    "sample_steps": "may change",
+    "sample_sampler": "may change",
+    "sample_cfg": "may change",
+    "sample_cfg_rescale": "may change",
+}
+# Every field of the model (either kind) defines it, except the choice of attention kernels.
+RESUME_MODEL_MAY_CHANGE = ("attention_backend",)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal values of one type (an int and a float count as one: JSON writes 1e-3 and 0.001
+    alike); "8" is not 8."""
+    number = (int, float)
+    same_type = type(a) is type(b) or (
+        isinstance(a, number)
+        and isinstance(b, number)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    )
+    return same_type and a == b
+
+
+def show_pair(ours: Any, theirs: Any, where: str = "checkpoint") -> str:
+    """'x0 (checkpoint: v)', with the types when they differ: "8 (int; checkpoint: '8', str)"."""
+    if type(ours) is type(theirs) or same_value(ours, theirs) or {type(ours), type(theirs)} <= {
+        int,
+        float,
+    }:
+        return f"{config_lib._show(ours)} ({where}: {config_lib._show(theirs)})"
+    return f"{ours!r} ({type(ours).__name__}; {where}: {theirs!r}, {type(theirs).__name__})"
+
+
+def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: Any) -> list[str]:
+    """Refuse a resume that changes what the run learns (RESUME_FIELDS), listing every
+    difference; return the lines that say what it does change ("said" fields)."""
+    saved, saved_model = checkpoint_lib.read_configs(checkpoint)
+    differ, said = [], []
+    for name, rule in RESUME_FIELDS.items():
+        ours, theirs = getattr(cfg, name), getattr(saved, name)
+        if same_value(ours, theirs):
+            continue
+        option = config_lib._option(name)
+        if rule == "same":
+            differ.append(f"{option} {show_pair(ours, theirs)}")
+        elif rule == "said":
+            said.append(f"{option} {config_lib._show(ours)} from here on (the checkpoint's: "
+                        f"{config_lib._show(theirs)})")
+    if type(saved_model) is not type(model_cfg):
+        differ.append(
+            f"model kind {config_lib.model_kind(model_cfg)} "
+            f"(checkpoint: {config_lib.model_kind(saved_model)})"
+        )
+    else:
+        for field in dataclasses.fields(model_cfg):
+            ours, theirs = getattr(model_cfg, field.name), getattr(saved_model, field.name)
+            if field.name not in RESUME_MODEL_MAY_CHANGE and not same_value(ours, theirs):
+                differ.append(f"{config_lib._option(field.name)} {show_pair(ours, theirs)}")
+    if differ:
+        raise checkpoint_lib.CheckpointError(
+            f"{checkpoint} cannot be resumed with other settings than it was trained with: "
+            f"{'; '.join(differ)}. They define what the run learns (the README lists what a "
+            "resume may change). Resume with the original values, or pass another --out to "
+            f"start a new run (--init {checkpoint} starts it from these weights)"
+        )
+    return said
 
 
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
@@ -205,7 +375,7 @@ def build_perceptual_loss(
         source = diffusers_unet.resolve_source(cfg.perceptual_checkpoint or cfg.init)
         fix = "the perceptual network must have the online model's shape: pass a checkpoint of it"
         check_same_shape(source, model_cfg, fix)
-        perceptual = UNet(model_cfg)
+        perceptual = build_model(model_cfg)
         diffusers_unet.load_state_into(perceptual, source)
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         # Frozen, so it can be held in bf16 when the step runs under bf16 autocast: half the
@@ -280,37 +450,6 @@ def use_deterministic_algorithms() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-
-
-class StopSignal:
-    """SIGTERM and SIGINT ask the loop to finish its step, checkpoint and stop.
-
-    A second signal while stopping restores the default behaviour (a second Ctrl-C kills).
-    Handlers can only be installed from the main thread; elsewhere signals keep their defaults.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self.name = ""
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # the second signal: stop waiting
-            self.restore()
-            signal.raise_signal(signum)
-            return
-        self.requested = True
-        self.name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
 
 class MetricsWriter:
@@ -418,6 +557,8 @@ class Run:
     resume_from: Path | None
     init_from: Path | None
     backends: dict[str, str]  # what runs each part of the step (attention, feature MSE, ...)
+    data_lines: list[str] = dataclasses.field(default_factory=list)  # classes, data's own values
+    resume_lines: list[str] = dataclasses.field(default_factory=list)  # what the resume changes
 
 
 def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
@@ -429,6 +570,8 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         )
     schedule = schedule_from_config(dataclasses.asdict(cfg))
     dataset, model_cfg = build_data(cfg, model_cfg)
+    check_out_and_data(cfg, dataset)
+    cfg, data_lines = data_config(cfg, dataset)
     check_resolution(cfg, model_cfg)
     # Decided from the config before the process group starts (fastsp.step.graph_environment):
     # torchrun's WORLD_SIZE and the device dist.init will pick.
@@ -440,14 +583,16 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     check_batch(cfg, info.world_size)
     check_optimizer(cfg, device)
     run_dir = Path(cfg.out)
+    run_folder.check_out_folder(run_dir)
+    if (run_dir / "config.json").is_file():  # read through the one reader, never overwritten
+        config_lib.read_config_file(run_dir / "config.json")  # unread (hand-edited, another version)
     resume_from = checkpoint_lib.latest_checkpoint(run_dir)
     if resume_from is not None and not cfg.resume:
         raise ConfigError(
             f"{run_dir} already holds checkpoints (latest: {resume_from.name}); pass --resume to "
             "continue that run, or another --out to start a new one"
         )
-    if resume_from is not None:
-        check_resume(resume_from, cfg, model_cfg)
+    resume_lines = check_resume(resume_from, cfg, model_cfg) if resume_from is not None else []
     init_from = diffusers_unet.resolve_source(cfg.init) if cfg.init else None
     if init_from is not None:
         check_same_shape(
@@ -457,7 +602,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
 
-    model = UNet(model_cfg)
+    model = build_model(model_cfg)
     if init_from is not None and resume_from is None:  # stage 2 starts from stage 1's EMA weights
         diffusers_unet.load_state_into(model, init_from)
     model = model.to(device, memory_format=memory_format)
@@ -469,16 +614,12 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         state = checkpoint_lib.load_training_state(resume_from, model, ema, optimizer)
         start_step = state["step"]
     online = model
+    # The one side stream of a captured step: DDP is built on it, and TrainStep.capture warms up
+    # and captures on it (it says why). None when the step is not captured: an eager DDP step
+    # then runs on the stream DDP was built on.
+    stream = torch.cuda.Stream(device) if captures_graph(cfg, device.type) else None
     if info.world_size > 1:
-        # PyTorch's CUDA-graph notes: a DDP backward to be captured needs DDP built on a side
-        # stream.
-        side = torch.cuda.Stream() if device.type == "cuda" else None
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            online = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
+        online = wrap_ddp(model, device, stream)
     if cfg.compile:
         online = torch.compile(online)
         if perceptual_loss is not None:
@@ -502,6 +643,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         device=device,
         # CFG dropout's context: the empty prompt's embedding of fastsp.prepare's shards
         null_context=getattr(dataset, "null_context", None),
+        stream=stream,
     )
     graph_off = step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"])
     backends = {
@@ -537,7 +679,24 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         resume_from=resume_from,
         init_from=init_from,
         backends=backends,
+        data_lines=data_lines,
+        resume_lines=resume_lines,
     )
+
+
+def wrap_ddp(
+    model: torch.nn.Module, device: torch.device, stream: torch.cuda.Stream | None
+) -> DistributedDataParallel:
+    """DDP around `model`, constructed on `stream` when given (PyTorch's CUDA-graph notes: a
+    DDP backward to be captured needs DDP built on a side stream, the one the step is warmed up
+    and captured on; see fastsp.step.TrainStep.capture)."""
+    with torch.cuda.stream(stream):  # None: the current stream
+        online = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
+    return online
 
 
 def write_backends(run: Run) -> None:
@@ -552,7 +711,18 @@ def capture_step(run: Run, batch: dict[str, torch.Tensor], log=print) -> None:
     (fastsp.step.TrainStep.capture logs why not); backends.json then says what happened."""
     if not (run.cfg.cuda_graph and run.info.device.type == "cuda"):
         return  # backends.json already says why the step runs eagerly
-    captured = run.step.capture(batch, log=log)
+    # With DDP a failed capture stops the run (fastsp.step.GraphCaptureError), on every rank: a
+    # rank whose capture worked would otherwise wait in the graph's all-reduce for one that left.
+    failed = None
+    try:
+        captured = run.step.capture(batch, log=log)
+    except GraphCaptureError as error:
+        failed = error
+    if run.step.config.ddp and dist.any_rank(failed is not None):
+        raise failed or GraphCaptureError(
+            "CUDA graph capture of the DDP step failed on another rank (its error says why); "
+            "rerun with --no-cuda-graph"
+        )
     run.backends["cuda_graph"] = (
         "captured: the whole step replays as one CUDA graph"
         if captured
@@ -576,6 +746,8 @@ def start_outputs(run: Run, config_text: str) -> MetricsWriter | None:
         print(f"--resume: no checkpoint in {run_dir} yet, starting fresh")
     if run.resume_from is not None:
         print(f"resuming from {run.resume_from} (step {run.start_step})")
+        for line in run.resume_lines:
+            print(line)
     elif run.init_from is not None:
         print(f"initialised from {run.init_from}")
     if run.perceptual_loss is not None:
@@ -592,6 +764,8 @@ def start_outputs(run: Run, config_text: str) -> MetricsWriter | None:
         f"model: {params / 1e6:.2f}M parameters; data: {cfg.data} ({len(run.dataset)} items); "
         f"device: {run.info.device} x {run.info.world_size}"
     )
+    for line in run.data_lines:
+        print(line)
     for part, backend in run.backends.items():
         print(f"{part.replace('_', ' ')}: {backend}")
     return metrics

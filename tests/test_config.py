@@ -13,7 +13,7 @@ from fastsp.unet import UNET_PRESETS, UNetConfig
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_resolve(preset):
     train, model = parse_args(["--preset", preset])
-    assert train.preset == preset and model == UNET_PRESETS[preset]
+    assert train.preset == preset and model == config_lib.MODEL_PRESETS[preset]
 
 
 def test_every_field_is_an_option():
@@ -70,9 +70,15 @@ def test_help_shows_each_option_with_its_description_default_and_choices(monkeyp
         if f.metadata["choices"]:
             assert "one of " + ", ".join(f.metadata["choices"]) in entry, (flag, entry)
     # the default is the default preset's value; the other presets' values follow, named
-    assert entries["--resolution"].endswith("(default: 16 with --preset digits; tiny: 8; sd21: 64)")
+    assert entries["--resolution"].endswith(
+        "(default: 16 with --preset digits; tiny: 8; sd21: 64; dit_tiny: 8; dit_s2: 32; "
+        "dit_b2: 32; dit_l2: 32; dit_xl2: 32)"
+    )
     assert entries["--num-timesteps"].endswith("(default: 1000)")  # the same in every preset
-    assert entries["--preset"].endswith("one of tiny, digits, sd21 (default: digits)")
+    assert entries["--preset"].endswith(
+        "one of tiny, digits, sd21, dit_tiny, dit_digits, dit_s2, dit_b2, dit_l2, dit_xl2 "
+        "(default: digits)"
+    )
 
 
 def test_eps_at_zero_terminal_snr_is_one_rule_with_one_message():
