@@ -34,6 +34,8 @@ setup(
         # Stable Diffusion: diffusers UNets in and out, the VAE and the CLIP text encoder for
         # data preparation and prompt sampling (fastsp.sd_components). Never needed for digits.
         "sd": SD,
+        # The built-in letters (--data letters) render the fonts that ship inside matplotlib.
+        "letters": ["matplotlib>=3.5"],
         # The tests build tiny random diffusers and transformers models in the test itself.
         "dev": [
             *SD,
@@ -42,7 +44,7 @@ setup(
             "ruff>=0.5",
             "build>=1.0",
             "wheel",
-            "matplotlib",  # the figure of benchmarks/quality/reproduce.py
+            "matplotlib>=3.5",  # the letters data set; the figures of benchmarks/quality/
         ],
     },
     entry_points={

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fastsp.config import DATA_FORMATS, is_int
+from fastsp.config import BUILTIN_DATA, DATA_FORMATS, is_int
 from fastsp.data_policy import (
     FIX_DATA,
     DataError,
@@ -43,6 +43,7 @@ from fastsp.data_policy import (
 )
 from fastsp.latent_shards import LatentsDataset
 
+from fastsp.letters import LettersDataset
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
@@ -520,22 +521,22 @@ def build_dataset(
     context_dim: int = 0,
     seed: int = 0,
 ) -> Dataset:
-    """The data set that `--data` names: "digits", "synthetic" or a folder.
+    """The data set that `--data` names: "digits", "letters", "synthetic" or a folder.
 
     A folder holding any *.npy or *.safetensors file directly is read as latents, else as images;
-    `data_format` forces one. `split` applies to digits only (give a folder of held-out images or
-    latents as its own `--data`); `random_flip` and `max_image_pixels` apply to image folders
-    (latents never flip here); `on_bad_data` ("stop" or "skip") to folders. `num_classes`,
-    `context_len`, `context_dim` and `seed` apply to synthetic only (see `SyntheticDataset`):
-    the other data sets get their classes and context from their files.
+    `data_format` forces one. `split` applies to digits and letters only (give a folder of
+    held-out images or latents as its own `--data`); `random_flip` and `max_image_pixels` apply
+    to image folders (latents never flip here); `on_bad_data` ("stop" or "skip") to folders.
+    `num_classes`, `context_len`, `context_dim` and `seed` apply to synthetic only (see
+    `SyntheticDataset`): the other data sets get their classes and context from their files.
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
     check_policy(on_bad_data)
     fmt = data_format
-    if fmt == "auto" and data in ("digits", "synthetic"):
+    if fmt == "auto" and data in BUILTIN_DATA:
         fmt = data
-    if fmt in ("digits", "synthetic") and data not in (fmt, "", None):
+    if fmt in BUILTIN_DATA and data not in (fmt, "", None):
         raise DataError(
             f"data format '{fmt}' is built in and reads no files, but --data is '{data}'; "
             f"pass --data {fmt}, or a different --data-format for the folder"
@@ -574,3 +575,5 @@ def build_dataset(
         on_bad_data=on_bad_data,
         max_image_pixels=max_image_pixels,
     )
+    if fmt == "letters":
+        return LettersDataset(split, resolution)

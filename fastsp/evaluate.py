@@ -56,14 +56,22 @@ from fastsp import quality
 from fastsp.config import SAMPLERS
 from fastsp.data import DigitsDataset, ImageFolderDataset
 from fastsp.data_policy import DataError
+from fastsp.letters import LettersDataset
+from fastsp.run_folder import check_output_file
 from fastsp.sample import default_labels, generate, schedule_from_config
 
 CLASSIFIER_VERSION = "digits-cnn-v1"  # change when the network or its training changes
+# Each built-in data set: its data set class and its classifier's version (change the version
+# when the network or its training changes: the cache is keyed by it).
+BUILTIN = {
+    "digits": (DigitsDataset, CLASSIFIER_VERSION),
+    "letters": (LettersDataset, "letters-cnn-v1"),
+}
 FEATURE_DIM = 64
 NEAREST_K = 3  # Kynkaenniemi et al. 2019's default neighbourhood size
 DEFAULT_NUM = 1000
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's Inception-v3
-REAL_SPLITS = ("heldout", "train")  # the digits split the samples are measured against
+REAL_SPLITS = ("heldout", "train")  # the built-in split the samples are measured against
 _TRAIN_EPOCHS = 15
 _TRAIN_BATCH = 64
 _TRAIN_LR = 2e-3
@@ -132,26 +140,27 @@ def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
     return torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(offsets)])
 
 
-def train_classifier(resolution: int) -> tuple[DigitsClassifier, float]:
-    """Train on the digits training split (fixed seed and schedule); return it and its seconds.
+def train_classifier(resolution: int, data: str = "digits") -> tuple[DigitsClassifier, float]:
+    """Train on the training split of built-in `data` (fixed seed and schedule); return it and
+    its seconds.
 
     Nothing here looks at the held-out split: the schedule is fixed, with no early stopping.
     """
     start = time.perf_counter()
-    data = DigitsDataset("train", resolution)
+    dataset = BUILTIN[data][0]("train", resolution)
     generator = torch.Generator().manual_seed(_TRAIN_SEED)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TRAIN_SEED)
-        classifier = DigitsClassifier(resolution)
-    steps = _TRAIN_EPOCHS * math.ceil(len(data) / _TRAIN_BATCH)
+        classifier = DigitsClassifier(resolution, dataset.num_classes)
+    steps = _TRAIN_EPOCHS * math.ceil(len(dataset) / _TRAIN_BATCH)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=_TRAIN_LR, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, _TRAIN_LR, total_steps=steps)
     classifier.train()
     for _ in range(_TRAIN_EPOCHS):
-        order = torch.randperm(len(data), generator=generator)
+        order = torch.randperm(len(dataset), generator=generator)
         for batch in order.split(_TRAIN_BATCH):
-            x = _shift(data.images[batch], max(1, resolution // 8), generator)
-            loss = F.cross_entropy(classifier(x), data.labels[batch])
+            x = _shift(dataset.images[batch], max(1, resolution // 8), generator)
+            loss = F.cross_entropy(classifier(x), dataset.labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,23 +173,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTSP_CACHE") or Path.home() / ".cache" / "fastsp").expanduser()
 
 
-def _cache_files(resolution: int, root: Path) -> tuple[Path, Path]:
-    stem = f"{CLASSIFIER_VERSION}_r{resolution}"
+def _cache_files(resolution: int, root: Path, data: str = "digits") -> tuple[Path, Path]:
+    stem = f"{BUILTIN[data][1]}_r{resolution}"
     return root / f"{stem}.safetensors", root / f"{stem}.json"
 
 
-def _load_cached(weights_file: Path, info_file: Path, resolution: int):
+def _load_cached(weights_file: Path, info_file: Path, resolution: int, data: str = "digits"):
     """The cached classifier and its info, or (None, reason) when missing or damaged."""
+    dataset_class, version = BUILTIN[data]
     if not info_file.is_file() or not weights_file.is_file():
         return None, "not cached yet"
     try:
         info = json.loads(info_file.read_text(encoding="utf-8"))
         blob = weights_file.read_bytes()
-        if info.get("version") != CLASSIFIER_VERSION or info.get("resolution") != resolution:
+        if info.get("version") != version or info.get("resolution") != resolution:
             return None, f"{info_file} is for another version or resolution"
         if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
             return None, f"{weights_file} does not match the checksum in {info_file}"
-        classifier = DigitsClassifier(resolution)
+        classifier = DigitsClassifier(resolution, dataset_class.num_classes)
         classifier.load_state_dict(load_safetensors(blob))
         float(info["heldout_accuracy"])
     except Exception as error:  # unreadable JSON, garbled tensors, other shapes: train again
@@ -189,9 +199,10 @@ def _load_cached(weights_file: Path, info_file: Path, resolution: int):
 
 
 def load_or_train_classifier(
-    resolution: int, root: str | Path | None = None, log=None
+    resolution: int, root: str | Path | None = None, log=None, data: str = "digits"
 ) -> tuple[DigitsClassifier, dict[str, Any]]:
-    """The digits classifier for `resolution`, from the cache or trained now and cached.
+    """The classifier of built-in `data` (digits or letters) for `resolution`, from the cache or
+    trained now and cached.
 
     Returns (classifier in eval mode, info) with info's keys version, resolution,
     heldout_accuracy, train_seconds, sha256, and trained_now (whether this call trained it).
@@ -199,18 +210,18 @@ def load_or_train_classifier(
     so a damaged or half-replaced pair is noticed and the classifier trained again.
     """
     root = Path(root) if root is not None else cache_dir()
-    weights_file, info_file = _cache_files(resolution, root)
-    classifier, info = _load_cached(weights_file, info_file, resolution)
+    weights_file, info_file = _cache_files(resolution, root, data)
+    classifier, info = _load_cached(weights_file, info_file, resolution, data)
     if classifier is not None:
         return classifier, {**info, "trained_now": False, "cache_file": str(weights_file)}
     if log is not None:
-        log(f"training the digits classifier at {resolution}x{resolution} ({info})")
-    classifier, seconds = train_classifier(resolution)
-    heldout = DigitsDataset("heldout", resolution)
+        log(f"training the {data} classifier at {resolution}x{resolution} ({info})")
+    classifier, seconds = train_classifier(resolution, data)
+    heldout = BUILTIN[data][0]("heldout", resolution)
     _, probs = classify(classifier, heldout.images)
     blob = save_safetensors({k: v.contiguous() for k, v in classifier.state_dict().items()})
     info = {
-        "version": CLASSIFIER_VERSION,
+        "version": BUILTIN[data][1],
         "resolution": resolution,
         "heldout_accuracy": quality.class_accuracy(probs, heldout.labels),
         "heldout_images": len(heldout),
@@ -294,8 +305,10 @@ def inception_metrics(
 # The evaluation
 
 
-def _is_digits(train: dict[str, Any]) -> bool:
-    return train.get("data") == "digits" and train.get("data_format") in ("auto", "digits")
+def _builtin_data(train: dict[str, Any]) -> str | None:
+    """The built-in data set ("digits" or "letters") the run trained on, or None."""
+    data = train.get("data")
+    return data if data in BUILTIN and train.get("data_format") in ("auto", data) else None
 
 
 def _check_args(args) -> None:
@@ -310,6 +323,15 @@ def _check_args(args) -> None:
         raise EvaluationError("--cfg-rescale must be in [0, 1]")
     if not math.isfinite(args.cfg) or args.cfg < 0:
         raise EvaluationError("--cfg must be a finite number >= 0 (1 = no guidance)")
+    if args.cfg_sweep is not None:
+        cfg_scales(args)  # raises on a bad list
+        if args.cfg != 1:
+            raise EvaluationError("--cfg-sweep scores several scales; pass it or --cfg, not both")
+        if args.inception_weights is not None:
+            raise EvaluationError(
+                "--cfg-sweep scores with the built-in classifier only; for Inception metrics "
+                "pass one --cfg per call"
+            )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda, but torch sees no CUDA GPU; use --device cpu")
     if args.real_split not in REAL_SPLITS:
@@ -319,11 +341,32 @@ def _check_args(args) -> None:
         )
 
 
+def cfg_scales(args) -> tuple[float, ...]:
+    """The CFG scales to score: --cfg-sweep's comma-separated list (e.g. "1,1.5,3"), or --cfg."""
+    if args.cfg_sweep is None:
+        return (args.cfg,)
+    spec = args.cfg_sweep
+    try:
+        scales = tuple(float(part) for part in (spec.split(",") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        scales = ()
+    if not scales or not all(math.isfinite(x) and x >= 0 for x in scales):
+        raise EvaluationError(
+            f"--cfg-sweep must be a comma-separated list of finite scales >= 0, e.g. "
+            f"1,1.25,1.5,2,3; got {spec!r}"
+        )
+    if len(set(scales)) != len(scales):
+        raise EvaluationError(f"--cfg-sweep lists a scale twice ({spec!r}); list each once")
+    return scales
+
+
 def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
     """Refuse what cannot be evaluated, before any sample is drawn; the real Inception images."""
     train = config["train"]
-    if args.cfg != 1 and model.config.num_classes == 0:
-        raise EvaluationError("--cfg needs a class-conditional model; this one is unconditional")
+    if (args.cfg != 1 or args.cfg_sweep is not None) and model.config.num_classes == 0:
+        raise EvaluationError(
+            "--cfg and --cfg-sweep need a class-conditional model; this one is unconditional"
+        )
     if model.config.context_dim > 0:
         raise EvaluationError(
             "this model is conditioned on a context sequence; evaluating it needs your own "
@@ -334,19 +377,19 @@ def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
             f"this model was trained on {model.config.in_channels}-channel latents or synthetic "
             "data, not images; its samples need a VAE decoder fastsp does not have"
         )
-    digits = _is_digits(train)
+    builtin = _builtin_data(train)
     if args.real_split != "heldout" and args.real_data is not None:
         raise EvaluationError(
-            f"--real-split {args.real_split} picks a split of the built-in digits, but the real "
+            f"--real-split {args.real_split} picks a split of the built-in data, but the real "
             "images are the --real-data folder here; pass only one of them"
         )
     if args.inception_weights is None:
         if args.real_data is not None:
             raise EvaluationError("--real-data is used only with --inception-weights")
-        if not digits:
+        if builtin is None:
             raise EvaluationError(
-                f"this checkpoint was trained on '{train.get('data')}', not the built-in digits, "
-                f"so the digits classifier cannot score it: pass --inception-weights "
+                f"this checkpoint was trained on '{train.get('data')}', not the built-in digits "
+                f"or letters, so no built-in classifier can score it: pass --inception-weights "
                 f"{INCEPTION_FILE} and --real-data FOLDER (held-out images)"
             )
         return None
@@ -359,9 +402,9 @@ def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
         )
     _import_torch_fidelity()
     if args.real_data is None:
-        if not digits:
+        if builtin is None:
             raise EvaluationError("--inception-weights needs --real-data FOLDER (held-out images)")
-        real = DigitsDataset(args.real_split, train["resolution"]).images
+        real = BUILTIN[builtin][0](args.real_split, train["resolution"]).images
     else:
         folder = ImageFolderDataset(
             args.real_data, train["resolution"], model.config.in_channels, random_flip=False
@@ -396,14 +439,8 @@ def _generate_all(model, config, args, labels) -> torch.Tensor:
     return torch.cat(batches)
 
 
-def _digits_metrics(
-    samples, labels, resolution: int, classifier, info, real_split: str = "heldout"
-) -> dict[str, Any]:
-    """Metrics of samples against the digits `real_split`, and the floor: the other split's real
-    images (as many as samples, at most all of them) against the same real set."""
-    other_split = "train" if real_split == "heldout" else "heldout"
-    real, other = DigitsDataset(real_split, resolution), DigitsDataset(other_split, resolution)
-    real_features, real_probs = classify(classifier, real.images)
+def _scores(classifier, samples, labels, real_features) -> tuple[dict[str, Any], np.ndarray]:
+    """The metrics of samples against real features, and the samples' features."""
     fake_features, fake_probs = classify(classifier, samples)
     precision, recall = quality.precision_recall(real_features, fake_features, NEAREST_K)
     metrics = {
@@ -415,8 +452,37 @@ def _digits_metrics(
             quality.class_accuracy(fake_probs, labels) if labels is not None else None
         ),
     }
+    return metrics, fake_features
+
+
+def _builtin_metrics(
+    samples: dict[float, torch.Tensor],
+    labels,
+    resolution: int,
+    classifier,
+    info,
+    real_split: str = "heldout",
+    data: str = "digits",
+    sweep: bool = False,
+) -> dict[str, Any]:
+    """Metrics of the samples of each CFG scale against the built-in `real_split`, each scale's
+    FID against the training split (the one a scale is chosen on), and the floor: the other
+    split's real images (as many as samples, at most all of them) against the same real set."""
+    dataset_class = BUILTIN[data][0]
+    other_split = "train" if real_split == "heldout" else "heldout"
+    real, other = dataset_class(real_split, resolution), dataset_class(other_split, resolution)
+    real_features, real_probs = classify(classifier, real.images)
+    train_features = (
+        real_features if real_split == "train" else classify(classifier, other.images)[0]
+    )
+    rows = []
+    for scale, images in samples.items():
+        metrics, fake_features = _scores(classifier, images, labels, real_features)
+        train_fid = quality.fid(train_features, fake_features)
+        rows.append({"cfg": scale, "metrics": metrics, "train_split_fid": train_fid})
     # The same metrics for the other split's real images (as many as samples, up to all of them)
-    n_other = min(len(samples), len(other))
+    n_samples = len(next(iter(samples.values())))
+    n_other = min(n_samples, len(other))
     pick = torch.from_numpy(np.random.default_rng(0).permutation(len(other))[:n_other])
     other_features, other_probs = classify(classifier, other.images[pick])
     ref_precision, ref_recall = quality.precision_recall(real_features, other_features, NEAREST_K)
@@ -429,19 +495,27 @@ def _digits_metrics(
         f"inception_score_analogue_{real_split}": quality.inception_score_analogue(real_probs),
     }
     network = {
-        "name": f"fastsp digits classifier ({CLASSIFIER_VERSION}), penultimate layer",
+        "name": f"fastsp {data} classifier ({BUILTIN[data][1]}), penultimate layer",
         "feature_dim": FEATURE_DIM,
         "resolution": resolution,
         "heldout_accuracy": info["heldout_accuracy"],
         "train_seconds": info["train_seconds"],
         "cache_file": info["cache_file"],
     }
-    return {
-        "metrics": metrics,
+    result = {
+        "data": data,
+        "metrics": rows[0]["metrics"],
         reference_key(real_split): reference,
         "feature_network": network,
         "real_images": len(real),
     }
+    if sweep:
+        # the FID-optimal scale on the training split: choosing on the held-out split would
+        # make the held-out numbers of the chosen scale optimistic
+        best = min(rows, key=lambda row: row["train_split_fid"])
+        result["metrics"] = best["metrics"]
+        result["cfg_sweep"] = {"rows": rows, "best_cfg": best["cfg"], "chosen_on": "train split"}
+    return result
 
 
 def reference_key(real_split: str) -> str:
@@ -458,13 +532,23 @@ def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
     model, config = checkpoint_lib.load_model(checkpoint, weights=args.weights, device=args.device)
     real_uint8 = _check_inputs(args, config, model)
     resolution = config["train"]["resolution"]
-    if _is_digits(config["train"]):  # before sampling: a cache problem shows at once
-        classifier, info = load_or_train_classifier(resolution, log=log)
+    builtin = _builtin_data(config["train"])
+    if builtin is not None:  # before sampling: a cache problem shows at once
+        classifier, info = load_or_train_classifier(resolution, log=log, data=builtin)
     labels = default_labels(args.num, model.config.num_classes, None)
-    if log is not None:
-        log(f"generating {args.num} samples ({args.sampler}, {args.steps} steps, cfg {args.cfg:g})")
+    # One model load for every scale of a sweep; each scale starts from the same noise (the
+    # batches' seeds depend on --seed only) and the same labels, so scales differ by CFG alone.
+    scales = cfg_scales(args)
+    samples = {}
     t0 = time.perf_counter()
-    samples = _generate_all(model, config, args, labels)
+    for scale in scales:
+        if log is not None:
+            log(
+                f"generating {args.num} samples ({args.sampler}, {args.steps} steps, cfg {scale:g})"
+            )
+        samples[scale] = _generate_all(
+            model, config, argparse.Namespace(**{**vars(args), "cfg": scale}), labels
+        )
     generate_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()),
@@ -474,6 +558,7 @@ def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
             "steps": args.steps,
             "sampler": args.sampler,
             "cfg": args.cfg,
+            "cfg_sweep": list(scales) if args.cfg_sweep is not None else None,
             "cfg_rescale": args.cfg_rescale,
             "seed": args.seed,
             "weights": args.weights,
@@ -486,19 +571,28 @@ def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
     }
     if args.real_data is None:
         result["real_split"] = args.real_split
-    if _is_digits(config["train"]):
+    if builtin is not None:
         result.update(
-            _digits_metrics(samples, labels, resolution, classifier, info, args.real_split)
+            _builtin_metrics(
+                samples,
+                labels,
+                resolution,
+                classifier,
+                info,
+                args.real_split,
+                builtin,
+                sweep=args.cfg_sweep is not None,
+            )
         )
     if real_uint8 is not None:
         if log is not None:
             log(f"Inception-v3 features of {args.num} samples and {len(real_uint8)} real images")
         result["inception"] = {
             **inception_metrics(
-                _to_uint8_rgb(samples), real_uint8, args.inception_weights, args.device
+                _to_uint8_rgb(samples[args.cfg]), real_uint8, args.inception_weights, args.device
             ),
             "weights": str(Path(args.inception_weights).resolve()),
-            "real_data": args.real_data or f"digits {args.real_split} split",
+            "real_data": args.real_data or f"{builtin} {args.real_split} split",
             "real_images": len(real_uint8),
         }
     result["seconds"] = {
@@ -523,9 +617,15 @@ def evaluate_checkpoint(checkpoint: str | Path, log=None, **options) -> dict[str
 
 def default_out(checkpoint: Path, args: argparse.Namespace) -> Path:
     """CHECKPOINT/eval_<sampler>_s<steps>_cfg<w>_phi<phi>_n<num>_<weights>_seed<seed>[_train]
-    [_inception].json (_train: measured against the digits training split)"""
+    [_inception].json (_train: measured against the training split; a sweep's cfg<w> is
+    cfgsweep<w1>-<w2>-...)"""
+    cfg = (
+        f"cfg{args.cfg:g}"
+        if args.cfg_sweep is None
+        else "cfgsweep" + "-".join(f"{x:g}" for x in cfg_scales(args))
+    )
     tag = (
-        f"{args.sampler}_s{args.steps}_cfg{args.cfg:g}_phi{args.cfg_rescale:g}_n{args.num}_"
+        f"{args.sampler}_s{args.steps}_{cfg}_phi{args.cfg_rescale:g}_n{args.num}_"
         f"{args.weights}_seed{args.seed}"
     )
     if args.real_split != "heldout":
@@ -546,12 +646,27 @@ def format_table(result: dict[str, Any]) -> str:
         net = result["feature_network"]
         other = "train" if split == "heldout" else "heldout"
         names = {"heldout": "held-out", "train": "train"}
+        data = result.get("data", "digits")
+        classes = BUILTIN[data][0].num_classes
+        sweep = result.get("cfg_sweep")
+        if sweep is not None:
+            for row in sweep["rows"]:
+                r = row["metrics"]
+                rows.append(
+                    (
+                        f"cfg {row['cfg']:g}: FID / precision / recall (train-split FID)",
+                        f"{r['fid']:.3f} / {r['precision']:.4f} / {r['recall']:.4f} "
+                        f"({row['train_split_fid']:.3f})",
+                    )
+                )
+            best = f"{sweep['best_cfg']:g}"
+            rows.append(("best CFG (lowest train-split FID); its metrics below", best))
         rows += [
-            (f"real images (digits {names[split]})", str(result["real_images"])),
-            ("FID (digits classifier features)", f"{m['fid']:.3f}"),
+            (f"real images ({data} {names[split]})", str(result["real_images"])),
+            (f"FID ({data} classifier features)", f"{m['fid']:.3f}"),
             (f"precision (k={NEAREST_K})", f"{m['precision']:.4f}"),
             (f"recall (k={NEAREST_K})", f"{m['recall']:.4f}"),
-            ("Inception Score analogue (max 10)", f"{m['inception_score_analogue']:.3f}"),
+            (f"Inception Score analogue (max {classes})", f"{m['inception_score_analogue']:.3f}"),
         ]
         if m["class_accuracy"] is not None:
             rows.append(("class accuracy (requested class)", f"{m['class_accuracy']:.4f}"))
@@ -601,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
     )
+    parser.add_argument(
+        "--cfg-sweep",
+        default=None,
+        metavar="W1,W2,...",
+        help="score each of these CFG scales (e.g. 1,1.25,1.5,2,3) from one model load, the "
+        "same noise and labels, and name the one of lowest FID on the training split",
+    )
     parser.add_argument("--cfg-rescale", type=float, default=0.0, help="CFG rescale phi in [0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -638,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
+        if args.out:  # before any sample is drawn: a result that cannot be written is refused now
+            check_output_file(args.out)
         result = evaluate(args, log=log)
     except (ValueError, DataError, checkpoint_lib.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -413,3 +413,79 @@ def test_damaged_or_missing_checkpoint_exits_2(tiny_runs, cache_env, tmp_path, c
     assert "ema.safetensors" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(tmp_path / "nothing"), "--num", "8"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The guidance gap: --cfg-sweep and the share of the gap recovered
+
+
+def test_cfg_sweep_scores_each_scale_as_a_plain_evaluation(tiny_runs, cache_env, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    argv = ["--checkpoint", str(tiny_runs["class"]), "--num", "12", "--steps", "2"]
+    assert (
+        evaluate.main([*argv, "--cfg-sweep", "1,2.5", "--cfg-rescale", "0.7", "--out", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    sweep = report["cfg_sweep"]
+    assert [row["cfg"] for row in sweep["rows"]] == [1.0, 2.5]
+    assert report["settings"]["cfg_sweep"] == [1.0, 2.5]
+    for row in sweep["rows"]:
+        # each scale's row equals a plain evaluation with that --cfg (same seed, noise, labels)
+        plain = evaluate.evaluate_checkpoint(
+            tiny_runs["class"], num=12, steps=2, cfg=row["cfg"], cfg_rescale=0.7
+        )
+        assert row["metrics"] == plain["metrics"]
+        # and its selection FID is the plain evaluation against the training split
+        on_train = evaluate.evaluate_checkpoint(
+            tiny_runs["class"], num=12, steps=2, cfg=row["cfg"], cfg_rescale=0.7, real_split="train"
+        )
+        assert row["train_split_fid"] == pytest.approx(on_train["metrics"]["fid"], rel=1e-12)
+        assert f"cfg {row['cfg']:g}: FID" in printed
+    assert sweep["rows"][0]["metrics"] != sweep["rows"][1]["metrics"]  # guidance changed samples
+    best = min(sweep["rows"], key=lambda row: row["train_split_fid"])
+    assert sweep["best_cfg"] == best["cfg"] and sweep["chosen_on"] == "train split"
+    assert report["metrics"] == best["metrics"]  # the headline numbers are the chosen scale's
+    assert f"best CFG (lowest train-split FID); its metrics below | {best['cfg']:g}" in printed
+    args = evaluate.build_parser().parse_args([*argv, "--cfg-sweep", "1,2.5"])
+    assert evaluate.default_out(Path("c"), args).name == (
+        "eval_ddim_s2_cfgsweep1-2.5_phi0_n12_ema_seed0.json"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--cfg-sweep", "1,x"], "--cfg-sweep must be a comma-separated list"),
+        (["--cfg-sweep", "1,-2"], "--cfg-sweep must be a comma-separated list"),
+        (["--cfg-sweep", ""], "--cfg-sweep must be a comma-separated list"),
+        (["--cfg-sweep", "1,2,1"], "lists a scale twice"),
+        (["--cfg-sweep", "1,2", "--cfg", "3"], "pass it or --cfg, not both"),
+        (["--cfg-sweep", "1,2", "--inception-weights", "w.pth"], "pass one --cfg per call"),
+    ],
+)
+def test_bad_cfg_sweep_exits_2(tiny_runs, cache_env, capsys, extra, message):
+    argv = ["--checkpoint", str(tiny_runs["class"]), "--num", "8", "--steps", "1", *extra]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cfg_sweep_of_an_unconditional_model_exits_2(tiny_runs, cache_env, capsys):
+    argv = ["--checkpoint", str(tiny_runs["none"]), "--num", "8", "--cfg-sweep", "1,2"]
+    assert evaluate.main(argv) == 2
+    assert "need a class-conditional model" in capsys.readouterr().err
+
+
+def test_guidance_gap_share():
+    # the paper's Stable Diffusion 2.1 numbers: FID 29.63 (MSE), 24.42 (SP), 18.67 (MSE + CFG)
+    share = quality.guidance_gap_share(29.63, 24.42, 18.67)
+    assert share == pytest.approx((29.63 - 24.42) / (29.63 - 18.67), rel=1e-15)
+    assert quality.format_gap_share(share) == "0.48"
+    assert quality.guidance_gap_share(20.0, 10.0, 10.0) == 1.0  # all of the gap
+    assert quality.guidance_gap_share(20.0, 22.5, 15.0) == pytest.approx(-0.5)  # worse than MSE
+    # no gap (the best scale is no guidance, or guidance is worse): no division by ~0
+    for best in (13.0, 13.0 + 1e-12, 13.0 - 1e-9, 15.0, float("nan")):
+        assert quality.guidance_gap_share(13.0, 16.1, best) is None
+        assert quality.format_gap_share(quality.guidance_gap_share(13.0, 16.1, best)) == "no gap"
