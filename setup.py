@@ -17,6 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=["fastsp", "fastsp.kernels"],
     package_dir={"fastsp": "fastsp", "fastsp.kernels": "kernels"},
+    # fastsp.dryrun compiles its fake-CUDA extension from this source at first use
+    package_data={"fastsp": ["fake_cuda.cpp"]},
     install_requires=[
         # No upper pin: on CPU machines install torch first (README) so pip keeps that build.
         "torch>=2.10",

@@ -1,0 +1,602 @@
+"""A fake-CUDA dry run of one whole training step, on a CPU-only torch.
+
+    python -m fastsp.dryrun --preset sd21 --objective self_perceptual --batch-size 16
+    python -m fastsp.dryrun --preset tiny --json dryrun.json     # every option of fastsp/train.py
+
+Runs `TrainStep.compute` (fastsp.step), built through the same StepConfig as a training run:
+randomness, online forward under bf16 autocast, the bf16 perceptual pass, the fused feature MSE
+(through its registered fake implementation), backward, clipping, fused AdamW and the EMA, on
+FakeTensorMode tensors that say device "cuda". Nothing is read: random weights for every network
+(no --init, no checkpoint), one synthetic batch of the configured shape (--channels,
+--resolution, --context-len), so a user learns whether a config fits a GPU before getting one.
+
+It prints, for the self-perceptual and the MSE step of the config (the objective asked for, and
+the other one for the ratio):
+  - any fault a GPU would raise, as one line naming the op, devices and dtypes (exit 1): a CPU
+    tensor in a CUDA op, a host read (.item(), bool(), a device-to-host copy), operands of
+    different dtypes in a matmul, convolution or attention (what autocast must prevent), the
+    fused AdamW kernel's device, dtype and layout checks (fake_fused_adamw);
+  - the FLOPs of one step (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions,
+    attention; elementwise work, the MSE and the optimizer are not counted);
+  - the peak of live tensor memory over the step (LiveMemory);
+  - the self-perceptual / MSE FLOP ratio, and the images/s that 40% model FLOPs utilisation
+    would give on an H100 SXM and an H200 SXM (dense bf16 peaks from NVIDIA's datasheets).
+It cannot measure kernel time, numerics, the CUDA caching allocator's overhead above live
+tensors, DDP (it runs one process), torch.compile (the eager step runs) or xformers (SDPA's
+flash-attention op stands in: same FLOPs).
+
+How: fastsp/fake_cuda.cpp registers a CUDA device guard, CUDA hooks ("built, not available")
+and a CUDA generator; it is built with torch.utils.cpp_extension at first use, cached, and loaded
+with RTLD_GLOBAL before torch is imported, which is why importing this module registers fake
+CUDA in the whole process (run it as its own process; the tests do). Models are built on the
+meta device (bf16 and channels_last applied there) and then materialised with
+`to_empty(device="cuda")` inside the fake mode; the noise schedule is built outside it (it
+branches on tensor values). Autocast("cuda") turns itself off without CUDA, so the dry run tells
+it that CUDA and bf16 are there (`cuda_autocast_on`). SDPA is routed to the flash-attention aten
+op (`FlashSDPA`), so that FLOPs and memory are those of the GPU path, not of its math fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("fake_cuda.cpp")
+EXIT_FAULT = 1  # the step would fail on a GPU (bad input is 2, as for fastsp/train.py)
+
+
+def _extension_dir() -> Path:
+    """Where the built extension is cached: torch's extension folder, one subfolder per torch
+    version and source text (a changed .cpp or another torch is a new build)."""
+    torch_version = importlib.metadata.version("torch")
+    digest = hashlib.sha256(_SOURCE.read_bytes() + torch_version.encode()).hexdigest()[:12]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / f"fastsp_fake_cuda_{digest}"
+
+
+def _build(folder: Path) -> Path:
+    """Compile fake_cuda.cpp in a child process (building needs torch imported, and this process
+    must not import torch before the library is loaded); returns the shared library."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import sys; from torch.utils.cpp_extension import load; "
+        "load('fastsp_fake_cuda', [sys.argv[1]], build_directory=sys.argv[2], "
+        "is_python_module=False, verbose=False)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(_SOURCE), str(folder)], capture_output=True, text=True
+    )
+    library = folder / "fastsp_fake_cuda.so"
+    if result.returncode != 0 or not library.is_file():
+        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise SystemExit(
+            f"error: building the dry run's fake-CUDA extension ({_SOURCE}) in {folder} failed "
+            "(it needs g++ and ninja): " + " | ".join(tail)
+        )
+    return library
+
+
+def load_fake_cuda() -> None:
+    """Load fake_cuda.cpp's registrations into this process, building them first if needed.
+    Must run before `import torch`: torch reads the CUDA hooks registry once, at first use."""
+    if "torch" in sys.modules:
+        raise RuntimeError(
+            "fastsp.dryrun must be imported before torch (it registers fake CUDA, which torch "
+            "reads once): run `python -m fastsp.dryrun ...` in its own process"
+        )
+    library = _extension_dir() / "fastsp_fake_cuda.so"
+    if not library.is_file():
+        library = _build(library.parent)
+    torch_lib = Path(importlib.util.find_spec("torch").submodule_search_locations[0]) / "lib"
+    for name in ("libc10.so", "libtorch_cpu.so"):  # the symbols the extension links against
+        ctypes.CDLL(str(torch_lib / name), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+
+
+load_fake_cuda()
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import weakref  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch._prims_common import is_non_overlapping_and_dense_or_false  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from fastsp import config as config_lib  # noqa: E402
+from fastsp import trainer  # noqa: E402
+from fastsp.checkpoint import atomic_write_text  # noqa: E402
+from fastsp.cli import run_command  # noqa: E402
+from fastsp.config import ConfigError  # noqa: E402
+from fastsp.data_stream import make_loader  # noqa: E402
+from fastsp.sample import schedule_from_config  # noqa: E402
+from fastsp.step import StepConfig, TrainStep, uses_bf16  # noqa: E402
+from fastsp.unet import UNet  # noqa: E402
+
+DEVICE = torch.device("cuda")  # what fastsp.dist.pick_device gives a one-GPU run
+GIB = 2**30
+# Library code, left out of a fault's location: torch's package and the standard library.
+_LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(os.__file__).parent))
+MFU = 0.4
+# Dense bf16 tensor-core peaks (no sparsity) and memory, from NVIDIA's H100 and H200 datasheets.
+GPUS = {
+    "H100 SXM": {"bf16_tflops": 989.0, "memory_gb": 80},
+    "H200 SXM": {"bf16_tflops": 989.0, "memory_gb": 141},
+}
+OBJECTIVES = ("self_perceptual", "mse")
+# --init is required for self_perceptual (stage 2 starts from a stage-1 model); the dry run reads
+# no weights, so a placeholder stands in when none is given.
+RANDOM_WEIGHTS = "(dry run: random weights)"
+
+
+class DryRunFault(RuntimeError):
+    """What a GPU would raise running this step; the message is one line naming the fault."""
+
+
+# ---- what fake tensors do not check: dtypes, host reads, the fused AdamW kernel -----------------
+# Ops whose CUDA kernels need every floating operand in one dtype (autocast's job). The fake
+# (meta) kernels of these ops accept mixed dtypes, so the dry run checks them itself.
+_SAME_DTYPE_OPS = {
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.convolution_backward.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+}
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+
+
+def _ours(frame: traceback.FrameSummary) -> bool:
+    """A frame of the step's own code: not torch, not the standard library, not this module."""
+    name = frame.filename
+    return not (
+        name.startswith(_LIBRARY_DIRS) or name.startswith("<") or name.endswith("dryrun.py")
+    )
+
+
+def _location(frames: list[traceback.FrameSummary]) -> str:
+    """The innermost frame of the step's own code, as ' at file:line'."""
+    ours = [f for f in frames if _ours(f)]
+    return f" at {Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else ""
+
+
+def _where() -> str:
+    return _location(traceback.extract_stack())
+
+
+def _describe(tensors: list[torch.Tensor]) -> str:
+    return ", ".join(f"{t.device} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
+
+
+class StepChecks(TorchDispatchMode):
+    """Faults a CUDA run hits that fake tensors let through: a host read (`.item()`, `bool()`,
+    `float()` of a CUDA tensor: `aten._local_scalar_dense`, a sync no CUDA graph can hold), a
+    device-to-host copy, and operands of different dtypes in `_SAME_DTYPE_OPS`."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = _tensors(args, kwargs)
+        on_cuda = [t for t in inputs if t.device.type == "cuda"]
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+            if on_cuda:
+                raise DryRunFault(
+                    f"host read of a CUDA tensor ({func}, from .item(), bool(), float() or a "
+                    f"Python branch on a tensor's value: a device sync that a CUDA graph cannot "
+                    f"capture) on {_describe(on_cuda)}{_where()}"
+                )
+        if func in _SAME_DTYPE_OPS:
+            floating = [t for t in inputs if t.is_floating_point()]
+            if len({t.dtype for t in floating}) > 1:
+                raise DryRunFault(
+                    f"{func} got operands of different dtypes ({_describe(floating)}): the CUDA "
+                    f"kernel refuses them; the op must run under autocast or on one dtype"
+                    f"{_where()}"
+                )
+        out = func(*args, **kwargs)
+        if on_cuda:
+            to_host = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "cpu" for t in to_host):
+                raise DryRunFault(
+                    f"device-to-host copy in the step ({func} of {_describe(on_cuda)} to cpu): "
+                    f"a sync that a CUDA graph cannot capture{_where()}"
+                )
+        return out
+
+
+def fake_fused_adamw(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    amsgrad,
+    maximize,
+    grad_scale=None,
+    found_inf=None,
+):
+    """`aten::_fused_adamw_.tensor_lr` on fake tensors: the checks of the CUDA kernel
+    (ATen's native/cuda/FusedAdamWKernel.cu and ForeachUtils.h check_fast_path_restrictions), and
+    nothing else (fake tensors hold no values to update)."""
+    if not params:
+        return
+    device = params[0].device
+    if lr.device.type == "cpu":
+        # The CUDA kernel then reads lr with lr.item(): a host sync, outside any CUDA graph.
+        raise DryRunFault(
+            f"fused AdamW got a CPU learning-rate tensor with {device} params: its CUDA kernel "
+            "reads it with lr.item(), a host sync that a captured step cannot contain; keep lr "
+            "a 0-d tensor on the params' device"
+        )
+    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf), ("lr", lr)):
+        if tensor is not None and tensor.device != device:
+            raise DryRunFault(
+                f"fused AdamW: {name} on {tensor.device} must be on the params' device {device}"
+            )
+        if tensor is not None and tensor.dtype != torch.float32:
+            raise DryRunFault(
+                f"fused AdamW: {name} is {tensor.dtype}; the CUDA kernel reads it as float32"
+            )
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
+    mixed = params[0].dtype != exp_avgs[0].dtype  # the kernel's mixed-precision mode
+    for name, tensors in zip(names, lists, strict=False):
+        if len(tensors) != len(params):
+            raise DryRunFault(f"fused AdamW: {len(tensors)} {name} for {len(params)} params")
+        for i, t in enumerate(tensors):
+            reference = params[i] if mixed else params[0]
+            problem = (
+                "is not on the params' device"
+                if t.device != device
+                else f"is {t.dtype}, not {reference.dtype}"
+                if t.dtype != reference.dtype and not (mixed and name != "params")
+                else "is not strided"
+                if t.layout != torch.strided
+                else "is not non-overlapping and dense"
+                if not is_non_overlapping_and_dense_or_false(t)
+                else f"has sizes {list(t.shape)} / strides {list(t.stride())}, params[{i}] "
+                f"{list(params[i].shape)} / {list(params[i].stride())}"
+                if t.shape != params[i].shape or t.stride() != params[i].stride()
+                else ""
+            )
+            if problem:
+                raise DryRunFault(
+                    f"fused AdamW: {name}[{i}] ({t.device} {t.dtype}) {problem}: the CUDA kernel "
+                    "needs params, grads, exp_avgs and exp_avg_sqs of one dtype, device, layout "
+                    "and stride"
+                )
+    for i, step in enumerate(state_steps):
+        if step.device != device or step.dtype != torch.float32:
+            raise DryRunFault(
+                f"fused AdamW: state_steps[{i}] is {step.device} {step.dtype}; the CUDA kernel "
+                f"reads float32 step counts on the params' device {device} (capturable=True)"
+            )
+
+
+torch.library.register_fake("aten::_fused_adamw_.tensor_lr")(fake_fused_adamw)
+
+
+class FlashSDPA(TorchFunctionMode):
+    """F.scaled_dot_product_attention as a GPU runs it for the UNet's attention (no mask, no
+    dropout): the flash-attention aten op for fp16/bf16, the memory-efficient one for fp32.
+    Without this the fake CUDA call would decompose into the math path, whose FLOPs and [L, L]
+    score matrices are not what a GPU runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        options = dict(zip(("attn_mask", "dropout_p", "is_causal"), args[3:], strict=False))
+        options.update(kwargs)
+        if options.get("attn_mask") is not None or options.get("dropout_p", 0.0) != 0.0:
+            return func(*args, **kwargs)
+        scale = options.get("scale")
+        causal = bool(options.get("is_causal", False))
+        if q.dtype in (torch.float16, torch.bfloat16):
+            return torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, causal, False, scale=scale
+            )[0]
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, needs_grad, 0.0, causal, scale=scale
+        )[0]
+
+
+class LiveMemory(TorchDispatchMode):
+    """The bytes of CUDA tensor storages alive, and their peak: every op's outputs are counted
+    once per storage (views share theirs) until the storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._counted.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._counted:
+                    self._counted.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@contextlib.contextmanager
+def cuda_autocast_on():
+    """torch.autocast("cuda") disables itself where torch.cuda.is_available() is False
+    (torch.cuda.amp.common.amp_definitely_not_available) and asks torch.cuda.is_bf16_supported():
+    tell it the dry run's GPU is there and has bf16 (H100, H200), leaving is_available() False."""
+    common = torch.cuda.amp.common
+    saved = common.amp_definitely_not_available, torch.cuda.is_bf16_supported
+    common.amp_definitely_not_available = lambda: False
+    torch.cuda.is_bf16_supported = lambda including_emulation=True: True
+    try:
+        yield
+    finally:
+        common.amp_definitely_not_available, torch.cuda.is_bf16_supported = saved
+
+
+# ---- building the step: build_run's assembly, on fake CUDA and without reading anything --------
+def dry_configs(argv: list[str] | None):
+    """parse_args of fastsp/train.py's options; --init is optional (no weights are read)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--init" or a.startswith("--init=") for a in argv):
+        argv += ["--init", RANDOM_WEIGHTS]
+    return config_lib.parse_args(argv)
+
+
+def _materialise(modules: list[torch.nn.Module]) -> None:
+    for module in modules:  # meta -> fake CUDA, strides (channels_last) and dtypes kept
+        module.to_empty(device=DEVICE)
+
+
+def build_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep):
+    """(step, batch): `step_class` as fastsp.trainer.build_run assembles it for one process on
+    CUDA, with random weights, and one synthetic batch of the configured shape. Call inside
+    FakeTensorMode (the models are materialised there)."""
+    synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto")
+    dataset, model_cfg = trainer.build_data(synthetic, model_cfg)
+    trainer.check_resolution(cfg, model_cfg)
+    trainer.check_batch(cfg, 1)
+    trainer.check_optimizer(cfg, DEVICE)
+    bf16 = uses_bf16(cfg.precision, cfg.train_step, DEVICE)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    # Meta tensors and the schedule's real values live outside the fake mode; the loss around
+    # `perceptual` comes from build_perceptual_loss's "ema" source, which reads nothing.
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        with torch.device("meta"):
+            model = UNet(model_cfg).to(memory_format=memory_format)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        perceptual = ema
+        if cfg.objective == "self_perceptual" and cfg.perceptual_source == "frozen":
+            # as build_perceptual_loss holds the frozen network: bf16 under the fast bf16 step
+            dtype = torch.bfloat16 if bf16 and cfg.train_step == "fast" else torch.float32
+            perceptual = copy.deepcopy(ema).to(dtype, memory_format=memory_format)
+        schedule = schedule_from_config(dataclasses.asdict(cfg))
+        perceptual_loss = trainer.build_perceptual_loss(
+            dataclasses.replace(cfg, perceptual_source="ema", perceptual_checkpoint=""),
+            model_cfg,
+            schedule,
+            perceptual,
+            DEVICE,
+            bf16,
+        )
+    _materialise([model, ema] + ([perceptual] if perceptual is not ema else []))
+    optimizer = trainer.build_optimizer(cfg, model.parameters(), DEVICE)
+    step = step_class(
+        StepConfig.from_train(
+            cfg,
+            model_cfg,
+            world_size=1,
+            rank=0,
+            bf16=bf16,
+            context_shape=dataset.context_shape if model_cfg.context_dim else None,
+        ),
+        model=model,
+        online=model,
+        ema=ema,
+        optimizer=optimizer,
+        schedule=schedule,
+        perceptual_loss=perceptual_loss,
+        device=DEVICE,
+        null_context=getattr(dataset, "null_context", None),
+    )
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real CPU tensors, as loaded
+        batch = next(iter(make_loader(dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
+    return step, batch, model_cfg
+
+
+def _fault_line(error: BaseException) -> str:
+    """One line for a fault: the dry run's own message, or the op error fake tensors raised."""
+    if isinstance(error, DryRunFault):
+        return str(error)
+    text = " ".join(str(error).split())
+    where = _location(traceback.extract_tb(error.__traceback__))
+    if type(error).__name__ == "FakeTensorDeviceMismatchError":
+        return f"a CPU tensor in a CUDA op: {text}{where}"
+    if type(error).__name__ == "DataDependentOutputException":
+        return f"host read of a CUDA tensor ({text}): a device sync{where}"
+    return f"{type(error).__name__}: {text}{where}"
+
+
+def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
+    """Build the step of (cfg, model_cfg) on fake CUDA and run it twice, as a run does before
+    capture (the first step fills the schedule's device tables and creates the optimizer's
+    state); the second is measured. Returns its figures; a fault raises DryRunFault."""
+    memory = LiveMemory()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
+    started = time.perf_counter()
+    try:
+        with cuda_autocast_on(), fake, memory, StepChecks(), FlashSDPA():
+            step, batch, model_cfg = build_step(cfg, model_cfg, step_class)
+            lr, ema_weight = trainer.learning_rate(cfg, 0), 1.0 - trainer.ema_decay(cfg, 0)
+            step.run(batch, 0, lr, ema_weight)
+            memory.reset_peak()
+            with FlopCounterMode(display=False) as flops:
+                step.run(batch, 1, lr, ema_weight)
+    except (ConfigError, DryRunFault):
+        raise
+    except Exception as error:  # noqa: BLE001 (every op error of the step is a fault to report)
+        raise DryRunFault(_fault_line(error)) from error
+    by_op = {
+        str(op).removeprefix("aten."): count
+        for op, count in flops.get_flop_counts().get("Global", {}).items()
+    }
+    return {
+        "objective": cfg.objective,
+        "flops": flops.get_total_flops(),
+        "flops_by_op": by_op,
+        "peak_bytes": memory.peak,
+        "cpu_seconds": time.perf_counter() - started,
+        "model": dataclasses.asdict(model_cfg),
+        "graph": step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"]),
+        "bf16": step.config.bf16,
+    }
+
+
+def at_mfu(flops_per_step: float, batch: int) -> dict[str, float]:
+    """Images/s at MFU x each GPU's dense bf16 peak: batch / (FLOPs / (MFU x peak))."""
+    return {
+        name: batch * MFU * gpu["bf16_tflops"] * 1e12 / flops_per_step for name, gpu in GPUS.items()
+    }
+
+
+def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
+    """The dry run of `cfg`'s step and of the other objective's (for the ratio): its figures."""
+    runs = {}
+    for objective in (cfg.objective, *(o for o in OBJECTIVES if o != cfg.objective)):
+        runs[objective] = dry_step(
+            dataclasses.replace(cfg, objective=objective), model_cfg, step_class
+        )
+    asked = runs[cfg.objective]
+    return {
+        "torch": torch.__version__,
+        "preset": cfg.preset,
+        "objective": cfg.objective,
+        "batch_size": cfg.batch_size,
+        "resolution": cfg.resolution,
+        "channels": asked["model"]["in_channels"],
+        "steps": runs,
+        "sp_mse_flop_ratio": runs["self_perceptual"]["flops"] / runs["mse"]["flops"],
+        "mfu": MFU,
+        "gpus": GPUS,
+        "images_per_s": at_mfu(asked["flops"], cfg.batch_size),
+    }
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def report(result: dict) -> str:
+    """The dry run's figures as the lines it prints."""
+    asked = result["steps"][result["objective"]]
+    side = result["resolution"]
+    lines = [
+        f"dry run (fake CUDA, torch {result['torch']}): --preset {result['preset']}, batch "
+        f"{result['batch_size']} of {result['channels']}x{side}x{side}, "
+        + ("bf16 autocast" if asked["bf16"] else "fp32")
+    ]
+    for objective, step in result["steps"].items():
+        lines.append(
+            f"  {objective:<16} {_flops(step['flops']):>14} per step   peak live tensors "
+            f"{step['peak_bytes'] / GIB:8.3f} GiB   ({step['cpu_seconds']:.1f} s on this CPU)"
+        )
+    lines.append(f"  self-perceptual / MSE FLOP ratio: {result['sp_mse_flop_ratio']:.3f}")
+    for name, rate in result["images_per_s"].items():
+        gpu = GPUS[name]
+        fits = asked["peak_bytes"] <= gpu["memory_gb"] * 1e9
+        lines.append(
+            f"  {name} ({gpu['bf16_tflops']:.0f} TFLOP/s dense bf16, {gpu['memory_gb']} GB): "
+            f"{rate:.1f} images/s at {MFU:.0%} MFU ({result['objective']}); its live tensors "
+            + ("fit" if fits else "do NOT fit")
+        )
+    graph = asked["graph"]
+    lines.append(
+        "  CUDA graph: " + ("off (" + "; ".join(graph) + ")" if graph else "would capture")
+    )
+    lines.append(
+        "  not checked: kernel time, numerics, allocator overhead, DDP, torch.compile, xformers"
+    )
+    return "\n".join(lines)
+
+
+def run(cfg, model_cfg, json_path: str | None = None) -> None:
+    if cfg.compile:
+        print("note: --compile is not traced by the dry run; it runs the eager step")
+    model_cfg = dataclasses.replace(
+        model_cfg,
+        # xformers cannot run fake tensors; SDPA's flash op stands in (the same FLOPs)
+        attention_backend="sdpa"
+        if model_cfg.attention_backend in ("auto", "xformers")
+        else model_cfg.attention_backend,
+    )
+    try:
+        result = dry_run(cfg, model_cfg)
+    except DryRunFault as fault:
+        print(f"fault: {fault}", file=sys.stderr)
+        raise SystemExit(EXIT_FAULT) from None
+    print(report(result))
+    if json_path:
+        atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_path = None
+    if "--json" in argv:  # the dry run's own option; the rest are fastsp/train.py's
+        at = argv.index("--json")
+        if at + 1 >= len(argv):
+            print("error: --json needs a file path", file=sys.stderr)
+            return 2
+        json_path = argv[at + 1]
+        del argv[at : at + 2]
+    train_config, model_config = dry_configs(argv)
+    return run_command(run, train_config, model_config, json_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The fake-CUDA dry run (fastsp.dryrun): the tiny preset's step passes for both objectives with
+FLOPs that match an independent count, and planted faults are reported by name.
+
+fastsp.dryrun registers fake CUDA process-wide before torch loads, so every case runs in a
+subprocess; the first one also builds the C++ extension (cached afterwards).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastsp.config import UNetConfig
+from fastsp.unet import UNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
+
+
+def _reference_flops(model_cfg: dict, batch: int, resolution: int) -> dict[str, int]:
+    """FlopCounterMode of a plain fp32 forward + backward on the real CPU, attention written out
+    as two batched matmuls (the math backend), so that the counter sees every matmul."""
+    config = UNetConfig(**{**model_cfg, "attention_backend": "math"})
+    torch.manual_seed(0)
+    model = UNet(config)
+    x = torch.randn(batch, config.in_channels, resolution, resolution)
+    t = torch.randint(0, 1000, (batch,))
+    labels = torch.randint(0, config.num_classes + 1, (batch,)) if config.num_classes else None
+    with FlopCounterMode(display=False) as counter:
+        prediction = model(x, t, labels=labels, context=None)
+        torch.nn.functional.mse_loss(prediction, torch.randn_like(prediction)).backward()
+    return {
+        str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()
+    }
+
+
+def test_tiny_dry_run_passes_for_both_objectives_with_independently_checked_flops(tmp_path):
+    out = tmp_path / "dryrun.json"
+    result = _run(["-m", "fastsp.dryrun", "--preset", "tiny", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "self-perceptual / MSE FLOP ratio" in result.stdout
+    figures = json.loads(out.read_text())
+    mse, sp = figures["steps"]["mse"], figures["steps"]["self_perceptual"]
+
+    # The MSE step's FLOPs are one forward + backward of the online model (the loss, clipping,
+    # AdamW and EMA have no matmuls). A GPU's flash attention backward recomputes the scores: 5
+    # matmuls where the math path's backward has 4, so attention counts 7/6 of the reference's
+    # 6 batched matmuls per call; everything else (convolutions, linears) must match exactly.
+    reference = _reference_flops(mse["model"], figures["batch_size"], figures["resolution"])
+    attention = reference.pop("bmm")
+    expected = sum(reference.values()) + attention * 7 / 6
+    assert mse["flops"] == pytest.approx(expected, rel=1e-12)
+    for op in ("convolution", "convolution_backward"):
+        assert mse["flops_by_op"][op] == reference[op]
+
+    # The self-perceptual step adds two forwards of the frozen network up to the mid block and
+    # the backward of one of them (input gradients only): more than MSE, less than three times.
+    assert figures["sp_mse_flop_ratio"] == pytest.approx(sp["flops"] / mse["flops"])
+    assert 1.0 < figures["sp_mse_flop_ratio"] < 3.0
+    assert sp["peak_bytes"] > mse["peak_bytes"] > 0
+    # 40% of 989 TFLOP/s dense bf16 (H100 SXM and H200 SXM)
+    images_per_s = figures["batch_size"] * 0.4 * 989e12 / mse["flops"]
+    assert figures["images_per_s"]["H100 SXM"] == pytest.approx(images_per_s)
+    assert figures["images_per_s"]["H200 SXM"] == pytest.approx(images_per_s)
+    assert mse["graph"] == [] and sp["graph"] == []  # the fast step would be captured
+
+
+def test_planted_faults_are_reported_naming_the_fault(tmp_path):
+    out = tmp_path / "faults.json"
+    result = _run([str(REPO / "tests" / "dryrun_faults.py"), str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert "CPU tensor in a CUDA op" in found["cpu_tensor"]
+    assert "cuda:0 and cpu" in found["cpu_tensor"]
+    assert "host read of a CUDA tensor" in found["host_read"]
+    assert "_local_scalar_dense" in found["host_read"]
+    assert "float" in found["autocast_dtype"] and "BFloat16" in found["autocast_dtype"]
+    assert "CPU learning-rate tensor" in found["cpu_lr"]
+    for name, line in found.items():
+        assert "\n" not in line, name
+
+
+def test_options_train_refuses_are_refused_with_exit_2():
+    # every option goes through fastsp/train.py's parser and checks, before any step runs
+    result = _run(
+        [
+            "-m",
+            "fastsp.dryrun",
+            "--preset",
+            "tiny",
+            "--train-step",
+            "reference",
+            "--precision",
+            "bf16",
+        ]
+    )
+    assert result.returncode == 2
+    assert "--train-step reference" in result.stderr
