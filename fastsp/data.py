@@ -20,6 +20,7 @@ read in, so batches stay the same for every run, rank and worker count.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import struct
@@ -51,6 +52,7 @@ __all__ = [
     "ImageFolderDataset",
     "SyntheticDataset",
     "build_dataset",
+    "describe_data",
     "load_image",
 ]
 
@@ -90,9 +92,10 @@ class DigitsDataset(Dataset):
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if not is_int(resolution) or resolution < 8:
-            raise ValueError(
-                f"digits resolution must be an integer >= 8 (the source images are 8x8), "
-                f"got {resolution!r}"
+            # A DataError (invalid input, exit 2): --resolution is valid for other data sets.
+            raise DataError(
+                f"--resolution {resolution!r} is too small for the digits: their images are 8x8 "
+                f"and are only ever upsampled; pass --resolution 8 or more (16 is the default)"
             )
         from sklearn.datasets import load_digits  # local: a slow import that only digits needs
 
@@ -114,6 +117,7 @@ class DigitsDataset(Dataset):
         self.indices = indices  # rows of load_digits() in this split
         self.images = x.clamp_(-1.0, 1.0).contiguous()  # [N, 1, R, R] float32
         self.labels = torch.from_numpy(digits.target[indices].astype(np.int64))  # [N]
+        self.class_counts = torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -138,13 +142,59 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def find_images(folder: str) -> list[str]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders skipped."""
-    found = []
+def _within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is the real path `folder` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _image_files(folder: str, root: str, seen: set[str], links: list[str]) -> list[str]:
+    """The image files under `folder` (inside the data folder `root`), sorted, each once.
+
+    Symbolic links are followed only out of `root`: a link to a file or folder inside it is left
+    out (its target is counted where it lies), and so is a link to a folder that holds `root` or
+    one already walked (a loop). `seen` holds the real paths of the files found so far (across
+    classes); every link left out is appended to `links`."""
+    real_root = os.path.realpath(root)
+    found, walked = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+        walked.add(os.path.realpath(dirpath))
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, name)
+            target = os.path.realpath(path)
+            if os.path.islink(path) and (
+                _within(target, real_root) or _within(real_root, target) or target in walked
+            ):
+                links.append(path)
+            else:
+                kept.append(name)
+        dirnames[:] = kept
+        found.extend(
+            path
+            for path in (os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+            if _first_sight(path, real_root, seen, links)
+        )
     return found
+
+
+def _first_sight(path: str, real_root: str, seen: set[str], links: list[str]) -> bool:
+    """Whether the image file `path` counts: not a link into the data folder (`real_root`),
+    whose target counts where it lies, and not a file already found by another path."""
+    target = os.path.realpath(path)
+    if os.path.islink(path) and _within(target, real_root):
+        links.append(path)
+        return False
+    if target in seen:
+        return False
+    seen.add(target)
+    return True
+
+
+def find_images(folder: str) -> list[str]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders skipped; each
+    file once, by its real path (symbolic links are followed out of `folder` only, never in a
+    loop: see `_image_files`)."""
+    return _image_files(folder, folder, set(), [])
 
 
 def _pixel_limit(max_image_pixels: int | None) -> int | None:
@@ -329,15 +379,30 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"image folder '{root}' is a file, not a folder; {FIX_DATA}")
 
         top = sorted(e for e in os.listdir(root) if not e.startswith("."))
-        top_images = [os.path.join(root, e) for e in top if _is_image(e)]
-        top_images = [p for p in top_images if os.path.isfile(p)]
+        # Each file once, by its real path; links back into the folder (or loops) are left out.
+        seen: set[str] = set()
+        self.skipped_links: list[str] = []  # symbolic links left out (see `_image_files`)
+        self.empty_folders: list[str] = []  # subfolders without images: not classes
         classes = []
         for name in top:
             sub = os.path.join(root, name)
-            if os.path.isdir(sub):
-                images = find_images(sub)
-                if images:
-                    classes.append((name, images))
+            if not os.path.isdir(sub):
+                continue
+            target, real_root = os.path.realpath(sub), os.path.realpath(root)
+            if os.path.islink(sub) and (_within(target, real_root) or _within(real_root, target)):
+                self.skipped_links.append(sub)
+                continue
+            images = _image_files(sub, root, seen, self.skipped_links)
+            if images:
+                classes.append((name, images))
+            else:
+                self.empty_folders.append(sub)
+        top_images = [
+            path
+            for path in (os.path.join(root, e) for e in top if _is_image(e))
+            if os.path.isfile(path)
+            and _first_sight(path, os.path.realpath(root), seen, self.skipped_links)
+        ]
         if classes and top_images:
             raise DataError(
                 f"image folder '{root}' has images both directly in it (e.g. '{top_images[0]}') "
@@ -403,6 +468,12 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Images per label 0..num_classes-1 (empty when unlabeled)."""
+        counts = collections.Counter(self.file_labels)
+        return [counts[label] for label in range(self.num_classes)]
 
     def _load(self, path: str) -> torch.Tensor:
         """-> [C, R, R] float32 in [-1, 1]; raises `_BadImage` (the reason) if it cannot decode."""
@@ -486,6 +557,12 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return self.num_items
 
+    @property
+    def class_counts(self) -> list[int]:
+        """Items per label 0..num_classes-1: item i has label i % num_classes."""
+        n, k = self.num_items, self.num_classes
+        return [n // k + (label < n % k) for label in range(k)]
+
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index = check_index(split_key(key)[0], len(self))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -498,6 +575,46 @@ class SyntheticDataset(Dataset):
         if self.has_context:
             item["context"] = torch.randn(self.context_shape, generator=g)
         return item
+
+
+# ---------------------------------------------------------------------------------------------
+# What a data set holds, said at the start of a run
+# ---------------------------------------------------------------------------------------------
+
+_SHOWN_CLASSES = 20  # a data set of 1,000 classes is described by its first 20
+
+
+def describe_data(dataset, labels: bool = True) -> list[str]:
+    """Lines for the start of a run: with `labels` (a class-conditional run), each label with
+    its items (and, for an image folder, the subfolder it stands for) and the subfolders that are
+    no class, so that what the model learns to call label 3 is never a surprise; and the
+    symbolic links left out."""
+    counts = (getattr(dataset, "class_counts", None) or []) if labels else []
+    names = (getattr(dataset, "class_names", None) or []) if labels else []
+    lines = []
+    if counts:
+        shown = [
+            f"{label} = '{names[label]}': {n}" if names else f"{label}: {n}"
+            for label, n in enumerate(counts[:_SHOWN_CLASSES])
+        ]
+        more = len(counts) - _SHOWN_CLASSES
+        what = "label = folder: images" if names else "label: items"
+        lines.append(
+            f"classes ({what}): {', '.join(shown)}"
+            + (f", and {more} more classes" if more > 0 else "")
+        )
+    links = getattr(dataset, "skipped_links", [])
+    if links:
+        lines.append(
+            f"left out {len(links)} symbolic link(s) back into the data folder or in a loop "
+            f"(each file counts once, by its real path), e.g. '{links[0]}'"
+        )
+    empty = getattr(dataset, "empty_folders", [])
+    if empty and names:
+        lines.append(
+            f"not classes (no images inside, so no label): {', '.join(repr(e) for e in empty)}"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from fastsp.data import DigitsDataset, ImageFolderDataset
 from fastsp.data_policy import DataError
 from fastsp.letters import LettersDataset
 from fastsp.run_folder import check_output_file
-from fastsp.sample import default_labels, generate, schedule_from_config
+from fastsp.sample import check_sampling, default_labels, generate_batches, schedule_from_config
 
 CLASSIFIER_VERSION = "digits-cnn-v1"  # change when the network or its training changes
 # Each built-in data set: its data set class and its classifier's version (change the version
@@ -190,12 +190,48 @@ def _load_cached(weights_file: Path, info_file: Path, resolution: int, data: str
             return None, f"{info_file} is for another version or resolution"
         if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
             return None, f"{weights_file} does not match the checksum in {info_file}"
+        problem = _info_problem(info)
+        if problem is not None:  # edited by hand: the checksum covers the weights only
+            return None, f"{info_file} is damaged ({problem})"
         classifier = DigitsClassifier(resolution, dataset_class.num_classes)
-        classifier.load_state_dict(load_safetensors(blob))
-        float(info["heldout_accuracy"])
+        state = load_safetensors(blob)
+        classifier.load_state_dict(state)
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            return None, f"{weights_file} holds non-finite weights"
     except Exception as error:  # unreadable JSON, garbled tensors, other shapes: train again
-        return None, f"damaged ({type(error).__name__}: {error})"
+        return None, f"{info_file} or {weights_file} is damaged ({type(error).__name__}: {error})"
     return classifier.eval(), info
+
+
+# The cache's JSON fields and their types (a float field takes an int; numbers must be finite)
+_INFO_FIELDS = {
+    "version": str,
+    "resolution": int,
+    "heldout_accuracy": float,
+    "heldout_images": int,
+    "train_seconds": float,
+    "sha256": str,
+}
+
+
+def _info_problem(info: Any) -> str | None:
+    """What is wrong with a classifier cache's JSON, or None: a field missing, of another
+    type, not finite, or an accuracy outside [0, 1]."""
+    if not isinstance(info, dict):
+        return "not a JSON object"
+    for name, kind in _INFO_FIELDS.items():
+        value = info.get(name)
+        if kind is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, (int, float) if kind is float else int)
+            ok = ok and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            what = {str: "a string", int: "an integer", float: "a finite number"}[kind]
+            return f"{name} is {value!r}, not {what}"
+    if not 0 <= info["heldout_accuracy"] <= 1:
+        return f"heldout_accuracy {info['heldout_accuracy']!r} is not in [0, 1]"
+    return None
 
 
 def load_or_train_classifier(
@@ -214,8 +250,9 @@ def load_or_train_classifier(
     classifier, info = _load_cached(weights_file, info_file, resolution, data)
     if classifier is not None:
         return classifier, {**info, "trained_now": False, "cache_file": str(weights_file)}
-    if log is not None:
-        log(f"training the {data} classifier at {resolution}x{resolution} ({info})")
+    if log is not None:  # info: why the cache cannot be used, naming the file when damaged
+        warning = "" if info == "not cached yet" else "warning: rebuilding the cache: "
+        log(f"{warning}training the {data} classifier at {resolution}x{resolution} ({info})")
     classifier, seconds = train_classifier(resolution, data)
     heldout = BUILTIN[data][0]("heldout", resolution)
     _, probs = classify(classifier, heldout.images)
@@ -317,12 +354,7 @@ def _check_args(args) -> None:
         raise EvaluationError(
             f"--num must be > {NEAREST_K} (precision/recall use k = {NEAREST_K}), got {args.num}"
         )
-    if args.steps < 1 or args.batch_size < 1:
-        raise EvaluationError("--steps and --batch-size must be >= 1")
-    if not 0 <= args.cfg_rescale <= 1:
-        raise EvaluationError("--cfg-rescale must be in [0, 1]")
-    if not math.isfinite(args.cfg) or args.cfg < 0:
-        raise EvaluationError("--cfg must be a finite number >= 0 (1 = no guidance)")
+    check_sampling(args)  # the rules `python -m fastsp.sample` applies to the same options
     if args.cfg_sweep is not None:
         cfg_scales(args)  # raises on a bad list
         if args.cfg != 1:
@@ -413,30 +445,26 @@ def _check_inputs(args, config: dict[str, Any], model) -> torch.Tensor | None:
     return _to_uint8_rgb(real)
 
 
-def _generate_all(model, config, args, labels) -> torch.Tensor:
-    """`args.num` samples in batches; batch b starts from noise seeded by (seed, b)."""
+def _generate_all(model, config, args) -> torch.Tensor:
+    """`args.num` samples, labels cycling through the classes, drawn as `python -m
+    fastsp.sample` draws them (fastsp.sample.generate_batches: batch b from noise seeded by
+    (seed, b))."""
     train = config["train"]
     shape = (model.config.in_channels, train["resolution"], train["resolution"])
-    schedule = schedule_from_config(train)
-    batches = []
-    for b, start in enumerate(range(0, args.num, args.batch_size)):
-        n = min(args.batch_size, args.num - start)
-        seed = int(np.random.SeedSequence([args.seed, b]).generate_state(1)[0])
-        batch = generate(
-            model,
-            schedule,
-            n,
-            shape,
-            labels=labels[start : start + n] if labels is not None else None,
-            num_steps=args.steps,
-            sampler=args.sampler,
-            guidance_scale=args.cfg,
-            guidance_rescale=args.cfg_rescale,
-            seed=seed,
-            device=args.device,
-        )
-        batches.append(batch.float().cpu())
-    return torch.cat(batches)
+    batches = generate_batches(
+        model,
+        schedule_from_config(train),
+        args.num,
+        shape,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        num_steps=args.steps,
+        sampler=args.sampler,
+        guidance_scale=args.cfg,
+        guidance_rescale=args.cfg_rescale,
+        device=args.device,
+    )
+    return torch.cat(list(batches))
 
 
 def _scores(classifier, samples, labels, real_features) -> tuple[dict[str, Any], np.ndarray]:
@@ -547,7 +575,7 @@ def evaluate(args: argparse.Namespace, log=None) -> dict[str, Any]:
                 f"generating {args.num} samples ({args.sampler}, {args.steps} steps, cfg {scale:g})"
             )
         samples[scale] = _generate_all(
-            model, config, argparse.Namespace(**{**vars(args), "cfg": scale}), labels
+            model, config, argparse.Namespace(**{**vars(args), "cfg": scale})
         )
     generate_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {

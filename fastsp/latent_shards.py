@@ -69,6 +69,7 @@ class ShardInfo:
     has_labels: bool
     max_label: int  # the largest class label; -1 without labels or when the shard is empty
     context_shape: tuple[int, int] | None  # (L, D) of one item's context; None without context
+    label_counts: tuple[tuple[int, int], ...] = ()  # (label, items) of each label it holds
 
     @property
     def layout(self) -> tuple:
@@ -170,10 +171,10 @@ def _check_latents(path: str, header: _Header) -> None:
         )
 
 
-def _check_labels(path: str, n: int, header: _Header) -> int:
-    """The largest label of a shard of `n` latents (-1 when it has none or is empty)."""
+def _check_labels(path: str, n: int, header: _Header) -> tuple[tuple[int, int], ...]:
+    """(label, items) of each label of a shard of `n` latents, by label (none without labels)."""
     if header.label_shape is None:
-        return -1
+        return ()
     lshape, is_int = header.label_shape, header.labels_are_int
     if len(lshape) != 1 or lshape[0] != n or not is_int:
         raise DataError(
@@ -182,15 +183,14 @@ def _check_labels(path: str, n: int, header: _Header) -> int:
             f"integers, one per latent"
         )
     if not n:
-        return -1
-    values = header.label_values
-    lo, hi = int(values.min()), int(values.max())
-    if lo < 0:
+        return ()
+    labels, counts = np.unique(np.asarray(header.label_values), return_counts=True)
+    if labels[0] < 0:
         raise DataError(
-            f"labels of latent shard '{path}' include {lo}; class labels must be "
+            f"labels of latent shard '{path}' include {int(labels[0])}; class labels must be "
             f"0, 1, 2, ... (no negatives)"
         )
-    return hi
+    return tuple((int(a), int(b)) for a, b in zip(labels, counts, strict=True))
 
 
 def _check_context(path: str, n: int, header: _Header) -> tuple[int, int] | None:
@@ -214,15 +214,16 @@ def inspect_shard(path: str) -> ShardInfo:
     header = _read_npy(path) if path.endswith(".npy") else _read_safetensors(path)
     _check_latents(path, header)
     n = header.shape[0]
-    max_label = _check_labels(path, n, header)
+    label_counts = _check_labels(path, n, header)
     context_shape = _check_context(path, n, header)
     return ShardInfo(
         path=path,
         num_items=n,
         item_shape=tuple(header.shape[1:]),
         has_labels=header.label_shape is not None,
-        max_label=max_label,
+        max_label=label_counts[-1][0] if label_counts else -1,
         context_shape=context_shape,
+        label_counts=label_counts,
     )
 
 
@@ -246,6 +247,30 @@ def _mismatch(shard: ShardInfo, ref: ShardInfo, others: int) -> DataError:
     return DataError(
         f"latent shard '{path}' has context shape {shard.context_shape} but '{ref_path}' has "
         f"{ref.context_shape}{also}; every shard needs the same text-encoder context (or none)"
+    )
+
+
+_UNUSED_LABELS_ALLOWED = 8  # beyond as many unused labels as used ones
+
+
+def _check_label_range(root: str, counts: dict[int, int], first_shard: dict[int, str]) -> None:
+    """Refuse labels far beyond the number of distinct ones (`counts`: {label: items}): a
+    class-conditional model holds one label embedding per label up to the largest, so one stray
+    10**6 among labels 0..9 would grow it a hundred-thousand-fold. Allowed: at most as many
+    unused labels below the largest as used ones, plus `_UNUSED_LABELS_ALLOWED` (the gaps of a
+    subset of classes, not a stray label)."""
+    distinct = len(counts)
+    limit = 2 * distinct + _UNUSED_LABELS_ALLOWED  # labels must be below it
+    far = sorted(label for label in counts if label >= limit)
+    if not far:
+        return
+    shown = ", ".join(f"{label} (in '{first_shard[label]}')" for label in far[-3:])
+    more = f" and {len(far) - 3} more" if len(far) > 3 else ""
+    raise DataError(
+        f"the latent shards in '{root}' have labels far beyond their {distinct} distinct "
+        f"labels: {shown}{more}; the model would hold {far[-1] + 1:,} label embeddings. "
+        f"Relabel the shards 0..{distinct - 1} (numpy.unique(labels, return_inverse=True) gives "
+        f"the map), or pass --cond none to train without labels"
     )
 
 
@@ -387,12 +412,15 @@ class LatentsDataset(Dataset):
         ref = found[layouts.index(max(votes, key=votes.__getitem__))]
         self.shards: list[str] = []
         sizes: list[int] = []
-        max_label = -1
+        label_counts: collections.Counter = collections.Counter()
+        label_shard: dict[int, str] = {}  # the first shard holding each label, for messages
         for shard in found:
             if shard.layout != ref.layout:
                 self._reject(_mismatch(shard, ref, votes[ref.layout] - 1), shard.path)
                 continue
-            max_label = max(max_label, shard.max_label)
+            for label, count in shard.label_counts:
+                label_counts[label] += count
+                label_shard.setdefault(label, shard.path)
             if shard.num_items:
                 self.shards.append(shard.path)
                 sizes.append(shard.num_items)
@@ -402,7 +430,9 @@ class LatentsDataset(Dataset):
         self.channels, self.resolution, _ = ref.item_shape
         self.has_labels = ref.has_labels
         self.context_shape = ref.context_shape
-        self.num_classes = max_label + 1 if self.has_labels else 0
+        self._label_shard = label_shard
+        self.num_classes = max(label_counts) + 1 if self.has_labels else 0
+        self.label_counts = dict(sorted(label_counts.items()))  # {label: items}, labels used
         self.has_context = self.context_shape is not None
         if self.null_context is not None and tuple(self.null_context.shape) != self.context_shape:
             raise DataError(
@@ -411,6 +441,18 @@ class LatentsDataset(Dataset):
                 f"{self.context_shape}; run python -m fastsp.prepare again into a new folder"
             )
         self._open: dict[str, dict] = {}  # per process, never pickled to workers
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Items per label 0..num_classes-1 (a label no item has counts 0); call it after
+        `check_label_range`, which bounds its length."""
+        return [self.label_counts.get(label, 0) for label in range(self.num_classes)]
+
+    def check_label_range(self) -> None:
+        """Raise `DataError` when the labels go far beyond the number of distinct ones (see
+        `_check_label_range`); the trainer asks before it trains a class-conditional model."""
+        if self.has_labels:
+            _check_label_range(self.root, self.label_counts, self._label_shard)
 
     def _reject(self, error: DataError, path: str) -> None:
         """A bad shard or file: raise `error` ("stop"), or warn and record it ("skip")."""

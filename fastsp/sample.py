@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
+import struct
 import sys
+import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.config import SAMPLERS, ConfigError
@@ -133,18 +138,169 @@ def display_scale(resolution: int) -> int:
     return max(1, 128 // resolution)
 
 
-def default_labels(num: int, num_classes: int, label: int | None = None) -> torch.Tensor | None:
-    """Labels long [num] on the CPU: `label` for every sample, or (default) cycling through the
-    classes, `arange(num) % num_classes`; None for an unconditional model (num_classes <= 0)."""
+def default_labels(
+    num: int, num_classes: int, label: int | None = None, start: int = 0
+) -> torch.Tensor | None:
+    """Labels long [num] on the CPU of samples start..start+num-1: `label` for every sample, or
+    (default) cycling through the classes, `arange(start, start + num) % num_classes`; None for
+    an unconditional model (num_classes <= 0)."""
     if num_classes <= 0:
         return None
     if label is not None:
         return torch.full((num,), label, dtype=torch.long)
-    return torch.arange(num) % num_classes
+    return torch.arange(start, start + num) % num_classes
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The noise seed of batch `batch` of a sampling run with `seed`."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
+
+
+def generate_batches(
+    model: UNet,
+    schedule: NoiseSchedule,
+    num: int,
+    shape,
+    *,
+    batch_size: int,
+    label: int | None = None,
+    seed: int = 0,
+    **options,
+):
+    """`num` samples as batches of at most `batch_size`, each yielded as [n, *shape] float32 on
+    the CPU, in order: what `python -m fastsp.sample` and `fastsp.evaluate` draw, in memory
+    bounded by the batch whatever `num` is. Batch b starts from noise seeded by
+    `batch_seed(seed, b)` and holds the `default_labels` of its indices; `options` go to
+    `generate` (num_steps, sampler, guidance_scale, guidance_rescale, device)."""
+    for b, start in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - start)
+        labels = default_labels(n, model.config.num_classes, label, start=start)
+        images = generate(
+            model, schedule, n, shape, labels=labels, seed=batch_seed(seed, b), **options
+        )
+        yield images.float().cpu()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+class GridWriter:
+    """A grid PNG of `num` images written one row of cells at a time, so a grid of any size
+    takes the memory of one row: the pixels of `save_png(image_grid(all images), path, scale)`.
+
+    Use as a context manager; `add` takes images [n, C, H, W] in [-1, 1] in order. The file is
+    written beside `path` under a temporary name and renamed when complete (never half a grid).
+    """
+
+    def __init__(self, path, num: int, channels: int, size: int, scale: int = 1, padding: int = 1):
+        self.path, self.num, self.scale, self.padding = Path(path), num, scale, padding
+        self.columns = math.ceil(math.sqrt(num))
+        rows = math.ceil(num / self.columns)
+        self.channels = channels if channels in (1, 3) else (3 if channels > 3 else 1)
+        width = (self.columns * (size + padding) + padding) * scale
+        height = (rows * (size + padding) + padding) * scale
+        self.pending: list[torch.Tensor] = []  # images of the row of cells being filled
+        self.pending_count = self.written = 0
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.file = None
+        self.compress = zlib.compressobj(6)
+        self.header = b"\x89PNG\r\n\x1a\n" + _png_chunk(
+            b"IHDR",
+            struct.pack(">IIBBBBB", width, height, 8, 0 if self.channels == 1 else 2, 0, 0, 0),
+        )
+
+    def __enter__(self) -> GridWriter:
+        self.file = open(self.tmp, "wb")
+        self.file.write(self.header)
+        return self
+
+    def add(self, images: torch.Tensor) -> None:
+        while len(images):
+            take = self.columns - self.pending_count
+            self.pending.append(images[:take])
+            self.pending_count += len(images[:take])
+            images = images[take:]
+            if self.pending_count == self.columns:
+                self._write_row()
+
+    def _write_row(self) -> None:
+        cells = image_grid(torch.cat(self.pending), columns=self.columns, padding=self.padding)
+        if self.written:  # the row above already wrote the padding between them
+            cells = cells[self.padding :]
+        if self.scale > 1:  # nearest neighbour, as PIL's NEAREST resize by a whole factor
+            cells = cells.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
+        lines = cells.reshape(len(cells), -1)
+        filtered = np.concatenate([np.zeros((len(lines), 1), np.uint8), lines], axis=1)
+        self.file.write(_png_chunk(b"IDAT", self.compress.compress(filtered.tobytes())))
+        self.written += self.pending_count
+        self.pending, self.pending_count = [], 0
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                if self.pending_count:
+                    self._write_row()
+                if self.written != self.num:
+                    raise ValueError(f"the grid holds {self.num} images, {self.written} were added")
+                self.file.write(_png_chunk(b"IDAT", self.compress.flush()))
+                self.file.write(_png_chunk(b"IEND", b""))
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if kind is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+def check_out_file(path: str, option: str = "--out") -> None:
+    """Refuse an output file path that cannot be written, before any work: an existing folder,
+    a path under a file, or a folder that is read-only (the folders it needs are created when the
+    file is written)."""
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(
+            f"{option} {path} is an existing folder; pass a file path, e.g. {out / 'grid.png'}"
+        )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder; pass another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {path}: cannot write into {parent} (permission denied or a read-only "
+            "file system); pass a path in a folder you can write"
+        )
+
+
+_MAX_GRID_SIDE = 4096
+
+
+def grid_scale(resolution: int, num: int, padding: int = 1) -> int:
+    """`display_scale`, lowered for big grids so that their side stays within
+    `_MAX_GRID_SIDE` pixels where it can (a grid of a million digits is 9,001 pixels wide)."""
+    side = math.ceil(math.sqrt(num)) * (resolution + padding) + padding
+    return max(1, min(display_scale(resolution), _MAX_GRID_SIDE // side))
 
 
 DEFAULT_NUM = 64  # a grid
 DEFAULT_PROMPT_NUM = 4  # full-size decoded images cost far more than a grid of digits
+DEFAULT_BATCH = 64
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """The sampling options `python -m fastsp.sample` and `fastsp.evaluate` share (--num,
+    --steps, --batch-size, --cfg, --cfg-rescale), refused with one ConfigError line before any
+    checkpoint is read; a NaN guidance scale would sample black images without a word."""
+    if (args.num is not None and args.num < 1) or args.steps < 1 or args.batch_size < 1:
+        raise ConfigError("--num, --steps and --batch-size must be >= 1")
+    if not (math.isfinite(args.cfg) and args.cfg >= 0):
+        raise ConfigError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {args.cfg:g}")
+    if not 0 <= args.cfg_rescale <= 1:  # NaN is not in [0, 1] either
+        raise ConfigError(f"--cfg-rescale must be in [0, 1], got {args.cfg_rescale:g}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"number of images (default {DEFAULT_NUM}, {DEFAULT_PROMPT_NUM} with --prompt)",
     )
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"images sampled at once (default {DEFAULT_BATCH}); any --num runs in the memory of "
+        "one batch, and batch b starts from noise seeded by (--seed, b)",
+    )
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     parser.add_argument(
         "--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
@@ -199,11 +362,10 @@ _PROMPT_OPTIONS = ("negative_prompt", "vae", "text_encoder", "tokenizer")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse contradictory or incomplete options with a one-line ConfigError."""
-    if (args.num is not None and args.num < 1) or args.steps < 1:
-        raise ConfigError("--num and --steps must be >= 1")
-    if not 0 <= args.cfg_rescale <= 1:
-        raise ConfigError("--cfg-rescale must be in [0, 1]")
+    """Refuse contradictory or incomplete options, and an --out that cannot be written, with a
+    one-line ConfigError."""
+    check_sampling(args)
+    check_out_file(args.out)
     if args.prompt is None:
         given = [f"--{name.replace('_', '-')}" for name in _PROMPT_OPTIONS if getattr(args, name)]
         if given:
@@ -236,23 +398,36 @@ def sample_grid(args: argparse.Namespace, model: UNet, config: dict) -> None:
             "this model is conditioned on a context sequence; sample it with --prompt (and "
             "--vae, --text-encoder) when that context is a text embedding"
         )
-    train = config["train"]
-    labels = default_labels(args.num, num_classes, args.label)
-    shape = (model.config.in_channels, train["resolution"], train["resolution"])
-    images = generate(
+    if args.cfg != 1 and num_classes == 0:
+        raise ConfigError(
+            "classifier-free guidance needs a conditional model (this one is unconditional); "
+            "use --cfg 1"
+        )
+    resolution = config["train"]["resolution"]
+    shape = (model.config.in_channels, resolution, resolution)
+    batches = generate_batches(
         model,
-        schedule_from_config(train),
+        schedule_from_config(config["train"]),
         args.num,
         shape,
-        labels=labels,
+        batch_size=args.batch_size,
+        label=args.label,
+        seed=args.seed,
         num_steps=args.steps,
         sampler=args.sampler,
         guidance_scale=args.cfg,
         guidance_rescale=args.cfg_rescale,
-        seed=args.seed,
         device=args.device,
     )
-    save_png(image_grid(images), args.out, scale=display_scale(train["resolution"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    scale = grid_scale(resolution, args.num)
+    with (
+        GridWriter(args.out, args.num, shape[0], resolution, scale) as grid,
+        tqdm(total=args.num, unit="image", desc="sampling", file=sys.stderr) as progress,
+    ):
+        for images in batches:
+            grid.add(images)
+            progress.update(len(images))
 
 
 def sample_prompt(args: argparse.Namespace, model: UNet, config: dict) -> None:
@@ -326,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, checkpoint_lib.CheckpointError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # found only when writing (a full disk): nothing half-written
+        print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
+        return 4
     print(f"wrote {args.num} samples to {args.out}")
     return 0
 
