@@ -24,6 +24,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from fastsp import preemption
+from fastsp.run_folder import RunLock
+
 __all__ = ["InMemoryLoader", "ShardedBatchSampler", "make_loader"]
 
 _MASK64 = (1 << 64) - 1
@@ -168,4 +171,12 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_init_worker,
     )
+
+
+def _init_worker(worker_id: int) -> None:
+    """A worker leaves SIGTERM/SIGINT to the trainer (fastsp.preemption) and lets go of the run
+    folder's lock that it inherited (fastsp.run_folder)."""
+    preemption.ignore_in_worker()
+    RunLock.close_in_child()

@@ -26,6 +26,11 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
+if __name__ == "__main__":
+    from fastsp import preemption  # first: see fastsp/train.py
+
+    preemption.install()
+
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -130,9 +135,24 @@ def stage_configs(args: argparse.Namespace, extra: list[str]):
     before the first stage starts."""
     base, model_cfg = config_lib.parse_args(["--preset", args.preset, *extra])
     out = Path(args.out)
+    # The comparison is the last output: its options are checked before the first stage trains.
+    if args.compare_steps > base.num_timesteps:
+        raise config_lib.ConfigError(
+            f"--compare-steps {args.compare_steps} is more than the {base.num_timesteps} "
+            f"timesteps of the schedule (--num-timesteps); pass at most {base.num_timesteps}"
+        )
+    if args.seed + 1 > config_lib.MAX_SEED:
+        raise config_lib.ConfigError(
+            f"--seed {args.seed}: both stage-2 runs use seed + 1 = {args.seed + 1}, above the "
+            f"largest seed {config_lib.MAX_SEED}; pass --seed {config_lib.MAX_SEED - 1} or less"
+        )
 
     def stage(name: str, **fields):
-        return dataclasses.replace(base, out=str(out / name), resume=True, **fields), model_cfg
+        try:
+            cfg = dataclasses.replace(base, out=str(out / name), resume=True, **fields)
+        except ValueError as error:  # a value this stage sets itself (its steps, lr, seed)
+            raise config_lib.ConfigError(f"stage {name}: {error}") from None
+        return cfg, model_cfg
 
     stage1 = stage("stage1_mse", steps=args.stage1_steps, seed=args.seed)
     # Both stage-2 runs see the same data order and noise (seed + 1): they differ only in the loss.

@@ -7,7 +7,8 @@
 Every config field is an option (`--help` lists them); the loop is fastsp.trainer.run_loop.
 Exit status (fastsp.cli): 0 success; 2 invalid input (the message names the problem and the
 fix); 3 stopped after too many consecutive non-finite steps (the last checkpoint is intact); 75
-stopped by SIGTERM/SIGINT after writing a checkpoint (rerun with --resume); 4 an output could not
+stopped by SIGTERM/SIGINT: after writing a checkpoint (rerun with --resume), or before
+training started with nothing written (rerun); 4 an output could not
 be written (disk full, I/O error; the previous checkpoint is intact, rerun with --resume).
 """
 
@@ -19,6 +20,13 @@ import sys
 # the package is imported as `fastsp` from its installed location.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
+
+if __name__ == "__main__":
+    # First, before torch is imported: a SIGTERM/SIGINT at any moment of the start then stops
+    # it cleanly (exit 75, nothing written) instead of a traceback or a silent 143.
+    from fastsp import preemption
+
+    preemption.install()
 
 from fastsp import config as config_lib  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402

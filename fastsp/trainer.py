@@ -268,10 +268,7 @@ def same_value(a: Any, b: Any) -> bool:
 
 def show_pair(ours: Any, theirs: Any, where: str = "checkpoint") -> str:
     """'x0 (checkpoint: v)', with the types when they differ: "8 (int; checkpoint: '8', str)"."""
-    if type(ours) is type(theirs) or same_value(ours, theirs) or {type(ours), type(theirs)} <= {
-        int,
-        float,
-    }:
+    if type(ours) is type(theirs) or same_value(ours, theirs):
         return f"{config_lib._show(ours)} ({where}: {config_lib._show(theirs)})"
     return f"{ours!r} ({type(ours).__name__}; {where}: {theirs!r}, {type(theirs).__name__})"
 
@@ -289,8 +286,10 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: Any) -> list[str
         if rule == "same":
             differ.append(f"{option} {show_pair(ours, theirs)}")
         elif rule == "said":
-            said.append(f"{option} {config_lib._show(ours)} from here on (the checkpoint's: "
-                        f"{config_lib._show(theirs)})")
+            said.append(
+                f"{option} {config_lib._show(ours)} from here on (the checkpoint's: "
+                f"{config_lib._show(theirs)})"
+            )
     if type(saved_model) is not type(model_cfg):
         differ.append(
             f"model kind {config_lib.model_kind(model_cfg)} "
@@ -482,12 +481,14 @@ class MetricsWriter:
                 kept.append(line)
         checkpoint_lib.atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
-    def write(self, step: int, values: dict[str, float]) -> None:
+    def write(self, step: int, values: dict[str, float | None]) -> None:
+        """One line; None (a mean over no finite step) is JSON's null, and no TensorBoard point."""
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.tensorboard is not None:
             for key, value in values.items():
-                self.tensorboard.add_scalar(key, value, step)
+                if value is not None:
+                    self.tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
         self.file.close()
@@ -584,8 +585,10 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     check_optimizer(cfg, device)
     run_dir = Path(cfg.out)
     run_folder.check_out_folder(run_dir)
-    if (run_dir / "config.json").is_file():  # read through the one reader, never overwritten
-        config_lib.read_config_file(run_dir / "config.json")  # unread (hand-edited, another version)
+    # A run folder's config.json goes through the one reader too: a hand-edited one, or one of
+    # another version, is refused naming the field, never silently overwritten.
+    if (run_dir / "config.json").is_file():
+        config_lib.read_config_file(run_dir / "config.json")
     resume_from = checkpoint_lib.latest_checkpoint(run_dir)
     if resume_from is not None and not cfg.resume:
         raise ConfigError(
@@ -805,6 +808,13 @@ def run_loop(run: Run) -> Path:
     cfg, info, run_dir, train_step = run.cfg, run.info, run.run_dir, run.step
     ema, device, start_step = run.ema, run.info.device, run.start_step
     config_text = config_lib.dumps(cfg, run.model_cfg)
+    if start_step >= cfg.steps:  # e.g. --steps 5 --resume on a run at step 10
+        if info.is_main:
+            print(
+                f"nothing to do: {run.resume_from} is at step {start_step} and --steps is "
+                f"{cfg.steps}; {run_dir} is left as it was (pass a larger --steps to train on)"
+            )
+        return run.resume_from
 
     metrics = start_outputs(run, config_text)  # rank 0: the run folder and the first lines
 
@@ -828,7 +838,10 @@ def run_loop(run: Run) -> Path:
         total=cfg.steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True
     )
     final_checkpoint = run.resume_from
-    stop_signal = StopSignal()
+    # The entry points install the handlers at their start (fastsp.preemption); a caller of the
+    # Python API gets them for the loop, and its own back afterwards.
+    owns_handlers = not preemption.installed()
+    stop_signal = preemption.install()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         use_deterministic_algorithms()
@@ -873,17 +886,19 @@ def run_loop(run: Run) -> Path:
                 elapsed = time.perf_counter() - log_start
                 images_per_s = cfg.batch_size * steps_since_log / elapsed
                 if metrics is not None:
+                    # means over the finite steps; null (not 0) for an interval without one
                     values = {
-                        "loss": loss_value / max(good, 1.0),  # mean over the finite steps
+                        "loss": loss_value / good if good else None,
                         "lr": learning_rate(cfg, step),
                         "images_per_s": images_per_s,
-                        "grad_norm": grad_norm_value / max(good, 1.0),
+                        "grad_norm": grad_norm_value / good if good else None,
                         "skipped_steps": steps_since_log - round(good),
                         "bad_items": round(bad_data * info.world_size),
                         "bad_files": bad_files,
                     }
                     metrics.write(done, values)
-                    progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+                    shown = "none" if values["loss"] is None else f"{values['loss']:.4f}"
+                    progress.set_postfix(loss=shown, img_s=f"{images_per_s:.0f}")
                 train_step.reset_metrics()
                 bad_items = 0
                 steps_since_log, log_start = 0, time.perf_counter()
@@ -893,15 +908,19 @@ def run_loop(run: Run) -> Path:
                 if info.world_size == 1
                 else dist.any_rank(stop_signal.requested)
             )
-            if info.is_main and (
-                done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0)
+            if checkpoint_now or preempted:
+                final_checkpoint = save_step_checkpoint(run, done, config_text)
+            kill_point(f"step:{done}")
+            # Optional outputs after the checkpoint, so that they can never cost the training;
+            # none once a stop is asked for.
+            if (
+                info.is_main
+                and not preempted
+                and (done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0))
             ):
                 write_samples(
                     run_dir / "samples" / f"step_{done:08d}.png", ema, cfg, run.dataset, device
                 )
-            if checkpoint_now or preempted:
-                final_checkpoint = save_step_checkpoint(run, done, config_text)
-            kill_point(f"step:{done}")
             if preempted:
                 # Every rank says where it stopped before anyone exits (torchrun then terminates
                 # the slower ranks as soon as one has exited).
@@ -917,7 +936,8 @@ def run_loop(run: Run) -> Path:
                 )
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
-        stop_signal.restore()
+        if owns_handlers:
+            preemption.uninstall()
         progress.close()
         if metrics is not None:
             metrics.close()
@@ -932,5 +952,28 @@ def run_loop(run: Run) -> Path:
 
 
 def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
-    """Build and run (or resume) a training run; returns the final checkpoint's folder."""
-    return run_loop(build_run(cfg, model_cfg))
+    """Build and run (or resume) a training run; returns the final checkpoint's folder.
+
+    The run folder is claimed first (fastsp.run_folder.claimed: made if new, locked by rank 0,
+    RANK as torchrun sets it), so a second trainer on it stops before reading anything; a start
+    that fails, or that a signal stops (fastsp.preemption), leaves no folder it made behind.
+    """
+    stop_before_training(agree=False)  # asked for during the imports: nothing is made yet
+    with run_folder.claimed(cfg.out, is_main=os.environ.get("RANK", "0") == "0"):
+        run = build_run(cfg, model_cfg)
+        stop_before_training(agree=True)
+        return run_loop(run)
+
+
+def stop_before_training(agree: bool) -> None:
+    """Raise Preempted if a stop was asked for (fastsp.preemption) before the first write;
+    `agree`: on any rank (the process group is up), so that every rank stops."""
+    stop = preemption.install() if preemption.installed() else None
+    requested = stop is not None and stop.requested
+    if agree:
+        requested = dist.any_rank(requested)
+    if requested:
+        raise Preempted(
+            f"stopped by {(stop and stop.name) or 'a signal to another rank'} before training "
+            "started; nothing was written. Rerun the same command"
+        )

@@ -120,7 +120,7 @@ def test_resume_with_another_model_shape(tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert "another shape" in err and "base_channels" in err and "--out" in err
+    assert "--base-channels 32 (checkpoint: 16)" in err and "--out" in err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
