@@ -31,6 +31,7 @@ from tqdm import tqdm
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.config import SAMPLERS, ConfigError
 from fastsp.diffusion import NoiseSchedule, sample
+from fastsp.run_folder import check_output_file
 from fastsp.unet import UNet
 
 
@@ -255,27 +256,6 @@ class GridWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def check_out_file(path: str, option: str = "--out") -> None:
-    """Refuse an output file path that cannot be written, before any work: an existing folder,
-    a path under a file, or a folder that is read-only (the folders it needs are created when the
-    file is written)."""
-    out = Path(path)
-    if out.is_dir():
-        raise ConfigError(
-            f"{option} {path} is an existing folder; pass a file path, e.g. {out / 'grid.png'}"
-        )
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder; pass another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{option} {path}: cannot write into {parent} (permission denied or a read-only "
-            "file system); pass a path in a folder you can write"
-        )
-
-
 _MAX_GRID_SIDE = 4096
 
 
@@ -365,7 +345,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse contradictory or incomplete options, and an --out that cannot be written, with a
     one-line ConfigError."""
     check_sampling(args)
-    check_out_file(args.out)
+    check_output_file(args.out)  # an existing folder, under a file, read-only, too long
     if args.prompt is None:
         given = [f"--{name.replace('_', '-')}" for name in _PROMPT_OPTIONS if getattr(args, name)]
         if given:

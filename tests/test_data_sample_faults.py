@@ -236,9 +236,9 @@ def _read_only_folder(tmp_path: Path) -> Path:
 def test_sample_out_that_cannot_be_written_is_refused_before_sampling(run_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     cases = {
-        str(tmp_path): "is an existing folder",
+        str(tmp_path): "is a folder; pass a file path",
         str(tmp_path / "a_file" / "grid.png"): "is a file, not a folder",
-        str(_read_only_folder(tmp_path) / "new" / "grid.png"): "cannot write into",
+        str(_read_only_folder(tmp_path) / "new" / "grid.png"): "cannot write in",
     }
     for out, message in cases.items():
         assert sample_cli.main(["--checkpoint", str(run_dir), "--out", out]) == 2
