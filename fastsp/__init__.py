@@ -3,7 +3,8 @@
 The public surface: the fused feature-space MSE (`feature_mse`, `FeatureMSELoss`,
 `feature_mse_multi`), the self-perceptual loss for any trainer (`SelfPerceptualLoss`), the
 diffusion core (`NoiseSchedule`), the UNet (`UNet`, `UNetConfig`) and `load_unet` (a diffusers
-UNet or pipeline folder, or a fastsp checkpoint).
+UNet or pipeline folder, or a fastsp checkpoint), the transformer (`DiT`, `DiTConfig`, `load_dit`:
+a diffusers DiTTransformer2DModel folder) and `build_model` (either, from its config).
 
 The names are imported on first use (PEP 562), so `import fastsp.checkpoint` or
 `import fastsp.config` does not import the training objective or register its Triton kernels.
@@ -18,18 +19,24 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _LAZY = {
+    "DiT": "fastsp.dit",
+    "DiTConfig": "fastsp.config",
     "FeatureMSELoss": "fastsp.feature_loss",
     "NoiseSchedule": "fastsp.diffusion",
     "SelfPerceptualLoss": "fastsp.perceptual",
     "TritonUnavailableError": "fastsp.feature_loss",
     "UNet": "fastsp.unet",
     "UNetConfig": "fastsp.config",
+    "build_model": "fastsp.models",
     "feature_mse": "fastsp.feature_loss",
     "feature_mse_multi": "fastsp.feature_loss",
+    "load_dit": "fastsp.dit_diffusers",
     "load_unet": "fastsp.diffusers_unet",
 }
 
 __all__ = [
+    "DiT",
+    "DiTConfig",
     "FeatureMSELoss",
     "NoiseSchedule",
     "SelfPerceptualLoss",
@@ -37,21 +44,26 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "__version__",
+    "build_model",
     "feature_mse",
     "feature_mse_multi",
+    "load_dit",
     "load_unet",
 ]
 
 if TYPE_CHECKING:
-    from fastsp.config import UNetConfig
+    from fastsp.config import DiTConfig, UNetConfig
     from fastsp.diffusers_unet import load_unet
     from fastsp.diffusion import NoiseSchedule
+    from fastsp.dit import DiT
+    from fastsp.dit_diffusers import load_dit
     from fastsp.feature_loss import (
         FeatureMSELoss,
         TritonUnavailableError,
         feature_mse,
         feature_mse_multi,
     )
+    from fastsp.models import build_model
     from fastsp.perceptual import SelfPerceptualLoss
     from fastsp.unet import UNet
 

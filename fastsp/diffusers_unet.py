@@ -356,19 +356,26 @@ def export_to_diffusers(model: UNet, out_dir: str | Path, sample_size: int | Non
     loads without options: config.json and diffusion_pytorch_model.safetensors (the model's
     dtype). Assembled in a temporary folder beside out_dir and renamed into place; out_dir must
     not exist or be empty. sample_size: the latent size pipelines default to (None: unset)."""
+    config = diffusers_config_from_unet(model.config, sample_size)
+    assert config["_class_name"] == DIFFUSERS_UNET_CLASS
+    return write_diffusers_folder(out_dir, config, diffusers_state_dict(model))
+
+
+def write_diffusers_folder(
+    out_dir: str | Path, config: dict[str, Any], weights: dict[str, torch.Tensor]
+) -> Path:
+    """A diffusers model folder: config.json (config plus `_diffusers_version`) and the weights
+    as diffusion_pytorch_model.safetensors, assembled in a temporary folder beside out_dir and
+    renamed into place; out_dir must not exist or be empty."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; pass a new folder")
-    config = {
-        **diffusers_config_from_unet(model.config, sample_size),
-        "_diffusers_version": EXPORT_DIFFUSERS_VERSION,
-    }
-    assert config["_class_name"] == DIFFUSERS_UNET_CLASS
+    config = {**config, "_diffusers_version": EXPORT_DIFFUSERS_VERSION}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in diffusers_state_dict(model).items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for file in tmp.iterdir():

@@ -1,11 +1,13 @@
-"""Export a fastsp checkpoint as a diffusers UNet folder.
+"""Export a fastsp checkpoint as a diffusers UNet folder (or, for a DiT, a transformer folder).
 
     python -m fastsp.export --checkpoint runs/sd21 --to-diffusers out/unet [--weights ema|model]
 
 --checkpoint takes a checkpoint folder or a run folder (its latest complete checkpoint). OUT gets
 config.json and diffusion_pytorch_model.safetensors (fp32), which
 `diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options; drop it into a
-pipeline folder as its unet/. The folder is written atomically; OUT must not exist or be empty.
+pipeline folder as its unet/. A DiT checkpoint (a dit_* preset) becomes a
+`diffusers.DiTTransformer2DModel` folder instead (fastsp.dit_diffusers), a DiTPipeline's
+transformer/. The folder is written atomically; OUT must not exist or be empty.
 Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
 diffusers cannot express, a non-empty OUT), with a one-line message.
 """
@@ -18,12 +20,15 @@ import sys
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.cli import run_command
 from fastsp.diffusers_unet import export_to_diffusers
+from fastsp.dit import DiT
+from fastsp.dit_diffusers import export_dit
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastsp.export",
-        description="Write a fastsp checkpoint as a diffusers UNet2DConditionModel folder.",
+        description="Write a fastsp checkpoint as a diffusers UNet2DConditionModel folder "
+        "(a DiT checkpoint: a DiTTransformer2DModel folder).",
         allow_abbrev=False,
     )
     parser.add_argument(
@@ -43,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args: argparse.Namespace) -> None:
     model, config = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
-    # The latent size the model was trained at: the pipelines' default generation size.
-    out = export_to_diffusers(model, args.to_diffusers, sample_size=config["train"]["resolution"])
+    if isinstance(model, DiT):  # its sample_size is the config's input_size
+        out = export_dit(model, args.to_diffusers)
+    else:
+        # The latent size the model was trained at: the pipelines' default generation size.
+        resolution = config["train"]["resolution"]
+        out = export_to_diffusers(model, args.to_diffusers, sample_size=resolution)
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
 
 

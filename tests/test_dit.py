@@ -17,6 +17,7 @@ import torch
 from test_step import FailOnHostSync
 
 from fastsp import config as config_lib
+from fastsp import export as export_cli
 from fastsp import reference
 from fastsp.config import DIT_PRESETS, ConfigError, DiTConfig, UNetConfig, parse_args
 from fastsp.diffusion import NoiseSchedule
@@ -349,3 +350,10 @@ def test_train_resume_stage2_and_sample_through_the_cli(tmp_path):
         str(grid),
     )
     assert grid.stat().st_size > 0
+    # the stage-2 DiT as a diffusers DiTTransformer2DModel folder, through the export command
+    assert (
+        export_cli.main(["--checkpoint", str(stage2), "--to-diffusers", str(tmp_path / "hf")]) == 0
+    )
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["_class_name"] == (
+        "DiTTransformer2DModel"
+    )
