@@ -224,6 +224,15 @@ class StepChecks(TorchDispatchMode):
         return out
 
 
+def _strides(t: torch.Tensor) -> list[int]:
+    """Strides of the dims of size > 1. The CUDA kernel compares all strides, but the fake
+    convolution backward makes a weight gradient as `.to(channels_last)` of a contiguous tensor,
+    a no-op where size-1 dims (a 1x1 kernel) make both formats one, while cuDNN allocates it with
+    channels_last strides in every dim, as the parameter has them: differences in size-1 dims
+    are the fake kernels', not the GPU's (so a real one, pytorch#106951, goes unseen)."""
+    return [stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1]
+
+
 def fake_fused_adamw(
     params,
     grads,
@@ -283,7 +292,7 @@ def fake_fused_adamw(
                 if not is_non_overlapping_and_dense_or_false(t)
                 else f"has sizes {list(t.shape)} / strides {list(t.stride())}, params[{i}] "
                 f"{list(params[i].shape)} / {list(params[i].stride())}"
-                if t.shape != params[i].shape or t.stride() != params[i].stride()
+                if t.shape != params[i].shape or _strides(t) != _strides(params[i])
                 else ""
             )
             if problem:
