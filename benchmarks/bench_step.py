@@ -3,6 +3,8 @@
     python benchmarks/bench_step.py                                   # GPU: the full matrix
     python benchmarks/bench_step.py --device cpu --models tiny --variants reference fast_eager
     python benchmarks/bench_step.py --device cpu --models digits --objectives mse --rounds 20
+    python benchmarks/bench_step.py --device cpu --models tiny --memory-formats channels_last
+    python benchmarks/bench_step.py --device cpu --models dit_tiny dit_digits         # DiT rows
 
 Every case is a training run built by `fastsp.trainer.build_run` from a preset and a few
 overrides, so what is timed is `run.step`, the very step `run_loop` runs (capture included, by
@@ -15,6 +17,15 @@ overrides, so what is timed is `run.step`, the very step `run_loop` runs (captur
 - ``fast_graphed``: the same step captured as one CUDA graph (eager on CPU: no graphs there).
 - ``fast_batched``: fast_graphed with --batched-branches (self-perceptual only).
 - ``fast_compiled``: fast_graphed with --compile.
+
+Every fast variant runs in each memory format of --memory-formats (a column of the results):
+``channels_last`` (--channels-last, tensor-core convolutions) and ``contiguous`` (NCHW). On CUDA
+both by default: ATen's GroupNorm keeps channels_last only on the CPU and on CUDA makes its input
+contiguous, so a channels_last UNet pays two copies per GroupNorm (in, and back for the next
+convolution), forward and backward, and which format wins is the GPU's to measure; the presets'
+default (sd21: channels_last) follows that measurement. On the CPU contiguous by default (oneDNN
+convolutions and GroupNorm of these small models are slower in channels_last, measured). The
+reference step is always contiguous.
 
 Both objectives start from the same stage-1 checkpoint (random weights, zero-initialised layers
 perturbed so no gradient is trivially zero), written once per model into a temporary folder; the
@@ -59,6 +70,11 @@ MODELS = {
     "digits": ("digits", dict(batch_size=64)),
     "sd21_32": ("sd21", dict(resolution=32, batch_size=32)),
     "sd21_64": ("sd21", dict(resolution=64, batch_size=16)),
+    # The DiT (fastsp.dit): tiny and the digits demo on the CPU, and the paper's XL/2 on 32x32x4
+    # latents (256x256 images) with ImageNet's batch per GPU of the paper's runs, 32.
+    "dit_tiny": ("dit_tiny", dict(batch_size=64)),
+    "dit_digits": ("dit_digits", dict(batch_size=64)),
+    "dit_xl2": ("dit_xl2", dict(resolution=32, batch_size=32)),
 }
 VARIANTS = {
     "reference": dict(train_step="reference", cuda_graph=False),
@@ -68,6 +84,7 @@ VARIANTS = {
     "fast_compiled": dict(cuda_graph=True, compile=True),
 }
 OBJECTIVES = ("mse", "self_perceptual")
+MEMORY_FORMATS = ("channels_last", "contiguous")
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 TARGET_MODEL = "sd21_64"
@@ -87,13 +104,19 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
     return None, f"unknown for {name}"
 
 
-def case_config(model: str, objective: str, variant: str, device: torch.device, out: Path):
+def case_config(
+    model: str,
+    objective: str,
+    variant: str,
+    device: torch.device,
+    out: Path,
+    memory_format: str = "contiguous",
+):
     """The (TrainConfig, UNetConfig) of one case, as `fastsp/train.py` would resolve them."""
     preset, overrides = MODELS[model]
     fields = {**overrides, **VARIANTS[variant], "device": device.type, "out": str(out)}
-    # channels_last: on CUDA (tensor-core convolutions); on the CPU it slows GroupNorm and the
-    # oneDNN convolutions of these small models (measured); the reference step stays plain.
-    fields["channels_last"] = device.type == "cuda" and variant != "reference"
+    # The reference step stays plain (contiguous); see the module docstring for the formats.
+    fields["channels_last"] = memory_format == "channels_last" and variant != "reference"
     fields["objective"] = objective
     fields["init"] = str(out.parent / "stage1")
     return config_lib.resolve(preset, fields, {})
@@ -179,6 +202,7 @@ def result_row(model, objective, variant, run: Run, times: list[float]) -> dict:
         "model": model,
         "objective": objective,
         "variant": variant,
+        "memory_format": "channels_last" if run.cfg.channels_last else "contiguous",
         "batch": run.cfg.batch_size,
         "resolution": run.cfg.resolution,
         "backends": dict(run.backends),
@@ -192,8 +216,14 @@ def result_row(model, objective, variant, run: Run, times: list[float]) -> dict:
     }
 
 
-def bench_model(model, objectives, variants, device, args, log) -> tuple[list, list]:
-    """Every (objective, variant) case of one model: checks, then timings."""
+def case_name(variant: str, memory_format: str) -> str:
+    return variant if variant == "reference" else f"{variant} {memory_format}"
+
+
+def bench_model(
+    model, objectives, variants, memory_formats, device, args, log
+) -> tuple[list, list]:
+    """Every (objective, variant, memory format) case of one model: checks, then timings."""
     results, checks = [], []
     peak, _ = peak_flops(device)
     with tempfile.TemporaryDirectory(prefix=f"fastsp_bench_{model}_") as tmp:
@@ -202,8 +232,11 @@ def bench_model(model, objectives, variants, device, args, log) -> tuple[list, l
         for objective in objectives:
             names = [v for v in variants if not (v == "fast_batched" and objective == "mse")]
 
-            def build(variant, objective=objective):
-                cfg, model_cfg = case_config(model, objective, variant, device, root / variant)
+            def build(variant, memory_format="contiguous", objective=objective):
+                folder = root / case_name(variant, memory_format).replace(" ", "_")
+                cfg, model_cfg = case_config(
+                    model, objective, variant, device, folder, memory_format
+                )
                 run = build_run(cfg, model_cfg)
                 return run, first_batch(run)
 
@@ -225,20 +258,21 @@ def bench_model(model, objectives, variants, device, args, log) -> tuple[list, l
             elif "reference" in names:
                 built["reference"] = (reference_run, batch)
             del reference_run
-            for variant in names:
-                if variant == "reference":
-                    continue
+            cases = [(v, f) for v in names if v != "reference" for f in memory_formats]
+            for variant, memory_format in cases:
+                name = case_name(variant, memory_format)
+                case = dict(model=model, objective=objective, variant=variant)
+                case["memory_format"] = memory_format
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    run, batch = build(variant)
+                    run, batch = build(variant, memory_format)
                     loss = first_step_loss(run, batch)
                 except Exception as error:  # noqa: BLE001 (report every failure, go on)
                     message = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-                    results.append(dict(model=model, objective=objective, variant=variant))
-                    results[-1]["error"] = message
-                    log(f"{model} {objective} {variant}: {message}")
+                    results.append(dict(case, error=message))
+                    log(f"{model} {objective} {name}: {message}")
                     continue
                 tolerance = 3e-2 if run.step.config.bf16 else 1e-4
                 ok = abs(loss - reference_loss) <= tolerance * abs(reference_loss)
@@ -246,16 +280,14 @@ def bench_model(model, objectives, variants, device, args, log) -> tuple[list, l
                     f"first step loss {loss:.6g} vs reference {reference_loss:.6g} "
                     f"(rel. tol. {tolerance:g})"
                 )
-                checks.append(dict(model=model, objective=objective, variant=variant, ok=ok))
-                checks[-1]["detail"] = detail
-                log(f"check {model} {objective} {variant}: {'ok' if ok else 'FAILED'}, {detail}")
+                checks.append(dict(case, ok=ok, detail=detail))
+                log(f"check {model} {objective} {name}: {'ok' if ok else 'FAILED'}, {detail}")
                 if not ok:
-                    results.append(dict(model=model, objective=objective, variant=variant))
-                    results[-1]["error"] = "loss check failed"
+                    results.append(dict(case, error="loss check failed"))
                     continue
                 if device.type == "cuda":  # one case at a time: its own peak memory
-                    times = time_interleaved({variant: (run, batch)}, 5, args.seconds, device)
-                    row = result_row(model, objective, variant, run, times[variant])
+                    times = time_interleaved({name: (run, batch)}, 5, args.seconds, device)
+                    row = result_row(model, objective, variant, run, times[name])
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if variant == "fast_eager":
                         row["flops"] = count_flops(run, batch)
@@ -263,11 +295,12 @@ def bench_model(model, objectives, variants, device, args, log) -> tuple[list, l
                     log(json.dumps(row))
                     del run
                 else:
-                    built[variant] = (run, batch)
+                    built[name] = (run, batch)
             if built:
                 times = time_interleaved(built, args.rounds, args.seconds, device)
-                for variant, (run, batch) in built.items():
-                    row = result_row(model, objective, variant, run, times[variant])
+                for name, (run, batch) in built.items():
+                    variant = name.split()[0]
+                    row = result_row(model, objective, variant, run, times[name])
                     if variant == "fast_eager":
                         row["flops"] = count_flops(run, batch)
                     results.append(row)
@@ -287,7 +320,11 @@ def bench_model(model, objectives, variants, device, args, log) -> tuple[list, l
 
 def summarise(results: list[dict], device: torch.device) -> tuple[list[dict], list[dict]]:
     """Ratios per model, and the verdicts of the targets that apply on this device."""
-    timed = {(r["model"], r["objective"], r["variant"]): r for r in results if "step_ms" in r}
+    timed = {
+        (r["model"], r["objective"], case_name(r["variant"], r["memory_format"])): r
+        for r in results
+        if "step_ms" in r
+    }
     rows, targets = [], []
     for model in dict.fromkeys(r["model"] for r in results):
         row = {"model": model}
@@ -296,7 +333,7 @@ def summarise(results: list[dict], device: torch.device) -> tuple[list[dict], li
         ]
         if fast_sp:
             best = min(fast_sp, key=lambda r: r["step_ms"])
-            row["best_fast_variant"] = best["variant"]
+            row["best_fast_variant"] = case_name(best["variant"], best["memory_format"])
             reference = timed.get((model, "self_perceptual", "reference"))
             if reference:
                 row["x_reference"] = reference["step_ms"] / best["step_ms"]
@@ -306,9 +343,17 @@ def summarise(results: list[dict], device: torch.device) -> tuple[list[dict], li
             if fast_mse:  # the fastest self-perceptual step over the fastest MSE step
                 row["sp_over_mse"] = best["step_ms"] / min(r["step_ms"] for r in fast_mse)
         row["sp_over_mse_by_variant"] = {
-            variant: timed[(model, "self_perceptual", variant)]["step_ms"] / r["step_ms"]
-            for (m, objective, variant), r in timed.items()
-            if m == model and objective == "mse" and (model, "self_perceptual", variant) in timed
+            name: timed[(model, "self_perceptual", name)]["step_ms"] / r["step_ms"]
+            for (m, objective, name), r in timed.items()
+            if m == model and objective == "mse" and (model, "self_perceptual", name) in timed
+        }
+        # Per fast variant and objective: channels_last / contiguous (the GPU decides the default).
+        row["channels_last_over_contiguous"] = {
+            f"{objective} {r['variant']}": r["step_ms"] / other["step_ms"]
+            for (m, objective, name), r in timed.items()
+            if m == model
+            and r["memory_format"] == "channels_last"
+            and (other := timed.get((m, objective, case_name(r["variant"], "contiguous"))))
         }
         rows.append(row)
         if device.type == "cuda" and model == TARGET_MODEL:
@@ -319,7 +364,10 @@ def summarise(results: list[dict], device: torch.device) -> tuple[list[dict], li
                         dict(model=model, target=key, value=row[key], bound=bound, ok=ok)
                     )
         reference_mse = timed.get((model, "mse", "reference"))
-        fast_mse = timed.get((model, "mse", "fast_eager"))
+        fast_eager_mse = [
+            r for k, r in timed.items() if k[:2] == (model, "mse") and r["variant"] == "fast_eager"
+        ]
+        fast_mse = min(fast_eager_mse, key=lambda r: r["step_ms"]) if fast_eager_mse else None
         if device.type == "cpu" and reference_mse and fast_mse:
             ratio = fast_mse["step_ms"] / reference_mse["step_ms"]
             targets.append(
@@ -342,37 +390,42 @@ def to_markdown(payload: dict) -> str:
         f"python {payload['python']}; peak for MFU: {payload['peak']}; command: "
         f"`{payload['command']}`",
         "",
-        "| model | objective | variant | precision | batch | ms/step (p20-p80) | images/s | "
-        "peak GiB | TFLOP/step | MFU | graph |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | objective | variant | format | precision | batch | ms/step (p20-p80) | "
+        "images/s | peak GiB | TFLOP/step | MFU | graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["results"]:
         if "step_ms" not in r:
             lines.append(
-                f"| {r['model']} | {r['objective']} | {r['variant']} | | | FAILED: {r['error']} "
-                "| | | | | |"
+                f"| {r['model']} | {r['objective']} | {r['variant']} | "
+                f"{r.get('memory_format', 'contiguous')} | | | FAILED: {r['error']} | | | | | |"
             )
             continue
         memory = f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         flops = f"{r['flops'] / 1e12:.3f}" if r.get("flops") else "-"
         lines.append(
-            f"| {r['model']} | {r['objective']} | {r['variant']} | {r['precision']} | "
-            f"{r['batch']} | {r['step_ms']:.2f} ({r['step_ms_p20']:.2f}-{r['step_ms_p80']:.2f}) "
+            f"| {r['model']} | {r['objective']} | {r['variant']} | {r['memory_format']} | "
+            f"{r['precision']} | {r['batch']} | "
+            f"{r['step_ms']:.2f} ({r['step_ms_p20']:.2f}-{r['step_ms_p80']:.2f}) "
             f"| {r['images_per_s']:.0f} | {memory} | {flops} | {mfu} | {r['cuda_graph']} |"
         )
     lines += [
         "",
         "| model | best fast variant | fast SP / reference SP | SP / MSE (fastest) | "
-        "SP / MSE by variant | MFU |",
-        "|---|---|---|---|---|---|",
+        "SP / MSE by variant | channels_last / contiguous | MFU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in payload["summary"]:
         by_variant = ", ".join(f"{v} {x:.2f}x" for v, x in s["sp_over_mse_by_variant"].items())
+        by_format = ", ".join(
+            f"{v} {x:.2f}x" for v, x in s["channels_last_over_contiguous"].items()
+        )
         cells = [
             f"{s['x_reference']:.2f}x" if "x_reference" in s else "-",
             f"{s['sp_over_mse']:.2f}x" if "sp_over_mse" in s else "-",
             by_variant or "-",
+            by_format or "-",
             f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-",
         ]
         lines.append(f"| {s['model']} | {s.get('best_fast_variant', '-')} | {' | '.join(cells)} |")
@@ -384,11 +437,15 @@ def to_markdown(payload: dict) -> str:
     ] or ["- none judged on this device with these cases"]
     lines += ["", "Checks (first-step loss against the reference's, before timing):", ""]
     lines += [
-        f"- {c['model']} {c['objective']} {c['variant']}: {'ok' if c['ok'] else 'FAILED'}, "
-        f"{c['detail']}"
+        f"- {c['model']} {c['objective']} {case_name(c['variant'], c['memory_format'])}: "
+        f"{'ok' if c['ok'] else 'FAILED'}, {c['detail']}"
         for c in payload["checks"]
     ]
-    backends = {r["variant"]: r["backends"] for r in payload["results"] if "backends" in r}
+    backends = {
+        case_name(r["variant"], r["memory_format"]): r["backends"]
+        for r in payload["results"]
+        if "backends" in r
+    }
     lines += ["", "Backends (as the run reports them in backends.json):", ""]
     lines += [f"- {variant}: {json.dumps(b)}" for variant, b in backends.items()]
     return "\n".join(lines) + "\n"
@@ -422,10 +479,17 @@ def main(argv=None) -> int:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument(
+        "--memory-formats",
+        nargs="+",
+        default=None,
+        choices=MEMORY_FORMATS,
+        help="memory formats of the fast variants (default: both on CUDA, contiguous on the CPU)",
+    )
+    parser.add_argument(
         "--no-compile-for",
         nargs="*",
-        default=["sd21_32"],
-        help="models to skip fast_compiled for (compiling the sd21 UNet costs minutes)",
+        default=["sd21_32", "dit_xl2"],
+        help="models to skip fast_compiled for (compiling the sd21 UNet or DiT-XL/2 costs minutes)",
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per case")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds at least")
@@ -440,13 +504,15 @@ def main(argv=None) -> int:
         return 2
     if device.type == "cpu":  # no CUDA graphs on the CPU: the graphed variants run eagerly
         args.variants = [v for v in args.variants if v not in ("fast_graphed", "fast_compiled")]
+    if args.memory_formats is None:
+        args.memory_formats = list(MEMORY_FORMATS) if device.type == "cuda" else ["contiguous"]
     results, checks = [], []
     for model in args.models:
         variants = [
             v for v in args.variants if not (v == "fast_compiled" and model in args.no_compile_for)
         ]
         part_results, part_checks = bench_model(
-            model, args.objectives, variants, device, args, print
+            model, args.objectives, variants, args.memory_formats, device, args, print
         )
         results += part_results
         checks += part_checks
