@@ -52,7 +52,7 @@ from fastsp.step import (
     graph_environment,
     uses_bf16,
 )
-from fastsp.unet import UNet, UNetConfig
+from fastsp.unet import UNet, UNetConfig, decide_attention
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
@@ -172,9 +172,13 @@ def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
     `model_cfg`, naming every field."""
     saved = {"kind": "unet", **diffusers_unet.source_model_config(checkpoint)}  # no kind: a UNet
     ours = json.loads(json.dumps(config_lib.model_to_dict(model_cfg)))  # tuples -> lists, as saved
-    differ = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
-    if differ:
-        details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
+    differ = {
+        k: (saved.get(k), v)
+        for k, v in ours.items()
+        if k not in RESUME_MODEL_MAY_CHANGE and not same_value(saved.get(k), v)
+    }
+    if differ:  # typed: a "16" in a hand-made config is not 16, and says so
+        details = ", ".join(f"{k}: {show_pair(b, a)}" for k, (a, b) in differ.items())
         raise checkpoint_lib.CheckpointError(
             f"{checkpoint} holds a model of another shape ({details}); {fix}"
         )
@@ -215,6 +219,7 @@ RESUME_FIELDS: dict[str, str] = {
     "predicted_noise": "same",
     "distance": "same",
     "mse_weight": "same",
+    "perceptual_on_t": "same",
     "steps": "may change",
     "batch_size": "same",
     "grad_accum": "may change",  # the same global batch in more or fewer micro-steps
@@ -391,6 +396,7 @@ def build_perceptual_loss(
             predicted_noise=cfg.predicted_noise,
             distance=cfg.distance,
             batched_branches=cfg.batched_branches,
+            perceptual_on_t=cfg.perceptual_on_t,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
@@ -623,7 +629,13 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     stream = torch.cuda.Stream(device) if captures_graph(cfg, device.type) else None
     if info.world_size > 1:
         online = wrap_ddp(model, device, stream)
+    attention_backend = describe_attention(model_cfg.attention_backend, device)
     if cfg.compile:
+        # Dynamo must not trace xformers' support checks (fastsp.attention): each attention
+        # layer's kernel is chosen here, once, outside compiled code.
+        networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
+        dtype = torch.bfloat16 if bf16 else torch.float32  # what the layers see under autocast
+        attention_backend = decide_attention(networks, device, dtype) or attention_backend
         online = torch.compile(online)
         if perceptual_loss is not None:
             features = perceptual_loss.features
@@ -650,7 +662,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     )
     graph_off = step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"])
     backends = {
-        "attention": describe_attention(model_cfg.attention_backend, device),
+        "attention": attention_backend,
         "feature_mse": feature_mse_backend(device),
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if bf16 else "fp32",

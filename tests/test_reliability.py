@@ -7,6 +7,7 @@ The kill points (FASTSP_KILL_AT, fastsp/faults.py) send a real SIGKILL at a name
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,16 +315,18 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path):
-    good = _latent_shards(tmp_path / "good", nan_items=[])
-    bad = _latent_shards(tmp_path / "bad", nan_items=list(range(16)))
+    # The data goes bad between two runs (a resume may not change --data itself)
+    data = _latent_shards(tmp_path / "latents", nan_items=[])
     out = tmp_path / "run"
-    first = _train(["--data", str(good), "--cond", "none", "--steps", "2", "--out", str(out)])
+    first = _train(["--data", str(data), "--cond", "none", "--steps", "2", "--out", str(out)])
     assert first.returncode == 0, first.stderr[-2000:]
     before = _weights(out / "checkpoints" / "step_00000002")
+    shutil.rmtree(data)
+    _latent_shards(data, nan_items=list(range(16)))
     result = _train(
         [
             "--data",
-            str(bad),
+            str(data),
             "--cond",
             "none",
             "--steps",
