@@ -52,7 +52,7 @@ from fastsp.step import (
     graph_environment,
     uses_bf16,
 )
-from fastsp.unet import UNet, UNetConfig, decide_attention
+from fastsp.unet import UNet, UNetConfig
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
@@ -219,7 +219,6 @@ RESUME_FIELDS: dict[str, str] = {
     "predicted_noise": "same",
     "distance": "same",
     "mse_weight": "same",
-    "perceptual_on_t": "same",
     "steps": "may change",
     "batch_size": "same",
     "grad_accum": "may change",  # the same global batch in more or fewer micro-steps
@@ -396,7 +395,6 @@ def build_perceptual_loss(
             predicted_noise=cfg.predicted_noise,
             distance=cfg.distance,
             batched_branches=cfg.batched_branches,
-            perceptual_on_t=cfg.perceptual_on_t,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
@@ -629,13 +627,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     stream = torch.cuda.Stream(device) if captures_graph(cfg, device.type) else None
     if info.world_size > 1:
         online = wrap_ddp(model, device, stream)
-    attention_backend = describe_attention(model_cfg.attention_backend, device)
     if cfg.compile:
-        # Dynamo must not trace xformers' support checks (fastsp.attention): each attention
-        # layer's kernel is chosen here, once, outside compiled code.
-        networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
-        dtype = torch.bfloat16 if bf16 else torch.float32  # what the layers see under autocast
-        attention_backend = decide_attention(networks, device, dtype) or attention_backend
         online = torch.compile(online)
         if perceptual_loss is not None:
             features = perceptual_loss.features
@@ -662,7 +654,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     )
     graph_off = step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"])
     backends = {
-        "attention": attention_backend,
+        "attention": describe_attention(model_cfg.attention_backend, device),
         "feature_mse": feature_mse_backend(device),
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if bf16 else "fp32",
