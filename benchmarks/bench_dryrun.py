@@ -70,16 +70,18 @@ def markdown(figures: dict, command: list[str], batch_size: int) -> str:
         "FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole step (matmuls, "
         "convolutions, flash attention; elementwise ops, the MSE, clipping, AdamW and EMA are "
         "not counted). Memory: the peak of live CUDA tensor bytes during the step, after a first "
-        "step has created the optimizer state (the caching allocator reserves more).",
+        "step has created the optimizer state (the caching allocator reserves more); state: "
+        "what outlives a step (weights, EMA, AdamW moments, the frozen network). CPU s: building "
+        "the step and running it twice.",
         "",
-        "| step | TFLOP / step | peak live tensors (GiB) | CPU s |"
+        "| step | TFLOP / step | peak live tensors (GiB) | of which state (GiB) | CPU s |"
         + (" issue 13: TFLOP | issue 13: GiB |" if compare else ""),
-        "|---|---|---|---|" + ("---|---|" if compare else ""),
+        "|---|---|---|---|---|" + ("---|---|" if compare else ""),
     ]
     for objective, step in steps.items():
         row = (
-            f"| {objective} | {step['flops'] / 1e12:.2f} | {step['peak_bytes'] / GIB:.2f} | "
-            f"{step['cpu_seconds']:.1f} |"
+            f"| {objective} | {step['flops'] / 1e12:.3f} | {step['peak_bytes'] / GIB:.2f} | "
+            f"{step['state_bytes'] / GIB:.2f} | {step['cpu_seconds']:.0f} |"
         )
         if compare:
             ref = REFERENCE[objective]
@@ -103,6 +105,27 @@ def markdown(figures: dict, command: list[str], batch_size: int) -> str:
             f"| {name} | {gpu['bf16_tflops']:.0f} TFLOP/s | {gpu['memory_gb']} GB | "
             f"{rates[0]:.1f} | {rates[1]:.1f} |"
         )
+    if compare:
+        sp, mse = steps["self_perceptual"], steps["mse"]
+        bf16_copy = mse["parameters"] * 2 / GIB
+        lines += [
+            "",
+            "Against issue 13's figures: FLOPs "
+            + ", ".join(
+                f"{o} {100 * (steps[o]['flops'] / 1e12 / REFERENCE[o]['tflops'] - 1):+.2f}%"
+                for o in ("self_perceptual", "mse")
+            )
+            + "; peak "
+            + ", ".join(
+                f"{o} {steps[o]['peak_bytes'] / GIB - REFERENCE[o]['peak_gib']:+.2f} GiB"
+                for o in ("self_perceptual", "mse")
+            )
+            + f". The state is the same in both steps but for the frozen network: "
+            f"{mse['state_bytes'] / GIB:.2f} GiB for MSE (fp32 weights, EMA and two AdamW moments "
+            f"of {mse['parameters'] / 1e6:.1f}M parameters, 4 x 4 B each) and "
+            f"{sp['state_bytes'] / GIB:.2f} GiB for self-perceptual (plus its bf16 copy, "
+            f"{bf16_copy:.2f} GiB). Issue 13 does not say how its peaks were taken.",
+        ]
     by_op = "\n".join(
         f"| {objective} | {op} | {flops / 1e12:.3f} |"
         for objective, step in steps.items()

@@ -481,6 +481,7 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
             lr, ema_weight = trainer.learning_rate(cfg, 0), 1.0 - trainer.ema_decay(cfg, 0)
             step.run(batch, 0, lr, ema_weight)
             memory.reset_peak()
+            state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
             with FlopCounterMode(display=False) as flops:
                 step.run(batch, 1, lr, ema_weight)
     except (ConfigError, DryRunFault):
@@ -496,6 +497,8 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
         "flops": flops.get_total_flops(),
         "flops_by_op": by_op,
         "peak_bytes": memory.peak,
+        "state_bytes": state,
+        "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
         "model": dataclasses.asdict(model_cfg),
         "graph": step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"]),
@@ -552,7 +555,8 @@ def report(result: dict) -> str:
     for objective, step in result["steps"].items():
         lines.append(
             f"  {objective:<16} {_flops(step['flops']):>14} per step   peak live tensors "
-            f"{step['peak_bytes'] / GIB:8.3f} GiB   ({step['cpu_seconds']:.1f} s on this CPU)"
+            f"{step['peak_bytes'] / GIB:8.3f} GiB (state {step['state_bytes'] / GIB:.3f})   "
+            f"{step['cpu_seconds']:.0f} s on this CPU"
         )
     lines.append(f"  self-perceptual / MSE FLOP ratio: {result['sp_mse_flop_ratio']:.3f}")
     for name, rate in result["images_per_s"].items():

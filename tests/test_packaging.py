@@ -66,3 +66,5 @@ def test_wheel_installs_and_imports_outside_the_source_tree(tmp_path):
     package_file, kernels_file = result.stdout.split()
     assert Path(package_file).is_relative_to(target) and Path(kernels_file).is_relative_to(target)
     assert Path(kernels_file).parent == target / "fastsp" / "kernels"
+    # fastsp.dryrun builds its fake-CUDA extension from the installed source
+    assert (target / "fastsp" / "fake_cuda.cpp").is_file()
