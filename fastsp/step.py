@@ -16,7 +16,9 @@ Nothing in `TrainStep.compute` reads a tensor on the host (no `.item()`, no Pyth
 tensor's value; `tests/test_step.py` runs it under a dispatch mode that fails on any host read),
 so on CUDA it is captured once as a CUDA graph and replayed every step. The host only copies the
 batch into static buffers, seeds the step's generator and fills the learning-rate and EMA-weight
-buffers before each replay. If capture fails the step runs eagerly and the reason is logged.
+buffers before each replay. DDP's construction, the warm-up and the capture share one side
+stream (`TrainStep.stream`). If capture fails the step runs eagerly and the reason is logged; with
+DDP a failed capture stops the run instead (`GraphCaptureError`).
 
 `train_step="reference"` swaps the loss for fastsp.reference's naive one (two full fp32 forwards
 of the frozen network with a forward hook, F.mse_loss): the same loop around the oracle.
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from fastsp import reference
+from fastsp.config import ConfigError
 from fastsp.diffusion import NoiseSchedule
 from fastsp.feature_loss import feature_mse
 from fastsp.perceptual import SelfPerceptualLoss
@@ -38,6 +41,13 @@ from fastsp.perceptual import SelfPerceptualLoss
 # notes: its reducer finishes setting up buckets during the first iterations).
 WARMUP_STEPS = 3
 WARMUP_STEPS_DDP = 11
+
+
+class GraphCaptureError(ConfigError):
+    """The DDP step could not be captured as a CUDA graph. Not a silent eager fallback: a capture
+    that fails mid-backward can leave DDP's reducer half-way through its buckets, and an eager
+    step after it would sync the wrong gradients. The message names the fix (--no-cuda-graph);
+    fastsp.cli maps it to exit status 2 as a ConfigError."""
 
 
 def training_loss(
@@ -223,6 +233,7 @@ class TrainStep:
         null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
             empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
             the data set's `null_context`), zeros when None.
+        stream: the CUDA side stream DDP was constructed on (see `capture`); None without DDP.
     """
 
     def __init__(
@@ -237,8 +248,12 @@ class TrainStep:
         perceptual_loss: SelfPerceptualLoss | None,
         device: torch.device,
         null_context: torch.Tensor | None = None,
+        stream: torch.cuda.Stream | None = None,
     ):
         self.config = config
+        # The one side stream of the capture: warm-up and capture run on it, and DDP must have
+        # been built on it (`fastsp.trainer.build_run` does). None: `capture` makes one.
+        self.stream = stream
         self.model, self.online, self.ema, self.optimizer = model, online, ema, optimizer
         self.schedule, self.perceptual_loss, self.device = schedule, perceptual_loss, device
         local_batch, shape = config.local_batch, config.shape
@@ -460,19 +475,27 @@ class TrainStep:
         return reasons
 
     def capture(self, batch: dict[str, torch.Tensor], log=print) -> bool:
-        """Capture `compute` as one CUDA graph; on failure keep running eagerly and log why.
+        """Capture `compute` as one CUDA graph; on failure keep running eagerly and log why, or,
+        with DDP, raise GraphCaptureError.
 
         Warm-up runs on a side stream (PyTorch's CUDA-graph recipe) with every update forced off
         (found_inf = 1, EMA weight 0), so warming up leaves weights, moments and EMA untouched.
+        DDP's construction, the warm-up and the capture use one stream, `self.stream`: DDP's
+        reducer keeps the AccumulateGrad nodes of its parameters, each tied to the stream it was
+        created on, and `torch.cuda.graph` captures on a stream of its own unless given one, so
+        three streams would leave a captured backward waiting on a stream outside the capture
+        (torch warns of this mismatch; full-step captures fail from it).
         """
         reasons = self.graph_unsupported_reasons()
         if reasons:
             log("CUDA graph: off (" + "; ".join(reasons) + ")")
             return False
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        side = self.stream
         try:
             self.load(batch, 0, 0.0, 0.0)
             self.force_skip.fill_(True)
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_STEPS_DDP if self.config.ddp else WARMUP_STEPS):
@@ -482,13 +505,20 @@ class TrainStep:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
             # thread_local: the data loader's pin-memory thread may call CUDA during capture.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self.compute(zero_grad=False)
             self.graph = graph
         except RuntimeError as error:  # capture is best effort: the eager step is the same step
             self.graph = None
             self.graph_error = str(error).strip().splitlines()[0] if str(error).strip() else ""
             self.optimizer.zero_grad(set_to_none=True)
+            if self.config.ddp:
+                why = self.graph_error or type(error).__name__
+                raise GraphCaptureError(
+                    f"CUDA graph capture of the DDP step failed ({why}); with DDP a failed capture "
+                    "can leave the gradient reducer half-way, so the run stops instead of stepping "
+                    "eagerly. Rerun with --no-cuda-graph"
+                ) from error
             log(f"CUDA graph: capture failed ({self.graph_error}); running the step eagerly")
         finally:
             self.force_skip.fill_(False)
@@ -513,5 +543,11 @@ def graph_environment(cfg, world_size: int, device_type: str) -> dict[str, str]:
 
     cfg: a TrainConfig (`cuda_graph`, `train_step`); world_size: torchrun's WORLD_SIZE;
     device_type: the device the run will use ("cuda" or "cpu")."""
-    captured = cfg.cuda_graph and cfg.train_step == "fast" and device_type == "cuda"
+    captured = captures_graph(cfg, device_type)
     return dict(NCCL_GRAPH_ENVIRONMENT) if captured and world_size > 1 else {}
+
+
+def captures_graph(cfg, device_type: str) -> bool:
+    """Whether a run of `cfg` (a TrainConfig) on `device_type` will capture its step as a CUDA
+    graph (`TrainStep.capture`); the rule graph_environment and DDP's construction stream follow."""
+    return cfg.cuda_graph and cfg.train_step == "fast" and device_type == "cuda"
