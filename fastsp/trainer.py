@@ -282,7 +282,8 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: Any) -> list[str
     difference; return the lines that say what it does change ("said" fields)."""
     saved, saved_model = checkpoint_lib.read_configs(checkpoint)
     differ, said = [], []
-    for name, rule in RESUME_FIELDS.items():
+    for field in dataclasses.fields(cfg):
+        name, rule = field.name, RESUME_FIELDS.get(field.name, "same")  # undecided: kept
         ours, theirs = getattr(cfg, name), getattr(saved, name)
         if same_value(ours, theirs):
             continue
