@@ -89,6 +89,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 # Item 1: one run per folder
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_running_folder_exits_2_and_touches_nothing(tmp_path):
     out = tmp_path / "run"
     args = ["--checkpoint-every", "2", "--keep-last", "2", "--out", str(out), "--resume"]
@@ -124,6 +125,7 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_75(tmp_path):
     data = _image_folder(tmp_path / "images")
     out = tmp_path / "run"
