@@ -9,6 +9,7 @@ its documented exit status with nothing lost and nothing half-made.
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -37,6 +38,8 @@ from fastsp import config as config_lib
 from fastsp import evaluate, pipeline, sample
 from fastsp import train as train_cli
 from fastsp.config import TrainConfig
+from fastsp.data_stream import _init_worker
+from fastsp.run_folder import RunLock
 from fastsp.trainer import RESUME_FIELDS, show_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +158,30 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_75(tmp_
     resumed = _train([*args, *steps])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"step {stopped})" in resumed.stdout
+
+
+def _worker(ready) -> None:
+    _init_worker(0)  # what the DataLoader runs first in each worker
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_forked_worker_lets_go_of_the_run_lock_and_ignores_sigterm(tmp_path):
+    lock = RunLock.acquire(tmp_path)
+    context = multiprocessing.get_context("fork")  # the DataLoader's on Linux
+    ready = context.Event()
+    worker = context.Process(target=_worker, args=(ready,))
+    worker.start()
+    try:
+        assert ready.wait(30)
+        lock.release()
+        RunLock.acquire(tmp_path).release()  # free, though the worker lives on
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(1)
+        assert worker.is_alive()  # the signal is the trainer's to answer
+    finally:
+        worker.kill()
+        worker.join()
 
 
 # ---------------------------------------------------------------------------------------------
