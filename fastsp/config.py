@@ -211,6 +211,27 @@ def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, f
     return layers
 
 
+def parse_perceptual_on_t(
+    spec: str | tuple[int, int] | None, num_timesteps: int
+) -> tuple[int, int] | None:
+    """ "all" (or None) | "LOW,HIGH" (inclusive) -> None (the self-perceptual loss at every
+    online timestep, the paper) | (low, high): the loss only where LOW <= t <= HIGH."""
+    if spec is None or spec == "all":
+        return None
+    try:
+        low, high = (int(v) for v in (spec.split(",") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"perceptual_on_t {spec!r} must be 'all' or a range 'LOW,HIGH' of online timesteps "
+            "(e.g. 0,699: the self-perceptual loss there, MSE at the noisiest 30%)"
+        ) from None
+    if not 0 <= low <= high < num_timesteps:
+        raise ValueError(
+            f"perceptual_on_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}"
+        )
+    return low, high
+
+
 def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str | tuple[int, int]:
     """ "uniform" | "same" | "LOW,HIGH" (inclusive) -> "uniform" | "same" | (low, high)."""
     if isinstance(spec, str) and spec in PERCEPTUAL_T:
@@ -888,6 +909,11 @@ class TrainConfig:
     mse_weight: float = option(
         0.0, "weight of the ordinary MSE loss added to the self-perceptual one"
     )
+    perceptual_on_t: str = option(
+        "all",
+        "online timesteps where the self-perceptual loss applies: all (the paper) or LOW,HIGH "
+        "(inclusive); each example outside the range gets the MSE loss instead",
+    )
     # optimisation
     steps: int = option(3000, "optimizer steps")
     batch_size: int = option(
@@ -993,6 +1019,7 @@ class TrainConfig:
         _require_choice("perceptual_source", self.perceptual_source, PERCEPTUAL_SOURCES)
         self._check_perceptual_layers()
         _require_str(self, "perceptual_t", "'uniform', 'same' or 'LOW,HIGH'")
+        _require_str(self, "perceptual_on_t", "'all' or 'LOW,HIGH'")
         _require_choice("predicted_noise", self.predicted_noise, PREDICTED_NOISE)
         _require_choice("distance", self.distance, DISTANCES)
         _require_number(self, "mse_weight", 0)
@@ -1077,8 +1104,14 @@ class TrainConfig:
             )
         try:
             parse_perceptual_t(self.perceptual_t, self.num_timesteps)
+            parse_perceptual_on_t(self.perceptual_on_t, self.num_timesteps)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if self.perceptual_on_t != "all" and self.objective != "self_perceptual":
+            raise ConfigError(
+                f"--perceptual-on-t {self.perceptual_on_t} gates the self-perceptual loss, but "
+                f"--objective is {self.objective}; pass --objective self_perceptual or drop it"
+            )
         if self.objective == "self_perceptual" and not self.init:
             # PAPER.md: stage 2 fine-tunes a stage-1 model; from random weights the perceptual
             # loss alone does not train a usable model.

@@ -31,6 +31,7 @@ from fastsp.config import (
     DISTANCES,
     PREDICTED_NOISE,
     parse_layers,
+    parse_perceptual_on_t,
     parse_perceptual_t,
     refuse_eps_at_zero_terminal_snr,
 )
@@ -128,6 +129,11 @@ class SelfPerceptualLoss:
         distance: "l2" (mean squared error, the paper) | "l1".
         batched_branches: run the real and predicted branches as one forward of batch 2B (fewer,
             larger kernels; but backward then runs over all 2B rows) instead of two of batch B.
+        perceptual_on_t: "all" (the paper) | (low, high) inclusive range of the ONLINE timestep
+            t: each example with t in the range gets the self-perceptual loss, every other one
+            the MSE loss against `target` (PixelGen and LPL switch perceptual losses off at the
+            noisiest timesteps). Both are computed for every example and one is picked per
+            example on the device (torch.where), so the step reads nothing on the host.
     """
 
     def __init__(
@@ -140,6 +146,7 @@ class SelfPerceptualLoss:
         predicted_noise: str = "eps_hat",
         distance: str = "l2",
         batched_branches: bool = False,
+        perceptual_on_t: str | tuple[int, int] | None = "all",
     ):
         if prediction_type not in _PREDICTION_ALIASES:
             raise ValueError(
@@ -158,6 +165,7 @@ class SelfPerceptualLoss:
         refuse_eps_at_zero_terminal_snr(self.prediction_type, zero_terminal_snr)
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.perceptual_t = parse_perceptual_t(perceptual_t, self.num_timesteps)
+        self.on_t = parse_perceptual_on_t(perceptual_on_t, self.num_timesteps)  # None: every t
         self.predicted_noise = predicted_noise
         self.distance = distance
         self.batched_branches = batched_branches
@@ -176,6 +184,27 @@ class SelfPerceptualLoss:
             (0, self.num_timesteps - 1) if self.perceptual_t == "uniform" else self.perceptual_t
         )
         return torch.randint(low, high + 1, t.shape, generator=generator, device=t.device)
+
+    def _distance_per_example(
+        self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """[B]: sum over layers of weight x mean over one example's features of the distance; its
+        batch mean is `_distance`'s value (every example has as many features)."""
+        per_element = F.l1_loss if self.distance == "l1" else feature_mse
+        # bf16 features (autocast) are averaged in fp32; float64 stays float64
+        dtype = torch.promote_types(predicted[next(iter(self.layers))].dtype, torch.float32)
+        return sum(
+            w * per_element(predicted[n], real[n], reduction="none").flatten(1).to(dtype).mean(1)
+            for n, w in self.layers.items()
+        )
+
+    # Timestep-gated loss (issue 16): per example, the self-perceptual loss where LOW <= t <= HIGH,
+    # the MSE loss |f(x_t, t, c) - target|^2 (mean over the example) elsewhere; then the mean.
+    def _gated(self, perceptual, model_output, target, t) -> torch.Tensor:
+        low, high = self.on_t
+        mse = feature_mse(model_output, target.to(model_output.dtype), reduction="none")
+        mse = mse.flatten(1).to(perceptual.dtype).mean(1)
+        return torch.where((t >= low) & (t <= high), perceptual, mse).mean()
 
     def _distance(
         self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
@@ -203,6 +232,7 @@ class SelfPerceptualLoss:
         cond: Mapping[str, Any] | None = None,
         generator: torch.Generator | None = None,
         x_t: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss for one batch.
 
@@ -214,8 +244,15 @@ class SelfPerceptualLoss:
             cond: keyword arguments of the perceptual network's call (the same condition the
                 online model saw), e.g. {"labels": y} or {"encoder_hidden_states": c}.
             x_t: the noisy input the online model saw, if the caller has it (else recomputed).
+            target: [B, ...] the MSE target of model_output (the schedule's training target);
+                needed, and only read, when perceptual_on_t gates the loss.
         Returns: a 0-d float32 loss.
         """
+        if self.on_t is not None and target is None:
+            raise ValueError(
+                "perceptual_on_t gates the loss with MSE outside its range; pass target (the "
+                "schedule's training target of model_output)"
+            )
         cond = dict(cond or {})
         if t_prime is None:
             t_prime = self.sample_t_prime(t, generator)
@@ -243,4 +280,6 @@ class SelfPerceptualLoss:
             with torch.no_grad():
                 real = self.features(a_p * x0 + s_p * noise, t_prime, cond)
             predicted = self.features(a_p * x0_hat + s_p * renoise, t_prime, cond)
+        if self.on_t is not None:
+            return self._gated(self._distance_per_example(predicted, real), model_output, target, t)
         return self._distance(predicted, real)

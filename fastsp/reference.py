@@ -76,8 +76,12 @@ def reference_self_perceptual_loss(
     labels=None,
     context=None,
     prediction_type="v",
+    on_t=None,
 ) -> torch.Tensor:
-    """Stage 2, PAPER.md Algorithm 1, literally. `perceptual` is frozen by the caller."""
+    """Stage 2, PAPER.md Algorithm 1, literally. `perceptual` is frozen by the caller.
+
+    on_t (low, high): per example, this loss where low <= t <= high and the MSE loss elsewhere
+    (--perceptual-on-t); None: this loss everywhere (the paper)."""
     _check_prediction_type(prediction_type)
     a, s = coefficients(alphas_cumprod, t, x0.ndim)
     x_t = a * x0 + s * noise  # step 1: x_t = a_t x0 + s_t eps
@@ -96,7 +100,14 @@ def reference_self_perceptual_loss(
         h_real = mid_features(perceptual, a2 * x0 + s2 * noise, t_prime, labels, context)
     # step 4-5, predicted branch (with grad): x_t'_pred = a_t' x0_hat + s_t' eps_hat
     h_pred = mid_features(perceptual, a2 * x0_hat + s2 * eps_hat, t_prime, labels, context)
-    return F.mse_loss(h_pred, h_real)  # step 6: mean((h_pred - h_real)^2)
+    if on_t is None:
+        return F.mse_loss(h_pred, h_real)  # step 6: mean((h_pred - h_real)^2)
+    # per example: the feature loss inside [low, high], the MSE loss against the target outside
+    per_example_sp = F.mse_loss(h_pred, h_real, reduction="none").flatten(1).mean(1)
+    target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]
+    per_example_mse = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+    inside = (t >= on_t[0]) & (t <= on_t[1])
+    return torch.where(inside, per_example_sp, per_example_mse).mean()
 
 
 def reference_mse_step(
@@ -122,11 +133,22 @@ def reference_self_perceptual_step(
     labels=None,
     context=None,
     prediction_type="v",
+    on_t=None,
 ) -> float:
     """One eager self-perceptual training step; returns the loss."""
     optimizer.zero_grad()
     loss = reference_self_perceptual_loss(
-        model, perceptual, x0, noise, t, t_prime, alphas_cumprod, labels, context, prediction_type
+        model,
+        perceptual,
+        x0,
+        noise,
+        t,
+        t_prime,
+        alphas_cumprod,
+        labels,
+        context,
+        prediction_type,
+        on_t,
     )
     loss.backward()
     optimizer.step()

@@ -73,9 +73,11 @@ def training_loss(
     if perceptual_loss is None:
         target = schedule.training_target(x0, noise, t).to(prediction.dtype)
         return feature_mse(prediction, target).to(loss_dtype)
-    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond, x_t=x_t)
-    if mse_weight > 0:
+    target = None  # the MSE target, when an MSE term needs it (a static choice, not the data's)
+    if mse_weight > 0 or perceptual_loss.on_t is not None:
         target = schedule.training_target(x0, noise, t).to(prediction.dtype)
+    loss = perceptual_loss(prediction, x0, noise, t, t_prime, cond, x_t=x_t, target=target)
+    if mse_weight > 0:
         loss = loss + mse_weight * feature_mse(prediction, target).to(loss_dtype)
     return loss
 
@@ -106,6 +108,7 @@ def reference_training_loss(
         t_prime,
         alphas,
         prediction_type=prediction_type,
+        on_t=perceptual_loss.on_t,
         **cond,
     )
 

@@ -196,6 +196,13 @@ TRAIN_BAD: dict[str, list[dict]] = {
         {"perceptual_layers": "mid:-1"},
         {"train_step": "reference", "perceptual_layers": "down1"},
     ],
+    "perceptual_on_t": [
+        {"perceptual_on_t": "noisiest"},
+        {"perceptual_on_t": 3},
+        {"perceptual_on_t": "700,699", "objective": "self_perceptual", "init": "runs/a"},
+        {"perceptual_on_t": "0,1000", "objective": "self_perceptual", "init": "runs/a"},
+        {"perceptual_on_t": "0,699"},  # gates a loss that --objective mse does not have
+    ],
     "perceptual_t": [
         {"perceptual_t": "gaussian"},
         {"perceptual_t": "0,1000"},
@@ -315,6 +322,8 @@ def test_the_exempt_fields_are_exactly_those_without_a_case():
         {"data": "latents_dir", "data_format": "latents", "channels": 16},
         {"data": "imgs", "data_format": "images", "channels": 3},
         {"perceptual_layers": "mid:1,down1:0.5", "init": "runs/a", "objective": "self_perceptual"},
+        {"perceptual_on_t": "0,999", "init": "runs/a", "objective": "self_perceptual"},
+        {"perceptual_on_t": "500,500", "init": "runs/a", "objective": "self_perceptual"},
     ],
 )
 def test_boundary_values_are_accepted(overrides):

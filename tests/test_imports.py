@@ -97,7 +97,13 @@ def test_each_vocabulary_has_one_definition():
     """The modules that use a vocabulary (or a value parser) hold config's object itself."""
     shared = {
         diffusion: ("BETA_SCHEDULES", "PREDICTION_TYPES", "SAMPLERS"),
-        perceptual: ("DISTANCES", "PREDICTED_NOISE", "parse_layers", "parse_perceptual_t"),
+        perceptual: (
+            "DISTANCES",
+            "PREDICTED_NOISE",
+            "parse_layers",
+            "parse_perceptual_on_t",
+            "parse_perceptual_t",
+        ),
         attention: ("ATTENTION_BACKENDS",),
         reference: ("PREDICTION_TYPES",),
         unet: ("UNetConfig", "UNET_PRESETS"),
