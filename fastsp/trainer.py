@@ -219,6 +219,7 @@ RESUME_FIELDS: dict[str, str] = {
     "predicted_noise": "same",
     "distance": "same",
     "mse_weight": "same",
+    "perceptual_on_t": "same",
     "steps": "may change",
     "batch_size": "same",
     "grad_accum": "may change",  # the same global batch in more or fewer micro-steps
@@ -396,6 +397,7 @@ def build_perceptual_loss(
             predicted_noise=cfg.predicted_noise,
             distance=cfg.distance,
             batched_branches=cfg.batched_branches,
+            perceptual_on_t=cfg.perceptual_on_t,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
