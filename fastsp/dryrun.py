@@ -190,21 +190,27 @@ def _describe(tensors: list[torch.Tensor]) -> str:
 
 
 class StepChecks(TorchDispatchMode):
-    """Faults a CUDA run hits that fake tensors let through: a host read (`.item()`, `bool()`,
-    `float()` of a CUDA tensor: `aten._local_scalar_dense`, a sync no CUDA graph can hold), a
-    device-to-host copy, and operands of different dtypes in `_SAME_DTYPE_OPS`."""
+    """Faults a CUDA run hits that fake tensors let through: operands of different dtypes in
+    `_SAME_DTYPE_OPS`, and in a step to be captured as a CUDA graph a host read (`.item()`,
+    `bool()`, `float()` of a CUDA tensor: `aten._local_scalar_dense`) or a device-to-host copy,
+    syncs no graph can hold. An eager step (the reference step, --no-cuda-graph) may sync: its
+    host reads are counted and read as 1 (fake tensors hold no value), so `if finite.item():`
+    takes the path of a good step."""
+
+    def __init__(self):
+        super().__init__()
+        self.captured = True  # set once the step is built (TrainStep.graph_unsupported_reasons)
+        self.host_syncs = 0
+
+    def _sync(self, what: str) -> None:
+        if self.captured:
+            raise DryRunFault(f"{what}: a device sync that a CUDA graph cannot capture{_where()}")
+        self.host_syncs += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inputs = _tensors(args, kwargs)
         on_cuda = [t for t in inputs if t.device.type == "cuda"]
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-            if on_cuda:
-                raise DryRunFault(
-                    f"host read of a CUDA tensor ({func}, from .item(), bool(), float() or a "
-                    f"Python branch on a tensor's value: a device sync that a CUDA graph cannot "
-                    f"capture) on {_describe(on_cuda)}{_where()}"
-                )
         if func in _SAME_DTYPE_OPS:
             floating = [t for t in inputs if t.is_floating_point()]
             if len({t.dtype for t in floating}) > 1:
@@ -213,14 +219,22 @@ class StepChecks(TorchDispatchMode):
                     f"kernel refuses them; the op must run under autocast or on one dtype"
                     f"{_where()}"
                 )
+        if on_cuda and func in (
+            torch.ops.aten._local_scalar_dense.default,
+            torch.ops.aten.equal.default,
+        ):
+            self._sync(
+                f"host read of a CUDA tensor ({func}, from .item(), bool(), float() or a Python "
+                f"branch on a tensor's value) on {_describe(on_cuda)}"
+            )
+            return (
+                True if func is torch.ops.aten.equal.default or inputs[0].dtype == torch.bool else 1
+            )
         out = func(*args, **kwargs)
-        if on_cuda:
-            to_host = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            if any(t.device.type == "cpu" for t in to_host):
-                raise DryRunFault(
-                    f"device-to-host copy in the step ({func} of {_describe(on_cuda)} to cpu): "
-                    f"a sync that a CUDA graph cannot capture{_where()}"
-                )
+        if on_cuda and any(
+            isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(out)
+        ):
+            self._sync(f"device-to-host copy in the step ({func} of {_describe(on_cuda)} to cpu)")
         return out
 
 
@@ -473,15 +487,21 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
     capture (the first step fills the schedule's device tables and creates the optimizer's
     state); the second is measured. Returns its figures; a fault raises DryRunFault."""
     memory = LiveMemory()
+    checks = StepChecks()
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
     started = time.perf_counter()
     try:
-        with cuda_autocast_on(), fake, memory, StepChecks(), FlashSDPA():
+        with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
             step, batch, model_cfg = build_step(cfg, model_cfg, step_class)
+            graph = step.graph_unsupported_reasons() + (
+                [] if cfg.cuda_graph else ["--no-cuda-graph"]
+            )
+            checks.captured = not graph
             lr, ema_weight = trainer.learning_rate(cfg, 0), 1.0 - trainer.ema_decay(cfg, 0)
             step.run(batch, 0, lr, ema_weight)
             memory.reset_peak()
             state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
+            checks.host_syncs = 0
             with FlopCounterMode(display=False) as flops:
                 step.run(batch, 1, lr, ema_weight)
     except (ConfigError, DryRunFault):
@@ -501,7 +521,8 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
         "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
         "model": dataclasses.asdict(model_cfg),
-        "graph": step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"]),
+        "graph": graph,
+        "host_syncs": checks.host_syncs,
         "bf16": step.config.bf16,
     }
 
@@ -564,12 +585,16 @@ def report(result: dict) -> str:
         fits = asked["peak_bytes"] <= gpu["memory_gb"] * 1e9
         lines.append(
             f"  {name} ({gpu['bf16_tflops']:.0f} TFLOP/s dense bf16, {gpu['memory_gb']} GB): "
-            f"{rate:.1f} images/s at {MFU:.0%} MFU ({result['objective']}); its live tensors "
+            f"{rate:.1f} images/s at {MFU:.0%} MFU ({result['objective']}"
+            + ("" if asked["bf16"] else "; an fp32 step: this peak overstates it")
+            + "); its live tensors "
             + ("fit" if fits else "do NOT fit")
         )
     graph = asked["graph"]
     lines.append(
-        "  CUDA graph: " + ("off (" + "; ".join(graph) + ")" if graph else "would capture")
+        "  CUDA graph: would capture the step"
+        if not graph
+        else f"  CUDA graph: off ({'; '.join(graph)}); host syncs per step: {asked['host_syncs']}"
     )
     lines.append(
         "  not checked: kernel time, numerics, allocator overhead, DDP, torch.compile, xformers"
@@ -580,6 +605,8 @@ def report(result: dict) -> str:
 def run(cfg, model_cfg, json_path: str | None = None) -> None:
     if cfg.compile:
         print("note: --compile is not traced by the dry run; it runs the eager step")
+    if cfg.device == "cpu":
+        print("note: the dry run checks the CUDA step; --device cpu is ignored")
     model_cfg = dataclasses.replace(
         model_cfg,
         # xformers cannot run fake tensors; SDPA's flash op stands in (the same FLOPs)
