@@ -175,3 +175,25 @@ def test_the_option_parses_and_is_validated():
     t = torch.tensor([3, 900])
     with pytest.raises(ValueError, match="pass target"):
         loss(x, x, x, t, cond={"labels": torch.tensor([1, 2])})
+
+
+@pytest.mark.slow  # five tiny training runs: about 25 s of CPU
+def test_trainer_fast_and_reference_steps_gate_alike(tmp_path):
+    # The option through the trainer: stage 2 with --perceptual-on-t, fast and reference step in
+    # fp32 from the same stage 1, train the same weights (up to fused-vs-foreach AdamW rounding),
+    # and other weights than the ungated loss.
+    from safetensors.torch import load_file
+    from test_step import _train
+
+    common = ["--preset", "tiny", "--steps", "4", "--device", "cpu", "--precision", "fp32"]
+    stage1 = _train([*common, "--out", str(tmp_path / "stage1")])
+    stage2 = [*common, "--init", str(stage1), "--objective", "self_perceptual"]
+    weights = {}
+    for kind, gate in (("fast", "0,499"), ("reference", "0,499"), ("fast", "all")):
+        out = tmp_path / f"{kind}_{gate}"
+        argv = [*stage2, "--train-step", kind, "--perceptual-on-t", gate, "--out", str(out)]
+        weights[kind, gate] = load_file(_train(argv) / "model.safetensors")
+    gated, reference_gated = weights["fast", "0,499"], weights["reference", "0,499"]
+    for name, fast in gated.items():
+        assert torch.allclose(fast, reference_gated[name], rtol=1e-4, atol=1e-6), name
+    assert any(not torch.allclose(w, weights["fast", "all"][n]) for n, w in gated.items())
