@@ -16,9 +16,23 @@ Backends:
 xformers is imported lazily, once; an import failure is recorded and reported as a reason, never
 raised. Whether xformers supports given inputs is asked of xformers' own dispatcher (the same
 ``not_supported_reasons`` checks that ``memory_efficient_attention`` runs), cached per input
-signature so that a training step pays the check once per shape. On CPU tensors ``auto`` never
-touches xformers, so the ``auto`` -> SDPA path is traceable by ``torch.compile(fullgraph=True)``:
-it branches on device, dtype and shape only.
+signature so that an eager step pays the check once per shape. On CPU tensors ``auto`` never
+touches xformers.
+
+Choosing and running are separate, for torch.compile. `choose_kernel` (eager only: xformers' Python
+dispatcher, a dict cache, try/except, none of which dynamo can trace; xformers#765, pytorch#149010)
+names the kernel, "xformers", "sdpa" or "math"; `run_kernel` runs a named kernel and branches on
+that string only. A caller that compiles decides first, outside compiled code, and passes
+``kernel=`` (fastsp.unet.decide_attention does this for a model before torch.compile). Without a
+decided kernel, compiled code runs SDPA for ``auto`` (on CUDA it dispatches to the same flash and
+memory-efficient kernels xformers wraps) and the xformers op for a forced ``xformers``.
+
+The xformers kernel runs through fastsp's own torch custom ops (``fastsp::xformers_attention``,
+``..._train`` and ``..._backward``), which call xformers' public forward and backward functions.
+To dynamo and AOTAutograd a custom op is one opaque node with a fake (shape) implementation and a
+registered backward, so a compiled graph holds it without a break; xformers' dispatcher runs when
+the op runs. xformers' own registered ops (``xformers_flash::flash_fwd``) are not called directly:
+their signature (varlen, cu_seqlens) changes between xformers versions.
 """
 
 from __future__ import annotations
@@ -153,9 +167,11 @@ def _ask_xformers(xops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs
 
 
 def _xformers_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-    reasons = []
+    """Every reason xformers cannot run (q, k, v); empty if it can. Eager only (see the module
+    docstring). CPU inputs are refused without importing xformers."""
     if q.device.type != "cuda":
-        reasons.append(f"inputs are on {q.device.type}, xformers needs CUDA tensors")
+        return [f"inputs are on {q.device.type}, xformers needs CUDA tensors"]
+    reasons = []
     xops = _import_xformers()
     if xops is None:
         reasons.append(_xops_error)
@@ -207,8 +223,125 @@ def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.transpose(1, 2)
 
 
+# ---- the xformers kernel as torch custom ops (see the module docstring) -----------------------
+def _loaded_xformers():
+    xops = _import_xformers()
+    if xops is None:
+        raise AttentionBackendError(f"the xformers kernel was chosen, but {_xops_error}")
+    return xops
+
+
+@torch.library.custom_op("fastsp::xformers_attention", mutates_args=())
+def _xformers_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Forward only (no log-sum-exp kept): inference and the perceptual pass's no-grad branch."""
+    return _loaded_xformers().memory_efficient_attention(q, k, v).contiguous()
+
+
+@_xformers_attention_op.register_fake
+def _(q, k, v):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+def _xformers_train(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Lq, H, Dv], logsumexp) for the backward; the logsumexp's shape is xformers' own."""
+    out, lse = _loaded_xformers().memory_efficient_attention_forward_requires_grad(q, k, v)
+    return out.contiguous(), lse.contiguous()
+
+
+_xformers_train_op = torch.library.custom_op(
+    "fastsp::xformers_attention_train", _xformers_train, mutates_args=()
+)
+# The fake runs the same code on fake tensors: xformers' own fake and meta kernels then give the
+# logsumexp's exact shape (padded by some operators), which no formula here could promise.
+_xformers_train_op.register_fake(_xformers_train)
+
+
+@torch.library.custom_op("fastsp::xformers_attention_backward", mutates_args=())
+def _xformers_backward_op(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _loaded_xformers().memory_efficient_attention_backward(
+        grad.contiguous(), out, lse, q, k, v
+    )
+    grads = [g.contiguous() for g in (dq, dk, dv)]
+    # flash's backward can return dq, dk, dv as views of one buffer; a custom op's outputs must
+    # not alias one another.
+    if len({g.untyped_storage().data_ptr() for g in grads}) < 3:
+        grads = [g.clone() for g in grads]
+    return tuple(grads)
+
+
+@_xformers_backward_op.register_fake
+def _(grad, q, k, v, out, lse):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+def _setup_train(ctx, inputs, output):
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward_train(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return torch.ops.fastsp.xformers_attention_backward(grad_out, q, k, v, out, lse)
+
+
+_xformers_train_op.register_autograd(_backward_train, setup_context=_setup_train)
+
+
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return torch.ops.fastsp.xformers_attention_train(q, k, v)[0]
+    return torch.ops.fastsp.xformers_attention(q, k, v)
+
+
+# ---- choosing and running a kernel ---------------------------------------------------------
+KERNELS = ("xformers", "sdpa", "math")
+
+
+def choose_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel `attention(q, k, v, backend)` runs: one of KERNELS. Eager only (it asks
+    xformers' dispatcher); a forced ``xformers`` that cannot run raises AttentionBackendError
+    listing every reason."""
+    _check_backend(backend)
+    if backend == "auto":
+        return "sdpa" if _xformers_reasons(q, k, v) else "xformers"
+    reasons = _xformers_reasons(q, k, v) if backend == "xformers" else []
+    if reasons:
+        raise AttentionBackendError(
+            f"attention backend {backend!r} cannot run q {tuple(q.shape)} {q.dtype} on "
+            f"{q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}:\n" + _format_reasons(reasons)
+        )
+    return backend
+
+
+def run_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Run a kernel chosen by `choose_kernel` on BMHK inputs; compile-safe (it branches on the
+    kernel's name only)."""
+    if kernel == "xformers":
+        return _xformers_attention(q, k, v)
+    if kernel == "sdpa":
+        return _sdpa_attention(q, k, v)
+    if kernel == "math":
+        return _math_attention(q, k, v)
+    raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str = "auto",
+    *,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention in BMHK layout: softmax(q k^T / sqrt(D)) v.
 
@@ -220,6 +353,9 @@ def attention(
             supports, else torch SDPA; a forced backend that cannot run raises
             ``AttentionBackendError`` listing every reason. Malformed inputs (shapes, dtypes,
             devices that disagree) raise ValueError, as does an unknown backend name.
+        kernel: a kernel already chosen for these inputs by `choose_kernel` (what compiled code
+            passes, see the module docstring); None: chosen here, per call (under torch.compile:
+            SDPA for ``auto``, the xformers op for ``xformers``).
 
     Returns:
         [B, Lq, H, D] in q's dtype (it may be a non-contiguous view).
@@ -236,21 +372,12 @@ def attention(
     reasons = _input_reasons(q, k, v)
     if reasons:
         raise ValueError("attention inputs are invalid:\n" + _format_reasons(reasons))
-    if backend == "auto":
-        if q.device.type == "cuda" and not _xformers_reasons(q, k, v):
-            return _xops.memory_efficient_attention(q, k, v)
-        return _sdpa_attention(q, k, v)
-    reasons = _xformers_reasons(q, k, v) if backend == "xformers" else []
-    if reasons:
-        raise AttentionBackendError(
-            f"attention backend {backend!r} cannot run q {tuple(q.shape)} {q.dtype} on "
-            f"{q.device}, k {tuple(k.shape)}, v {tuple(v.shape)}:\n" + _format_reasons(reasons)
-        )
-    if backend == "xformers":
-        return _xops.memory_efficient_attention(q, k, v)
-    if backend == "sdpa":
-        return _sdpa_attention(q, k, v)
-    return _math_attention(q, k, v)
+    if kernel is None:
+        if torch.compiler.is_compiling():
+            kernel = "sdpa" if backend == "auto" else backend
+        else:
+            kernel = choose_kernel(backend, q, k, v)
+    return run_kernel(kernel, q, k, v)
 
 
 def describe_backend(backend: str, device: torch.device) -> str:

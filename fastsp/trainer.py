@@ -52,7 +52,7 @@ from fastsp.step import (
     graph_environment,
     uses_bf16,
 )
-from fastsp.unet import UNet, UNetConfig
+from fastsp.unet import UNet, UNetConfig, decide_attention
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
@@ -630,7 +630,13 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     stream = torch.cuda.Stream(device) if captures_graph(cfg, device.type) else None
     if info.world_size > 1:
         online = wrap_ddp(model, device, stream)
+    attention_backend = describe_attention(model_cfg.attention_backend, device)
     if cfg.compile:
+        # Dynamo must not trace xformers' support checks (fastsp.attention): each attention
+        # layer's kernel is chosen here, once, outside compiled code.
+        networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
+        dtype = torch.bfloat16 if bf16 else torch.float32  # what the layers see under autocast
+        attention_backend = decide_attention(networks, device, dtype) or attention_backend
         online = torch.compile(online)
         if perceptual_loss is not None:
             features = perceptual_loss.features
@@ -657,7 +663,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     )
     graph_off = step.graph_unsupported_reasons() + ([] if cfg.cuda_graph else ["--no-cuda-graph"])
     backends = {
-        "attention": describe_attention(model_cfg.attention_backend, device),
+        "attention": attention_backend,
         "feature_mse": feature_mse_backend(device),
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if bf16 else "fp32",

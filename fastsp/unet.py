@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.attention import attention
+from fastsp.attention import attention, choose_kernel, not_supported_reasons
 from fastsp.config import UNET_PRESETS as UNET_PRESETS  # re-exported: fastsp.unet.UNET_PRESETS
 from fastsp.config import UNetConfig
 
@@ -91,10 +91,17 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over [B, L, C]; self-attention when context_dim is None."""
 
+    # The context length the kernel is chosen for when none is known (SD's CLIP text length).
+    PROBE_CONTEXT_LEN = 77
+    PROBE_LEN = 64
+
     def __init__(self, dim: int, heads: int, backend: str, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
         self.backend = backend
+        # The kernel fastsp.attention runs, chosen once outside compiled code (`choose_kernel`,
+        # see decide_attention); None: chosen per call.
+        self.kernel: str | None = None
         self.is_cross = context_dim is not None
         if self.is_cross:
             self.to_q = nn.Linear(dim, dim, bias=False)
@@ -110,8 +117,32 @@ class Attention(nn.Module):
             k, v = self.to_kv(context).view(b, context.shape[1], 2, self.heads, -1).unbind(2)
         else:
             q, k, v = self.to_qkv(x).view(b, lq, 3, self.heads, -1).unbind(2)
-        out = attention(q, k, v, backend=self.backend)
+        out = attention(q, k, v, backend=self.backend, kernel=self.kernel)
         return self.to_out(out.reshape(b, lq, c))
+
+    def probe(self, device: torch.device, dtype: torch.dtype):
+        """q, k, v as `forward` makes them in a training step (views of the q/k/v projections,
+        needing gradients) of `dtype` on `device`, at short lengths: what xformers supports
+        depends on head size, dtype, strides' alignment and the backward, not the length."""
+        dim, length = self.to_out.in_features, self.PROBE_LEN
+        with torch.enable_grad():
+            if self.is_cross:
+                x = torch.empty(1, length, dim, device=device, dtype=dtype, requires_grad=True)
+                q = x.view(1, length, self.heads, -1)
+                kv = torch.empty(
+                    1, self.PROBE_CONTEXT_LEN, 2 * dim, device=device, dtype=dtype
+                ).requires_grad_()
+                k, v = kv.view(1, self.PROBE_CONTEXT_LEN, 2, self.heads, -1).unbind(2)
+            else:
+                qkv = torch.empty(1, length, 3 * dim, device=device, dtype=dtype).requires_grad_()
+                q, k, v = qkv.view(1, length, 3, self.heads, -1).unbind(2)
+        return q, k, v
+
+    def choose_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Choose and keep this layer's kernel for a training step in `dtype` on `device`."""
+        with torch.enable_grad():
+            self.kernel = choose_kernel(self.backend, *self.probe(device, dtype))
+        return self.kernel
 
 
 class GEGLU(nn.Module):
@@ -174,7 +205,10 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear:
             y = self.proj_in(y)
-        # [B, C, H, W] -> [B, HW, C]: a free view when x is channels_last.
+        # [B, C, H, W] -> [B, HW, C]: a free view when y is channels_last. ATen's GroupNorm keeps
+        # a channels_last input's layout only on the CPU; on CUDA it makes its input contiguous
+        # (NCHW), so there y is NCHW, this reshape copies, and GroupNorm copied x before it (the
+        # step benchmark measures both formats, benchmarks/bench_step.py --memory-formats).
         y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
         if self.linear:
             y = self.proj_in(y)
@@ -443,3 +477,24 @@ class UNet(nn.Module):
                 return out
             stage += 1
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def decide_attention(modules, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Choose once, outside compiled code, the attention kernel of every fastsp.unet attention
+    layer in `modules` (nn.Modules, e.g. the online and the perceptual network) for a training
+    step in `dtype` on `device`; torch.compile then traces only the chosen kernel (see
+    fastsp.attention). Returns what was chosen, for backends.json; None if there are no layers.
+    A forced backend that cannot run raises fastsp.attention.AttentionBackendError."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, Attention)]
+    if not layers:
+        return None
+    counts: dict[str, int] = {}
+    for layer in layers:
+        kernel = layer.choose_kernel(device, dtype)
+        counts[kernel] = counts.get(kernel, 0) + 1
+    chosen = ", ".join(f"{kernel} for {n} of {len(layers)} layers" for kernel, n in counts.items())
+    fallback = next((m for m in layers if m.backend == "auto" and m.kernel == "sdpa"), None)
+    if fallback is not None:  # say why auto did not take xformers (fastsp.attention's reasons)
+        reasons = not_supported_reasons("xformers", *fallback.probe(device, dtype))
+        chosen += f"; xformers: {reasons[0] if reasons else 'no reason given'}"
+    return f"{chosen} (chosen once before torch.compile, {dtype} on {device.type})"
