@@ -43,8 +43,8 @@ from fastsp.data_policy import (
     split_key,
 )
 from fastsp.latent_shards import LatentsDataset
-
 from fastsp.letters import LettersDataset
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
@@ -660,6 +660,8 @@ def build_dataset(
         )
     if fmt == "digits":
         return DigitsDataset(split, resolution)
+    if fmt == "letters":
+        return LettersDataset(split, resolution)
     if fmt == "synthetic":
         return SyntheticDataset(
             _SYNTHETIC_ITEMS,
@@ -692,5 +694,3 @@ def build_dataset(
         on_bad_data=on_bad_data,
         max_image_pixels=max_image_pixels,
     )
-    if fmt == "letters":
-        return LettersDataset(split, resolution)
