@@ -5,7 +5,8 @@
 #
 # 1. the CUDA-marked tests (tests that skip without a GPU), 2. the feature_mse kernel benchmark
 # (sizes from the sd21 mid block up to 256M elements), 3. the step benchmark (reference / fast
-# eager / graphed / compiled x mse / self-perceptual x tiny, digits, sd21 at 32 and 64 latents).
+# eager / graphed / compiled x mse / self-perceptual x tiny, digits, sd21 at 32 and 64 latents,
+# each fast variant in channels_last and contiguous memory format).
 # Each part's full output goes to OUT/; OUT/gpu_suite.md and OUT/gpu_suite.json join them with
 # the card, date and versions, and list the feature_mse targets (>= 85% of copy bandwidth, >= 2.0x
 # eager, >= 1.4x torch.compile for bf16 fwd+bwd at >= 64M elements; from the bytes moved, eager
@@ -96,9 +97,10 @@ step_rows = [r for name, part in parts.items() if name.startswith("step_")
 keys = ["attention", "feature_mse", "optimizer", "precision", "compile", "cuda_graph"]
 md += ["## Step cases: backends that ran", ""]
 if step_rows:
-    md += ["| model | objective | variant | " + " | ".join(keys) + " |",
-           "|---|---|---|" + "---|" * len(keys)]
-    md += ["| " + " | ".join([r["model"], r["objective"], r["variant"]]
+    md += ["| model | objective | variant | format | " + " | ".join(keys) + " |",
+           "|---|---|---|---|" + "---|" * len(keys)]
+    md += ["| " + " | ".join([r["model"], r["objective"], r["variant"],
+                              r.get("memory_format", "contiguous")]
                              + [str(r["backends"].get(k, "-")).replace("|", "/") for k in keys])
            + " |" for r in step_rows]
 else:
