@@ -5,6 +5,7 @@ python -m fastsp.evaluate --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 -
 python -m fastsp.evaluate --checkpoint runs/faces --inception-weights \
         weights-inception-2015-12-05-6726825d.pth --real-data /data/faces_heldout
 python -m fastsp.evaluate --checkpoint runs/digits --real-split train    # for model selection
+python -m fastsp.evaluate --checkpoint runs/digits --cfg-sweep 1,1.25,1.5,2,3 --cfg-rescale 0.7
 
 Generated samples are compared with the held-out real images in the feature space of a feature
 network (the math is in fastsp/quality.py):
@@ -17,6 +18,11 @@ network (the math is in fastsp/quality.py):
   classified as the class they were generated for. The real set is the 297 held-out images; FID
   grows as sample sets shrink, so the output also gives the same metrics for real training images
   against the held-out ones, a floor to read the model's numbers against.
+- Letters models (`--data letters`, fastsp/letters.py): the same network and training recipe
+  on the letters training split (62 classes), its own cache file; 1,116 held-out images.
+- `--cfg-sweep W1,W2,...` scores every scale from one model load, each from the same noise and
+  labels, and names the scale of lowest FID against the training split (`cfg_sweep.best_cfg`,
+  whose metrics are the headline ones): the guidance gap is the no-CFG FID minus that one.
 - `--real-split train` measures against the 1,500 digits training images instead, so that
   settings can be chosen without looking at the held-out split (choose on train, report held-out
   once). The real-vs-real line is then the held-out images against the training ones, one fixed
