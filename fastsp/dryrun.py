@@ -191,15 +191,17 @@ def _describe(tensors: list[torch.Tensor]) -> str:
 
 class StepChecks(TorchDispatchMode):
     """Faults a CUDA run hits that fake tensors let through: operands of different dtypes in
-    `_SAME_DTYPE_OPS`, and in a step to be captured as a CUDA graph a host read (`.item()`,
-    `bool()`, `float()` of a CUDA tensor: `aten._local_scalar_dense`) or a device-to-host copy,
-    syncs no graph can hold. An eager step (the reference step, --no-cuda-graph) may sync: its
-    host reads are counted and read as 1 (fake tensors hold no value), so `if finite.item():`
-    takes the path of a good step."""
+    `_SAME_DTYPE_OPS`; in a step to be captured as a CUDA graph, a host read (`.item()`, `bool()`,
+    `float()` of a CUDA tensor: `aten._local_scalar_dense`) or a device-to-host copy, syncs no
+    graph can hold; and in the step after the first (the one a run captures: the first fills the
+    device tables) a host-to-device copy, whose value a graph would freeze. An eager step (the
+    reference step, --no-cuda-graph) may sync: its host reads are counted and read as 1 (fake
+    tensors hold no value), so `if finite.item():` takes the path of a good step."""
 
     def __init__(self):
         super().__init__()
         self.captured = True  # set once the step is built (TrainStep.graph_unsupported_reasons)
+        self.replayed = False  # inside the measured step: what a captured graph would replay
         self.host_syncs = 0
 
     def _sync(self, what: str) -> None:
@@ -230,6 +232,25 @@ class StepChecks(TorchDispatchMode):
             return (
                 True if func is torch.ops.aten.equal.default or inputs[0].dtype == torch.bool else 1
             )
+        if (
+            self.replayed
+            and self.captured
+            and func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+        ):
+            source = inputs[-1] if func is torch.ops.aten.copy_.default else inputs[0]
+            target = inputs[0] if func is torch.ops.aten.copy_.default else kwargs.get("device")
+            to_cuda = (
+                target is not None
+                and torch.device(target.device if isinstance(target, torch.Tensor) else target).type
+                == "cuda"
+            )
+            if source.device.type == "cpu" and to_cuda:
+                raise DryRunFault(
+                    f"host-to-device copy inside the step ({func} of a cpu "
+                    f"{str(source.dtype).removeprefix('torch.')} {list(source.shape)} tensor): a "
+                    "captured graph replays the value copied at capture; keep it in a device "
+                    f"buffer filled before the step{_where()}"
+                )
         out = func(*args, **kwargs)
         if on_cuda and any(
             isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(out)
@@ -276,7 +297,7 @@ def fake_fused_adamw(
         raise DryRunFault(
             f"fused AdamW got a CPU learning-rate tensor with {device} params: its CUDA kernel "
             "reads it with lr.item(), a host sync that a captured step cannot contain; keep lr "
-            "a 0-d tensor on the params' device"
+            f"a 0-d tensor on the params' device{_where()}"
         )
     for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf), ("lr", lr)):
         if tensor is not None and tensor.device != device:
@@ -477,6 +498,8 @@ def _fault_line(error: BaseException) -> str:
     where = _location(traceback.extract_tb(error.__traceback__))
     if type(error).__name__ == "FakeTensorDeviceMismatchError":
         return f"a CPU tensor in a CUDA op: {text}{where}"
+    if "should be the same" in text and "type" in text:  # a convolution's dtype check
+        return f"operands of different dtypes (does the op run under autocast?): {text}{where}"
     if type(error).__name__ == "DataDependentOutputException":
         return f"host read of a CUDA tensor ({text}): a device sync{where}"
     return f"{type(error).__name__}: {text}{where}"
@@ -503,7 +526,10 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
             state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
             checks.host_syncs = 0
             with FlopCounterMode(display=False) as flops:
-                step.run(batch, 1, lr, ema_weight)
+                step.load(batch, 1, lr, ema_weight)  # what TrainStep.run does: load, then the
+                checks.replayed = True  # step (replayed as a graph when captured)
+                step.compute()
+                checks.replayed = False
     except (ConfigError, DryRunFault):
         raise
     except Exception as error:  # noqa: BLE001 (every op error of the step is a fault to report)

@@ -29,6 +29,13 @@ class HostRead(TrainStep):
             super().update_ema()
 
 
+class HostToDeviceCopy(TrainStep):
+    def update_ema(self):
+        table = torch.linspace(0, 1, 11).to(self.device)  # built on the host at every step
+        self.ema_step_weight.mul_(table[10])
+        super().update_ema()
+
+
 class PerceptualOutsideAutocast(TrainStep):
     """The bf16 frozen network run with autocast off: fp32 activations meet bf16 weights."""
 
@@ -54,18 +61,21 @@ class CPULearningRate(TrainStep):
             group["lr"] = self.lr
 
 
+# name: (the planted step, its options); host_read_eager is no fault: an eager step may sync
 FAULTS = {
-    "cpu_tensor": (CPUTensorInACUDAOp, "mse"),
-    "host_read": (HostRead, "mse"),
-    "autocast_dtype": (PerceptualOutsideAutocast, "self_perceptual"),
-    "cpu_lr": (CPULearningRate, "mse"),
+    "cpu_tensor": (CPUTensorInACUDAOp, []),
+    "host_read": (HostRead, []),
+    "host_read_eager": (HostRead, ["--no-cuda-graph"]),
+    "host_to_device": (HostToDeviceCopy, []),
+    "autocast_dtype": (PerceptualOutsideAutocast, ["--objective", "self_perceptual"]),
+    "cpu_lr": (CPULearningRate, []),
 }
 
 
 def main(out: str) -> None:
     found = {}
-    for name, (step_class, objective) in FAULTS.items():
-        cfg, model_cfg = dryrun.dry_configs(["--preset", "tiny", "--objective", objective])
+    for name, (step_class, options) in FAULTS.items():
+        cfg, model_cfg = dryrun.dry_configs(["--preset", "tiny", *options])
         try:
             dryrun.dry_step(cfg, model_cfg, step_class)
             found[name] = None

@@ -83,8 +83,12 @@ def test_planted_faults_are_reported_naming_the_fault(tmp_path):
     assert "cuda:0 and cpu" in found["cpu_tensor"]
     assert "host read of a CUDA tensor" in found["host_read"]
     assert "_local_scalar_dense" in found["host_read"]
+    assert "operands of different dtypes" in found["autocast_dtype"]
     assert "float" in found["autocast_dtype"] and "BFloat16" in found["autocast_dtype"]
     assert "CPU learning-rate tensor" in found["cpu_lr"]
+    assert "host-to-device copy inside the step" in found["host_to_device"]
+    assert "cpu float32 [11]" in found["host_to_device"]
+    assert found.pop("host_read_eager") is None  # an eager step may read on the host
     for name, line in found.items():
         assert "\n" not in line, name
 
