@@ -90,10 +90,14 @@ def load_fake_cuda() -> None:
             "fastsp.dryrun must be imported before torch (it registers fake CUDA, which torch "
             "reads once): run `python -m fastsp.dryrun ...` in its own process"
         )
+    torch_lib = Path(importlib.util.find_spec("torch").submodule_search_locations[0]) / "lib"
+    if any((torch_lib / name).exists() for name in ("libtorch_cuda.so", "libtorch_hip.so")):
+        # A CUDA (or ROCm) build registers the real guard, hooks and generator; registering
+        # them twice would stop the process (c10's registry exits on a duplicate key).
+        return
     library = _extension_dir() / "fastsp_fake_cuda.so"
     if not library.is_file():
         library = _build(library.parent)
-    torch_lib = Path(importlib.util.find_spec("torch").submodule_search_locations[0]) / "lib"
     for name in ("libc10.so", "libtorch_cpu.so"):  # the symbols the extension links against
         ctypes.CDLL(str(torch_lib / name), mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
@@ -349,7 +353,7 @@ torch.library.register_fake("aten::_fused_adamw_.tensor_lr")(fake_fused_adamw)
 
 class FlashSDPA(TorchFunctionMode):
     """F.scaled_dot_product_attention as a GPU runs it for the UNet's attention (no mask, no
-    dropout): the flash-attention aten op for fp16/bf16, the memory-efficient one for fp32.
+    dropout): the flash-attention aten op where its kernels apply, else the memory-efficient one.
     Without this the fake CUDA call would decompose into the math path, whose FLOPs and [L, L]
     score matrices are not what a GPU runs."""
 
@@ -364,7 +368,8 @@ class FlashSDPA(TorchFunctionMode):
             return func(*args, **kwargs)
         scale = options.get("scale")
         causal = bool(options.get("is_causal", False))
-        if q.dtype in (torch.float16, torch.bfloat16):
+        head_dim = q.shape[-1]  # flash attention's kernels: fp16/bf16, D a multiple of 8 to 256
+        if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
             return torch.ops.aten._scaled_dot_product_flash_attention(
                 q, k, v, 0.0, causal, False, scale=scale
             )[0]
@@ -628,7 +633,18 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_torch() -> None:
+    """A CUDA build of torch has no fake CUDA (see load_fake_cuda): it needs its GPU."""
+    if torch.backends.cuda.is_built() and not torch.cuda.is_available():
+        raise ConfigError(
+            f"this torch ({torch.__version__}) is built for CUDA but sees no GPU, and the dry "
+            "run's fake CUDA needs a CPU-only build: run it in an environment with the CPU wheel "
+            "(pip install torch --index-url https://download.pytorch.org/whl/cpu), or on a GPU"
+        )
+
+
 def run(cfg, model_cfg, json_path: str | None = None) -> None:
+    check_torch()
     if cfg.compile:
         print("note: --compile is not traced by the dry run; it runs the eager step")
     if cfg.device == "cpu":

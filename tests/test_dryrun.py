@@ -18,6 +18,11 @@ from fastsp.config import UNetConfig
 from fastsp.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
+# The fake CUDA is for a CPU-only torch; a CUDA build brings its own, which needs its GPU.
+pytestmark = pytest.mark.skipif(
+    torch.backends.cuda.is_built() and not torch.cuda.is_available(),
+    reason="a CUDA build of torch without a GPU: the dry run needs the CPU-only build or a GPU",
+)
 
 
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
