@@ -46,6 +46,16 @@ def schedule_from_config(train: dict) -> NoiseSchedule:
     )
 
 
+def check_guidance(guidance_scale: float, conditional: bool) -> None:
+    """Guidance contrasts the condition with the null one: refuse it for an unconditional model
+    (a ConfigError, so a ValueError)."""
+    if guidance_scale != 1 and not conditional:
+        raise ConfigError(
+            "classifier-free guidance needs a conditional model (this one is unconditional); "
+            "use --cfg 1"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: UNet,
@@ -69,11 +79,7 @@ def generate(
     default a zero context). The starting noise comes from a CPU generator seeded with `seed`, so
     a grid is the same on every device.
     """
-    if guidance_scale != 1 and labels is None and context is None:
-        raise ValueError(
-            "classifier-free guidance needs a conditional model (this one is unconditional); "
-            "use --cfg 1"
-        )
+    check_guidance(guidance_scale, conditional=labels is not None or context is not None)
     noise = torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
     labels = labels.to(device) if labels is not None else None
     context = context.to(device) if context is not None else None
@@ -378,11 +384,7 @@ def sample_grid(args: argparse.Namespace, model: UNet, config: dict) -> None:
             "this model is conditioned on a context sequence; sample it with --prompt (and "
             "--vae, --text-encoder) when that context is a text embedding"
         )
-    if args.cfg != 1 and num_classes == 0:
-        raise ConfigError(
-            "classifier-free guidance needs a conditional model (this one is unconditional); "
-            "use --cfg 1"
-        )
+    check_guidance(args.cfg, conditional=num_classes > 0)  # before the grid's file is opened
     resolution = config["train"]["resolution"]
     shape = (model.config.in_channels, resolution, resolution)
     batches = generate_batches(
