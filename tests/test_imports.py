@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 import fastsp
-from fastsp import attention, config, data, data_policy, diffusion, perceptual, reference, unet
+from fastsp import (
+    attention,
+    config,
+    data,
+    data_policy,
+    diffusion,
+    dit,
+    perceptual,
+    reference,
+    unet,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # the training objective and its Triton kernels
@@ -107,6 +117,7 @@ def test_each_vocabulary_has_one_definition():
         attention: ("ATTENTION_BACKENDS",),
         reference: ("PREDICTION_TYPES",),
         unet: ("UNetConfig", "UNET_PRESETS"),
+        dit: ("DiTConfig", "DIT_PRESETS"),
         data: ("DATA_FORMATS", "is_int"),
         data_policy: ("ON_BAD_DATA",),
     }
