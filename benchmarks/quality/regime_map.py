@@ -1,7 +1,7 @@
 """The regime map: where (if anywhere) the self-perceptual loss recovers part of the guidance gap.
 
     python benchmarks/quality/regime_map.py --quick     # 2 settings, 1 seed (< 15 min, idle CPU)
-    python benchmarks/quality/regime_map.py             # the full map (not sized by measurement)
+    python benchmarks/quality/regime_map.py             # the full map (not run; see FULL)
 
 The paper's claim (PAPER.md; issue 16) lives where MSE without guidance is unrealistic and
 guidance fixes much of it. For each setting (data set x base channels x stage-1 length x
@@ -14,9 +14,9 @@ conditioning) and each seed:
    scale being the one of lowest mean training-split FID over all of them. The gap is real when
    its mean exceeds 2 standard deviations of those gaps (and 0);
 3. where the gap is real (for an unconditional setting: where its class-conditional twin's is),
-   stage 2 continues from stage 1's EMA for as many steps as stage 1 with each VARIANT (MSE
-   continued, self-perceptual with the paper's defaults, and the others listed), same seed, data
-   and noise. Every `every` steps a checkpoint is scored without CFG on the training split (the
+   stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed, data and noise:
+   MSE continued and self-perceptual with the paper's defaults in every such setting, and every
+   other VARIANT too in the setting of the widest mean gap (and its unconditional twin). Every `every` steps a checkpoint is scored without CFG on the training split (the
    FID-against-steps curve);
 4. the best self-perceptual variant is the one of lowest mean final training-split FID; then the
    held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with the
@@ -67,33 +67,39 @@ VARIANTS = (
 )
 METRICS = ("fid", "precision", "recall", "inception_score_analogue", "class_accuracy")
 
+# Not run, and not sized by measurement: by the idle per-step rates of the ablations (digits at
+# 16x16, base 16: 0.24 s per MSE step) and a 4x cost for letters at 32x32, stage 1 and the sweeps
+# alone take about 2.5 hours; stage 2 adds about 2.6x the stage-1 time of each setting with a real
+# gap (MSE + self-perceptual) and about 9x in the setting of the widest gap (every variant).
 FULL = dict(
     data=("digits", "letters"),
     resolution=RESOLUTION,
-    channels=(8, 16, 32),
-    stage1=(500, 2000),
+    channels={"digits": (8, 16), "letters": (16,)},
+    stage1={"digits": (400, 1200), "letters": (600,)},
     conds=("class", "none"),
     seeds=(0, 1, 2),
     sampling_seeds=(0,),
     scales=CFG_SCALES,
-    variants=tuple(v[0] for v in VARIANTS),
+    variants=tuple(v[0] for v in VARIANTS),  # in the setting of the widest gap
+    paper_variants=("mse", "sp"),  # in every other setting with a real gap
     every=250,
     num=500,
     heldout_num=1000,
     steps=25,
 )
-# Sized by measurement to finish in under 15 minutes on the idle 2-core CPU (one thread): one
-# class-conditional setting per data set, letters at 16x16 (32x32 costs 4x per step).
+# Sized by the idle per-step rates (above) for about 13 minutes on the idle 2-core CPU with one
+# thread: one class-conditional setting per data set, letters at 16x16 (32x32 costs 4x per step).
 QUICK = dict(
     data=("digits", "letters"),
     resolution={"digits": 16, "letters": 16},
-    channels=(16,),
-    stage1=(300,),
+    channels={"digits": (16,), "letters": (16,)},
+    stage1={"digits": (300,), "letters": (300,)},
     conds=("class",),
     seeds=(0,),
     sampling_seeds=(0, 1),
     scales=(1.0, 1.5, 3.0),
     variants=("mse", "sp"),
+    paper_variants=("mse", "sp"),
     every=150,
     num=300,
     heldout_num=300,
@@ -276,8 +282,8 @@ def settings(plan: dict) -> list[dict]:
     out = []
     for cond in sorted(plan["conds"], key=lambda c: c != "class"):
         for data in plan["data"]:
-            for channels in plan["channels"]:
-                for stage1 in plan["stage1"]:
+            for channels in plan["channels"][data]:
+                for stage1 in plan["stage1"][data]:
                     resolution = plan["resolution"][data]
                     name = setting_name(data, channels, stage1, cond, resolution)
                     out.append(
@@ -293,19 +299,21 @@ def settings(plan: dict) -> list[dict]:
     return out
 
 
-def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gaps: dict) -> dict:
+def twin_of(name: str) -> str:
+    """The class-conditional setting of the same data, channels and stage-1 length."""
+    return name.replace("_none", "_class")
+
+
+def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gaps: dict, names) -> dict:
+    """Stage 1 (done rows are read back), and where the gap is real, stage 2 with the variants
+    `names` and the held-out rows."""
     stage1 = [stage1_row(rows, work, setting, seed, plan) for seed in plan["seeds"]]
-    twin = setting["name"].replace("_none", "_class")
-    if setting["cond"] == "class":
-        gap = guidance_gap(stage1)
-        gaps[setting["name"]] = gap
-    else:
-        gap = None
-    real = (gap or gaps.get(twin) or {}).get("real", False)
+    gap = guidance_gap(stage1) if setting["cond"] == "class" else None
+    real = (gaps.get(twin_of(setting["name"])) or {}).get("real", False)
     out = {"setting": setting, "gap": gap, "compared": real, "stage1": stage1}
     if not real:
         return out
-    variants = [v for v in VARIANTS if v[0] in plan["variants"]]
+    variants = [v for v in VARIANTS if v[0] in names]
     stage2 = {
         v[0]: [
             stage2_row(rows, work, setting, seed, v, row, plan)
@@ -427,10 +435,21 @@ def main() -> int:
     rows = results_dir / "rows"
     os.environ.setdefault("FASTSP_CACHE", str(Path.home() / ".cache" / "fastsp"))
     started = time.time()
-    gaps: dict = {}
+    # Phase 1: every stage 1 and its guidance gap. Phase 2: stage 2 where the gap is real; every
+    # variant in the setting of the widest gap (in mean gaps), MSE and the paper's loss elsewhere
+    # (all variants everywhere would not fit the time budget).
+    gaps = {
+        s["name"]: guidance_gap([stage1_row(rows, work, s, seed, plan) for seed in plan["seeds"]])
+        for s in settings(plan)
+        if s["cond"] == "class"
+    }
+    real = [name for name, gap in gaps.items() if gap["real"]]
+    widest = max(real, key=lambda name: gaps[name]["gap_mean"], default=None)
     results = []
     for setting in settings(plan):
-        results.append(run_setting(rows, work, setting, plan, gaps))
+        every = twin_of(setting["name"]) == widest
+        names = plan["variants"] if every else plan["paper_variants"]
+        results.append(run_setting(rows, work, setting, plan, gaps, names))
         minutes = (time.time() - started) / 60
         text = table(results, plan) + f"\nWall time of this invocation so far: {minutes:.1f} min.\n"
         checkpoint_lib.atomic_write_text(results_dir / "table.md", text)
