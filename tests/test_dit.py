@@ -17,6 +17,7 @@ import torch
 from test_step import FailOnHostSync
 
 from fastsp import config as config_lib
+from fastsp import evaluate as evaluate_cli
 from fastsp import export as export_cli
 from fastsp import reference
 from fastsp.config import DIT_PRESETS, ConfigError, DiTConfig, UNetConfig, parse_args
@@ -350,6 +351,16 @@ def test_train_resume_stage2_and_sample_through_the_cli(tmp_path):
         str(grid),
     )
     assert grid.stat().st_size > 0
+    # evaluation reads the DiT checkpoint like a UNet's (digits classifier, FID, accuracy)
+    report = tmp_path / "eval.json"
+    assert (
+        evaluate_cli.main(
+            ["--checkpoint", str(stage2), "--num", "16", "--steps", "1", "--out", str(report)]
+        )
+        == 0
+    )
+    scores = json.loads(report.read_text())
+    assert scores["generated_images"] == 16 and scores["metrics"]["fid"] > 0
     # the stage-2 DiT as a diffusers DiTTransformer2DModel folder, through the export command
     assert (
         export_cli.main(["--checkpoint", str(stage2), "--to-diffusers", str(tmp_path / "hf")]) == 0
