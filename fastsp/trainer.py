@@ -27,7 +27,7 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp import diffusers_unet, dist, preemption, run_folder
 from fastsp.attention import describe_backend as describe_attention
-from fastsp.config import ConfigError, DiTConfig, TrainConfig
+from fastsp.config import BUILTIN_DATA, ConfigError, DiTConfig, TrainConfig
 from fastsp.data import build_dataset, describe_data
 from fastsp.data_stream import make_loader
 from fastsp.diffusion import NoiseSchedule
@@ -122,12 +122,15 @@ def data_config(cfg: TrainConfig, dataset) -> tuple[TrainConfig, list[str]]:
     return dataclasses.replace(cfg, **{name: v for name, (v, _) in decided.items()}), lines
 
 
-def check_out_and_data(cfg: TrainConfig, dataset) -> None:
+def check_out_and_data(cfg: TrainConfig) -> None:
     """The run folder and a data folder must not hold one another: grids and checkpoints
     written into the data would be read as data (a new class "samples") by the next run."""
-    root = getattr(dataset, "root", None)  # image and latent folders; built-in data has none
-    if root is None:
+    built_in = cfg.data_format in BUILTIN_DATA or (
+        cfg.data_format == "auto" and cfg.data in BUILTIN_DATA
+    )
+    if built_in:
         return
+    root = cfg.data
     data, out = os.path.realpath(root), os.path.realpath(cfg.out)
     if os.path.commonpath([data, out]) == data:
         raise ConfigError(
@@ -578,7 +581,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         )
     schedule = schedule_from_config(dataclasses.asdict(cfg))
     dataset, model_cfg = build_data(cfg, model_cfg)
-    check_out_and_data(cfg, dataset)
+    check_out_and_data(cfg)
     cfg, data_lines = data_config(cfg, dataset)
     check_resolution(cfg, model_cfg)
     # Decided from the config before the process group starts (fastsp.step.graph_environment):
@@ -972,6 +975,7 @@ def train(cfg: TrainConfig, model_cfg: UNetConfig) -> Path:
     that fails, or that a signal stops (fastsp.preemption), leaves no folder it made behind.
     """
     stop_before_training(agree=False)  # asked for during the imports: nothing is made yet
+    check_out_and_data(cfg)  # before the claim, which would leave its lock file in the data
     with run_folder.claimed(cfg.out, is_main=os.environ.get("RANK", "0") == "0"):
         run = build_run(cfg, model_cfg)
         stop_before_training(agree=True)
