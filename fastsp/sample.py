@@ -281,7 +281,8 @@ def check_sampling(args: argparse.Namespace) -> None:
     """The sampling options `python -m fastsp.sample` and `fastsp.evaluate` share (--num,
     --steps, --batch-size, --cfg, --cfg-rescale), refused with one ConfigError line before any
     checkpoint is read; a NaN guidance scale would sample black images without a word."""
-    if (args.num is not None and args.num < 1) or args.steps < 1 or args.batch_size < 1:
+    too_few = [args.num, args.steps, args.batch_size]  # num and batch_size: None is the default
+    if any(value is not None and value < 1 for value in too_few):
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
     if not (math.isfinite(args.cfg) and args.cfg >= 0):
         raise ConfigError(f"--cfg must be a finite number >= 0 (1 = no guidance), got {args.cfg:g}")
@@ -308,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=DEFAULT_BATCH,
-        help=f"images sampled at once (default {DEFAULT_BATCH}); any --num runs in the memory of "
-        "one batch, and batch b starts from noise seeded by (--seed, b)",
+        default=None,
+        help=f"grid images sampled at once (default {DEFAULT_BATCH}); any --num runs in the "
+        "memory of one batch, and batch b starts from noise seeded by (--seed, b)",
     )
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     parser.add_argument(
@@ -366,6 +367,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
     if args.negative_prompt is not None and args.cfg == 1:
         raise ConfigError("--negative-prompt is only used by guidance; pass --cfg > 1 with it")
+    if args.batch_size is not None:
+        raise ConfigError(
+            "--batch-size applies to grids; prompt sampling draws its --num full-size images "
+            f"(default {DEFAULT_PROMPT_NUM}) at once: drop --batch-size"
+        )
 
 
 def sample_grid(args: argparse.Namespace, model: UNet, config: dict) -> None:
@@ -473,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args)
         if args.num is None:
             args.num = DEFAULT_NUM if args.prompt is None else DEFAULT_PROMPT_NUM
+        if args.batch_size is None:
+            args.batch_size = DEFAULT_BATCH
         model, config = checkpoint_lib.load_model(
             args.checkpoint, weights=args.weights, device=args.device
         )

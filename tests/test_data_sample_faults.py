@@ -245,6 +245,12 @@ def test_sample_out_that_cannot_be_written_is_refused_before_sampling(run_dir, t
         assert err.startswith(f"error: --out {out}") and message in err and err.count("\n") == 1
 
 
+def test_sample_batch_size_is_for_grids_only(run_dir, tmp_path, capsys):
+    argv = ["--checkpoint", str(run_dir), "--prompt", "a cat", "--vae", "v", "--text-encoder", "t"]
+    assert sample_cli.main([*argv, "--batch-size", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--batch-size applies to grids" in capsys.readouterr().err
+
+
 def test_sample_draws_any_num_in_batches_with_a_progress_line(run_dir, tmp_path, monkeypatch):
     seen = []
     generate = sample_cli.generate
