@@ -17,8 +17,9 @@ Its shape is a `DiTConfig` with named presets `DIT_PRESETS`, both in the leaf `f
   the context follows, x = x + cross(x, context), without norm or gate, its output projection
   zero-initialised (PixArt-alpha's block); x = x + gate_m * mlp(LN(x) (1 + scale_m) + shift_m),
   the MLP a tanh-GELU between two Linears (mlp_ratio x D). LayerNorms without affine parameters.
-- Every attention calls `fastsp.attention.attention` with the config's backend (xformers on
-  CUDA, SDPA elsewhere).
+- Every attention layer is fastsp.unet.Attention (with q/k/v biases here), so
+  fastsp.unet.decide_attention chooses its kernel once before torch.compile, as for the UNet
+  (xformers on CUDA, SDPA elsewhere).
 - The output is in_channels channels (v, eps or x0 as the run's prediction_type says; no learned
   sigma), the final Linear zero-initialised (DiT's init): an untrained model predicts 0.
 
@@ -43,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.attention import attention
 from fastsp.config import DIT_PRESETS as DIT_PRESETS  # re-exported: fastsp.dit.DIT_PRESETS
 from fastsp.config import DiTConfig
+from fastsp.unet import Attention  # one attention layer for both backbones (kernel chosen once)
 
 TIME_FREQ_DIM = 256  # the sinusoidal timestep features the time MLP reads (DiT, diffusers)
 
@@ -86,32 +87,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class Attention(nn.Module):
-    """Multi-head attention with biases over [B, L, D]; cross-attention when context_dim is set."""
-
-    def __init__(self, dim: int, heads: int, backend: str, context_dim: int | None = None):
-        super().__init__()
-        self.heads = heads
-        self.backend = backend
-        self.is_cross = context_dim is not None
-        if self.is_cross:
-            self.to_q = nn.Linear(dim, dim)
-            self.to_kv = nn.Linear(context_dim, 2 * dim)
-        else:
-            self.to_qkv = nn.Linear(dim, 3 * dim)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        b, lq, d = x.shape
-        if self.is_cross:
-            q = self.to_q(x).view(b, lq, self.heads, -1)
-            k, v = self.to_kv(context).view(b, context.shape[1], 2, self.heads, -1).unbind(2)
-        else:
-            q, k, v = self.to_qkv(x).view(b, lq, 3, self.heads, -1).unbind(2)
-        out = attention(q, k, v, backend=self.backend)
-        return self.to_out(out.reshape(b, lq, d))
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -130,9 +105,11 @@ class DiTBlock(nn.Module):
         dim, backend = config.hidden_size, config.attention_backend
         self.adaln = nn.Linear(dim, 6 * dim)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, config.heads, backend)
+        self.attn = Attention(dim, config.heads, backend, qkv_bias=True)
         if config.context_dim > 0:
-            self.cross = Attention(dim, config.heads, backend, context_dim=config.context_dim)
+            self.cross = Attention(
+                dim, config.heads, backend, context_dim=config.context_dim, qkv_bias=True
+            )
         else:
             self.cross = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)

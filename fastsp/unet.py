@@ -89,13 +89,21 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over [B, L, C]; self-attention when context_dim is None."""
+    """Multi-head attention over [B, L, C]; self-attention when context_dim is None. The UNet's
+    q/k/v projections have no bias (as SD's); the DiT's have one (`qkv_bias=True`)."""
 
     # The context length the kernel is chosen for when none is known (SD's CLIP text length).
     PROBE_CONTEXT_LEN = 77
     PROBE_LEN = 64
 
-    def __init__(self, dim: int, heads: int, backend: str, context_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        backend: str,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+    ):
         super().__init__()
         self.heads = heads
         self.backend = backend
@@ -104,10 +112,10 @@ class Attention(nn.Module):
         self.kernel: str | None = None
         self.is_cross = context_dim is not None
         if self.is_cross:
-            self.to_q = nn.Linear(dim, dim, bias=False)
-            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+            self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
         else:
-            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
