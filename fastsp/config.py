@@ -757,20 +757,21 @@ def read_diffusers_config(folder: Path) -> dict[str, Any]:
 # defaults. `digits` is the CPU demo and the default; `tiny` is for tests; `sd21` is the Stable
 # Diffusion 2.1-base UNet for GPU benchmarks (synthetic latents and context unless --data is set).
 DEFAULT_PRESET = "digits"
+# What tiny and dit_tiny share: a run of a few seconds on the CPU, for tests.
+_TEST_RUN: dict[str, Any] = dict(
+    resolution=8,
+    batch_size=8,
+    steps=20,
+    lr=1e-3,
+    lr_warmup_steps=0,
+    log_every=5,
+    checkpoint_every=0,
+    sample_every=0,
+    sample_num=16,
+    sample_steps=4,
+)
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        resolution=8,
-        batch_size=8,
-        steps=20,
-        lr=1e-3,
-        lr_warmup_steps=0,
-        log_every=5,
-        checkpoint_every=0,
-        sample_every=0,
-        sample_num=16,
-        sample_steps=4,
-        out="runs/tiny",
-    ),
+    "tiny": dict(_TEST_RUN, out="runs/tiny"),
     "digits": dict(out="runs/digits"),
     "sd21": dict(
         data="synthetic",
@@ -791,19 +792,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The DiT (fastsp.dit) on the same footing: dit_tiny for tests, dit_digits the CPU demo, and
     # the paper's shapes on synthetic 32x32x4 latents with class labels for GPU benchmarks.
-    "dit_tiny": dict(
-        resolution=8,
-        batch_size=8,
-        steps=20,
-        lr=1e-3,
-        lr_warmup_steps=0,
-        log_every=5,
-        checkpoint_every=0,
-        sample_every=0,
-        sample_num=16,
-        sample_steps=4,
-        out="runs/dit_tiny",
-    ),
+    "dit_tiny": dict(_TEST_RUN, out="runs/dit_tiny"),
     "dit_digits": dict(lr=3e-4, out="runs/dit_digits"),
     **{
         name: dict(

@@ -46,7 +46,7 @@ from torch import nn
 
 from fastsp.config import DIT_PRESETS as DIT_PRESETS  # re-exported: fastsp.dit.DIT_PRESETS
 from fastsp.config import DiTConfig
-from fastsp.unet import Attention  # one attention layer for both backbones (kernel chosen once)
+from fastsp.unet import Attention, check_context  # one attention layer for both backbones (kernel chosen once)
 
 TIME_FREQ_DIM = 256  # the sinusoidal timestep features the time MLP reads (DiT, diffusers)
 
@@ -218,14 +218,7 @@ class DiT(nn.Module):
                 f"input size {h}x{w} is not divisible by the patch size {p}: pad or resize it to "
                 f"a multiple of {p}"
             )
-        if self.config.context_dim > 0 and context is None:
-            raise ValueError(
-                f"context [B, L, {self.config.context_dim}] is required (context_dim > 0)"
-            )
-        if self.config.context_dim == 0 and context is not None:
-            raise ValueError(
-                "context was given but the model has no cross-attention (context_dim=0)"
-            )
+        check_context(context, self.config.context_dim)
 
     def forward(
         self,

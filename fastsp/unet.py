@@ -88,6 +88,14 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def check_context(context: torch.Tensor | None, context_dim: int) -> None:
+    """A context is given iff the model has cross-attention (context_dim > 0); UNet and DiT."""
+    if context_dim > 0 and context is None:
+        raise ValueError(f"context [B, L, {context_dim}] is required (context_dim > 0)")
+    if context_dim == 0 and context is not None:
+        raise ValueError("context was given but the model has no cross-attention (context_dim=0)")
+
+
 class Attention(nn.Module):
     """Multi-head attention over [B, L, C]; self-attention when context_dim is None. The UNet's
     q/k/v projections have no bias (as SD's); the DiT's have one (`qkv_bias=True`)."""
@@ -408,16 +416,6 @@ class UNet(nn.Module):
                 f"{multiple}"
             )
 
-    def _check_context(self, context):
-        if self.config.context_dim > 0 and context is None:
-            raise ValueError(
-                f"context [B, L, {self.config.context_dim}] is required (context_dim > 0)"
-            )
-        if self.config.context_dim == 0 and context is not None:
-            raise ValueError(
-                "context was given but the model has no cross-attention (context_dim=0)"
-            )
-
     def forward(
         self,
         x: torch.Tensor,
@@ -454,7 +452,7 @@ class UNet(nn.Module):
             for k, name in enumerate(self.tap_names):
                 if name in wanted:
                     last = k
-        self._check_context(context)
+        check_context(context, self.config.context_dim)
         self._check_size(x)
 
         out: dict[str, torch.Tensor] = {}
