@@ -1,23 +1,27 @@
 """The regime map: where (if anywhere) the self-perceptual loss recovers part of the guidance gap.
 
-    python benchmarks/quality/regime_map.py --quick     # 2 settings, 1 seed (< 15 min, idle CPU)
-    python benchmarks/quality/regime_map.py             # the full map (not run; see FULL)
+    python benchmarks/quality/regime_map.py --quick --jobs 2   # 2 settings, 1 seed
+    python benchmarks/quality/regime_map.py --jobs 2           # the full map (FULL)
 
 The paper's claim (PAPER.md; issue 16) lives where MSE without guidance is unrealistic and
 guidance fixes much of it. For each setting (data set x base channels x stage-1 length x
 conditioning) and each seed:
 
-1. stage 1 trains MSE from scratch (the digits preset's UNet with --base-channels C);
+1. stage 1 trains MSE from scratch (the digits preset's UNet with --base-channels C). The
+   settings that differ only in stage-1 length share one run: the shorter one's final checkpoint
+   is a checkpoint of the longer one (the learning rate is constant after warm-up, so a run
+   resumed to more steps is the longer run);
 2. class-conditional settings: `fastsp.evaluate --cfg-sweep` scores the stage-1 model at every
-   scale of CFG_SCALES against the TRAINING split, with `sampling_seeds` sampling seeds. The
+   scale of `scales` against the TRAINING split, with `sampling_seeds` sampling seeds. The
    guidance gap of one (training seed, sampling seed) is FID(cfg 1) - FID(best cfg), the best
    scale being the one of lowest mean training-split FID over all of them. The gap is real when
    its mean exceeds 2 standard deviations of those gaps (and 0);
-3. where the gap is real (for an unconditional setting: where its class-conditional twin's is),
-   stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed, data and noise:
-   MSE continued and self-perceptual with the paper's defaults in every such setting, and every
-   other VARIANT too in the setting of the widest mean gap (and its unconditional twin). Every `every` steps a checkpoint is scored without CFG on the training split (the
-   FID-against-steps curve);
+3. where the gap is real (an unconditional setting runs only where its class-conditional twin's
+   gap is real), stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed,
+   data and noise: MSE continued and self-perceptual with the paper's defaults in every such
+   setting, and every other variant of `variants` too in the class-conditional setting of the
+   widest mean gap. `curve_points` checkpoints of each run are scored without CFG on the
+   training split (the FID-against-steps curve);
 4. the best self-perceptual variant is the one of lowest mean final training-split FID; then the
    held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with the
    best scale of step 2, the paper's self-perceptual and the best variant, without CFG. The share
@@ -26,9 +30,12 @@ conditioning) and each seed:
 
 Nothing on the held-out split chooses anything. Every result is a file of its own under
 RESULTS/rows/ written atomically (a JSON per stage-1 seed, per stage-2 run, per held-out row);
-a row whose file exists is skipped, and training runs resume from their checkpoints (`--resume`),
-so an interrupted map continues where it stopped. RESULTS/table.md is rewritten from the row files
-after every row; RESULTS/results.json holds them all.
+a row whose file exists is read back, and training runs resume from their checkpoints
+(`--resume`), so an interrupted map continues where it stopped. `--jobs N` runs N one-thread
+workers that share the rows: a worker claims a row with a lock file beside it (a claim whose
+process is gone is taken over) and waits only for rows that another worker holds and it needs.
+RESULTS/table.md is rewritten from the row files after every pass; RESULTS/results.json holds
+them all at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,12 +58,11 @@ from fastsp.evaluate import evaluate_checkpoint
 from fastsp.quality import format_gap_share, guidance_gap_share
 from fastsp.trainer import train
 
-CFG_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)
 CFG_RESCALE = 0.7  # as benchmarks/quality/reproduce.py
 STAGE2_LR = 2e-4  # as benchmarks/quality/reproduce.py
 STAGE2_SEED_OFFSET = 1000
 GAP_STDS = 2.0  # a gap is real when its mean exceeds this many of its standard deviations
-RESOLUTION = {"digits": 16, "letters": 32}  # each data set's native side (full map)
+WAIT_SECONDS = 20  # how often a worker looks again for rows another worker holds
 # (name, objective, extra training options): fixed before any result was seen
 VARIANTS = (
     ("mse", "mse", []),
@@ -67,40 +75,42 @@ VARIANTS = (
 )
 METRICS = ("fid", "precision", "recall", "inception_score_analogue", "class_accuracy")
 
-# Not run, and not sized by measurement: by the idle per-step rates of the ablations (digits at
-# 16x16, base 16: 0.24 s per MSE step) and a 4x cost for letters at 32x32, stage 1 and the sweeps
-# alone take about 2.5 hours; stage 2 adds about 2.6x the stage-1 time of each setting with a real
-# gap (MSE + self-perceptual) and about 9x in the setting of the widest gap (every variant).
+# Sized by per-step rates measured with two one-thread workers on the idle 2-core CPU (batch 64,
+# 16x16: base 8 about 0.26 s per step, base 16 about 0.56 s; base 32 costs 1.4 s and 32x32 letters
+# 4x, both out of this budget) and by sampling at about 2.8 ms per image and DDIM step (base 16).
+# Letters and digits at 16x16; capacity (base 8, 16) and stage-1 length (300, 600) on letters;
+# the unconditional twin of one setting.
 FULL = dict(
     data=("digits", "letters"),
-    resolution=RESOLUTION,
-    channels={"digits": (8, 16), "letters": (16,)},
-    stage1={"digits": (400, 1200), "letters": (600,)},
-    conds=("class", "none"),
+    resolution={"digits": 16, "letters": 16},
+    channels={"digits": (8,), "letters": (8, 16)},
+    stage1={"digits": (600,), "letters": (600,)},
+    extra_stage1=(("letters", 16, 300),),  # (data, channels, stage-1 steps): more lengths
+    unconditional=(("letters", 16, 300),),  # (data, channels, stage-1 steps)
     seeds=(0, 1, 2),
     sampling_seeds=(0,),
-    scales=CFG_SCALES,
-    variants=tuple(v[0] for v in VARIANTS),  # in the setting of the widest gap
-    paper_variants=("mse", "sp"),  # in every other setting with a real gap
-    every=250,
-    num=500,
-    heldout_num=1000,
-    steps=25,
+    scales=(1.0, 1.5, 2.0, 3.0),
+    variants=("mse", "sp", "sp_plus_mse", "sp_on_t_0_699"),  # the setting of the widest gap
+    paper_variants=("mse", "sp"),  # every other setting with a real gap
+    curve_points=2,
+    num=300,
+    heldout_num=500,
+    steps=20,
 )
-# Sized by the idle per-step rates (above) for about 13 minutes on the idle 2-core CPU with one
-# thread: one class-conditional setting per data set, letters at 16x16 (32x32 costs 4x per step).
+# One class-conditional setting per data set, one seed, two sampling seeds.
 QUICK = dict(
     data=("digits", "letters"),
     resolution={"digits": 16, "letters": 16},
     channels={"digits": (16,), "letters": (16,)},
     stage1={"digits": (300,), "letters": (300,)},
-    conds=("class",),
+    extra_stage1=(),
+    unconditional=(),
     seeds=(0,),
     sampling_seeds=(0, 1),
     scales=(1.0, 1.5, 3.0),
     variants=("mse", "sp"),
     paper_variants=("mse", "sp"),
-    every=150,
+    curve_points=2,
     num=300,
     heldout_num=300,
     steps=20,
@@ -122,6 +132,65 @@ def read_row(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _lock_of(path: Path) -> Path:
+    return path.with_name(path.name + ".claim")
+
+
+def _claim_is_live(lock: Path) -> bool:
+    """Whether the worker that wrote this claim still runs (a claim being written counts)."""
+    try:
+        host, pid = lock.read_text().split()
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # created, not yet written: live unless long abandoned
+        return time.time() - lock.stat().st_mtime < 60
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()  # our own claim can only be left by an earlier attempt
+
+
+def claim(path: Path) -> bool:
+    """Take the row at `path` for this worker; False while a live worker holds it."""
+    lock = _lock_of(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_is_live(lock):
+                return False
+            lock.unlink(missing_ok=True)  # its worker is gone: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def obtain(path: Path, compute) -> dict | None:
+    """The row at `path`: read back if done, else computed and written if this worker can claim
+    it; None while another worker computes it."""
+    done = read_row(path)
+    if done is not None:
+        return done
+    if not claim(path):
+        return None
+    try:
+        done = read_row(path)  # written between the first read and the claim
+        if done is None:
+            done = compute()
+            write_row(path, done)
+        return done
+    finally:
+        _lock_of(path).unlink(missing_ok=True)
 
 
 def train_run(argv: list[str]) -> Path:
@@ -154,43 +223,54 @@ def scores(checkpoint: Path, plan: dict, real_split: str, num: int, **options) -
     return out
 
 
-def stage1_row(rows: Path, work: Path, setting: dict, seed: int, plan: dict) -> dict:
-    """Stage 1 of one seed and, class-conditional, its CFG sweeps on the training split."""
-    path = rows / "stage1" / f"{setting['name']}_seed{seed}.json"
-    done = read_row(path)
-    if done is not None:
-        return done
-    start = time.perf_counter()
-    argv = [
-        *common(setting["data"], setting["resolution"], setting["channels"], setting["cond"], seed),
-        *("--steps", str(setting["stage1"]), "--checkpoint-every", "0"),
-        *("--out", str(work / setting["name"] / f"seed{seed}" / "stage1")),
-    ]
-    checkpoint = train_run(argv)
-    row = {
-        "setting": setting,
-        "seed": seed,
-        "checkpoint": str(checkpoint),
-        "train_seconds": round(time.perf_counter() - start, 1),
-    }
-    if setting["cond"] == "class":
-        sweep = ",".join(f"{s:g}" for s in plan["scales"])
-        row["sweeps"] = {
-            str(s): scores(
-                checkpoint,
-                plan,
-                "train",
-                plan["num"],
-                cfg_sweep=sweep,
-                cfg_rescale=CFG_RESCALE,
-                seed=s,
-            )["sweep"]
-            for s in plan["sampling_seeds"]
+def stage1_run_dir(work: Path, setting: dict, seed: int) -> Path:
+    """One run per (data, resolution, channels, conditioning, seed), whatever its length."""
+    s = setting
+    return work / f"{s['data']}{s['resolution']}_c{s['channels']}_{s['cond']}_seed{seed}"
+
+
+def stage1_row(rows: Path, work: Path, setting: dict, seed: int, plan: dict) -> dict | None:
+    """Stage 1 of one seed and, class-conditional, its CFG sweeps on the training split; None
+    while a shorter setting of the same run (or this row) is with another worker."""
+    for shorter in setting["shorter"]:  # the run passes through their lengths first
+        if read_row(rows / "stage1" / f"{shorter}_seed{seed}.json") is None:
+            return None
+
+    def compute() -> dict:
+        start = time.perf_counter()
+        argv = [
+            *common(
+                setting["data"], setting["resolution"], setting["channels"], setting["cond"], seed
+            ),
+            *("--steps", str(setting["stage1"]), "--checkpoint-every", "0"),
+            *("--out", str(stage1_run_dir(work, setting, seed))),
+        ]
+        checkpoint = train_run(argv)
+        row = {
+            "setting": setting,
+            "seed": seed,
+            "checkpoint": str(checkpoint),
+            "train_seconds": round(time.perf_counter() - start, 1),  # from the shorter run's end
         }
-    else:
-        row["no_cfg"] = scores(checkpoint, plan, "train", plan["num"])
-    write_row(path, row)
-    return row
+        if setting["cond"] == "class":
+            sweep = ",".join(f"{s:g}" for s in plan["scales"])
+            row["sweeps"] = {
+                str(s): scores(
+                    checkpoint,
+                    plan,
+                    "train",
+                    plan["num"],
+                    cfg_sweep=sweep,
+                    cfg_rescale=CFG_RESCALE,
+                    seed=s,
+                )["sweep"]
+                for s in plan["sampling_seeds"]
+            }
+        else:
+            row["no_cfg"] = scores(checkpoint, plan, "train", plan["num"])
+        return row
+
+    return obtain(rows / "stage1" / f"{setting['name']}_seed{seed}.json", compute)
 
 
 def guidance_gap(stage1: list[dict]) -> dict:
@@ -215,87 +295,94 @@ def guidance_gap(stage1: list[dict]) -> dict:
 def stage2_row(rows: Path, work: Path, setting: dict, seed: int, variant, stage1: dict, plan):
     """One continuation from stage 1's EMA and its training-split FID curve (no CFG)."""
     name, objective, extra = variant
-    init = stage1["checkpoint"]
-    start_fid = (
-        stage1["sweeps"][str(plan["sampling_seeds"][0])]["1"]["fid"]
-        if "sweeps" in stage1
-        else stage1["no_cfg"]["fid"]
-    )
-    path = rows / "stage2" / f"{setting['name']}_{name}_seed{seed}.json"
-    done = read_row(path)
-    if done is not None:
-        return done
-    start = time.perf_counter()
-    run_dir = work / setting["name"] / f"seed{seed}" / name
-    argv = [
-        *common(
-            setting["data"],
-            setting["resolution"],
-            setting["channels"],
-            setting["cond"],
-            seed + STAGE2_SEED_OFFSET,
-        ),
-        *("--init", init, "--lr", str(STAGE2_LR), "--objective", objective),
-        *("--steps", str(setting["stage1"]), "--checkpoint-every", str(plan["every"])),
-        *("--keep-last", "0", "--out", str(run_dir), *extra),
-    ]
-    final = train_run(argv)
-    seconds = time.perf_counter() - start
-    curve = [[0, start_fid]]  # step 0: stage 1 itself, without CFG (sampling seed 0)
-    for checkpoint in checkpoint_lib.list_checkpoints(run_dir):
-        step = checkpoint_lib.read_state(checkpoint)["step"]
-        curve.append([step, scores(checkpoint, plan, "train", plan["num"])["fid"]])
-    row = {
-        "setting": setting,
-        "seed": seed,
-        "variant": name,
-        "options": [objective, *extra],
-        "checkpoint": str(final),
-        "train_seconds": round(seconds, 1),
-        "train_fid_curve": curve,
-        "train_fid": curve[-1][1],
-    }
-    write_row(path, row)
-    return row
+
+    def compute() -> dict:
+        start_fid = (
+            stage1["sweeps"][str(plan["sampling_seeds"][0])]["1"]["fid"]
+            if "sweeps" in stage1
+            else stage1["no_cfg"]["fid"]
+        )
+        start = time.perf_counter()
+        run_dir = work / setting["name"] / f"seed{seed}" / name
+        every = setting["stage1"] // plan["curve_points"]
+        argv = [
+            *common(
+                setting["data"],
+                setting["resolution"],
+                setting["channels"],
+                setting["cond"],
+                seed + STAGE2_SEED_OFFSET,
+            ),
+            *("--init", stage1["checkpoint"], "--lr", str(STAGE2_LR), "--objective", objective),
+            *("--steps", str(setting["stage1"]), "--checkpoint-every", str(every)),
+            *("--keep-last", "0", "--out", str(run_dir), *extra),
+        ]
+        final = train_run(argv)
+        seconds = time.perf_counter() - start
+        curve = [[0, start_fid]]  # step 0: stage 1 itself, without CFG (sampling seed 0)
+        for checkpoint in checkpoint_lib.list_checkpoints(run_dir):
+            step = checkpoint_lib.read_state(checkpoint)["step"]
+            curve.append([step, scores(checkpoint, plan, "train", plan["num"])["fid"]])
+        return {
+            "setting": setting,
+            "seed": seed,
+            "variant": name,
+            "options": [objective, *extra],
+            "checkpoint": str(final),
+            "train_seconds": round(seconds, 1),
+            "train_fid_curve": curve,
+            "train_fid": curve[-1][1],
+        }
+
+    return obtain(rows / "stage2" / f"{setting['name']}_{name}_seed{seed}.json", compute)
 
 
 def heldout_row(rows: Path, setting: dict, seed: int, label: str, checkpoint: str, plan, **opts):
     """One final row, scored once on the held-out split."""
-    path = rows / "heldout" / f"{setting['name']}_{label}_seed{seed}.json"
-    done = read_row(path)
-    if done is not None:
-        return done
-    row = {
-        "setting": setting,
-        "seed": seed,
-        "row": label,
-        "checkpoint": checkpoint,
-        "options": opts,
-        "heldout": scores(Path(checkpoint), plan, "heldout", plan["heldout_num"], **opts),
-    }
-    write_row(path, row)
-    return row
+    tag = label.replace(", ", "_").replace(" ", "_")
+    path = rows / "heldout" / f"{setting['name']}_{tag}_seed{seed}.json"
+    return obtain(
+        path,
+        lambda: {
+            "setting": setting,
+            "seed": seed,
+            "row": label,
+            "checkpoint": checkpoint,
+            "options": opts,
+            "heldout": scores(Path(checkpoint), plan, "heldout", plan["heldout_num"], **opts),
+        },
+    )
 
 
 def settings(plan: dict) -> list[dict]:
-    """Class-conditional settings first: an unconditional one needs its twin's gap."""
+    """Class-conditional settings first (an unconditional one needs its twin's gap), shorter
+    stage 1 before longer; each names the shorter settings its stage-1 run passes through."""
+    keys = []
+    for data in plan["data"]:
+        for channels in plan["channels"][data]:
+            extra = [n for d, c, n in plan["extra_stage1"] if (d, c) == (data, channels)]
+            lengths = (*plan["stage1"][data], *extra)
+            keys += [(data, channels, stage1, "class") for stage1 in sorted(lengths)]
+    keys += [(data, channels, stage1, "none") for data, channels, stage1 in plan["unconditional"]]
     out = []
-    for cond in sorted(plan["conds"], key=lambda c: c != "class"):
-        for data in plan["data"]:
-            for channels in plan["channels"][data]:
-                for stage1 in plan["stage1"][data]:
-                    resolution = plan["resolution"][data]
-                    name = setting_name(data, channels, stage1, cond, resolution)
-                    out.append(
-                        dict(
-                            name=name,
-                            data=data,
-                            resolution=resolution,
-                            channels=channels,
-                            stage1=stage1,
-                            cond=cond,
-                        )
-                    )
+    for data, channels, stage1, cond in keys:
+        resolution = plan["resolution"][data]
+        shorter = [
+            setting_name(data, channels, other, cond, resolution)
+            for d, c, other, k in keys
+            if (d, c, k) == (data, channels, cond) and other < stage1
+        ]
+        out.append(
+            dict(
+                name=setting_name(data, channels, stage1, cond, resolution),
+                data=data,
+                resolution=resolution,
+                channels=channels,
+                stage1=stage1,
+                cond=cond,
+                shorter=shorter,
+            )
+        )
     return out
 
 
@@ -304,15 +391,20 @@ def twin_of(name: str) -> str:
     return name.replace("_none", "_class")
 
 
-def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gaps: dict, names) -> dict:
-    """Stage 1 (done rows are read back), and where the gap is real, stage 2 with the variants
-    `names` and the held-out rows."""
+def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gap: dict, names) -> dict:
+    """What this worker can do of one setting whose twin's gap `gap` is known: stage 1 (done rows
+    are read back) and, where the gap is real, stage 2 with the variants `names` and the
+    held-out rows. The result says whether rows are still with another worker ("pending")."""
+    out = {"setting": setting, "gap": gap if setting["cond"] == "class" else None}
+    out["compared"] = gap["real"]
+    if setting["cond"] != "class" and not gap["real"]:
+        return dict(out, status="not run", stage1=[])
     stage1 = [stage1_row(rows, work, setting, seed, plan) for seed in plan["seeds"]]
-    gap = guidance_gap(stage1) if setting["cond"] == "class" else None
-    real = (gaps.get(twin_of(setting["name"])) or {}).get("real", False)
-    out = {"setting": setting, "gap": gap, "compared": real, "stage1": stage1}
-    if not real:
-        return out
+    out["stage1"] = [row for row in stage1 if row is not None]
+    if None in stage1:
+        return dict(out, status="pending")
+    if not gap["real"]:
+        return dict(out, status="done")
     variants = [v for v in VARIANTS if v[0] in names]
     stage2 = {
         v[0]: [
@@ -321,24 +413,58 @@ def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gaps: dict, n
         ]
         for v in variants
     }
+    if any(None in runs for runs in stage2.values()):
+        return dict(out, status="pending")
     sp_names = [name for name in stage2 if name != "mse"]
     best_sp = min(sp_names, key=lambda n: statistics.mean(r["train_fid"] for r in stage2[n]))
-    final = {}
+    final, pending = {}, False
     for i, seed in enumerate(plan["seeds"]):
         mse = stage2["mse"][i]["checkpoint"]
         entries = {"MSE, no CFG": (mse, {})}
-        if gap is not None:
+        if setting["cond"] == "class":
             entries["MSE, best CFG"] = (mse, {"cfg": gap["best_cfg"], "cfg_rescale": CFG_RESCALE})
         entries["self-perceptual, no CFG"] = (stage2["sp"][i]["checkpoint"], {})
         if best_sp != "sp":
             entries[f"{best_sp}, no CFG"] = (stage2[best_sp][i]["checkpoint"], {})
         for label, (checkpoint, opts) in entries.items():
-            tag = label.replace(", ", "_").replace(" ", "_")
-            final.setdefault(label, []).append(
-                heldout_row(rows, setting, seed, tag, checkpoint, plan, **opts)["heldout"]
-            )
+            row = heldout_row(rows, setting, seed, label, checkpoint, plan, **opts)
+            pending |= row is None
+            final.setdefault(label, []).append(row["heldout"] if row else None)
     out.update(stage2=stage2, best_sp_variant=best_sp, heldout=final)
-    return out
+    return dict(out, status="pending" if pending else "done")
+
+
+def one_pass(rows: Path, work: Path, plan: dict) -> tuple[list[dict], bool]:
+    """Everything this worker can do now, in order: every class-conditional stage 1 (phase 1),
+    then, once every gap is known, stage 2 and held-out rows, the setting of the widest gap
+    first. Returns the settings' results and whether any row is still with another worker."""
+    all_settings = settings(plan)
+    stage1 = {
+        s["name"]: [stage1_row(rows, work, s, seed, plan) for seed in plan["seeds"]]
+        for s in all_settings
+        if s["cond"] == "class"
+    }
+    if any(None in runs for runs in stage1.values()):
+        partial = [
+            {"setting": s, "gap": None, "stage1": [r for r in stage1[s["name"]] if r is not None]}
+            for s in all_settings
+            if s["cond"] == "class"
+        ]
+        return [dict(r, compared=False, status="pending") for r in partial], True
+    gaps = {name: guidance_gap(runs) for name, runs in stage1.items()}
+    real = [name for name, gap in gaps.items() if gap["real"]]
+    widest = max(real, key=lambda name: gaps[name]["gap_mean"], default=None)
+
+    def priority(s: dict) -> tuple:
+        return (s["name"] != widest, s["cond"] != "class", -gaps[twin_of(s["name"])]["gap_mean"])
+
+    results = {}
+    for setting in sorted(all_settings, key=priority):
+        names = plan["variants"] if setting["name"] == widest else plan["paper_variants"]
+        gap = gaps[twin_of(setting["name"])]
+        results[setting["name"]] = run_setting(rows, work, setting, plan, gap, names)
+    ordered = [results[s["name"]] for s in all_settings]
+    return ordered, any(r["status"] == "pending" for r in ordered)
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -350,64 +476,82 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
 
 
+def gap_line(r: dict) -> str:
+    s, gap = r["setting"], r["gap"]
+    if s["cond"] != "class":
+        fids = [row["no_cfg"]["fid"] for row in r["stage1"]]
+        cells = [mean_std(fids), "— (unconditional)", "—", "—"]
+        real = "twin's: " + ("yes" if r["compared"] else "no (not run)")
+    elif gap is None:
+        cells, real = ["…", "…", "…", "…"], "running"
+    else:
+        best = f"{gap['best_cfg']:g}"
+        cells = [
+            f"{gap['train_fid_by_cfg']['1']:.3g}",
+            best,
+            f"{gap['train_fid_by_cfg'][best]:.3g}",
+            mean_std(gap["gaps"]),
+        ]
+        real = "yes" if gap["real"] else "no"
+    return f"| `{s['name']}` | {len(r['stage1'])} | " + " | ".join(cells) + f" | {real} |"
+
+
+def heldout_lines(r: dict) -> list[str]:
+    s, held = r["setting"], r["heldout"]
+    fid = {label: statistics.mean(x["fid"] for x in rows) for label, rows in held.items()}
+    curves = {
+        name: mean_std([run["train_fid"] for run in runs]) for name, runs in r["stage2"].items()
+    }
+    lines = [
+        f"#### `{s['name']}` (stage 2: {s['stage1']} steps of each loss; best variant on the "
+        f"training split: `{r['best_sp_variant']}`)",
+        "",
+        "Final training-split FID (no CFG) of each stage-2 run: "
+        + ", ".join(f"`{name}` {value}" for name, value in curves.items())
+        + ".",
+        "",
+        "| row | FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ | share of the guidance gap "
+        "recovered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, rows in held.items():
+        cells = [mean_std([x[k] for x in rows]) for k in METRICS if k != "inception_score_analogue"]
+        share = "—"
+        if label.endswith("no CFG") and not label.startswith("MSE") and "MSE, best CFG" in fid:
+            share = format_gap_share(
+                guidance_gap_share(fid["MSE, no CFG"], fid[label], fid["MSE, best CFG"])
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {share} |")
+    return lines + [""]
+
+
 def table(results: list[dict], plan: dict) -> str:
     lines = [
         "### Guidance gap of stage 1 (MSE), training split",
         "",
         "| setting | seeds | FID no CFG | best CFG | FID best CFG | gap (mean ± std) | real? |",
         "|---|---|---|---|---|---|---|",
+        *(gap_line(r) for r in results),
     ]
-    for r in results:
-        s, gap = r["setting"], r["gap"]
-        if gap is None:
-            fids = [row["no_cfg"]["fid"] for row in r["stage1"]]
-            cells = [mean_std(fids), "— (unconditional)", "—", "—"]
-            real = "twin's: " + ("yes" if r["compared"] else "no")
-        else:
-            best = f"{gap['best_cfg']:g}"
-            cells = [
-                f"{gap['train_fid_by_cfg']['1']:.3g}",
-                best,
-                f"{gap['train_fid_by_cfg'][best]:.3g}",
-                mean_std(gap["gaps"]),
-            ]
-            real = "yes" if gap["real"] else "no"
-        lines.append(
-            f"| `{s['name']}` | {len(r['stage1'])} | " + " | ".join(cells) + f" | {real} |"
-        )
-    compared = [r for r in results if r["compared"]]
     lines += ["", "### Held-out split, final rows (settings with a real gap)", ""]
-    if not compared:
+    compared = [r for r in results if r["compared"]]
+    if not compared and all(
+        r["gap"] is not None for r in results if r["setting"]["cond"] == "class"
+    ):
         lines.append("No setting has a real guidance gap, so no stage 2 was run.")
     for r in compared:
-        s, held = r["setting"], r["heldout"]
-        fid = {label: statistics.mean(x["fid"] for x in rows) for label, rows in held.items()}
-        lines += [
-            f"#### `{s['name']}` (stage 2: {s['stage1']} steps of each loss; best variant on the "
-            f"training split: `{r['best_sp_variant']}`)",
-            "",
-            "| row | FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ | share of the guidance gap "
-            "recovered |",
-            "|---|---|---|---|---|---|",
-        ]
-        for label, rows in held.items():
-            cells = [
-                mean_std([x[k] for x in rows]) for k in METRICS if k != "inception_score_analogue"
-            ]
-            share = "—"
-            if label.endswith("no CFG") and not label.startswith("MSE") and "MSE, best CFG" in fid:
-                share = format_gap_share(
-                    guidance_gap_share(fid["MSE, no CFG"], fid[label], fid["MSE, best CFG"])
-                )
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {share} |")
-        lines.append("")
+        if r["status"] == "done":
+            lines += heldout_lines(r)
+        else:
+            lines += [f"#### `{r['setting']['name']}`: stage 2 running", ""]
     lines += [
         "",
         f"Stage-1 sweeps: CFG {', '.join(f'{x:g}' for x in plan['scales'])} (rescale "
         f"{CFG_RESCALE:g}), {plan['num']} samples, {plan['steps']} DDIM steps, sampling seeds "
         f"{', '.join(map(str, plan['sampling_seeds']))}, against the training split; a gap is "
         f"real when its mean exceeds {GAP_STDS:g} std of the per-(seed, sampling seed) gaps. "
-        f"Held-out rows: {plan['heldout_num']} samples; share = (FID_MSE - FID_SP) / "
+        f"Stage 2: learning rate {STAGE2_LR:g} from stage 1's EMA. Held-out rows: "
+        f"{plan['heldout_num']} samples; share = (FID_MSE - FID_SP) / "
         "(FID_MSE - FID_MSE,bestCFG) on the held-out means ('no gap' when guidance does not "
         "lower MSE's FID).",
     ]
@@ -416,7 +560,7 @@ def table(results: list[dict], plan: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 settings, 1 seed (< 15 min)")
+    parser.add_argument("--quick", action="store_true", help="2 settings, 1 seed")
     parser.add_argument(
         "--out", default=None, help="training runs (default runs/regime_map[_quick])"
     )
@@ -425,40 +569,46 @@ def main() -> int:
         default=None,
         help="row files and table (default benchmarks/results/quality/regime_map[_quick])",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="one-thread workers sharing the rows (default 1)"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --jobs child
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    torch.set_num_threads(1)
     plan = QUICK if args.quick else FULL
     suffix = "_quick" if args.quick else ""
     work = Path(args.out or f"runs/regime_map{suffix}")
     results_dir = Path(args.results or f"benchmarks/results/quality/regime_map{suffix}")
     rows = results_dir / "rows"
     os.environ.setdefault("FASTSP_CACHE", str(Path.home() / ".cache" / "fastsp"))
+    workers = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--worker"])
+        for _ in range(args.jobs - 1)
+    ]
     started = time.time()
-    # Phase 1: every stage 1 and its guidance gap. Phase 2: stage 2 where the gap is real; every
-    # variant in the setting of the widest gap (in mean gaps), MSE and the paper's loss elsewhere
-    # (all variants everywhere would not fit the time budget).
-    gaps = {
-        s["name"]: guidance_gap([stage1_row(rows, work, s, seed, plan) for seed in plan["seeds"]])
-        for s in settings(plan)
-        if s["cond"] == "class"
-    }
-    real = [name for name, gap in gaps.items() if gap["real"]]
-    widest = max(real, key=lambda name: gaps[name]["gap_mean"], default=None)
-    results = []
-    for setting in settings(plan):
-        every = twin_of(setting["name"]) == widest
-        names = plan["variants"] if every else plan["paper_variants"]
-        results.append(run_setting(rows, work, setting, plan, gaps, names))
+    while True:
+        results, pending = one_pass(rows, work, plan)
         minutes = (time.time() - started) / 60
         text = table(results, plan) + f"\nWall time of this invocation so far: {minutes:.1f} min.\n"
         checkpoint_lib.atomic_write_text(results_dir / "table.md", text)
-        print(f"{setting['name']} done ({minutes:.1f} min)", flush=True)
+        if not pending:
+            break
+        time.sleep(WAIT_SECONDS)  # rows this pass needs are with another worker
+    failed = [w.args for w in workers if w.wait() != 0]
+    if args.worker:
+        return 0
     minutes = (time.time() - started) / 60
+    text = table(results, plan) + f"\nWall time of this invocation: {minutes:.1f} min.\n"
+    checkpoint_lib.atomic_write_text(results_dir / "table.md", text)
     summary = {"plan": plan, "minutes_this_invocation": minutes, "results": results}
     write_row(results_dir / "results.json", summary)
-    print(table(results, plan))
-    print(f"wall time {minutes:.1f} min; wrote {results_dir / 'table.md'}")
+    print(text)
+    print(f"wrote {results_dir / 'table.md'}")
+    if failed:
+        print(f"error: {len(failed)} worker(s) failed; rerun the same command to resume")
+        return 1
     return 0
 
 
