@@ -91,11 +91,19 @@ def labelled(grid: np.ndarray, title: str, scale: int) -> Image.Image:
 
 
 def write_comparison(
-    path: Path, runs: dict[str, Path], num: int, steps: int, seed: int, device
+    path: Path,
+    runs: dict[str, Path],
+    num: int,
+    steps: int,
+    seed: int,
+    device,
+    guidance: dict[str, tuple[float, float]] | None = None,
 ) -> None:
-    """EMA samples of each run without guidance, same noise and labels, side by side in one PNG."""
+    """EMA samples of each run, same noise and labels, side by side in one PNG: without guidance,
+    or for the titles in `guidance` with its (CFG scale, rescale phi)."""
     panels = []
     for title, run_dir in runs.items():
+        scale, rescale = (guidance or {}).get(title, (1.0, 0.0))
         model, config = checkpoint_lib.load_model(run_dir, device=device)
         train_cfg = config["train"]
         classes = model.config.num_classes
@@ -108,6 +116,8 @@ def write_comparison(
             shape,
             labels=labels,
             num_steps=steps,
+            guidance_scale=scale,
+            guidance_rescale=rescale,
             seed=seed,
             device=device,
         )

@@ -50,11 +50,17 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp.evaluate import evaluate_checkpoint
+from fastsp.pipeline import write_comparison
 from fastsp.quality import format_gap_share, guidance_gap_share
 from fastsp.trainer import train
 
@@ -558,6 +564,48 @@ def table(results: list[dict], plan: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(results: list[dict], results_dir: Path) -> bool:
+    """RESULTS/figure.png: training-split FID (no CFG) against stage-2 steps, one panel per
+    compared setting (mean over seeds, min-max band; dashed: stage 1 with its best CFG); and
+    RESULTS/samples.png: the setting with every variant, seed 0, MSE without CFG, MSE with the
+    best CFG and the self-perceptual rows without CFG, from the same noise and labels."""
+    compared = [r for r in results if r["compared"] and r["status"] == "done"]
+    if not compared:
+        return False
+    fig, axes = plt.subplots(1, len(compared), figsize=(4.5 * len(compared), 4), squeeze=False)
+    for ax, r in zip(axes[0], compared, strict=True):
+        for name, runs in r["stage2"].items():
+            steps = [step for step, _ in runs[0]["train_fid_curve"]]
+            fids = np.array([[fid for _, fid in run["train_fid_curve"]] for run in runs])
+            (line,) = ax.plot(steps, fids.mean(0), marker="o", label=name)
+            if len(runs) > 1:
+                ax.fill_between(steps, fids.min(0), fids.max(0), color=line.get_color(), alpha=0.15)
+        if r["gap"] is not None:
+            best = f"{r['gap']['best_cfg']:g}"
+            fid = r["gap"]["train_fid_by_cfg"][best]
+            ax.axhline(fid, color="gray", linestyle="--", label=f"stage 1 (MSE), CFG {best}")
+        ax.set_title(r["setting"]["name"], fontsize=9)
+        ax.set_xlabel("stage-2 step")
+        ax.set_ylabel("training-split FID, no CFG")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results_dir / "figure.png", dpi=110)
+    plt.close(fig)
+    widest = max(compared, key=lambda r: (len(r["stage2"]), r["setting"]["cond"] == "class"))
+    runs = {"MSE, no CFG": Path(widest["stage2"]["mse"][0]["checkpoint"])}
+    guidance = {}
+    if widest["gap"] is not None:
+        runs["MSE, best CFG"] = runs["MSE, no CFG"]
+        guidance["MSE, best CFG"] = (widest["gap"]["best_cfg"], CFG_RESCALE)
+    for name in dict.fromkeys(("sp", widest["best_sp_variant"])):
+        runs[f"{name}, no CFG"] = Path(widest["stage2"][name][0]["checkpoint"])
+    num = 40 if widest["setting"]["data"] == "letters" else 50  # labels 0, 1, ... in order
+    write_comparison(
+        results_dir / "samples.png", runs, num, steps=25, seed=0, device="cpu", guidance=guidance
+    )
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 settings, 1 seed")
@@ -604,8 +652,9 @@ def main() -> int:
     checkpoint_lib.atomic_write_text(results_dir / "table.md", text)
     summary = {"plan": plan, "minutes_this_invocation": minutes, "results": results}
     write_row(results_dir / "results.json", summary)
+    plotted = figure(results, results_dir)
     print(text)
-    print(f"wrote {results_dir / 'table.md'}")
+    print(f"wrote {results_dir}/table.md" + (", figure.png, samples.png" if plotted else ""))
     if failed:
         print(f"error: {len(failed)} worker(s) failed; rerun the same command to resume")
         return 1
