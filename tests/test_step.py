@@ -24,6 +24,12 @@ from fastsp.unet import UNET_PRESETS, UNet
 B, RES, LR = 8, 16, 1e-3
 
 
+# Fused and foreach AdamW round differently; where a gradient element is near 0, Adam's
+# normalised update m / sqrt(v) turns that rounding into differences of a few 1e-6 after a few
+# steps (seen on the CI machine: 2.5e-6 on a 6e-3 weight), so the absolute tolerance is 1e-5.
+ADAM_ATOL = 1e-5
+
+
 def _models(dtype=torch.float32, seed=0, num_classes=10, device="cpu"):
     """A tiny online UNet with every weight randomised and a different frozen perceptual one."""
     config = dataclasses.replace(UNET_PRESETS["tiny"], num_classes=num_classes)
@@ -417,7 +423,7 @@ def test_trainer_fast_and_reference_steps_train_the_same_weights(tmp_path):
             )
             weights[kind] = load_file(checkpoint / "model.safetensors")
         for name, fast in weights["fast"].items():
-            assert torch.allclose(fast, weights["reference"][name], rtol=1e-4, atol=1e-6), name
+            assert torch.allclose(fast, weights["reference"][name], rtol=1e-4, atol=ADAM_ATOL), name
 
 
 def test_reference_step_refuses_options_it_does_not_implement():
