@@ -1,7 +1,9 @@
 """fastsp: a performance-first trainer for diffusion models with the self-perceptual objective.
 
 `kernels/` (the Triton kernels) is installed as the subpackage `fastsp.kernels`: a bare top-level
-`kernels` would collide with an unrelated PyPI project.
+`kernels` would collide with Hugging Face's `kernels` (a dependency of transformers 5). From the
+repository root, where Python finds the folder itself first, kernels/__init__.py hands the bare
+name over to the installed package.
 """
 
 from setuptools import setup
