@@ -105,7 +105,8 @@ def test_bare_kernels_name_without_an_installed_package_is_an_empty_namespace():
     probe = (
         "import sys; sys.path[:] = [''] + [p for p in sys.path if p.endswith('.zip') or "
         "'site-packages' not in p and 'dist-packages' not in p];"
-        "import kernels; print(kernels.__file__, list(kernels.__path__), hasattr(kernels, 'feature_mse'))"
+        "import kernels;"
+        "print(kernels.__file__, list(kernels.__path__), hasattr(kernels, 'feature_mse'))"
     )
     result = _python_from_the_repository_root(probe)
     assert result.returncode == 0, result.stderr[-3000:]
