@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastsp import config as config_lib
+from fastsp.errors import CheckpointError, CheckpointWriteError, ConfigError
 from fastsp.faults import kill_point
 from fastsp.models import build_model
 
@@ -57,14 +58,6 @@ _STALE_PREFIXES = (".tmp-", ".old-", ".deleting-")  # left by a crash mid-save o
 # The hint that a write failed for lack of room rather than for another reason.
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _NO_ROOM_TEXT = re.compile(r"no space left|file too large|quota", re.IGNORECASE)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the path and the fix."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint that could not be written (disk full, I/O error); nothing of it was kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +423,7 @@ def read_configs(checkpoint: Path) -> tuple[config_lib.TrainConfig, Any]:
         raise _damaged(file, "does not hold a configuration with 'model' and 'train' sections")
     try:
         return config_lib.configs_from_dict(config, str(file))
-    except config_lib.ConfigError as error:
+    except ConfigError as error:
         raise CheckpointError(str(error)) from None
 
 

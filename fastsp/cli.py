@@ -1,6 +1,7 @@
-"""What every command-line entry point shares: exit statuses and the mapping of the expected
-stops of a run (bad input, numerical fault, preemption, a failed write) to a one-line message and
-a status. `run_command` also destroys the process group on the way out, whatever happened."""
+"""What every command-line entry point shares: the mapping of the expected stops of a run
+(`fastsp.errors`, each with its exit status; and an output that cannot be written) to a one-line
+message and a status. `run_command` also destroys the process group on the way out, whatever
+happened."""
 
 from __future__ import annotations
 
@@ -9,28 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fastsp import dist
-from fastsp.checkpoint import CheckpointError, CheckpointWriteError
-from fastsp.config import ConfigError
-from fastsp.data_policy import DataError
-from fastsp.trainer import NumericalFault, Preempted
-
-EXIT_OK = 0
-EXIT_INVALID_INPUT = 2  # the message names the problem and the fix
-EXIT_NUMERICAL_FAULT = 3  # too many consecutive non-finite steps; the last checkpoint is intact
-EXIT_WRITE_FAILED = 4  # disk full, I/O error; the previous checkpoint is intact
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": here with --resume
+from fastsp.errors import EXIT_OK, EXIT_WRITE_FAILED, ExpectedStop
 
 
 def error_status(error: BaseException) -> tuple[int, str] | None:
     """(exit status, message) for an expected stop of a run; None for anything else (a bug)."""
-    if isinstance(error, CheckpointWriteError):  # a CheckpointError: test it first
-        return EXIT_WRITE_FAILED, f"error: {error}"
-    if isinstance(error, (ConfigError, DataError, CheckpointError)):
-        return EXIT_INVALID_INPUT, f"error: {error}"
-    if isinstance(error, NumericalFault):
-        return EXIT_NUMERICAL_FAULT, f"error: {error}"
-    if isinstance(error, Preempted):
-        return EXIT_PREEMPTED, f"preempted: {error}"
+    if isinstance(error, ExpectedStop):
+        return error.exit_status, f"{error.prefix}: {error}"
     if isinstance(error, OSError):  # a sample grid or metrics line that cannot be written
         where = f" {error.filename}" if error.filename else ""
         return EXIT_WRITE_FAILED, (

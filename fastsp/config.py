@@ -34,10 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field, the value and what's allowed."""
-
+from fastsp.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Vocabularies: the allowed values of each option, imported from here by the modules that use them

@@ -35,13 +35,13 @@ from torch.utils.data import Dataset
 from fastsp.config import BUILTIN_DATA, DATA_FORMATS, is_int
 from fastsp.data_policy import (
     FIX_DATA,
-    DataError,
     check_index,
     check_policy,
     missing_folder,
     skip_bad_file,
     split_key,
 )
+from fastsp.errors import DataError
 from fastsp.latent_shards import LatentsDataset
 from fastsp.letters import LettersDataset
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 from fastsp.config import ON_BAD_DATA
+from fastsp.errors import DataError
 
 __all__ = ["FIX_DATA", "BadDataWarning", "DataError"]
 
@@ -18,10 +19,6 @@ FIX_DATA = (
     "pass --data PATH to a folder of images (one subfolder per class) or of latent shards, "
     "or --data digits for the built-in data set"
 )
-
-
-class DataError(ValueError):
-    """Bad user data: the message names the file or folder, the problem and the fix."""
 
 
 class BadDataWarning(UserWarning):

@@ -34,7 +34,6 @@ import torch
 from safetensors.torch import save_file
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.checkpoint import CheckpointError
 from fastsp.config import (
     DIFFUSERS_UNET_CLASS,
     UNetConfig,
@@ -43,6 +42,7 @@ from fastsp.config import (
     read_diffusers_config,
     unet_config_from_diffusers,
 )
+from fastsp.errors import CheckpointError
 from fastsp.unet import UNet
 
 # diffusers' published unet/config.json of stabilityai/stable-diffusion-2-1-base (its bookkeeping

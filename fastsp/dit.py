@@ -46,7 +46,10 @@ from torch import nn
 
 from fastsp.config import DIT_PRESETS as DIT_PRESETS  # re-exported: fastsp.dit.DIT_PRESETS
 from fastsp.config import DiTConfig
-from fastsp.unet import Attention, check_context  # one attention layer for both backbones (kernel chosen once)
+from fastsp.unet import (  # one attention layer for both backbones (kernel chosen once)
+    Attention,
+    check_context,
+)
 
 TIME_FREQ_DIM = 256  # the sinusoidal timestep features the time MLP reads (DiT, diffusers)
 

@@ -48,7 +48,6 @@ import sys
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("fake_cuda.cpp")
-EXIT_FAULT = 1  # the step would fail on a GPU (bad input is 2, as for fastsp/train.py)
 
 
 def _extension_dir() -> Path:
@@ -126,8 +125,8 @@ from fastsp import config as config_lib  # noqa: E402
 from fastsp import trainer  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
-from fastsp.config import ConfigError  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
+from fastsp.errors import EXIT_FAULT, ConfigError, DryRunFault  # noqa: E402
 from fastsp.sample import schedule_from_config  # noqa: E402
 from fastsp.step import StepConfig, TrainStep, uses_bf16  # noqa: E402
 from fastsp.unet import UNet  # noqa: E402
@@ -146,10 +145,6 @@ OBJECTIVES = ("self_perceptual", "mse")
 # --init is required for self_perceptual (stage 2 starts from a stage-1 model); the dry run reads
 # no weights, so a placeholder stands in when none is given.
 RANDOM_WEIGHTS = "(dry run: random weights)"
-
-
-class DryRunFault(RuntimeError):
-    """What a GPU would raise running this step; the message is one line naming the fault."""
 
 
 # ---- what fake tensors do not check: dtypes, host reads, the fused AdamW kernel -----------------

@@ -61,7 +61,7 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import quality
 from fastsp.config import SAMPLERS
 from fastsp.data import DigitsDataset, ImageFolderDataset
-from fastsp.data_policy import DataError
+from fastsp.errors import CheckpointError, DataError, EvaluationError
 from fastsp.letters import LettersDataset
 from fastsp.run_folder import check_output_file
 from fastsp.sample import check_sampling, default_labels, generate_batches, schedule_from_config
@@ -82,10 +82,6 @@ _TRAIN_EPOCHS = 15
 _TRAIN_BATCH = 64
 _TRAIN_LR = 2e-3
 _TRAIN_SEED = 0
-
-
-class EvaluationError(ValueError):
-    """Invalid input to an evaluation; the message names the problem and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:  # before any sample is drawn: a result that cannot be written is refused now
             check_output_file(args.out)
         result = evaluate(args, log=log)
-    except (ValueError, DataError, checkpoint_lib.CheckpointError) as error:
+    except (ValueError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_out(Path(result["checkpoint"]), args)

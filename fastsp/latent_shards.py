@@ -31,13 +31,13 @@ from torch.utils.data import Dataset
 
 from fastsp.data_policy import (
     FIX_DATA,
-    DataError,
     check_index,
     check_policy,
     missing_folder,
     skip_bad_file,
     split_key,
 )
+from fastsp.errors import DataError
 
 __all__ = [
     "EMPTY_PROMPT_FILE",

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsp.config import is_int
-from fastsp.data_policy import DataError, check_index, split_key
+from fastsp.data_policy import check_index, split_key
+from fastsp.errors import DataError
 
 CHARACTERS = string.digits + string.ascii_uppercase + string.ascii_lowercase  # class k = [k]
 # (file in matplotlib's mpl-data/fonts/ttf, family, style)

@@ -37,7 +37,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config as config_lib  # noqa: E402
 from fastsp import dist  # noqa: E402
-from fastsp.cli import EXIT_INVALID_INPUT, run_command  # noqa: E402
+from fastsp.cli import run_command  # noqa: E402
+from fastsp.errors import EXIT_INVALID_INPUT, ConfigError  # noqa: E402
 from fastsp.sample import (  # noqa: E402
     default_labels,
     display_scale,
@@ -147,7 +148,7 @@ def stage_configs(args: argparse.Namespace, extra: list[str]):
     out = Path(args.out)
     # The comparison is the last output: its options are checked before the first stage trains.
     if args.compare_steps > base.num_timesteps:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--compare-steps {args.compare_steps} is more than the {base.num_timesteps} "
             f"timesteps of the schedule (--num-timesteps); pass at most {base.num_timesteps}"
         )

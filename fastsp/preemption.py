@@ -3,7 +3,7 @@
 The entry points (fastsp/train.py, fastsp/pipeline.py) install the handlers first thing, before
 torch is imported, so that a signal at any moment has one documented outcome:
 - before training starts (imports, data, models, checkpoint reads): the command stops before
-  writing anything, exit 75 (`fastsp.trainer.Preempted`; rerun the same command);
+  writing anything, exit 75 (`fastsp.errors.Preempted`; rerun the same command);
 - during training: the step in flight finishes, a checkpoint is written, exit 75 (rerun with
   --resume);
 - a second signal: the default action, at once (the process dies of it, no traceback).

@@ -51,11 +51,12 @@ from pathlib import Path
 import torch
 
 from fastsp import dist
-from fastsp.checkpoint import CheckpointWriteError, atomic_write_bytes, atomic_write_text
+from fastsp.checkpoint import atomic_write_bytes, atomic_write_text
 from fastsp.cli import run_command
-from fastsp.config import ON_BAD_DATA, ConfigError
+from fastsp.config import ON_BAD_DATA
 from fastsp.data import IMAGE_EXTENSIONS, find_images, load_image
-from fastsp.data_policy import DataError, skip_bad_file
+from fastsp.data_policy import skip_bad_file
+from fastsp.errors import CheckpointWriteError, ConfigError, DataError
 from fastsp.latent_shards import EMPTY_PROMPT_FILE, METADATA_FILE, METADATA_FORMAT, read_metadata
 from fastsp.sd_components import (
     component_folder,

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from fastsp.config import ConfigError
+from fastsp.errors import ConfigError
 
 LOCK_FILE = ".lock"
 

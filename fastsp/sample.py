@@ -29,8 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.config import SAMPLERS, ConfigError
+from fastsp.config import SAMPLERS
 from fastsp.diffusion import NoiseSchedule, sample
+from fastsp.errors import CheckpointError, ConfigError
 from fastsp.run_folder import check_output_file
 from fastsp.unet import UNet
 
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             sample_grid(args, model, config)
         else:
             sample_prompt(args, model, config)
-    except (ValueError, checkpoint_lib.CheckpointError) as error:  # ConfigError is a ValueError
+    except (ValueError, CheckpointError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # found only when writing (a full disk): nothing half-written

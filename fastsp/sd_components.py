@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fastsp.config import ConfigError
+from fastsp.errors import ConfigError
 
 SD_EXTRA = 'pip install -e ".[sd]"'
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from fastsp import reference
-from fastsp.config import ConfigError
 from fastsp.diffusion import NoiseSchedule
+from fastsp.errors import GraphCaptureError
 from fastsp.feature_loss import feature_mse
 from fastsp.perceptual import SelfPerceptualLoss
 
@@ -41,13 +41,6 @@ from fastsp.perceptual import SelfPerceptualLoss
 # notes: its reducer finishes setting up buckets during the first iterations).
 WARMUP_STEPS = 3
 WARMUP_STEPS_DDP = 11
-
-
-class GraphCaptureError(ConfigError):
-    """The DDP step could not be captured as a CUDA graph. Not a silent eager fallback: a capture
-    that fails mid-backward can leave DDP's reducer half-way through its buckets, and an eager
-    step after it would sync the wrong gradients. The message names the fix (--no-cuda-graph);
-    fastsp.cli maps it to exit status 2 as a ConfigError."""
 
 
 def training_loss(

@@ -27,10 +27,18 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp import diffusers_unet, dist, preemption, run_folder
 from fastsp.attention import describe_backend as describe_attention
-from fastsp.config import BUILTIN_DATA, ConfigError, DiTConfig, TrainConfig
+from fastsp.config import BUILTIN_DATA, DiTConfig, TrainConfig
 from fastsp.data import build_dataset, describe_data
 from fastsp.data_stream import make_loader
 from fastsp.diffusion import NoiseSchedule
+from fastsp.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    GraphCaptureError,
+    NumericalFault,
+    Preempted,
+)
 from fastsp.faults import kill_point
 from fastsp.feature_loss import feature_mse_backend
 from fastsp.latent_shards import LatentsDataset
@@ -44,14 +52,7 @@ from fastsp.sample import (
     save_png,
     schedule_from_config,
 )
-from fastsp.step import (
-    GraphCaptureError,
-    StepConfig,
-    TrainStep,
-    captures_graph,
-    graph_environment,
-    uses_bf16,
-)
+from fastsp.step import StepConfig, TrainStep, captures_graph, graph_environment, uses_bf16
 from fastsp.unet import UNet, UNetConfig, decide_attention
 
 
@@ -182,9 +183,7 @@ def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
     }
     if differ:  # typed: a "16" in a hand-made config is not 16, and says so
         details = ", ".join(f"{k}: {show_pair(b, a)}" for k, (a, b) in differ.items())
-        raise checkpoint_lib.CheckpointError(
-            f"{checkpoint} holds a model of another shape ({details}); {fix}"
-        )
+        raise CheckpointError(f"{checkpoint} holds a model of another shape ({details}); {fix}")
 
 
 # What a resume may change, decided field by field; every TrainConfig field is named (a test
@@ -310,7 +309,7 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: Any) -> list[str
             if field.name not in RESUME_MODEL_MAY_CHANGE and not same_value(ours, theirs):
                 differ.append(f"{config_lib._option(field.name)} {show_pair(ours, theirs)}")
     if differ:
-        raise checkpoint_lib.CheckpointError(
+        raise CheckpointError(
             f"{checkpoint} cannot be resumed with other settings than it was trained with: "
             f"{'; '.join(differ)}. They define what the run learns (the README lists what a "
             "resume may change). Resume with the original values, or pass another --out to "
@@ -420,14 +419,6 @@ def ema_decay(cfg: TrainConfig, step: int) -> float:
     initial weights; with it the EMA is an average over roughly the last (step / 10) steps early on.
     """
     return min(cfg.ema_decay, (1 + step) / (10 + step))
-
-
-class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; rerun with --resume."""
-
-
-class NumericalFault(RuntimeError):
-    """Too many consecutive steps with non-finite gradients; the last checkpoint is intact."""
 
 
 def nonfinite_weights_error(
@@ -730,7 +721,7 @@ def capture_step(run: Run, batch: dict[str, torch.Tensor], log=print) -> None:
     (fastsp.step.TrainStep.capture logs why not); backends.json then says what happened."""
     if not (run.cfg.cuda_graph and run.info.device.type == "cuda"):
         return  # backends.json already says why the step runs eagerly
-    # With DDP a failed capture stops the run (fastsp.step.GraphCaptureError), on every rank: a
+    # With DDP a failed capture stops the run (fastsp.errors.GraphCaptureError), on every rank: a
     # rank whose capture worked would otherwise wait in the graph's all-reduce for one that left.
     failed = None
     try:
@@ -806,10 +797,10 @@ def save_step_checkpoint(run: Run, done: int, config_text: str) -> Path | None:
                     run.run_dir, done, run.model, run.ema, run.optimizer, state, config_text
                 )
                 checkpoint_lib.prune_checkpoints(run.run_dir, run.cfg.keep_last)
-            except checkpoint_lib.CheckpointError as error:
+            except CheckpointError as error:
                 save_error = error
     if dist.any_rank(save_error is not None):
-        raise save_error or checkpoint_lib.CheckpointWriteError(
+        raise save_error or CheckpointWriteError(
             f"rank 0 could not save the checkpoint of step {done}; see its error"
         )
     return saved

@@ -14,6 +14,7 @@ import fastsp.dryrun as dryrun  # first: before torch  # isort: skip
 
 import torch  # noqa: E402
 
+from fastsp.errors import DryRunFault
 from fastsp.step import TrainStep  # noqa: E402
 
 
@@ -79,7 +80,7 @@ def main(out: str) -> None:
         try:
             dryrun.dry_step(cfg, model_cfg, step_class)
             found[name] = None
-        except dryrun.DryRunFault as fault:
+        except DryRunFault as fault:
             found[name] = str(fault)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(found, f, indent=2)

@@ -11,13 +11,20 @@ from pathlib import Path
 import pytest
 import torch.distributed as torch_dist
 
-from fastsp import cli, dist, pipeline
+from fastsp import cli, dist, errors, pipeline
 from fastsp import config as config_lib
-from fastsp.checkpoint import CheckpointError, CheckpointWriteError
-from fastsp.config import ConfigError
-from fastsp.data_policy import DataError
+from fastsp.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    DataError,
+    DryRunFault,
+    GraphCaptureError,
+    NumericalFault,
+    Preempted,
+)
 from fastsp.step import StepConfig, graph_environment
-from fastsp.trainer import NumericalFault, Preempted, build_run, run_loop
+from fastsp.trainer import build_run, run_loop
 
 REPO = Path(__file__).resolve().parents[1]
 BACKEND_PARTS = {
@@ -94,13 +101,15 @@ def test_run_loop_prints_and_records_its_backends(tmp_path, capsys):
 @pytest.mark.parametrize(
     "error, status, prefix",
     [
-        (ConfigError("bad --lr"), cli.EXIT_INVALID_INPUT, "error: bad --lr"),
-        (DataError("bad image"), cli.EXIT_INVALID_INPUT, "error: bad image"),
-        (CheckpointError("damaged"), cli.EXIT_INVALID_INPUT, "error: damaged"),
-        (CheckpointWriteError("disk full"), cli.EXIT_WRITE_FAILED, "error: disk full"),
-        (NumericalFault("nan"), cli.EXIT_NUMERICAL_FAULT, "error: nan"),
-        (Preempted("SIGTERM"), cli.EXIT_PREEMPTED, "preempted: SIGTERM"),
-        (OSError(28, "No space left on device", "m.jsonl"), cli.EXIT_WRITE_FAILED, "error: cannot"),
+        (ConfigError("bad --lr"), errors.EXIT_INVALID_INPUT, "error: bad --lr"),
+        (DataError("bad image"), errors.EXIT_INVALID_INPUT, "error: bad image"),
+        (CheckpointError("damaged"), errors.EXIT_INVALID_INPUT, "error: damaged"),
+        (CheckpointWriteError("disk full"), errors.EXIT_WRITE_FAILED, "error: disk full"),
+        (NumericalFault("nan"), errors.EXIT_NUMERICAL_FAULT, "error: nan"),
+        (Preempted("SIGTERM"), errors.EXIT_PREEMPTED, "preempted: SIGTERM"),
+        (GraphCaptureError("capture"), errors.EXIT_CAPTURE_FAILED, "error: capture"),
+        (DryRunFault("sync"), errors.EXIT_FAULT, "fault: sync"),
+        (OSError(28, "No space left", "m.jsonl"), errors.EXIT_WRITE_FAILED, "error: cannot"),
     ],
 )
 def test_run_command_maps_expected_stops_to_statuses(error, status, prefix, capsys):
@@ -138,7 +147,7 @@ def test_run_command_destroys_the_process_group(fails, monkeypatch):
             raise NumericalFault("stop")
 
     status = cli.run_command(job)
-    assert status == (cli.EXIT_NUMERICAL_FAULT if fails else cli.EXIT_OK)
+    assert status == (errors.EXIT_NUMERICAL_FAULT if fails else errors.EXIT_OK)
     assert not torch_dist.is_initialized()
 
 
@@ -164,7 +173,7 @@ def test_pipeline_stages_are_one_config_replaced(tmp_path):
 def test_pipeline_refuses_a_bad_stage_before_training(tmp_path, capsys):
     # --seed 2**32 - 1 is valid for stage 1, but the stage-2 seed (seed + 1) is out of range
     status = pipeline.main(["--preset", "tiny", "--out", str(tmp_path), "--seed", str(2**32 - 1)])
-    assert status == cli.EXIT_INVALID_INPUT
+    assert status == errors.EXIT_INVALID_INPUT
     assert "seed" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -177,7 +186,7 @@ def test_exit_statuses_live_in_the_package_not_in_an_entry_script():
         capture_output=True,
         text=True,
     )
-    assert result.returncode == cli.EXIT_INVALID_INPUT
+    assert result.returncode == errors.EXIT_INVALID_INPUT
     assert "unknown preset 'nope'" in result.stderr or "nope" in result.stderr
 
 

@@ -3,7 +3,7 @@
 - DDP's construction (fastsp.trainer.wrap_ddp), every warm-up iteration and the capture run on one
   side stream, and that stream is the one handed to `torch.cuda.graph` (which captures on a stream
   of its own when given none: the mismatch this guards against).
-- A failed capture: with DDP it stops the run (GraphCaptureError, exit status 2, one line, on every
+- A failed capture: with DDP it stops the run (GraphCaptureError, exit status 5, one line, on every
   rank); without DDP the step runs eagerly and backends.json says why.
 """
 
@@ -16,9 +16,10 @@ import types
 import pytest
 import torch
 
-from fastsp import cli, trainer
+from fastsp import cli, errors, trainer
 from fastsp.diffusion import NoiseSchedule
-from fastsp.step import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphCaptureError, StepConfig, TrainStep
+from fastsp.errors import GraphCaptureError
+from fastsp.step import WARMUP_STEPS, WARMUP_STEPS_DDP, StepConfig, TrainStep
 from fastsp.unet import UNET_PRESETS, UNet
 
 B, RES = 4, 8
@@ -223,7 +224,7 @@ def test_a_failed_capture_with_ddp_stops_the_run(fake_cuda):
     with pytest.raises(GraphCaptureError) as excinfo:
         step.capture(_batch(step), log=lambda message: None)
     status, message = cli.error_status(excinfo.value)
-    assert status == cli.EXIT_INVALID_INPUT
+    assert status == errors.EXIT_CAPTURE_FAILED
     assert "\n" not in message
     assert CAPTURE_ERROR in message and "--no-cuda-graph" in message
     assert step.graph is None and not step.force_skip.item()  # the warm-up's skip is undone

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.checkpoint import CheckpointError
+from fastsp.errors import CheckpointError
 from fastsp.unet import UNET_PRESETS, UNet
 
 

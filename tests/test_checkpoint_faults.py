@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
-from fastsp.checkpoint import CHECKPOINT_FILES, CheckpointError, step_dir_name
+from fastsp.checkpoint import CHECKPOINT_FILES, step_dir_name
 from fastsp.config import TrainConfig
+from fastsp.errors import CheckpointError
 from fastsp.unet import UNET_PRESETS, UNet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import pytest
 
 from fastsp import config
 from fastsp import train as train_cli
+from fastsp.errors import ConfigError
 from fastsp.trainer import check_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_global_batch_must_split_evenly_across_ranks_and_micro_batches(
     if ok:
         check_batch(cfg, world_size)
         return
-    with pytest.raises(config.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         check_batch(cfg, world_size)
     message = str(error.value)
     assert f"--batch-size {batch_size}" in message

@@ -6,8 +6,9 @@ import pytest
 
 from fastsp import config as config_lib
 from fastsp import train as train_cli
-from fastsp.config import PRESETS, ConfigError, TrainConfig, parse_args
-from fastsp.unet import UNET_PRESETS, UNetConfig
+from fastsp.config import PRESETS, TrainConfig, parse_args
+from fastsp.errors import ConfigError
+from fastsp.unet import UNetConfig
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

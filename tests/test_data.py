@@ -15,8 +15,8 @@ from fastsp.data import (
     SyntheticDataset,
     build_dataset,
 )
-from fastsp.data_policy import DataError
 from fastsp.data_stream import ShardedBatchSampler, make_loader
+from fastsp.errors import DataError
 from fastsp.latent_shards import LatentsDataset
 
 # Odd sizes: the dataset length is no multiple of any batch, so batches straddle epochs.

@@ -30,8 +30,9 @@ from fastsp.data import (
     _convert_mode,
     build_dataset,
 )
-from fastsp.data_policy import BadDataWarning, DataError
+from fastsp.data_policy import BadDataWarning
 from fastsp.data_stream import ShardedBatchSampler, make_loader
+from fastsp.errors import DataError
 from fastsp.latent_shards import LatentsDataset, inspect_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from fastsp import evaluate
 from fastsp import sample as sample_cli
 from fastsp import train as train_cli
 from fastsp.data import ImageFolderDataset, find_images
-from fastsp.data_policy import DataError
+from fastsp.errors import DataError
 from fastsp.latent_shards import LatentsDataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ from fastsp import config as config_lib
 from fastsp import evaluate as evaluate_cli
 from fastsp import export as export_cli
 from fastsp import reference
-from fastsp.config import DIT_PRESETS, ConfigError, DiTConfig, UNetConfig, parse_args
+from fastsp.config import DIT_PRESETS, DiTConfig, UNetConfig, parse_args
 from fastsp.diffusion import NoiseSchedule
 from fastsp.dit import DiT
+from fastsp.errors import ConfigError
 from fastsp.feature_loss import feature_mse, feature_mse_multi
 from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss

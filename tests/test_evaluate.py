@@ -17,6 +17,7 @@ import torch
 from fastsp import evaluate, quality
 from fastsp import train as train_cli
 from fastsp.data import DigitsDataset
+from fastsp.errors import EvaluationError
 
 REPO = Path(__file__).resolve().parents[1]
 _DIMS = (1, 3, 8, 17)  # feature sizes of the closed-form checks
@@ -372,7 +373,7 @@ def test_real_split_train_measures_against_the_training_images(
     assert train["metrics"]["class_accuracy"] == heldout["metrics"]["class_accuracy"]
     again = evaluate.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="train")
     assert again["metrics"] == train["metrics"]
-    with pytest.raises(evaluate.EvaluationError, match="--real-split must be one of"):
+    with pytest.raises(EvaluationError, match="--real-split must be one of"):
         evaluate.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="validation")
     args = evaluate.build_parser().parse_args([*argv, "--real-split", "train"])
     assert (

@@ -55,10 +55,11 @@ def test_the_digits_job_imports_neither_diffusers_nor_transformers():
     assert "diffusers" not in modules and "transformers" not in modules
 
 
-def test_config_alone_imports_no_torch_and_no_other_fastsp_module():
+def test_config_alone_imports_no_torch_and_no_other_fastsp_module_but_the_errors():
     modules = _modules_after("import fastsp.config")
     assert not [m for m in modules if m == "torch" or m.startswith("torch.")]
-    assert {m for m in modules if m.split(".")[0] == "fastsp"} == {"fastsp", "fastsp.config"}
+    fastsp_modules = {m for m in modules if m.split(".")[0] == "fastsp"}
+    assert fastsp_modules == {"fastsp", "fastsp.config", "fastsp.errors"}
 
 
 def test_config_source_imports_only_the_standard_library():
@@ -67,9 +68,14 @@ def test_config_source_imports_only_the_standard_library():
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
+        elif isinstance(node, ast.ImportFrom) and node.module != "fastsp.errors":
             names.add((node.module or "").split(".")[0])
     assert names - {"__future__"} <= sys.stdlib_module_names, names - sys.stdlib_module_names
+
+
+def test_errors_is_the_ground_floor():
+    tree = ast.parse((REPO / "fastsp" / "errors.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 def test_public_names_are_lazy_but_all_there():

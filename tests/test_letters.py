@@ -11,7 +11,7 @@ from fastsp import evaluate, letters, quality
 from fastsp import train as train_cli
 from fastsp.config import parse_args
 from fastsp.data import build_dataset
-from fastsp.data_policy import DataError
+from fastsp.errors import DataError
 from fastsp.letters import CHARACTERS, FONTS, LettersDataset
 
 _RESOLUTION = 16  # the classifier test's (32, the data set's default, trains 4x longer)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fastsp import reference
-from fastsp.config import ConfigError, TrainConfig, parse_perceptual_on_t
+from fastsp.config import TrainConfig, parse_perceptual_on_t
 from fastsp.diffusion import NoiseSchedule
+from fastsp.errors import ConfigError
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
 from fastsp.unet import UNET_PRESETS, UNet

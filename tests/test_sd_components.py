@@ -9,7 +9,7 @@ import torch
 from sd_tiny import CONTEXT_DIM, MAX_LENGTH, save_pipeline_components  # noqa: I001
 
 from fastsp import sd_components as sd
-from fastsp.config import ConfigError
+from fastsp.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
+from fastsp.errors import ConfigError
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
 from fastsp.unet import UNET_PRESETS, UNet
@@ -427,7 +428,7 @@ def test_trainer_fast_and_reference_steps_train_the_same_weights(tmp_path):
 
 
 def test_reference_step_refuses_options_it_does_not_implement():
-    from fastsp.config import ConfigError, TrainConfig
+    from fastsp.config import TrainConfig
 
     with pytest.raises(ConfigError, match="--perceptual-layers 'down1' needs --train-step fast"):
         TrainConfig(train_step="reference", perceptual_layers="down1")
