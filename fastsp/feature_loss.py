@@ -128,7 +128,8 @@ def _unsupported_reasons(devices: set[torch.device], dtypes: set[torch.dtype]) -
     for device in sorted(devices, key=str):
         if device.type == "cpu" and not interpreted:
             reasons.append(
-                "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
+                "the Triton kernels run on CUDA, or on CPU only under TRITON_INTERPRET=1 "
+                "(set before triton is imported)"
             )
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"device {device} is neither CUDA nor CPU")
@@ -159,7 +160,7 @@ def _use_triton(op: str, backend: str, tensors: Sequence[Tensor]) -> bool:
 def feature_mse_backend(device: torch.device | str, backend: str = "auto") -> str:
     """The backend ``feature_mse`` and ``feature_mse_multi`` run on ``device``, as one line for a
     run's log: ``"triton (fused kernels)"``, ``"triton (interpreter)"`` (Triton's interpreter,
-    ``TRITON_INTERPRET=1``), or ``"torch (F.mse_loss: <reasons>)"`` with the reasons of
+    ``TRITON_INTERPRET=1``), or ``"torch F.mse_loss (<reasons>)"`` with the reasons of
     ``triton_unsupported_reasons`` (``"triton is not installed"``, the CPU rule, ...) or
     ``backend='torch'``. For float32/bfloat16/float16 features. Reads no tensor and touches no
     device (no allocation, no sync). A forced ``backend="triton"`` that cannot run on ``device``
@@ -167,7 +168,7 @@ def feature_mse_backend(device: torch.device | str, backend: str = "auto") -> st
     """
     reasons = _torch_reasons("feature_mse", backend, {torch.device(device)}, set())
     if reasons:
-        return f"torch (F.mse_loss: {'; '.join(reasons)})"
+        return f"torch F.mse_loss ({'; '.join(reasons)})"
     return "triton (interpreter)" if _kc.INTERPRETED else "triton (fused kernels)"
 
 
