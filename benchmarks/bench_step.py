@@ -41,6 +41,8 @@ variant (PAPER.md: about 1.5x), MFU. Judged: on a GPU for sd21_64 the targets be
 the fast MSE step must not be slower than the reference's (+5%, the spread of repeated medians;
 the fast step also clips and updates the EMA, which the reference does not). Exit status: 1 a
 check failed or a case errored, 3 with --strict when a target was missed or none was judged.
+Results (step_<device>_<date>.md and .json) go to runs/bench/, which git ignores; a result to
+commit is written with --out benchmarks/results.
 """
 
 from __future__ import annotations
@@ -493,7 +495,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per case")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds at least")
-    parser.add_argument("--out", default=None, help="folder for the .md and .json results")
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent.parent / "runs" / "bench"),
+        help="folder for the .md and .json results (default: runs/bench/, ignored by git; "
+        "--out benchmarks/results for a result to commit)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 3 if a target is missed")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -533,7 +540,7 @@ def main(argv=None) -> int:
         "targets": targets,
     }
     markdown = to_markdown(payload)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results"
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"step_{device.type}_{payload['date'][:10]}"
     checkpoint_lib.atomic_write_text(stem.with_suffix(".json"), json.dumps(payload, indent=1))
