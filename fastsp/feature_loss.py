@@ -128,8 +128,8 @@ def _unsupported_reasons(devices: set[torch.device], dtypes: set[torch.dtype]) -
     for device in sorted(devices, key=str):
         if device.type == "cpu" and not interpreted:
             reasons.append(
-                "the Triton kernels run on CUDA, or on CPU only under TRITON_INTERPRET=1 "
-                "(set before triton is imported)"
+                "the Triton kernels run on CUDA, or on CPU only under TRITON_INTERPRET=1 set "
+                "before triton is imported"
             )
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"device {device} is neither CUDA nor CPU")

@@ -347,8 +347,8 @@ def test_cpu_without_the_interpreter_is_a_reason(monkeypatch):
     monkeypatch.setattr(kcommon, "INTERPRETED", False)
     x, y = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)
     assert triton_unsupported_reasons(x, y) == [
-        "the Triton kernels run on CUDA, or on CPU only under TRITON_INTERPRET=1 "
-        "(set before triton is imported)"
+        "the Triton kernels run on CUDA, or on CPU only under TRITON_INTERPRET=1 set "
+        "before triton is imported"
     ]
     with pytest.raises(TritonUnavailableError, match="TRITON_INTERPRET=1"):
         feature_mse(x, y, backend="triton")
