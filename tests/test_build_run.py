@@ -65,7 +65,7 @@ def test_build_run_validates_and_assembles_without_writing(tmp_path):
         "unchanged (no CUDA-graph capture with DDP on CUDA)"
     )
     # under the test suite's TRITON_INTERPRET=1 the CPU feature MSE runs the kernels
-    assert "triton" in run.backends["feature_mse"]
+    assert run.backends["feature_mse"].startswith("triton")
 
 
 def test_build_run_refuses_bad_input_before_any_file(tmp_path):
