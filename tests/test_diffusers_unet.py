@@ -15,7 +15,7 @@ from fastsp import config as config_lib
 from fastsp import config_cli, config_file, model_config
 from fastsp.diffusers_unet import SD21_BASE_CONFIG, diffusers_names, export_to_diffusers
 from fastsp.diffusers_unet_config import unet_config_from_diffusers
-from fastsp.errors import ConfigError
+from fastsp.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DConditionModel = diffusers.UNet2DConditionModel
@@ -188,7 +188,7 @@ def test_damaged_diffusers_folder_is_a_one_line_error(tmp_path, fault):
         else:
             tensors["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
         save_file(tensors, weights)
-    with pytest.raises(fastsp.CheckpointError) as caught:
+    with pytest.raises(CheckpointError) as caught:
         fastsp.load_unet(folder)
     assert "\n" not in str(caught.value) and str(folder) in str(caught.value)
 
@@ -207,7 +207,7 @@ def test_load_unet_of_a_fastsp_run_is_its_ema_model(tmp_path):
     pairs = zip(loaded.state_dict().items(), ema.state_dict().values(), strict=True)
     for (name, got), want in pairs:
         assert got.dtype == torch.float64 and torch.equal(got, want.double()), name
-    with pytest.raises(fastsp.CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         fastsp.load_unet(tmp_path / "nowhere")
 
 
@@ -239,7 +239,7 @@ def test_export_round_trip(tmp_path, family):
     assert theirs.config.sample_size == 16
     _assert_same_forward(ours, theirs)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    with pytest.raises(fastsp.CheckpointError, match="not empty"):
+    with pytest.raises(CheckpointError, match="not empty"):
         export_to_diffusers(ours, tmp_path / "out")
 
 
