@@ -63,6 +63,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
+from fastsp import config_file
 from fastsp.data_stream import make_loader
 from fastsp.trainer import Run, build_run, capture_step
 
@@ -141,7 +142,7 @@ def write_stage1(model: str, device: torch.device, root: Path) -> None:
         run.ema,
         run.optimizer,
         {"samples_seen": 0, "world_size": 1},
-        config_lib.dumps(run.cfg, run.model_cfg),
+        config_file.dumps(run.cfg, run.model_cfg),
     )
 
 

@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from fastsp.config import DiTConfig, UNetConfig
     from fastsp.diffusers_unet import load_unet
     from fastsp.diffusion import NoiseSchedule
     from fastsp.dit import DiT
@@ -63,6 +62,7 @@ if TYPE_CHECKING:
         feature_mse,
         feature_mse_multi,
     )
+    from fastsp.model_config import DiTConfig, UNetConfig
     from fastsp.models import build_model
     from fastsp.perceptual import SelfPerceptualLoss
     from fastsp.unet import UNet

@@ -43,7 +43,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fastsp.config import ATTENTION_BACKENDS
+from fastsp.config_fields import ATTENTION_BACKENDS
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Cache of xformers' verdicts, keyed by the input signature (see _xformers_key).

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastsp import config as config_lib
+from fastsp import config_file
 from fastsp.errors import CheckpointError, CheckpointWriteError, ConfigError
 from fastsp.faults import kill_point
 from fastsp.models import build_model
@@ -411,7 +412,7 @@ def _check_rng(file: Path, value: Any) -> dict[str, Any]:
 
 def read_configs(checkpoint: Path) -> tuple[config_lib.TrainConfig, Any]:
     """config.json of a checkpoint as validated configs (TrainConfig, the model's config),
-    through the one reader every command uses (fastsp.config.configs_from_dict): a missing,
+    through the one reader every command uses (fastsp.config_file.configs_from_dict): a missing,
     unknown or mistyped field is a CheckpointError naming the file and the field."""
     file = Path(checkpoint) / "config.json"
     config = _read_json(file)
@@ -422,7 +423,7 @@ def read_configs(checkpoint: Path) -> tuple[config_lib.TrainConfig, Any]:
     ):
         raise _damaged(file, "does not hold a configuration with 'model' and 'train' sections")
     try:
-        return config_lib.configs_from_dict(config, str(file))
+        return config_file.configs_from_dict(config, str(file))
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
 
@@ -431,7 +432,7 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
     """config.json of a checkpoint, validated (`read_configs`), as a dict: {"train": {...},
     "model": {...}}."""
     train, model = read_configs(checkpoint)
-    return json.loads(json.dumps(config_lib.to_dict(train, model)))
+    return json.loads(json.dumps(config_file.to_dict(train, model)))
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -527,7 +528,7 @@ def load_model(
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     checkpoint = resolve_checkpoint(path)
     config = read_config(checkpoint)
-    model = build_model(config_lib.model_config_from_dict(config["model"]))
+    model = build_model(config_file.model_config_from_dict(config["model"]))
     load_weights(model, checkpoint / f"{weights}.safetensors")
     return model.to(device).eval(), config
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fastsp.config import BUILTIN_DATA, DATA_FORMATS, is_int
+from fastsp.config_fields import BUILTIN_DATA, DATA_FORMATS, is_int
 from fastsp.data_policy import (
     FIX_DATA,
     check_index,

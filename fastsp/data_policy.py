@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 
-from fastsp.config import ON_BAD_DATA
+from fastsp.config_fields import ON_BAD_DATA
 from fastsp.errors import DataError
 
 __all__ = ["FIX_DATA", "BadDataWarning", "DataError"]

@@ -1,8 +1,8 @@
 """diffusers' UNet2DConditionModel in and out: `load_unet`, `export_to_diffusers`, the key map.
 
 fastsp's UNet and diffusers' compute the same function for the Stable Diffusion 1.x and 2.x
-families (the config rules are `fastsp.config.unet_config_from_diffusers` and its inverse); the
-state dicts differ in names and in two fused projections:
+families (the config rules are `fastsp.diffusers_unet_config.unet_config_from_diffusers` and its
+inverse); the state dicts differ in names and in two fused projections:
 
     fastsp                                  diffusers
     down.{i}.res.{j}.emb_proj               down_blocks.{i}.resnets.{j}.time_emb_proj
@@ -34,15 +34,15 @@ import torch
 from safetensors.torch import save_file
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.config import (
+from fastsp.diffusers_unet_config import (
     DIFFUSERS_UNET_CLASS,
-    UNetConfig,
     diffusers_config_from_unet,
     diffusers_unet_folder,
     read_diffusers_config,
     unet_config_from_diffusers,
 )
 from fastsp.errors import CheckpointError
+from fastsp.model_config import UNetConfig
 from fastsp.unet import UNet
 
 # diffusers' published unet/config.json of stabilityai/stable-diffusion-2-1-base (its bookkeeping

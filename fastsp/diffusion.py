@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastsp.config import (
+from fastsp.config_fields import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
     SAMPLERS,

@@ -1,7 +1,8 @@
 """DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") with named feature taps and an
 early-stopping forward, beside the UNet and with the same interface.
 
-Its shape is a `DiTConfig` with named presets `DIT_PRESETS`, both in the leaf `fastsp.config`.
+Its shape is a `DiTConfig` with named presets `DIT_PRESETS`, both in the leaf
+`fastsp.model_config`.
 
     x [B, C, H, W] -> patch embedding (a p x p stride-p conv) + fixed 2-D sin-cos positions
       -> block0 .. block{depth-1}   tokens [B, N, D], N = (H / p) (W / p)
@@ -44,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.config import DIT_PRESETS as DIT_PRESETS  # re-exported: fastsp.dit.DIT_PRESETS
-from fastsp.config import DiTConfig
+from fastsp.model_config import DiTConfig
 from fastsp.unet import (  # one attention layer for both backbones (kernel chosen once)
     Attention,
     check_context,

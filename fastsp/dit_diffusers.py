@@ -33,10 +33,10 @@ import torch
 from safetensors import safe_open
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.config import DiTConfig
 from fastsp.diffusers_unet import _weights_files, write_diffusers_folder
 from fastsp.dit import DiT
 from fastsp.errors import CheckpointError, ConfigError
+from fastsp.model_config import DiTConfig
 
 DIFFUSERS_DIT_CLASS = "DiTTransformer2DModel"
 # Bookkeeping fields, and norm_num_groups (DiTTransformer2DModel stores but never uses it).

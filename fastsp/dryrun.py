@@ -121,8 +121,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from fastsp import config as config_lib  # noqa: E402
-from fastsp import trainer  # noqa: E402
+from fastsp import config_cli, trainer  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
@@ -426,7 +425,7 @@ def dry_configs(argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--init" or a.startswith("--init=") for a in argv):
         argv += ["--init", RANDOM_WEIGHTS]
-    return config_lib.parse_args(argv)
+    return config_cli.parse_args(argv)
 
 
 def _materialise(modules: list[torch.nn.Module]) -> None:

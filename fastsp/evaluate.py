@@ -59,7 +59,7 @@ from safetensors.torch import save as save_safetensors
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import quality
-from fastsp.config import SAMPLERS
+from fastsp.config_fields import SAMPLERS
 from fastsp.data import DigitsDataset, ImageFolderDataset
 from fastsp.errors import CheckpointError, DataError, EvaluationError
 from fastsp.letters import LettersDataset

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastsp.config import is_int
+from fastsp.config_fields import is_int
 from fastsp.data_policy import check_index, split_key
 from fastsp.errors import DataError
 

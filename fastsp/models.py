@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastsp.config import DiTConfig, UNetConfig
 from fastsp.dit import DiT
+from fastsp.model_config import DiTConfig, UNetConfig
 from fastsp.unet import UNet
 
 

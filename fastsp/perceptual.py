@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.config import (
+from fastsp.config_fields import (
     DISTANCES,
     PREDICTED_NOISE,
     parse_layers,

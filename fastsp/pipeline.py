@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config as config_lib  # noqa: E402
-from fastsp import dist  # noqa: E402
+from fastsp import config_cli, dist  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.errors import EXIT_INVALID_INPUT, ConfigError  # noqa: E402
 from fastsp.sample import (  # noqa: E402
@@ -144,7 +144,7 @@ def stage_configs(args: argparse.Namespace, extra: list[str]):
     """The three stages' (TrainConfig, UNetConfig), each a `dataclasses.replace` of the one
     config that the preset and the options passed through (`extra`) make; all are validated
     before the first stage starts."""
-    base, model_cfg = config_lib.parse_args(["--preset", args.preset, *extra])
+    base, model_cfg = config_cli.parse_args(["--preset", args.preset, *extra])
     out = Path(args.out)
     # The comparison is the last output: its options are checked before the first stage trains.
     if args.compare_steps > base.num_timesteps:
@@ -153,7 +153,7 @@ def stage_configs(args: argparse.Namespace, extra: list[str]):
             f"timesteps of the schedule (--num-timesteps); pass at most {base.num_timesteps}"
         )
     if args.seed + 1 > config_lib.MAX_SEED:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--seed {args.seed}: both stage-2 runs use seed + 1 = {args.seed + 1}, above the "
             f"largest seed {config_lib.MAX_SEED}; pass --seed {config_lib.MAX_SEED - 1} or less"
         )
@@ -162,7 +162,7 @@ def stage_configs(args: argparse.Namespace, extra: list[str]):
         try:
             cfg = dataclasses.replace(base, out=str(out / name), resume=True, **fields)
         except ValueError as error:  # a value this stage sets itself (its steps, lr, seed)
-            raise config_lib.ConfigError(f"stage {name}: {error}") from None
+            raise ConfigError(f"stage {name}: {error}") from None
         return cfg, model_cfg
 
     stage1 = stage("stage1_mse", steps=args.stage1_steps, seed=args.seed)

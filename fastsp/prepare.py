@@ -53,7 +53,7 @@ import torch
 from fastsp import dist
 from fastsp.checkpoint import atomic_write_bytes, atomic_write_text
 from fastsp.cli import run_command
-from fastsp.config import ON_BAD_DATA
+from fastsp.config_fields import ON_BAD_DATA
 from fastsp.data import IMAGE_EXTENSIONS, find_images, load_image
 from fastsp.data_policy import skip_bad_file
 from fastsp.errors import CheckpointWriteError, ConfigError, DataError

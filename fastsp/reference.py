@@ -2,10 +2,10 @@
 
 This file is the oracle for every optimisation of the trainer and the baseline of the
 benchmarks. It is deliberately naive and independent of the fast code paths (from fastsp it
-imports only the leaf fastsp.config: the prediction types and the eps-prediction rule): eager
-mode in the inputs' dtype (fp32, or float64 in tests), the schedule arithmetic
-written out from PAPER.md, two separate *full* forwards of the frozen perceptual network with a
-forward hook on its mid block (no `taps=`, so the decoder half runs and is thrown away), no
+imports only the leaf fastsp.config_fields: the prediction types and the eps-prediction rule):
+eager mode in the inputs' dtype (fp32, or float64 in tests), the schedule arithmetic written out
+from PAPER.md, two separate *full* forwards of the frozen perceptual network with a forward hook
+on its mid block (no `taps=`, so the decoder half runs and is thrown away), no
 truncation, `F.mse_loss`, and torch's default AdamW.
 
 Cost (PAPER.md "Cost of one self-perceptual step", F = one full UNet forward): the fast path needs
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.config import PREDICTION_TYPES, refuse_eps_at_zero_terminal_snr
+from fastsp.config_fields import PREDICTION_TYPES, refuse_eps_at_zero_terminal_snr
 
 
 def coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int = 4):

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp.config import SAMPLERS
+from fastsp.config_fields import SAMPLERS
 from fastsp.diffusion import NoiseSchedule, sample
 from fastsp.errors import CheckpointError, ConfigError
 from fastsp.run_folder import check_output_file

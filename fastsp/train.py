@@ -28,13 +28,13 @@ if __name__ == "__main__":
 
     preemption.install()
 
-from fastsp import config as config_lib  # noqa: E402
+from fastsp import config_cli  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.trainer import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    train_config, model_config = config_lib.parse_args(argv)
+    train_config, model_config = config_cli.parse_args(argv)
     return run_command(train, train_config, model_config)
 
 

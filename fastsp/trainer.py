@@ -24,10 +24,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import config as config_lib
-from fastsp import diffusers_unet, dist, preemption, run_folder
+from fastsp import (
+    config_fields,
+    config_file,
+    diffusers_unet,
+    dist,
+    model_config,
+    preemption,
+    run_folder,
+)
 from fastsp.attention import describe_backend as describe_attention
-from fastsp.config import BUILTIN_DATA, DiTConfig, TrainConfig
+from fastsp.config import TrainConfig
+from fastsp.config_fields import BUILTIN_DATA
 from fastsp.data import build_dataset, describe_data
 from fastsp.data_stream import make_loader
 from fastsp.diffusion import NoiseSchedule
@@ -42,6 +50,7 @@ from fastsp.errors import (
 from fastsp.faults import kill_point
 from fastsp.feature_loss import feature_mse_backend
 from fastsp.latent_shards import LatentsDataset
+from fastsp.model_config import DiTConfig, UNetConfig
 from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.sample import (
@@ -53,7 +62,7 @@ from fastsp.sample import (
     schedule_from_config,
 )
 from fastsp.step import StepConfig, TrainStep, captures_graph, graph_environment, uses_bf16
-from fastsp.unet import UNet, UNetConfig, decide_attention
+from fastsp.unet import UNet, decide_attention
 
 
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig):
@@ -175,7 +184,7 @@ def check_same_shape(checkpoint: Path, model_cfg: UNetConfig, fix: str) -> None:
     """Refuse a checkpoint (or diffusers UNet folder) whose model config differs from
     `model_cfg`, naming every field."""
     saved = {"kind": "unet", **diffusers_unet.source_model_config(checkpoint)}  # no kind: a UNet
-    ours = json.loads(json.dumps(config_lib.model_to_dict(model_cfg)))  # tuples -> lists, as saved
+    ours = json.loads(json.dumps(config_file.model_to_dict(model_cfg)))  # tuples -> lists, as saved
     differ = {
         k: (saved.get(k), v)
         for k, v in ours.items()
@@ -276,7 +285,7 @@ def same_value(a: Any, b: Any) -> bool:
 def show_pair(ours: Any, theirs: Any, where: str = "checkpoint") -> str:
     """'x0 (checkpoint: v)', with the types when they differ: "8 (int; checkpoint: '8', str)"."""
     if type(ours) is type(theirs) or same_value(ours, theirs):
-        return f"{config_lib._show(ours)} ({where}: {config_lib._show(theirs)})"
+        return f"{config_fields.show_value(ours)} ({where}: {config_fields.show_value(theirs)})"
     return f"{ours!r} ({type(ours).__name__}; {where}: {theirs!r}, {type(theirs).__name__})"
 
 
@@ -290,24 +299,24 @@ def check_resume(checkpoint: Path, cfg: TrainConfig, model_cfg: Any) -> list[str
         ours, theirs = getattr(cfg, name), getattr(saved, name)
         if same_value(ours, theirs):
             continue
-        option = config_lib._option(name)
+        option = config_fields.option_flag(name)
         if rule == "same":
             differ.append(f"{option} {show_pair(ours, theirs)}")
         elif rule == "said":
             said.append(
-                f"{option} {config_lib._show(ours)} from here on (the checkpoint's: "
-                f"{config_lib._show(theirs)})"
+                f"{option} {config_fields.show_value(ours)} from here on (the checkpoint's: "
+                f"{config_fields.show_value(theirs)})"
             )
     if type(saved_model) is not type(model_cfg):
         differ.append(
-            f"model kind {config_lib.model_kind(model_cfg)} "
-            f"(checkpoint: {config_lib.model_kind(saved_model)})"
+            f"model kind {model_config.model_kind(model_cfg)} "
+            f"(checkpoint: {model_config.model_kind(saved_model)})"
         )
     else:
         for field in dataclasses.fields(model_cfg):
             ours, theirs = getattr(model_cfg, field.name), getattr(saved_model, field.name)
             if field.name not in RESUME_MODEL_MAY_CHANGE and not same_value(ours, theirs):
-                differ.append(f"{config_lib._option(field.name)} {show_pair(ours, theirs)}")
+                differ.append(f"{config_fields.option_flag(field.name)} {show_pair(ours, theirs)}")
     if differ:
         raise CheckpointError(
             f"{checkpoint} cannot be resumed with other settings than it was trained with: "
@@ -589,7 +598,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
     # A run folder's config.json goes through the one reader too: a hand-edited one, or one of
     # another version, is refused naming the field, never silently overwritten.
     if (run_dir / "config.json").is_file():
-        config_lib.read_config_file(run_dir / "config.json")
+        config_file.read_config_file(run_dir / "config.json")
     resume_from = checkpoint_lib.latest_checkpoint(run_dir)
     if resume_from is not None and not cfg.resume:
         raise ConfigError(
@@ -814,7 +823,7 @@ def run_loop(run: Run) -> Path:
     """
     cfg, info, run_dir, train_step = run.cfg, run.info, run.run_dir, run.step
     ema, device, start_step = run.ema, run.info.device, run.start_step
-    config_text = config_lib.dumps(cfg, run.model_cfg)
+    config_text = config_file.dumps(cfg, run.model_cfg)
     if start_step >= cfg.steps:  # e.g. --steps 5 --resume on a run at step 10
         if info.is_main:
             print(

@@ -1,7 +1,7 @@
 """ADM / Stable-Diffusion style UNet with named feature taps and an early-stopping forward.
 
 Its shape is a `UNetConfig` with named presets `UNET_PRESETS`, both defined in the leaf
-`fastsp.config` (so a checkpoint reads them without torch) and re-exported here.
+`fastsp.model_config` (so a checkpoint reads them without torch).
 
     conv_in -> down[0] .. down[n-1] -> mid -> up[0] .. up[n-1] -> norm_out, SiLU, conv_out
 
@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastsp.attention import attention, choose_kernel, not_supported_reasons
-from fastsp.config import UNET_PRESETS as UNET_PRESETS  # re-exported: fastsp.unet.UNET_PRESETS
-from fastsp.config import UNetConfig
+from fastsp.model_config import UNetConfig
 
 
 # Sinusoidal timestep embedding (ADM / DDPM): [cos(t f_i), sin(t f_i)], f_i = 10000^(-i/half).

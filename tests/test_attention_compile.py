@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fastsp import attention as attention_lib
-from fastsp.unet import UNET_PRESETS, Attention, UNet, decide_attention
+from fastsp.model_config import UNET_PRESETS
+from fastsp.unet import Attention, UNet, decide_attention
 
 B, RES, CONTEXT = 2, 8, (5, 12)
 

@@ -19,8 +19,9 @@ import torch
 from fastsp import cli, errors, trainer
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import GraphCaptureError
+from fastsp.model_config import UNET_PRESETS
 from fastsp.step import WARMUP_STEPS, WARMUP_STEPS_DDP, StepConfig, TrainStep
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.unet import UNet
 
 B, RES = 4, 8
 

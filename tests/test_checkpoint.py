@@ -7,7 +7,8 @@ import torch
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.errors import CheckpointError
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.model_config import UNET_PRESETS
+from fastsp.unet import UNet
 
 
 def _save(run_dir, step, model):

@@ -20,15 +20,16 @@ import torch
 from safetensors.torch import save_file
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import config as config_lib
+from fastsp import config_file
 from fastsp.checkpoint import CHECKPOINT_FILES, step_dir_name
 from fastsp.config import TrainConfig
 from fastsp.errors import CheckpointError
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.model_config import UNET_PRESETS
+from fastsp.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = UNET_PRESETS["tiny"]
-CONFIG = config_lib.dumps(TrainConfig(), TINY)
+CONFIG = config_file.dumps(TrainConfig(), TINY)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -220,16 +221,17 @@ _FULL_DISK_CHILD = textwrap.dedent(
     import json, resource, signal, sys
     import torch
     from fastsp import checkpoint as checkpoint_lib
-    from fastsp import config as config_lib
+    from fastsp import config_file
     from fastsp.config import TrainConfig
-    from fastsp.unet import UNET_PRESETS, UNet
+    from fastsp.model_config import UNET_PRESETS
+    from fastsp.unet import UNet
 
     root, scenarios = sys.argv[1], json.loads(sys.argv[2])
     model = UNet(UNET_PRESETS["tiny"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 1, 8, 8), torch.tensor([3, 500])).square().mean().backward()
     optimizer.step()
-    config = config_lib.dumps(TrainConfig(), UNET_PRESETS["tiny"])
+    config = config_file.dumps(TrainConfig(), UNET_PRESETS["tiny"])
     save = checkpoint_lib.save_checkpoint
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     unlimited = resource.RLIM_INFINITY

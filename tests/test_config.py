@@ -4,21 +4,22 @@ import dataclasses
 
 import pytest
 
-from fastsp import config as config_lib
+from fastsp import config_cli, config_file, model_config
 from fastsp import train as train_cli
-from fastsp.config import PRESETS, TrainConfig, parse_args
+from fastsp.config import PRESETS, TrainConfig
+from fastsp.config_cli import parse_args
 from fastsp.errors import ConfigError
-from fastsp.unet import UNetConfig
+from fastsp.model_config import UNetConfig
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_resolve(preset):
     train, model = parse_args(["--preset", preset])
-    assert train.preset == preset and model == config_lib.MODEL_PRESETS[preset]
+    assert train.preset == preset and model == model_config.MODEL_PRESETS[preset]
 
 
 def test_every_field_is_an_option():
-    options = {o for a in config_lib.build_parser()._actions for o in a.option_strings}
+    options = {o for a in config_cli.build_parser()._actions for o in a.option_strings}
     for cls in (TrainConfig, UNetConfig):
         for f in dataclasses.fields(cls):
             if f.name in ("preset", "in_channels", "num_classes"):
@@ -52,7 +53,7 @@ def test_every_field_has_a_description():
 def _help_entries(monkeypatch) -> dict[str, str]:
     """--help's entry of each option (its invocation and help text, whitespace collapsed)."""
     monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside a help text
-    text = config_lib.build_parser().format_help()
+    text = config_cli.build_parser().format_help()
     entries: list[str] = []
     for line in text[text.index("\noptions:") :].splitlines():
         if line.startswith("  -"):  # an option's invocation starts an entry
@@ -123,19 +124,19 @@ def test_overrides_types_and_booleans():
 
 def test_config_round_trips_through_json():
     train, model = parse_args(["--preset", "digits", "--attention-levels", "2"])
-    values = config_lib.to_dict(train, model)
+    values = config_file.to_dict(train, model)
     import json
 
     values = json.loads(json.dumps(values))
-    assert config_lib.train_config_from_dict(values["train"]) == train
-    assert config_lib.model_config_from_dict(values["model"]) == model
+    assert config_file.train_config_from_dict(values["train"]) == train
+    assert config_file.model_config_from_dict(values["model"]) == model
 
 
 def test_unknown_fields_in_a_config_file_are_errors():
     with pytest.raises(ConfigError, match="unknown training fields"):
-        config_lib.train_config_from_dict({"stepz": 3})
+        config_file.train_config_from_dict({"stepz": 3})
     with pytest.raises(ConfigError, match="unknown model fields"):
-        config_lib.model_config_from_dict({"base_channel": 3})
+        config_file.model_config_from_dict({"base_channel": 3})
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ import torch
 
 import fastsp
 from fastsp import config as config_lib
-from fastsp.config import unet_config_from_diffusers
+from fastsp import config_cli, config_file, model_config
 from fastsp.diffusers_unet import SD21_BASE_CONFIG, diffusers_names, export_to_diffusers
-from fastsp.errors import ConfigError
+from fastsp.diffusers_unet_config import unet_config_from_diffusers
+from fastsp.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DConditionModel = diffusers.UNet2DConditionModel
@@ -109,7 +110,7 @@ def test_scale_shift_time_embedding_maps(tmp_path):
 
 
 def test_export_of_a_model_diffusers_cannot_express_is_refused(tmp_path):
-    model = fastsp.UNet(config_lib.UNET_PRESETS["tiny"])  # class labels, no context
+    model = fastsp.UNet(model_config.UNET_PRESETS["tiny"])  # class labels, no context
     with pytest.raises(ConfigError) as caught:
         export_to_diffusers(model, tmp_path / "out")
     assert "num_classes=10" in str(caught.value) and "context_dim=0" in str(caught.value)
@@ -121,7 +122,7 @@ def test_family_configs_map_to_their_layouts():
     assert (sd1.num_heads, sd1.linear_projection, sd1.attention_levels) == ((8, 8), False, (0,))
     sd2 = unet_config_from_diffusers(SD2_LIKE)
     assert (sd2.head_dim, sd2.num_heads, sd2.transformer_depth) == (16, (), 2)
-    assert unet_config_from_diffusers(SD21_BASE_CONFIG) == config_lib.UNET_PRESETS["sd21"]
+    assert unet_config_from_diffusers(SD21_BASE_CONFIG) == model_config.UNET_PRESETS["sd21"]
 
 
 def test_mid_tap_equals_diffusers_mid_block(tmp_path):
@@ -187,7 +188,7 @@ def test_damaged_diffusers_folder_is_a_one_line_error(tmp_path, fault):
         else:
             tensors["conv_in.weight"] = torch.zeros(32, 4, 1, 1)
         save_file(tensors, weights)
-    with pytest.raises(fastsp.CheckpointError) as caught:
+    with pytest.raises(CheckpointError) as caught:
         fastsp.load_unet(folder)
     assert "\n" not in str(caught.value) and str(folder) in str(caught.value)
 
@@ -200,13 +201,13 @@ def test_load_unet_of_a_fastsp_run_is_its_ema_model(tmp_path):
         for p in ema.parameters():
             p.normal_()
     optimizer = torch.optim.AdamW(model.parameters())
-    text = config_lib.dumps(train, model_cfg)
+    text = config_file.dumps(train, model_cfg)
     fastsp.checkpoint.save_checkpoint(tmp_path / "run", 5, model, ema, optimizer, {"step": 5}, text)
     loaded = fastsp.load_unet(tmp_path / "run", dtype=torch.float64)
     pairs = zip(loaded.state_dict().items(), ema.state_dict().values(), strict=True)
     for (name, got), want in pairs:
         assert got.dtype == torch.float64 and torch.equal(got, want.double()), name
-    with pytest.raises(fastsp.CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         fastsp.load_unet(tmp_path / "nowhere")
 
 
@@ -238,7 +239,7 @@ def test_export_round_trip(tmp_path, family):
     assert theirs.config.sample_size == 16
     _assert_same_forward(ours, theirs)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    with pytest.raises(fastsp.CheckpointError, match="not empty"):
+    with pytest.raises(CheckpointError, match="not empty"):
         export_to_diffusers(ours, tmp_path / "out")
 
 
@@ -315,7 +316,7 @@ def test_train_init_contradicting_option_names_both_values(tmp_path):
     unet_dir = _saved(tmp_path / "unet", SD2_LIKE)
     args = [*TINY_RUN, "--init", str(unet_dir), "--base-channels", "16", "--out", "run"]
     with pytest.raises(SystemExit) as caught:
-        config_lib.parse_args(args)
+        config_cli.parse_args(args)
     assert caught.value.code == 2
     result = _run([*TRAIN, *args], tmp_path)
     assert result.returncode == 2

@@ -17,14 +17,15 @@ import torch
 from test_step import FailOnHostSync
 
 from fastsp import config as config_lib
+from fastsp import config_file, model_config, reference
 from fastsp import evaluate as evaluate_cli
 from fastsp import export as export_cli
-from fastsp import reference
-from fastsp.config import DIT_PRESETS, DiTConfig, UNetConfig, parse_args
+from fastsp.config_cli import parse_args
 from fastsp.diffusion import NoiseSchedule
 from fastsp.dit import DiT
 from fastsp.errors import ConfigError
 from fastsp.feature_loss import feature_mse, feature_mse_multi
+from fastsp.model_config import DIT_PRESETS, DiTConfig, UNetConfig
 from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
@@ -176,16 +177,16 @@ def test_presets_select_the_dit_and_its_options():
 
 def test_config_json_records_the_kind_and_old_files_are_unets():
     train, model = parse_args(["--preset", "dit_tiny"])
-    saved = json.loads(config_lib.dumps(train, model))
+    saved = json.loads(config_file.dumps(train, model))
     assert saved["model"]["kind"] == "dit"
-    assert config_lib.model_config_from_dict(saved["model"]) == model
-    unet = config_lib.UNET_PRESETS["tiny"]
+    assert config_file.model_config_from_dict(saved["model"]) == model
+    unet = model_config.UNET_PRESETS["tiny"]
     old = dataclasses.asdict(unet)  # a config.json written before the kind existed
-    assert "kind" not in old and config_lib.model_config_from_dict(old) == unet
-    assert isinstance(build_model(config_lib.model_config_from_dict(old)), torch.nn.Module)
+    assert "kind" not in old and config_file.model_config_from_dict(old) == unet
+    assert isinstance(build_model(config_file.model_config_from_dict(old)), torch.nn.Module)
     with pytest.raises(ConfigError, match="unknown model kind"):
-        config_lib.model_config_from_dict({**saved["model"], "kind": "vit"})
-    assert isinstance(config_lib.model_config_from_dict(json.loads(json.dumps(old))), UNetConfig)
+        config_file.model_config_from_dict({**saved["model"], "kind": "vit"})
+    assert isinstance(config_file.model_config_from_dict(json.loads(json.dumps(old))), UNetConfig)
 
 
 # ---------------------------------------------------------------------------- the step

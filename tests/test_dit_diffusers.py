@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fastsp import dit_diffusers
-from fastsp.config import DIT_PRESETS, DiTConfig
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit, load_dit
 from fastsp.errors import CheckpointError, ConfigError
+from fastsp.model_config import DIT_PRESETS, DiTConfig
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastsp.config import UNetConfig
+from fastsp.model_config import UNetConfig
 from fastsp.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]

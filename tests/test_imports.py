@@ -1,4 +1,5 @@
-"""What importing a fastsp module drags in: config is a leaf; checkpoints never load the loss.
+"""What importing a fastsp module drags in: the config modules are leaves; checkpoints never load
+the loss.
 
 Each import check runs in a fresh interpreter, since this test process has imported everything.
 """
@@ -15,10 +16,12 @@ import fastsp
 from fastsp import (
     attention,
     config,
+    config_fields,
     data,
     data_policy,
     diffusion,
     dit,
+    model_config,
     perceptual,
     reference,
     unet,
@@ -27,6 +30,28 @@ from fastsp import (
 REPO = Path(__file__).resolve().parents[1]
 # the training objective and its Triton kernels
 _OBJECTIVE = ("fastsp.perceptual", "fastsp.feature_loss", "fastsp.kernels", "triton")
+# The config modules, each with the config modules it imports: all leaves, that import no torch
+# and nothing else of fastsp but the ground floor, fastsp.errors.
+_CONFIG_LEAVES = {
+    "fastsp.config_fields": set(),
+    "fastsp.model_config": {"fastsp.config_fields"},
+    "fastsp.diffusers_unet_config": {"fastsp.config_fields", "fastsp.model_config"},
+    "fastsp.config": {
+        "fastsp.config_fields",
+        "fastsp.model_config",
+        "fastsp.diffusers_unet_config",
+    },
+    "fastsp.config_file": {"fastsp.model_config", "fastsp.config"},
+    "fastsp.config_cli": {"fastsp.config_fields", "fastsp.model_config", "fastsp.config"},
+}
+
+
+def _config_modules_below(module: str) -> set[str]:
+    """The config modules that importing `module` imports, directly or not."""
+    below = set(_CONFIG_LEAVES[module])
+    for imported in _CONFIG_LEAVES[module]:
+        below |= _config_modules_below(imported)
+    return below
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -55,20 +80,29 @@ def test_the_digits_job_imports_neither_diffusers_nor_transformers():
     assert "diffusers" not in modules and "transformers" not in modules
 
 
-def test_config_alone_imports_no_torch_and_no_other_fastsp_module_but_the_errors():
-    modules = _modules_after("import fastsp.config")
+def test_every_config_module_is_listed():
+    on_disk = {f"fastsp.{p.stem}" for p in (REPO / "fastsp").glob("*config*.py")}
+    assert on_disk == set(_CONFIG_LEAVES)
+
+
+@pytest.mark.parametrize("module", sorted(_CONFIG_LEAVES))
+def test_a_config_module_alone_imports_no_torch_and_only_the_config_modules_below_it(module):
+    modules = _modules_after(f"import {module}")
     assert not [m for m in modules if m == "torch" or m.startswith("torch.")]
     fastsp_modules = {m for m in modules if m.split(".")[0] == "fastsp"}
-    assert fastsp_modules == {"fastsp", "fastsp.config", "fastsp.errors"}
+    expected = {"fastsp", module, "fastsp.errors", *_config_modules_below(module)}
+    assert fastsp_modules == expected
 
 
-def test_config_source_imports_only_the_standard_library():
-    tree = ast.parse((REPO / "fastsp" / "config.py").read_text())
+@pytest.mark.parametrize("module", sorted(_CONFIG_LEAVES))
+def test_a_config_module_source_imports_only_the_standard_library(module):
+    allowed = {"fastsp.errors", *_CONFIG_LEAVES[module]}
+    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module != "fastsp.errors":
+        elif isinstance(node, ast.ImportFrom) and node.module not in allowed:
             names.add((node.module or "").split(".")[0])
     assert names - {"__future__"} <= sys.stdlib_module_names, names - sys.stdlib_module_names
 
@@ -93,7 +127,7 @@ def test_public_names_are_lazy_but_all_there():
     assert set(fastsp.__all__) <= set(dir(fastsp))
     for name in ("feature_mse", "SelfPerceptualLoss", "UNet", "UNetConfig", "NoiseSchedule"):
         assert name in dir(fastsp)
-    assert fastsp.UNetConfig is unet.UNetConfig is config.UNetConfig
+    assert fastsp.UNetConfig is unet.UNetConfig is model_config.UNetConfig
     assert fastsp.NoiseSchedule is diffusion.NoiseSchedule
     with pytest.raises(AttributeError, match="no_such_name"):
         fastsp.no_such_name  # noqa: B018
@@ -110,7 +144,8 @@ def test_public_names_import_from_a_fresh_interpreter():
 
 
 def test_each_vocabulary_has_one_definition():
-    """The modules that use a vocabulary (or a value parser) hold config's object itself."""
+    """The modules that use a vocabulary, a value parser or a model config hold the object of
+    the config module that defines it (config_fields, model_config)."""
     shared = {
         diffusion: ("BETA_SCHEDULES", "PREDICTION_TYPES", "SAMPLERS"),
         perceptual: (
@@ -122,11 +157,14 @@ def test_each_vocabulary_has_one_definition():
         ),
         attention: ("ATTENTION_BACKENDS",),
         reference: ("PREDICTION_TYPES",),
-        unet: ("UNetConfig", "UNET_PRESETS"),
-        dit: ("DiTConfig", "DIT_PRESETS"),
+        unet: ("UNetConfig",),
+        dit: ("DiTConfig",),
         data: ("DATA_FORMATS", "is_int"),
         data_policy: ("ON_BAD_DATA",),
+        model_config: ("ATTENTION_BACKENDS", "is_int"),
+        config: ("PREDICTION_TYPES", "SAMPLERS", "parse_layers", "UNetConfig", "MODEL_PRESETS"),
     }
     for module, names in shared.items():
         for name in names:
-            assert getattr(module, name) is getattr(config, name), f"{module.__name__}.{name}"
+            home = config_fields if name in vars(config_fields) else model_config
+            assert getattr(module, name) is getattr(home, name), f"{module.__name__}.{name}"

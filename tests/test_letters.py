@@ -9,7 +9,7 @@ import torch
 
 from fastsp import evaluate, letters, quality
 from fastsp import train as train_cli
-from fastsp.config import parse_args
+from fastsp.config_cli import parse_args
 from fastsp.data import build_dataset
 from fastsp.errors import DataError
 from fastsp.letters import CHARACTERS, FONTS, LettersDataset

@@ -14,10 +14,11 @@ from sd_tiny import SD21_SCHEDULER_CONFIG
 from fastsp import config, reference
 from fastsp import train as train_cli
 from fastsp.diffusion import NoiseSchedule
+from fastsp.model_config import UNET_PRESETS
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss, parse_layers
 from fastsp.step import training_loss
 from fastsp.trainer import build_perceptual_loss
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 B = 4

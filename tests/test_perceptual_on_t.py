@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from fastsp import reference
-from fastsp.config import TrainConfig, parse_perceptual_on_t
+from fastsp.config import TrainConfig
+from fastsp.config_fields import parse_perceptual_on_t
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
+from fastsp.model_config import UNET_PRESETS
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.unet import UNet
 
 B, RES, LR, SEED, STEP = 8, 16, 1e-3, 3, 5
 # t of the step below (seed 3, step 5): [695, 824, 2, 140, 457, 760, 172, 998]

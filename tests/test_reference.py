@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from fastsp.model_config import UNET_PRESETS
 from fastsp.reference import (
     coefficients,
     frozen_copy,
@@ -14,7 +15,7 @@ from fastsp.reference import (
     reference_self_perceptual_loss,
     reference_self_perceptual_step,
 )
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.unet import UNet
 
 f64 = torch.float64
 B = 4

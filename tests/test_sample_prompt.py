@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import config as config_lib
+from fastsp import config_cli
 from fastsp.sample import generate, main, schedule_from_config
 from fastsp.trainer import train
 
@@ -28,7 +28,7 @@ IMAGE_SIZE = 16  # 8x8 latents, decoded by the tiny VAE (one 2x upsampling)
 def _train_run(out: Path, *extra: str) -> Path:
     argv = ["--preset", "tiny", "--data", "synthetic", "--channels", "4", "--resolution", "8"]
     argv += ["--steps", "2", "--out", str(out), *extra]
-    train(*config_lib.parse_args(argv))
+    train(*config_cli.parse_args(argv))
     return out
 
 

@@ -14,8 +14,7 @@ from PIL import Image
 
 import fastsp
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import config as config_lib
-from fastsp import sample
+from fastsp import config_cli, diffusers_unet_config, sample
 from fastsp.trainer import train
 
 diffusers = pytest.importorskip("diffusers")
@@ -82,7 +81,7 @@ def _train(*argv: str, model_config=None) -> None:
     """A README stage command at CPU size (2 steps, batch 4, 8x8 latents); `model_config`
     replaces the preset's architecture (a fastsp --init must match it, see stage 2)."""
     tiny = ["--batch-size", "4", "--steps", "2", "--resolution", "8", "--sample-steps", "2"]
-    cfg, preset_model = config_lib.parse_args([*argv, *tiny])
+    cfg, preset_model = config_cli.parse_args([*argv, *tiny])
     train(cfg, model_config or preset_model)
 
 
@@ -108,7 +107,7 @@ def test_the_readme_recipe_end_to_end(tmp_path, monkeypatch):
     assert stage1_config["train"]["zero_terminal_snr"] is True
     assert stage1_config["train"]["prediction_type"] == "v"
     # the architecture came from SD/unet's config.json, not from the sd21 preset
-    assert stage1.config == config_lib.unet_config_from_diffusers(TINY_SD2_UNET)
+    assert stage1.config == diffusers_unet_config.unet_config_from_diffusers(TINY_SD2_UNET)
     # and so did its start: two steps at the warm-up's learning rate barely move the weights
     start = fastsp.load_unet("SD/unet")
     for (name, ours), theirs in zip(

@@ -18,9 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
+from fastsp.model_config import UNET_PRESETS
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
-from fastsp.unet import UNET_PRESETS, UNet
+from fastsp.unet import UNet
 
 B, RES, LR = 8, 16, 1e-3
 
@@ -399,10 +400,10 @@ def _check_graphed_step_equals_eager_step(objective):
 
 
 def _train(argv):
-    from fastsp import config as config_lib
+    from fastsp import config_cli
     from fastsp.trainer import train
 
-    cfg, model_cfg = config_lib.parse_args(argv)
+    cfg, model_cfg = config_cli.parse_args(argv)
     return train(cfg, model_cfg)
 
 

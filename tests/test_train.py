@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import config as config_lib
+from fastsp import config_cli
 from fastsp import sample as sample_cli
 from fastsp.trainer import train
 
@@ -20,7 +20,7 @@ TRAIN_SCRIPT = str(REPO / "fastsp" / "train.py")
 
 
 def _train(argv):
-    cfg, model_cfg = config_lib.parse_args(argv)
+    cfg, model_cfg = config_cli.parse_args(argv)
     return train(cfg, model_cfg)
 
 
@@ -216,6 +216,7 @@ def test_sample_grid_is_deterministic(tmp_path):
 WORKER_ENVIRONMENT_SCRIPT = """
 import json, os, sys
 from fastsp import config as config_lib
+from fastsp import config_cli
 from fastsp.step import graph_environment
 
 cfg, _ = config_lib.resolve("tiny", {"cuda_graph": True, "out": sys.argv[1]}, {})

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastsp.unet import UNET_PRESETS, UNet, UNetConfig
+from fastsp.model_config import UNET_PRESETS, UNetConfig
+from fastsp.unet import UNet
 
 SD21_DIFFUSERS_PARAMS = 865_910_724
 

@@ -58,7 +58,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import config as config_lib
+from fastsp import config_cli
 from fastsp.evaluate import evaluate_checkpoint
 from fastsp.pipeline import write_comparison
 from fastsp.quality import format_gap_share, guidance_gap_share
@@ -201,7 +201,7 @@ def obtain(path: Path, compute) -> dict | None:
 
 def train_run(argv: list[str]) -> Path:
     """One training run (resumed if its folder has checkpoints); its final checkpoint."""
-    cfg, model_cfg = config_lib.parse_args(argv)
+    cfg, model_cfg = config_cli.parse_args(argv)
     return train(cfg, model_cfg)
 
 

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib  # noqa: E402
-from fastsp import config as config_lib  # noqa: E402
+from fastsp import config_cli  # noqa: E402
 from fastsp.evaluate import evaluate_checkpoint  # noqa: E402
 from fastsp.pipeline import write_comparison  # noqa: E402
 from fastsp.quality import format_gap_share, guidance_gap_share  # noqa: E402
@@ -46,7 +46,7 @@ STAGE2_LR = 2e-4
 
 
 def run(argv: list[str]) -> Path:
-    cfg, model_cfg = config_lib.parse_args(argv)
+    cfg, model_cfg = config_cli.parse_args(argv)
     return train(cfg, model_cfg)
 
 
