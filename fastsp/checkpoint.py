@@ -22,6 +22,7 @@ newest good one; `verify_checkpoint` opens every file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -515,21 +516,38 @@ def load_training_state(
     return state
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint, with the configuration it was trained with."""
+
+    model: torch.nn.Module  # a UNet or a DiT, in eval mode, on the device asked for
+    train_config: config_lib.TrainConfig  # its schedule and resolution are the model's to sample
+    model_config: config_lib.UNetConfig | config_lib.DiTConfig
+    checkpoint: Path  # the checkpoint folder it came from (a run folder's latest)
+    step: int  # the training step it was saved at
+    weights: str  # "ema" or "model": which of the checkpoint's weights it holds
+
+
 def load_model(
     path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> LoadedModel:
     """The model (a UNet or a DiT, as config.json's model section says) rebuilt from a
-    checkpoint's config.json with its `ema` or `model` weights.
-
-    Returns the model in eval mode and the checkpoint's resolved configuration (a dict).
-    """
+    checkpoint's config.json with its `ema` or `model` weights, and the checkpoint's validated
+    configuration and step."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     checkpoint = resolve_checkpoint(path)
-    config = read_config(checkpoint)
-    model = build_model(config_lib.model_config_from_dict(config["model"]))
+    train_config, model_config = read_configs(checkpoint)
+    model = build_model(model_config)
     load_weights(model, checkpoint / f"{weights}.safetensors")
-    return model.to(device).eval(), config
+    return LoadedModel(
+        model=model.to(device).eval(),
+        train_config=train_config,
+        model_config=model_config,
+        checkpoint=checkpoint,
+        step=read_state(checkpoint)["step"],
+        weights=weights,
+    )
 
 
 def verify_checkpoint(path: str | Path) -> None:

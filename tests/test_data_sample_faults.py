@@ -21,10 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import evaluate
+from fastsp import evaluate, sampling
 from fastsp import sample as sample_cli
 from fastsp import train as train_cli
 from fastsp.data import ImageFolderDataset, find_images
+from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import DataError
 from fastsp.latent_shards import LatentsDataset
 
@@ -253,13 +254,13 @@ def test_sample_batch_size_is_for_grids_only(run_dir, tmp_path, capsys):
 
 def test_sample_draws_any_num_in_batches_with_a_progress_line(run_dir, tmp_path, monkeypatch):
     seen = []
-    generate = sample_cli.generate
+    generate = sampling.generate
 
     def recording(model, schedule, num, *args, **kwargs):
         seen.append(num)
         return generate(model, schedule, num, *args, **kwargs)
 
-    monkeypatch.setattr(sample_cli, "generate", recording)
+    monkeypatch.setattr(sampling, "generate", recording)
     png = tmp_path / "grid.png"
     argv = ["--checkpoint", str(run_dir), "--num", "300", "--batch-size", "16", "--steps", "1"]
     assert sample_cli.main([*argv, "--out", str(png)]) == 0
@@ -267,7 +268,7 @@ def test_sample_draws_any_num_in_batches_with_a_progress_line(run_dir, tmp_path,
     with Image.open(png) as image:  # 18 x 17 cells of 8x8 with 1-pixel padding, x16
         assert image.size == ((18 * 9 + 1) * 16, (17 * 9 + 1) * 16)
     # Big grids are enlarged less, to stay within 4,096 pixels: a million digits at 9,001
-    assert [sample_cli.grid_scale(8, n) for n in (300, 1000, 10**6)] == [16, 14, 1]
+    assert [sampling.grid_scale(8, n) for n in (300, 1000, 10**6)] == [16, 14, 1]
 
 
 def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_dir, tmp_path):
@@ -285,13 +286,13 @@ def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_di
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "37/37" in result.stderr and f"wrote 37 samples to {png}" in result.stdout
-    model, config = checkpoint_lib.load_model(run_dir)
+    loaded = checkpoint_lib.load_model(run_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the process ran (OMP_NUM_THREADS=1): the same float sums
     try:
-        batches = sample_cli.generate_batches(
-            model,
-            sample_cli.schedule_from_config(config["train"]),
+        batches = sampling.generate_batches(
+            loaded.model,
+            NoiseSchedule.from_config(loaded.train_config),
             37,
             (1, 8, 8),
             batch_size=5,
@@ -299,7 +300,7 @@ def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_di
             seed=7,
             num_steps=2,
         )
-        expected = Image.fromarray(sample_cli.image_grid(torch.cat(list(batches)))[..., 0])
+        expected = Image.fromarray(sampling.image_grid(torch.cat(list(batches)))[..., 0])
     finally:
         torch.set_num_threads(threads)
     expected = expected.resize((expected.width * 16, expected.height * 16), Image.NEAREST)
