@@ -44,9 +44,9 @@ from fastsp import quality
 from fastsp.builtin_classifier import BUILTIN, FEATURE_DIM, classify, load_or_train_classifier
 from fastsp.checkpoint import LoadedModel, load_model
 from fastsp.config import TrainConfig
-from fastsp.data import ImageFolderDataset
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import EvaluationError
+from fastsp.image_folder import ImageFolderDataset
 from fastsp.sampling import check_sampling, default_labels, generate_batches
 
 NEAREST_K = 3  # Kynkaenniemi et al. 2019's default neighbourhood size

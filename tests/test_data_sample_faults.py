@@ -8,6 +8,7 @@ The training and sampling commands run through their `main` (what `python fastsp
 `python -m fastsp.sample` call) on tiny runs; the sampling grid also through a real process.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -20,13 +21,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fastsp import builtin_classifier, evaluate, sampling
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import evaluate, sampling
 from fastsp import sample as sample_cli
 from fastsp import train as train_cli
-from fastsp.data import ImageFolderDataset, find_images
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import DataError
+from fastsp.image_folder import ImageFolderDataset, find_images
 from fastsp.latent_shards import LatentsDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,13 +319,18 @@ def _write_cache(root: Path, resolution: int = 8) -> tuple[Path, Path]:
     classifier: what is checked here is the cache, not the classifier."""
     torch.manual_seed(0)
     state = {
-        k: v.contiguous() for k, v in evaluate.DigitsClassifier(resolution).state_dict().items()
+        k: v.contiguous()
+        for k, v in builtin_classifier.DigitsClassifier(resolution).state_dict().items()
     }
-    weights, info = evaluate._cache_files(resolution, root)
+    weights, info = builtin_classifier._cache_files(resolution, root)
     root.mkdir(parents=True, exist_ok=True)
     save_file(state, str(weights))
-    digest = evaluate.hashlib.sha256(weights.read_bytes()).hexdigest()
-    fields = {"version": evaluate.CLASSIFIER_VERSION, "resolution": resolution, "sha256": digest}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    fields = {
+        "version": builtin_classifier.CLASSIFIER_VERSION,
+        "resolution": resolution,
+        "sha256": digest,
+    }
     fields |= {"heldout_accuracy": 0.5, "heldout_images": 297, "train_seconds": 1.0}
     info.write_text(json.dumps(fields))
     return weights, info
@@ -332,7 +338,9 @@ def _write_cache(root: Path, resolution: int = 8) -> tuple[Path, Path]:
 
 def test_a_hand_edited_or_nan_classifier_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
     weights, info = _write_cache(tmp_path / "cache")
-    assert evaluate._load_cached(weights, info, 8)[0] is not None  # the valid pair is used
+    assert (
+        builtin_classifier._load_cached(weights, info, 8)[0] is not None
+    )  # the valid pair is used
     # NaN weights under a matching checksum: named, never used
     state = load_file(str(weights))
     name = next(iter(state))
@@ -340,14 +348,16 @@ def test_a_hand_edited_or_nan_classifier_cache_is_rebuilt_with_a_warning(tmp_pat
     nan_weights, nan_info = _write_cache(tmp_path / "nan")
     save_file(state, str(nan_weights))
     saved = json.loads(nan_info.read_text())
-    saved["sha256"] = evaluate.hashlib.sha256(nan_weights.read_bytes()).hexdigest()
+    saved["sha256"] = hashlib.sha256(nan_weights.read_bytes()).hexdigest()
     nan_info.write_text(json.dumps(saved))
-    classifier, reason = evaluate._load_cached(nan_weights, nan_info, 8)
+    classifier, reason = builtin_classifier._load_cached(nan_weights, nan_info, 8)
     assert classifier is None and reason == f"{nan_weights} holds non-finite weights"
     # A string where a number belongs, or a missing field: rebuilt, with a warning naming the
     # file. (Training the classifier takes seconds on an idle CPU; an untrained one stands in.)
     monkeypatch.setattr(
-        evaluate, "train_classifier", lambda resolution, *a: (evaluate.DigitsClassifier(8), 0.1)
+        builtin_classifier,
+        "train_classifier",
+        lambda resolution, *a: (builtin_classifier.DigitsClassifier(8), 0.1),
     )
     for edit, why in [
         ({"heldout_accuracy": "high"}, "heldout_accuracy is 'high', not a finite number"),
@@ -355,7 +365,11 @@ def test_a_hand_edited_or_nan_classifier_cache_is_rebuilt_with_a_warning(tmp_pat
     ]:
         info.write_text(json.dumps({**json.loads(info.read_text()), **edit}))
         lines = []
-        _, rebuilt = evaluate.load_or_train_classifier(8, tmp_path / "cache", log=lines.append)
+        _, rebuilt = builtin_classifier.load_or_train_classifier(
+            8, tmp_path / "cache", log=lines.append
+        )
         assert rebuilt["trained_now"] and lines[0].startswith("warning: rebuilding the cache")
         assert f"{info} is damaged ({why})" in lines[0]
-        assert evaluate._load_cached(weights, info, 8)[0] is not None  # a valid pair again
+        assert (
+            builtin_classifier._load_cached(weights, info, 8)[0] is not None
+        )  # a valid pair again
