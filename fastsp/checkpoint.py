@@ -22,11 +22,10 @@ newest good one; `verify_checkpoint` opens every file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
-import pickle
-import pickletools
 import re
 import shutil
 import uuid
@@ -36,12 +35,23 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fastsp import config as config_lib
 from fastsp import config_file
+from fastsp.checkpoint_files import (
+    check_optimizer_state,
+    check_rng,
+    damaged,
+    first_line,
+    load_tensors,
+    read_json,
+    read_safetensors,
+    unreadable,
+)
 from fastsp.errors import CheckpointError, CheckpointWriteError, ConfigError
 from fastsp.faults import kill_point
+from fastsp.model_config import DiTConfig, UNetConfig
 from fastsp.models import build_model
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -118,7 +128,7 @@ def _missing_files(checkpoint: Path) -> list[str]:
     try:
         return [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
     except PermissionError:  # a folder this user cannot search: not missing, unreadable
-        raise _unreadable(checkpoint) from None
+        raise unreadable(checkpoint) from None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -285,129 +295,7 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: every file is checked, and a damaged one is named with the fix
-
-
-def _damaged(file: Path, problem: str) -> CheckpointError:
-    return CheckpointError(
-        f"{file} {problem}: the checkpoint {file.parent} is damaged. Delete that folder to resume "
-        "from the previous checkpoint of the run, or pass another checkpoint"
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    """The first sentence of an error message (torch's run on with advice)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch colours some messages
-    if not text:
-        return type(error).__name__
-    line = text.splitlines()[0]
-    return line.split(". ")[0][:200] if len(line) > 120 else line
-
-
-def _unreadable(file: Path) -> CheckpointError:
-    """A file this user may not read: nothing says it is damaged, so nothing advises deleting."""
-    return CheckpointError(
-        f"{file} cannot be read: permission denied. The checkpoint may well be intact: give this "
-        "user read access to its folder and files, or pass another checkpoint"
-    )
-
-
-def _require_file(file: Path) -> None:
-    try:
-        exists = file.is_file()
-    except PermissionError:  # the folder above it cannot be searched
-        raise _unreadable(file) from None
-    if not exists:
-        raise _damaged(file, "is missing")
-    if not os.access(file, os.R_OK):
-        raise _unreadable(file)
-    if file.stat().st_size == 0:
-        raise _damaged(file, "is empty (0 bytes)")
-
-
-def _read_json(file: Path) -> Any:
-    _require_file(file)
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-        raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
-
-
-def _imports(file: Path) -> list[str]:
-    """What a plain pickle file (not a torch zip) asks to import, read without executing it."""
-    names: list[str] = []
-    strings: list[str] = []
-    try:
-        with open(file, "rb") as f:
-            for opcode, arg, _ in pickletools.genops(f):
-                if opcode.name in ("GLOBAL", "INST"):
-                    names.append(str(arg).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    names.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # a zip or garbled bytes: stop at the first opcode that does not parse
-        pass
-    return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
-
-
-def _refusal(file: Path, message: str) -> str | None:
-    """What torch's weights-only unpickler refused to do, or None if the file is just unreadable."""
-    found = re.search(r"GLOBAL (\S+)", message)
-    if found:
-        return f"it asks to import {found[1]}"
-    if re.search(r"unrecognized function|Can only (build|create)|is blocked", message):
-        return "it asks to build objects that are not tensors"
-    # Pickle protocols >= 4 stop torch's reader at an unsupported opcode before any import
-    imports = _imports(file)
-    return f"it asks to import {', '.join(imports[:3])}" if imports else None
-
-
-def _load_tensors(file: Path) -> Any:
-    """torch.load(weights_only=True): tensors and plain containers only, never code."""
-    _require_file(file)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = _refusal(file, str(error))
-        if refused is None:  # keep torch's reason, not its advice to load with weights_only=False
-            reason = [line for line in str(error).splitlines() if re.match(r"\s*Unsupported", line)]
-            detail = reason[0].strip() if reason else _first_line(error)
-            raise _damaged(file, f"cannot be read ({detail})") from None
-        raise CheckpointError(
-            f"{file} was refused: it contains code or objects that are not plain tensors "
-            f"({refused}), and fastsp never runs code from a checkpoint. fastsp did not write "
-            "this file; do not load it by other means unless you trust where it came from. Delete "
-            f"the folder {file.parent} to resume from the previous checkpoint of the run, or pass "
-            "another checkpoint"
-        ) from None
-    except Exception as error:  # a garbled zip or pickle fails in many ways (EOFError, ...)
-        raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
-
-
-def _check_optimizer_state(file: Path, value: Any) -> dict[str, Any]:
-    if not (
-        isinstance(value, dict)
-        and isinstance(value.get("state"), dict)
-        and isinstance(value.get("param_groups"), list)
-    ):
-        raise _damaged(file, "does not hold an optimizer state (state and param_groups)")
-    return value
-
-
-def _check_rng(file: Path, value: Any) -> dict[str, Any]:
-    def is_rng_state(x: Any) -> bool:
-        return isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 1
-
-    cuda = value.get("cuda", []) if isinstance(value, dict) else None
-    if not (
-        isinstance(value, dict)
-        and is_rng_state(value.get("cpu"))
-        and isinstance(cuda, list)
-        and all(is_rng_state(x) for x in cuda)
-    ):
-        raise _damaged(file, "does not hold torch RNG states (a uint8 'cpu' tensor)")
-    return value
+# Loading: every file is read through fastsp.checkpoint_files, and a damaged one is named
 
 
 def read_configs(checkpoint: Path) -> tuple[config_lib.TrainConfig, Any]:
@@ -415,13 +303,13 @@ def read_configs(checkpoint: Path) -> tuple[config_lib.TrainConfig, Any]:
     through the one reader every command uses (fastsp.config_file.configs_from_dict): a missing,
     unknown or mistyped field is a CheckpointError naming the file and the field."""
     file = Path(checkpoint) / "config.json"
-    config = _read_json(file)
+    config = read_json(file)
     if not (
         isinstance(config, dict)
         and isinstance(config.get("model"), dict)
         and isinstance(config.get("train"), dict)
     ):
-        raise _damaged(file, "does not hold a configuration with 'model' and 'train' sections")
+        raise damaged(file, "does not hold a configuration with 'model' and 'train' sections")
     try:
         return config_file.configs_from_dict(config, str(file))
     except ConfigError as error:
@@ -438,24 +326,16 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
 def read_state(checkpoint: Path) -> dict[str, Any]:
     """state.json of a checkpoint: {"step": int, ...}."""
     file = Path(checkpoint) / "state.json"
-    state = _read_json(file)
+    state = read_json(file)
     step = state.get("step") if isinstance(state, dict) else None
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-        raise _damaged(file, "does not hold a training state with a step number")
+        raise damaged(file, "does not hold a training state with a step number")
     return state
-
-
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    _require_file(file)
-    try:
-        return load_file(str(file))
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise _damaged(file, f"cannot be read ({_first_line(error)})") from None
 
 
 def _read_weights(module: torch.nn.Module, file: Path) -> dict[str, torch.Tensor]:
     """The weights in `file`, checked to fit `module` (names and shapes)."""
-    weights = _read_safetensors(file)
+    weights = read_safetensors(file)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -499,13 +379,13 @@ def load_training_state(
     model_weights = _read_weights(model, checkpoint / "model.safetensors")
     ema_weights = _read_weights(ema, checkpoint / "ema.safetensors")
     optimizer_file, rng_file = checkpoint / "optimizer.pt", checkpoint / "rng.pt"
-    optimizer_state = _check_optimizer_state(optimizer_file, _load_tensors(optimizer_file))
-    rng = _check_rng(rng_file, _load_tensors(rng_file))
+    optimizer_state = check_optimizer_state(optimizer_file, load_tensors(optimizer_file))
+    rng = check_rng(rng_file, load_tensors(rng_file))
     try:
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, TypeError) as error:  # torch checks the parameter groups
         raise CheckpointError(
-            f"{optimizer_file} holds the state of another optimizer ({_first_line(error)}); "
+            f"{optimizer_file} holds the state of another optimizer ({first_line(error)}); "
             "resume with the options the checkpoint was trained with, or pass another checkpoint"
         ) from None
     model.load_state_dict(model_weights)
@@ -516,21 +396,38 @@ def load_training_state(
     return state
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model rebuilt from a checkpoint, with the configuration it was trained with."""
+
+    model: torch.nn.Module  # a UNet or a DiT, in eval mode, on the device asked for
+    train_config: config_lib.TrainConfig  # its schedule and resolution are the model's to sample
+    model_config: UNetConfig | DiTConfig
+    checkpoint: Path  # the checkpoint folder it came from (a run folder's latest)
+    step: int  # the training step it was saved at
+    weights: str  # "ema" or "model": which of the checkpoint's weights it holds
+
+
 def load_model(
     path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> LoadedModel:
     """The model (a UNet or a DiT, as config.json's model section says) rebuilt from a
-    checkpoint's config.json with its `ema` or `model` weights.
-
-    Returns the model in eval mode and the checkpoint's resolved configuration (a dict).
-    """
+    checkpoint's config.json with its `ema` or `model` weights, and the checkpoint's validated
+    configuration and step."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     checkpoint = resolve_checkpoint(path)
-    config = read_config(checkpoint)
-    model = build_model(config_file.model_config_from_dict(config["model"]))
+    train_config, model_config = read_configs(checkpoint)
+    model = build_model(model_config)
     load_weights(model, checkpoint / f"{weights}.safetensors")
-    return model.to(device).eval(), config
+    return LoadedModel(
+        model=model.to(device).eval(),
+        train_config=train_config,
+        model_config=model_config,
+        checkpoint=checkpoint,
+        step=read_state(checkpoint)["step"],
+        weights=weights,
+    )
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -542,14 +439,14 @@ def verify_checkpoint(path: str | Path) -> None:
     checkpoint = Path(path)
     if not checkpoint.is_dir():
         raise CheckpointError(f"'{checkpoint}' is not a checkpoint folder")
-    model = _read_safetensors(checkpoint / "model.safetensors")
-    ema = _read_safetensors(checkpoint / "ema.safetensors")
+    model = read_safetensors(checkpoint / "model.safetensors")
+    ema = read_safetensors(checkpoint / "ema.safetensors")
     shapes = {k: tuple(v.shape) for k, v in model.items()}
     if shapes != {k: tuple(v.shape) for k, v in ema.items()}:
-        raise _damaged(checkpoint / "ema.safetensors", "holds other tensors than model.safetensors")
+        raise damaged(checkpoint / "ema.safetensors", "holds other tensors than model.safetensors")
     optimizer_file, rng_file = checkpoint / "optimizer.pt", checkpoint / "rng.pt"
-    _check_optimizer_state(optimizer_file, _load_tensors(optimizer_file))
-    _check_rng(rng_file, _load_tensors(rng_file))
+    check_optimizer_state(optimizer_file, load_tensors(optimizer_file))
+    check_rng(rng_file, load_tensors(rng_file))
     read_state(checkpoint)
     read_config(checkpoint)
 

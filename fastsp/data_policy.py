@@ -2,8 +2,8 @@
 
 A data set is indexed by a key `(index, flip)` (a bare int means no flip). Bad data
 (`on_bad_data`): "stop" raises `DataError` naming the file; "skip" leaves the file out with one
-`BadDataWarning` naming it and lists it in the data set's `bad_files` (fastsp.data describes
-which files each reader finds bad, and when).
+`BadDataWarning` naming it and lists it in the data set's `bad_files` (each reader's module,
+fastsp.image_folder and fastsp.latent_shards, says which files it finds bad, and when).
 """
 
 from __future__ import annotations

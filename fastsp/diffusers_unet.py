@@ -309,7 +309,7 @@ def load_unet(path: str | Path, dtype: torch.dtype | None = None) -> UNet:
     dtype = torch.float32 if dtype is None else dtype
     folder = diffusers_unet_folder(path)
     if folder is None:
-        model, _ = checkpoint_lib.load_model(path, "ema")
+        model = checkpoint_lib.load_model(path, "ema").model
         return model.to(dtype)
     config = _diffusers_model_config(folder)
     with torch.device("meta"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from fastsp.config_fields import (
     SAMPLERS,
     refuse_eps_at_zero_terminal_snr,
 )
+
+if TYPE_CHECKING:
+    from fastsp.config import TrainConfig
 
 _COSINE_S = 0.008
 _COSINE_MAX_BETA = 0.999
@@ -246,6 +250,19 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         self._coefficients = CoefficientTable(self.alphas_cumprod)
         self.a, self.s = self._coefficients.a, self._coefficients.s
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> NoiseSchedule:
+        """The schedule a run trains with (and its checkpoints sample with): the schedule fields
+        of its TrainConfig."""
+        return cls(
+            beta_schedule=train.beta_schedule,
+            num_timesteps=train.num_timesteps,
+            beta_start=train.beta_start,
+            beta_end=train.beta_end,
+            zero_terminal_snr=train.zero_terminal_snr,
+            prediction_type=train.prediction_type,
+        )
 
     def __repr__(self) -> str:
         return (

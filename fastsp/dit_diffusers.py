@@ -283,7 +283,7 @@ def load_dit(
     dtype = torch.float32 if dtype is None else dtype
     folder = dit_folder(path)
     if folder is None:
-        model, _ = checkpoint_lib.load_model(path, "ema")
+        model = checkpoint_lib.load_model(path, "ema").model
         if not isinstance(model, DiT):
             raise CheckpointError(f"{path} holds a {type(model).__name__}, not a DiT; pass a DiT")
         return model.to(dtype)

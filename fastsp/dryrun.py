@@ -125,8 +125,8 @@ from fastsp import config_cli, trainer  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
+from fastsp.diffusion import NoiseSchedule  # noqa: E402
 from fastsp.errors import EXIT_FAULT, ConfigError, DryRunFault  # noqa: E402
-from fastsp.sample import schedule_from_config  # noqa: E402
 from fastsp.step import StepConfig, TrainStep, uses_bf16  # noqa: E402
 from fastsp.unet import UNet  # noqa: E402
 
@@ -455,7 +455,7 @@ def build_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep):
             # as build_perceptual_loss holds the frozen network: bf16 under the fast bf16 step
             dtype = torch.bfloat16 if bf16 and cfg.train_step == "fast" else torch.float32
             perceptual = copy.deepcopy(ema).to(dtype, memory_format=memory_format)
-        schedule = schedule_from_config(dataclasses.asdict(cfg))
+        schedule = NoiseSchedule.from_config(cfg)
         perceptual_loss = trainer.build_perceptual_loss(
             dataclasses.replace(cfg, perceptual_source="ema", perceptual_checkpoint=""),
             model_cfg,

@@ -47,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(args: argparse.Namespace) -> None:
-    model, config = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
+    loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
+    model = loaded.model
     if isinstance(model, DiT):  # its sample_size is the config's input_size
         out = export_dit(model, args.to_diffusers)
     else:
         # The latent size the model was trained at: the pipelines' default generation size.
-        resolution = config["train"]["resolution"]
+        resolution = loaded.train_config.resolution
         out = export_to_diffusers(model, args.to_diffusers, sample_size=resolution)
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
 

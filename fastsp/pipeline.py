@@ -38,14 +38,14 @@ from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config as config_lib  # noqa: E402
 from fastsp import config_cli, dist  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
+from fastsp.diffusion import NoiseSchedule  # noqa: E402
 from fastsp.errors import EXIT_INVALID_INPUT, ConfigError  # noqa: E402
-from fastsp.sample import (  # noqa: E402
+from fastsp.sampling import (  # noqa: E402
     default_labels,
     display_scale,
     generate,
     image_grid,
     save_png,
-    schedule_from_config,
 )
 from fastsp.trainer import train  # noqa: E402
 
@@ -105,14 +105,14 @@ def write_comparison(
     panels = []
     for title, run_dir in runs.items():
         scale, rescale = (guidance or {}).get(title, (1.0, 0.0))
-        model, config = checkpoint_lib.load_model(run_dir, device=device)
-        train_cfg = config["train"]
+        loaded = checkpoint_lib.load_model(run_dir, device=device)
+        model, train_cfg = loaded.model, loaded.train_config
         classes = model.config.num_classes
         labels = default_labels(num, classes, None)
-        shape = (model.config.in_channels, train_cfg["resolution"], train_cfg["resolution"])
+        shape = (model.config.in_channels, train_cfg.resolution, train_cfg.resolution)
         images = generate(
             model,
-            schedule_from_config(train_cfg),
+            NoiseSchedule.from_config(train_cfg),
             num,
             shape,
             labels=labels,
@@ -127,7 +127,7 @@ def write_comparison(
             labelled(
                 image_grid(images, columns=columns),
                 title,
-                display_scale(train_cfg["resolution"]) // 2 or 1,
+                display_scale(train_cfg.resolution) // 2 or 1,
             )
         )
     gap = 16

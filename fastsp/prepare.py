@@ -6,15 +6,15 @@ python -m fastsp.prepare --images DIR --vae SD/vae --text-encoder SD/text_encode
 torchrun --nproc_per_node=8 -m fastsp.prepare ...            # the shards split across ranks
 python fastsp/train.py --data LATENTS --cond context --resolution 64 ...   # the latent side
 
-Captions: `NAME.txt` beside each image `NAME.png` (any of fastsp.data.IMAGE_EXTENSIONS, found
-recursively), or one `metadata.jsonl` in DIR with a {"file_name": ..., "text": ...} line per image
-(the Hugging Face image-folder convention; file_name relative to DIR). With a metadata.jsonl the
-.txt files are not read. An image without a caption, a metadata line without an image, and an
+Captions: `NAME.txt` beside each image `NAME.png` (any of fastsp.image_folder.IMAGE_EXTENSIONS,
+found recursively), or one `metadata.jsonl` in DIR with a {"file_name": ..., "text": ...} line per
+image (the Hugging Face image-folder convention; file_name relative to DIR). With a metadata.jsonl
+the .txt files are not read. An image without a caption, a metadata line without an image, and an
 image PIL cannot decode are bad data: `--on-bad-data stop` (default) stops with the file's name,
 `skip` leaves it out, warns and counts it in metadata.json.
 
-Each image is read as fastsp.data reads images (`fastsp.data.load_image`: RGB, short side resized
-to R, center-cropped to R x R, [-1, 1]) and encoded as StableDiffusionPipeline does
+Each image is read as training reads images (`fastsp.image_folder.load_image`: RGB, short side
+resized to R, center-cropped to R x R, [-1, 1]) and encoded as StableDiffusionPipeline does
 (fastsp.sd_components): latents = the VAE posterior's mean (or, with --sample-latents, a sample
 seeded by (--seed, shard)) times the VAE's scaling factor, context = the text encoder's last
 hidden state of the caption padded to the tokenizer's max length. Output, in --out:
@@ -54,9 +54,9 @@ from fastsp import dist
 from fastsp.checkpoint import atomic_write_bytes, atomic_write_text
 from fastsp.cli import run_command
 from fastsp.config_fields import ON_BAD_DATA
-from fastsp.data import IMAGE_EXTENSIONS, find_images, load_image
 from fastsp.data_policy import skip_bad_file
 from fastsp.errors import CheckpointWriteError, ConfigError, DataError
+from fastsp.image_folder import IMAGE_EXTENSIONS, find_images, load_image
 from fastsp.latent_shards import EMPTY_PROMPT_FILE, METADATA_FILE, METADATA_FORMAT, read_metadata
 from fastsp.sd_components import (
     component_folder,

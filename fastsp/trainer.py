@@ -53,13 +53,12 @@ from fastsp.latent_shards import LatentsDataset
 from fastsp.model_config import DiTConfig, UNetConfig
 from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
-from fastsp.sample import (
+from fastsp.sampling import (
     default_labels,
     display_scale,
     generate,
     image_grid,
     save_png,
-    schedule_from_config,
 )
 from fastsp.step import StepConfig, TrainStep, captures_graph, graph_environment, uses_bf16
 from fastsp.unet import UNet, decide_attention
@@ -517,7 +516,7 @@ def write_samples(path: Path, ema: UNet, cfg: TrainConfig, dataset, device: torc
     )
     images = generate(
         ema,
-        schedule_from_config(dataclasses.asdict(cfg)),
+        NoiseSchedule.from_config(cfg),
         num,
         (ema.config.in_channels, cfg.resolution, cfg.resolution),
         labels=labels,
@@ -579,7 +578,7 @@ def build_run(cfg: TrainConfig, model_cfg: UNetConfig) -> Run:
         raise ConfigError(
             "--device cuda was requested but torch sees no CUDA device; use --device cpu"
         )
-    schedule = schedule_from_config(dataclasses.asdict(cfg))
+    schedule = NoiseSchedule.from_config(cfg)
     dataset, model_cfg = build_data(cfg, model_cfg)
     check_out_and_data(cfg)
     cfg, data_lines = data_config(cfg, dataset)

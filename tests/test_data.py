@@ -9,14 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fastsp.data import (
-    DigitsDataset,
-    ImageFolderDataset,
-    SyntheticDataset,
-    build_dataset,
-)
+from fastsp.data import DigitsDataset, SyntheticDataset, build_dataset
 from fastsp.data_stream import ShardedBatchSampler, make_loader
 from fastsp.errors import DataError
+from fastsp.image_folder import ImageFolderDataset
 from fastsp.latent_shards import LatentsDataset
 
 # Odd sizes: the dataset length is no multiple of any batch, so batches straddle epochs.

@@ -25,14 +25,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fastsp.data import (
-    ImageFolderDataset,
-    _convert_mode,
-    build_dataset,
-)
+from fastsp.data import build_dataset
 from fastsp.data_policy import BadDataWarning
 from fastsp.data_stream import ShardedBatchSampler, make_loader
 from fastsp.errors import DataError
+from fastsp.image_folder import ImageFolderDataset, _convert_mode
 from fastsp.latent_shards import LatentsDataset, inspect_shard
 
 REPO = Path(__file__).resolve().parents[1]

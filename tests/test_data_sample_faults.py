@@ -8,6 +8,7 @@ The training and sampling commands run through their `main` (what `python fastsp
 `python -m fastsp.sample` call) on tiny runs; the sampling grid also through a real process.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -20,12 +21,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from fastsp import builtin_classifier, evaluate, sampling
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import evaluate
 from fastsp import sample as sample_cli
 from fastsp import train as train_cli
-from fastsp.data import ImageFolderDataset, find_images
+from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import DataError
+from fastsp.image_folder import ImageFolderDataset, find_images
 from fastsp.latent_shards import LatentsDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,13 +255,13 @@ def test_sample_batch_size_is_for_grids_only(run_dir, tmp_path, capsys):
 
 def test_sample_draws_any_num_in_batches_with_a_progress_line(run_dir, tmp_path, monkeypatch):
     seen = []
-    generate = sample_cli.generate
+    generate = sampling.generate
 
     def recording(model, schedule, num, *args, **kwargs):
         seen.append(num)
         return generate(model, schedule, num, *args, **kwargs)
 
-    monkeypatch.setattr(sample_cli, "generate", recording)
+    monkeypatch.setattr(sampling, "generate", recording)
     png = tmp_path / "grid.png"
     argv = ["--checkpoint", str(run_dir), "--num", "300", "--batch-size", "16", "--steps", "1"]
     assert sample_cli.main([*argv, "--out", str(png)]) == 0
@@ -267,7 +269,7 @@ def test_sample_draws_any_num_in_batches_with_a_progress_line(run_dir, tmp_path,
     with Image.open(png) as image:  # 18 x 17 cells of 8x8 with 1-pixel padding, x16
         assert image.size == ((18 * 9 + 1) * 16, (17 * 9 + 1) * 16)
     # Big grids are enlarged less, to stay within 4,096 pixels: a million digits at 9,001
-    assert [sample_cli.grid_scale(8, n) for n in (300, 1000, 10**6)] == [16, 14, 1]
+    assert [sampling.grid_scale(8, n) for n in (300, 1000, 10**6)] == [16, 14, 1]
 
 
 def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_dir, tmp_path):
@@ -285,13 +287,13 @@ def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_di
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "37/37" in result.stderr and f"wrote 37 samples to {png}" in result.stdout
-    model, config = checkpoint_lib.load_model(run_dir)
+    loaded = checkpoint_lib.load_model(run_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the process ran (OMP_NUM_THREADS=1): the same float sums
     try:
-        batches = sample_cli.generate_batches(
-            model,
-            sample_cli.schedule_from_config(config["train"]),
+        batches = sampling.generate_batches(
+            loaded.model,
+            NoiseSchedule.from_config(loaded.train_config),
             37,
             (1, 8, 8),
             batch_size=5,
@@ -299,7 +301,7 @@ def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_di
             seed=7,
             num_steps=2,
         )
-        expected = Image.fromarray(sample_cli.image_grid(torch.cat(list(batches)))[..., 0])
+        expected = Image.fromarray(sampling.image_grid(torch.cat(list(batches)))[..., 0])
     finally:
         torch.set_num_threads(threads)
     expected = expected.resize((expected.width * 16, expected.height * 16), Image.NEAREST)
@@ -317,13 +319,18 @@ def _write_cache(root: Path, resolution: int = 8) -> tuple[Path, Path]:
     classifier: what is checked here is the cache, not the classifier."""
     torch.manual_seed(0)
     state = {
-        k: v.contiguous() for k, v in evaluate.DigitsClassifier(resolution).state_dict().items()
+        k: v.contiguous()
+        for k, v in builtin_classifier.DigitsClassifier(resolution).state_dict().items()
     }
-    weights, info = evaluate._cache_files(resolution, root)
+    weights, info = builtin_classifier._cache_files(resolution, root)
     root.mkdir(parents=True, exist_ok=True)
     save_file(state, str(weights))
-    digest = evaluate.hashlib.sha256(weights.read_bytes()).hexdigest()
-    fields = {"version": evaluate.CLASSIFIER_VERSION, "resolution": resolution, "sha256": digest}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    fields = {
+        "version": builtin_classifier.CLASSIFIER_VERSION,
+        "resolution": resolution,
+        "sha256": digest,
+    }
     fields |= {"heldout_accuracy": 0.5, "heldout_images": 297, "train_seconds": 1.0}
     info.write_text(json.dumps(fields))
     return weights, info
@@ -331,7 +338,9 @@ def _write_cache(root: Path, resolution: int = 8) -> tuple[Path, Path]:
 
 def test_a_hand_edited_or_nan_classifier_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
     weights, info = _write_cache(tmp_path / "cache")
-    assert evaluate._load_cached(weights, info, 8)[0] is not None  # the valid pair is used
+    assert (
+        builtin_classifier._load_cached(weights, info, 8)[0] is not None
+    )  # the valid pair is used
     # NaN weights under a matching checksum: named, never used
     state = load_file(str(weights))
     name = next(iter(state))
@@ -339,14 +348,16 @@ def test_a_hand_edited_or_nan_classifier_cache_is_rebuilt_with_a_warning(tmp_pat
     nan_weights, nan_info = _write_cache(tmp_path / "nan")
     save_file(state, str(nan_weights))
     saved = json.loads(nan_info.read_text())
-    saved["sha256"] = evaluate.hashlib.sha256(nan_weights.read_bytes()).hexdigest()
+    saved["sha256"] = hashlib.sha256(nan_weights.read_bytes()).hexdigest()
     nan_info.write_text(json.dumps(saved))
-    classifier, reason = evaluate._load_cached(nan_weights, nan_info, 8)
+    classifier, reason = builtin_classifier._load_cached(nan_weights, nan_info, 8)
     assert classifier is None and reason == f"{nan_weights} holds non-finite weights"
     # A string where a number belongs, or a missing field: rebuilt, with a warning naming the
     # file. (Training the classifier takes seconds on an idle CPU; an untrained one stands in.)
     monkeypatch.setattr(
-        evaluate, "train_classifier", lambda resolution, *a: (evaluate.DigitsClassifier(8), 0.1)
+        builtin_classifier,
+        "train_classifier",
+        lambda resolution, *a: (builtin_classifier.DigitsClassifier(8), 0.1),
     )
     for edit, why in [
         ({"heldout_accuracy": "high"}, "heldout_accuracy is 'high', not a finite number"),
@@ -354,7 +365,11 @@ def test_a_hand_edited_or_nan_classifier_cache_is_rebuilt_with_a_warning(tmp_pat
     ]:
         info.write_text(json.dumps({**json.loads(info.read_text()), **edit}))
         lines = []
-        _, rebuilt = evaluate.load_or_train_classifier(8, tmp_path / "cache", log=lines.append)
+        _, rebuilt = builtin_classifier.load_or_train_classifier(
+            8, tmp_path / "cache", log=lines.append
+        )
         assert rebuilt["trained_now"] and lines[0].startswith("warning: rebuilding the cache")
         assert f"{info} is damaged ({why})" in lines[0]
-        assert evaluate._load_cached(weights, info, 8)[0] is not None  # a valid pair again
+        assert (
+            builtin_classifier._load_cached(weights, info, 8)[0] is not None
+        )  # a valid pair again

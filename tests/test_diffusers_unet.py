@@ -304,7 +304,7 @@ def test_train_init_and_perceptual_from_diffusers_folder_then_export(tmp_path):
     assert done.returncode == 0, done.stderr
     theirs = UNet2DConditionModel.from_pretrained(tmp_path / "exported").eval()
     assert theirs.config.sample_size == 16
-    ours, _ = fastsp.checkpoint.load_model(tmp_path / "run2", "ema")
+    ours = fastsp.checkpoint.load_model(tmp_path / "run2", "ema").model
     _assert_same_forward(ours, theirs)
     again = _run([*export, "exported"], tmp_path)
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr

@@ -23,7 +23,7 @@ from fastsp.diffusion import (
     x0_eps_from_v,
     x0_eps_from_x0,
 )
-from fastsp.sample import default_labels
+from fastsp.sampling import default_labels
 
 T = 1000
 _SHAPE = (3, 5, 7, 9)  # odd sizes

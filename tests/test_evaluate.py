@@ -14,7 +14,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from fastsp import evaluate, quality
+from fastsp import builtin_classifier, evaluate, evaluation, quality
 from fastsp import train as train_cli
 from fastsp.data import DigitsDataset
 from fastsp.errors import EvaluationError
@@ -169,7 +169,7 @@ _RESOLUTION = 8
 def classifier_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("fastsp_cache")
     start = time.perf_counter()
-    classifier, info = evaluate.load_or_train_classifier(_RESOLUTION, root)
+    classifier, info = builtin_classifier.load_or_train_classifier(_RESOLUTION, root)
     return root, classifier, info, time.perf_counter() - start
 
 
@@ -185,11 +185,11 @@ def test_classifier_trains_caches_and_is_accurate(classifier_cache, cache_env):
     assert info["trained_now"] and info["heldout_accuracy"] > 0.95
     assert sorted(p.suffix for p in root.iterdir()) == [".json", ".safetensors"]
     start = time.perf_counter()
-    again, cached = evaluate.load_or_train_classifier(_RESOLUTION)  # from $FASTSP_CACHE
+    again, cached = builtin_classifier.load_or_train_classifier(_RESOLUTION)  # from $FASTSP_CACHE
     assert not cached["trained_now"] and time.perf_counter() - start < seconds / 5
     assert cached["heldout_accuracy"] == info["heldout_accuracy"]
     heldout = DigitsDataset("heldout", _RESOLUTION)
-    _, probs = evaluate.classify(again, heldout.images)
+    _, probs = builtin_classifier.classify(again, heldout.images)
     assert quality.class_accuracy(probs, heldout.labels) == info["heldout_accuracy"]
 
 
@@ -197,7 +197,7 @@ def test_classifier_trains_caches_and_is_accurate(classifier_cache, cache_env):
 def test_damaged_classifier_cache_is_not_used(classifier_cache, tmp_path, damage):
     for file in classifier_cache[0].iterdir():
         shutil.copy(file, tmp_path / file.name)
-    weights, info = evaluate._cache_files(_RESOLUTION, tmp_path)
+    weights, info = builtin_classifier._cache_files(_RESOLUTION, tmp_path)
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:1000])
     elif damage == "flip_byte":
@@ -208,7 +208,7 @@ def test_damaged_classifier_cache_is_not_used(classifier_cache, tmp_path, damage
         info.write_text("{not json")
     else:
         info.unlink()
-    classifier, reason = evaluate._load_cached(weights, info, _RESOLUTION)
+    classifier, reason = builtin_classifier._load_cached(weights, info, _RESOLUTION)
     assert classifier is None and isinstance(reason, str)
 
 
@@ -219,7 +219,7 @@ def test_fid_real_split_far_below_fid_against_noise(classifier_cache):
     half_a, half_b = train[perm[:750]], train[perm[750:]]
     noise = torch.rand(750, 1, _RESOLUTION, _RESOLUTION, generator=torch.Generator().manual_seed(0))
     feats_a, feats_b, feats_noise = (
-        evaluate.classify(classifier, x)[0] for x in (half_a, half_b, noise * 2 - 1)
+        builtin_classifier.classify(classifier, x)[0] for x in (half_a, half_b, noise * 2 - 1)
     )
     real_vs_real, real_vs_noise = quality.fid(feats_a, feats_b), quality.fid(feats_a, feats_noise)
     assert real_vs_real < 0.05 * real_vs_noise, (real_vs_real, real_vs_noise)
@@ -297,10 +297,10 @@ def test_unconditional_model_with_cfg_and_out(tiny_runs, cache_env, tmp_path, ca
     assert report["metrics"]["class_accuracy"] is None
     assert "class accuracy" not in capsys.readouterr().out
     # seeded: the Python API with the same settings gives the same numbers
-    again = evaluate.evaluate_checkpoint(tiny_runs["none"], num=12, steps=1, batch_size=5)
+    again = evaluation.evaluate_checkpoint(tiny_runs["none"], num=12, steps=1, batch_size=5)
     assert again["metrics"] == report["metrics"]
     with pytest.raises(TypeError, match="unknown options"):
-        evaluate.evaluate_checkpoint(tiny_runs["none"], nmu=12)
+        evaluation.evaluate_checkpoint(tiny_runs["none"], nmu=12)
     assert evaluate.main([*argv, "--cfg", "3"]) == 2
     assert "unconditional" in capsys.readouterr().err
 
@@ -363,18 +363,18 @@ def test_real_split_train_measures_against_the_training_images(
     held_images = DigitsDataset("heldout", _RESOLUTION).images
     pick = torch.from_numpy(np.random.default_rng(0).permutation(len(held_images))[:12])
     expected = quality.fid(
-        evaluate.classify(classifier, train_images)[0],
-        evaluate.classify(classifier, held_images[pick])[0],
+        builtin_classifier.classify(classifier, train_images)[0],
+        builtin_classifier.classify(classifier, held_images[pick])[0],
     )
     assert floor["fid"] == pytest.approx(expected, rel=1e-9)
     assert floor["fid"] != pytest.approx(heldout["reference_real_train_vs_heldout"]["fid"])
     # the same samples (seeded), measured against another real set
     assert train["metrics"]["fid"] != pytest.approx(heldout["metrics"]["fid"])
     assert train["metrics"]["class_accuracy"] == heldout["metrics"]["class_accuracy"]
-    again = evaluate.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="train")
+    again = evaluation.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="train")
     assert again["metrics"] == train["metrics"]
     with pytest.raises(EvaluationError, match="--real-split must be one of"):
-        evaluate.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="validation")
+        evaluation.evaluate_checkpoint(tiny_runs["class"], num=12, steps=1, real_split="validation")
     args = evaluate.build_parser().parse_args([*argv, "--real-split", "train"])
     assert (
         evaluate.default_out(Path("c"), args).name
@@ -383,12 +383,12 @@ def test_real_split_train_measures_against_the_training_images(
 
 
 def test_inception_path_names_what_is_missing(tiny_runs, cache_env, tmp_path, capsys):
-    weights = tmp_path / evaluate.INCEPTION_FILE
+    weights = tmp_path / evaluation.INCEPTION_FILE
     weights.write_bytes(b"not really weights")
     argv = ["--checkpoint", str(tiny_runs["class"]), "--num", "8", "--steps", "1"]
     assert evaluate.main([*argv, "--inception-weights", "/nonexistent/w.pth"]) == 2
     err = capsys.readouterr().err
-    assert evaluate.INCEPTION_FILE in err and "downloads nothing" in err
+    assert evaluation.INCEPTION_FILE in err and "downloads nothing" in err
     try:
         import torch_fidelity  # noqa: F401
     except Exception:
@@ -434,12 +434,12 @@ def test_cfg_sweep_scores_each_scale_as_a_plain_evaluation(tiny_runs, cache_env,
     assert report["settings"]["cfg_sweep"] == [1.0, 2.5]
     for row in sweep["rows"]:
         # each scale's row equals a plain evaluation with that --cfg (same seed, noise, labels)
-        plain = evaluate.evaluate_checkpoint(
+        plain = evaluation.evaluate_checkpoint(
             tiny_runs["class"], num=12, steps=2, cfg=row["cfg"], cfg_rescale=0.7
         )
         assert row["metrics"] == plain["metrics"]
         # and its selection FID is the plain evaluation against the training split
-        on_train = evaluate.evaluate_checkpoint(
+        on_train = evaluation.evaluate_checkpoint(
             tiny_runs["class"], num=12, steps=2, cfg=row["cfg"], cfg_rescale=0.7, real_split="train"
         )
         assert row["train_split_fid"] == pytest.approx(on_train["metrics"]["fid"], rel=1e-12)

@@ -1,5 +1,5 @@
 """What importing a fastsp module drags in: the config modules are leaves; checkpoints never load
-the loss.
+the loss; libraries never import a command's module.
 
 Each import check runs in a fresh interpreter, since this test process has imported everything.
 """
@@ -71,6 +71,15 @@ def test_checkpoint_and_sampling_do_not_import_the_objective():
         m for m in modules if m in _OBJECTIVE or m.startswith(tuple(n + "." for n in _OBJECTIVE))
     ]
     assert not loaded, f"importing a checkpoint or the sampler loaded {loaded}"
+
+
+def test_the_libraries_never_import_a_command_module():
+    """sample.py and evaluate.py are command lines over fastsp.sampling and fastsp.evaluation:
+    the trainer and those libraries import the libraries, never the commands."""
+    libraries = "fastsp.trainer, fastsp.sampling, fastsp.evaluation, fastsp.checkpoint"
+    modules = _modules_after(f"import {libraries}")
+    assert "fastsp.sampling" in modules and "fastsp.evaluation" in modules
+    assert not {"fastsp.sample", "fastsp.evaluate"} & modules
 
 
 def test_the_digits_job_imports_neither_diffusers_nor_transformers():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastsp import evaluate, letters, quality
+from fastsp import builtin_classifier, letters, quality
 from fastsp import train as train_cli
 from fastsp.config_cli import parse_args
 from fastsp.data import build_dataset
@@ -100,17 +100,21 @@ def test_selectable_like_digits(tmp_path, capsys):
 
 
 def test_letters_classifier_is_cached_and_far_above_chance(tmp_path):
-    classifier, info = evaluate.load_or_train_classifier(_RESOLUTION, tmp_path, data="letters")
+    classifier, info = builtin_classifier.load_or_train_classifier(
+        _RESOLUTION, tmp_path, data="letters"
+    )
     assert info["trained_now"] and info["version"] == "letters-cnn-v1"
     heldout = LettersDataset("heldout", _RESOLUTION)
-    _, probs = evaluate.classify(classifier, heldout.images)
+    _, probs = builtin_classifier.classify(classifier, heldout.images)
     assert probs.shape == (1116, 62)
     assert quality.class_accuracy(probs, heldout.labels) == info["heldout_accuracy"]
     # chance is 1/62; l/I/1 and o/O/0 are the same glyph in some faces, so not near 1 either
     assert info["heldout_accuracy"] > 0.6
-    again, cached = evaluate.load_or_train_classifier(_RESOLUTION, tmp_path, data="letters")
+    again, cached = builtin_classifier.load_or_train_classifier(
+        _RESOLUTION, tmp_path, data="letters"
+    )
     assert not cached["trained_now"] and cached["sha256"] == info["sha256"]
     # the digits classifier's cache files are other files
-    digits_files = evaluate._cache_files(_RESOLUTION, tmp_path, "digits")
+    digits_files = builtin_classifier._cache_files(_RESOLUTION, tmp_path, "digits")
     assert not any(f.exists() for f in digits_files)
     assert np.isfinite(info["train_seconds"])

@@ -12,7 +12,9 @@ from PIL import Image
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config_cli
-from fastsp.sample import generate, main, schedule_from_config
+from fastsp.diffusion import NoiseSchedule
+from fastsp.sample import main
+from fastsp.sampling import generate
 from fastsp.trainer import train
 
 pytest.importorskip("diffusers")
@@ -71,11 +73,11 @@ def test_the_image_is_the_decoded_sample_of_the_encoded_prompt(run, sd, tmp_path
     from fastsp.sd_components import decode_latents, encode_text, load_text_encoder, load_vae
 
     image = _sample(run, sd, tmp_path / "cfg.png", "--num", "1", "--cfg", "3", "--seed", "5")
-    model, config = checkpoint_lib.load_model(run)
+    loaded = checkpoint_lib.load_model(run)
     tokenizer, encoder = load_text_encoder(sd / "text_encoder")
     latents = generate(
-        model,
-        schedule_from_config(config["train"]),
+        loaded.model,
+        NoiseSchedule.from_config(loaded.train_config),
         1,
         (4, 8, 8),
         context=encode_text(tokenizer, encoder, [PROMPT]),

@@ -103,9 +103,10 @@ def test_the_readme_recipe_end_to_end(tmp_path, monkeypatch):
     # 2. stage 1: MSE (zero terminal SNR + v-prediction) from the diffusers UNet
     data = ["--preset", "sd21", "--data", "LATENTS", "--cond", "context"]
     _train(*data, "--init", "SD/unet", "--out", "runs/sd21_zsnr")
-    stage1, stage1_config = checkpoint_lib.load_model("runs/sd21_zsnr")
-    assert stage1_config["train"]["zero_terminal_snr"] is True
-    assert stage1_config["train"]["prediction_type"] == "v"
+    loaded1 = checkpoint_lib.load_model("runs/sd21_zsnr")
+    stage1 = loaded1.model
+    assert loaded1.train_config.zero_terminal_snr is True
+    assert loaded1.train_config.prediction_type == "v"
     # the architecture came from SD/unet's config.json, not from the sd21 preset
     assert stage1.config == diffusers_unet_config.unet_config_from_diffusers(TINY_SD2_UNET)
     # and so did its start: two steps at the warm-up's learning rate barely move the weights
@@ -120,8 +121,9 @@ def test_the_readme_recipe_end_to_end(tmp_path, monkeypatch):
     # fastsp checkpoint passed to --init must match the run's architecture: give it stage 1's.
     stage2_args = ["--init", "runs/sd21_zsnr", "--objective", "self_perceptual"]
     _train(*data, *stage2_args, "--out", "runs/sd21_sp", model_config=stage1.config)
-    stage2, stage2_config = checkpoint_lib.load_model("runs/sd21_sp")
-    assert stage2_config["train"]["objective"] == "self_perceptual"
+    loaded2 = checkpoint_lib.load_model("runs/sd21_sp")
+    stage2 = loaded2.model
+    assert loaded2.train_config.objective == "self_perceptual"
     moved = [
         not torch.equal(a, b) for a, b in zip(stage1.parameters(), stage2.parameters(), strict=True)
     ]

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config_cli
 from fastsp import sample as sample_cli
+from fastsp.diffusion import NoiseSchedule
+from fastsp.sampling import generate
 from fastsp.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,11 +207,11 @@ def test_sample_cli(tmp_path, capsys):
 def test_sample_grid_is_deterministic(tmp_path):
     run_dir = tmp_path / "run"
     _train(["--preset", "tiny", "--steps", "2", "--out", str(run_dir)])
-    model, config = checkpoint_lib.load_model(run_dir)
-    schedule = sample_cli.schedule_from_config(config["train"])
+    loaded = checkpoint_lib.load_model(run_dir)
+    model, schedule = loaded.model, NoiseSchedule.from_config(loaded.train_config)
     labels = torch.arange(4)
-    a = sample_cli.generate(model, schedule, 4, (1, 8, 8), labels=labels, num_steps=3, seed=7)
-    b = sample_cli.generate(model, schedule, 4, (1, 8, 8), labels=labels, num_steps=3, seed=7)
+    a = generate(model, schedule, 4, (1, 8, 8), labels=labels, num_steps=3, seed=7)
+    b = generate(model, schedule, 4, (1, 8, 8), labels=labels, num_steps=3, seed=7)
     assert torch.equal(a, b) and a.shape == (4, 1, 8, 8) and a.abs().max() <= 1
 
 

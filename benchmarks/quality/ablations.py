@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce.py, beside
 import reproduce  # noqa: E402
 import torch  # noqa: E402
 
-from fastsp.evaluate import evaluate_checkpoint, reference_key  # noqa: E402
+from fastsp.evaluation import evaluate_checkpoint, reference_key  # noqa: E402
 
 # (name, what changed, objective, steps, extra training options); every other setting is
 # reproduce.py's stage 2 (lr 2e-4, 100 warm-up steps, batch 64, EMA 0.999).

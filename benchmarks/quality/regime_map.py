@@ -59,7 +59,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config_cli
-from fastsp.evaluate import evaluate_checkpoint
+from fastsp.evaluation import evaluate_checkpoint
 from fastsp.pipeline import write_comparison
 from fastsp.quality import format_gap_share, guidance_gap_share
 from fastsp.trainer import train
@@ -214,7 +214,7 @@ def common(data: str, resolution: int, channels: int, cond: str, seed: int) -> l
 
 
 def scores(checkpoint: Path, plan: dict, real_split: str, num: int, **options) -> dict:
-    """fastsp.evaluate's metrics (and the sweep's rows, if any) of one checkpoint."""
+    """fastsp.evaluation's metrics (and the sweep's rows, if any) of one checkpoint."""
     start = time.perf_counter()
     result = evaluate_checkpoint(
         checkpoint, num=num, steps=plan["steps"], real_split=real_split, **options

@@ -31,7 +31,7 @@ from PIL import Image  # noqa: E402
 
 from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config_cli  # noqa: E402
-from fastsp.evaluate import evaluate_checkpoint  # noqa: E402
+from fastsp.evaluation import evaluate_checkpoint  # noqa: E402
 from fastsp.pipeline import write_comparison  # noqa: E402
 from fastsp.quality import format_gap_share, guidance_gap_share  # noqa: E402
 from fastsp.trainer import train  # noqa: E402
