@@ -105,7 +105,6 @@ def load_fake_cuda() -> None:
 load_fake_cuda()
 
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -122,16 +121,19 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from fastsp import config as config_lib  # noqa: E402
-from fastsp import trainer  # noqa: E402
+from fastsp import dist  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
-from fastsp.errors import EXIT_FAULT, ConfigError, DryRunFault  # noqa: E402
-from fastsp.sample import schedule_from_config  # noqa: E402
-from fastsp.step import StepConfig, TrainStep, uses_bf16  # noqa: E402
-from fastsp.unet import UNet  # noqa: E402
+from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
+from fastsp.step import TrainStep  # noqa: E402
+from fastsp.training.assembly import assemble  # noqa: E402
+from fastsp.training.loop import ema_decay, learning_rate  # noqa: E402
+from fastsp.training.plan import Plan, plan_run  # noqa: E402
 
 DEVICE = torch.device("cuda")  # what fastsp.dist.pick_device gives a one-GPU run
+# A bug of fastsp met by the dry run (BSD's EX_SOFTWARE): not EXIT_FAULT, a fault of the step.
+EXIT_INTERNAL_ERROR = 70
 GIB = 2**30
 # Library code, left out of a fault's location: torch's package and the standard library.
 _LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(os.__file__).parent))
@@ -199,7 +201,7 @@ class StepChecks(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.captured = True  # set once the step is built (TrainStep.graph_unsupported_reasons)
+        self.captured = True  # the plan's answer (fastsp.step.plan_graph)
         self.replayed = False  # inside the measured step: what a captured graph would replay
         self.host_syncs = 0
 
@@ -420,7 +422,7 @@ def cuda_autocast_on():
         common.amp_definitely_not_available, torch.cuda.is_bf16_supported = saved
 
 
-# ---- building the step: build_run's assembly, on fake CUDA and without reading anything --------
+# ---- building the step: the trainer's own plan and assembly, on fake CUDA, reading nothing ----
 def dry_configs(argv: list[str] | None):
     """parse_args of fastsp/train.py's options; --init is optional (no weights are read)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -429,65 +431,24 @@ def dry_configs(argv: list[str] | None):
     return config_lib.parse_args(argv)
 
 
-def _materialise(modules: list[torch.nn.Module]) -> None:
-    for module in modules:  # meta -> fake CUDA, strides (channels_last) and dtypes kept
-        module.to_empty(device=DEVICE)
+def dry_plan(cfg, model_cfg) -> Plan:
+    """The plan of one process on CUDA (fastsp.training.plan.plan_run, every refusal of a run)
+    with one synthetic data set of the configured shape (--channels, --resolution,
+    --context-len), and no weights, checkpoints or run folder read."""
+    synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto", device="auto")
+    return plan_run(synthetic, model_cfg, world_size=1, device_type="cuda", read_sources=False)
 
 
-def build_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep):
-    """(step, batch): `step_class` as fastsp.trainer.build_run assembles it for one process on
-    CUDA, with random weights, and one synthetic batch of the configured shape. Call inside
-    FakeTensorMode (the models are materialised there)."""
-    synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto")
-    dataset, model_cfg = trainer.build_data(synthetic, model_cfg)
-    trainer.check_resolution(cfg, model_cfg)
-    trainer.check_batch(cfg, 1)
-    trainer.check_optimizer(cfg, DEVICE)
-    bf16 = uses_bf16(cfg.precision, cfg.train_step, DEVICE)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    # Meta tensors and the schedule's real values live outside the fake mode; the loss around
-    # `perceptual` comes from build_perceptual_loss's "ema" source, which reads nothing.
-    with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        with torch.device("meta"):
-            model = UNet(model_cfg).to(memory_format=memory_format)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        perceptual = ema
-        if cfg.objective == "self_perceptual" and cfg.perceptual_source == "frozen":
-            # as build_perceptual_loss holds the frozen network: bf16 under the fast bf16 step
-            dtype = torch.bfloat16 if bf16 and cfg.train_step == "fast" else torch.float32
-            perceptual = copy.deepcopy(ema).to(dtype, memory_format=memory_format)
-        schedule = schedule_from_config(dataclasses.asdict(cfg))
-        perceptual_loss = trainer.build_perceptual_loss(
-            dataclasses.replace(cfg, perceptual_source="ema", perceptual_checkpoint=""),
-            model_cfg,
-            schedule,
-            perceptual,
-            DEVICE,
-            bf16,
-        )
-    _materialise([model, ema] + ([perceptual] if perceptual is not ema else []))
-    optimizer = trainer.build_optimizer(cfg, model.parameters(), DEVICE)
-    step = step_class(
-        StepConfig.from_train(
-            cfg,
-            model_cfg,
-            world_size=1,
-            rank=0,
-            bf16=bf16,
-            context_shape=dataset.context_shape if model_cfg.context_dim else None,
-        ),
-        model=model,
-        online=model,
-        ema=ema,
-        optimizer=optimizer,
-        schedule=schedule,
-        perceptual_loss=perceptual_loss,
-        device=DEVICE,
-        null_context=getattr(dataset, "null_context", None),
-    )
+def build_step(plan: Plan, step_class: type[TrainStep] = TrainStep):
+    """(run, batch): the run of `plan` as the trainer assembles it
+    (fastsp.training.assembly.assemble), its networks built on the meta device and materialised
+    on fake CUDA with random weights, and the data set's first batch. Call inside
+    FakeTensorMode."""
+    run = assemble(plan, dist.DistInfo(0, 1, 0, DEVICE), on_meta=True, step_class=step_class)
     with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real CPU tensors, as loaded
-        batch = next(iter(make_loader(dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
-    return step, batch, model_cfg
+        cfg = plan.cfg
+        batch = next(iter(make_loader(plan.dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
+    return run, batch
 
 
 def _fault_line(error: BaseException) -> str:
@@ -508,19 +469,22 @@ def _fault_line(error: BaseException) -> str:
 def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
     """Build the step of (cfg, model_cfg) on fake CUDA and run it twice, as a run does before
     capture (the first step fills the schedule's device tables and creates the optimizer's
-    state); the second is measured. Returns its figures; a fault raises DryRunFault."""
+    state); the second is measured. Returns its figures.
+
+    What the step's ops raise on fake CUDA (a RuntimeError: a device or dtype mismatch, a host
+    read) is a fault a GPU would raise: DryRunFault. Anything else (building the step, or an
+    exception of another kind) is a bug of fastsp and propagates as it is."""
+    plan = dry_plan(cfg, model_cfg)  # outside the fake mode: the schedule branches on values
     memory = LiveMemory()
     checks = StepChecks()
+    checks.captured = plan.graph.captured
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
     started = time.perf_counter()
-    try:
-        with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
-            step, batch, model_cfg = build_step(cfg, model_cfg, step_class)
-            graph = step.graph_unsupported_reasons() + (
-                [] if cfg.cuda_graph else ["--no-cuda-graph"]
-            )
-            checks.captured = not graph
-            lr, ema_weight = trainer.learning_rate(cfg, 0), 1.0 - trainer.ema_decay(cfg, 0)
+    with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
+        run, batch = build_step(plan, step_class)
+        step = run.step
+        lr, ema_weight = learning_rate(plan.cfg, 0), 1.0 - ema_decay(plan.cfg, 0)
+        try:
             step.run(batch, 0, lr, ema_weight)
             memory.reset_peak()
             state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
@@ -530,10 +494,10 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
                 checks.replayed = True  # step (replayed as a graph when captured)
                 step.compute()
                 checks.replayed = False
-    except (ConfigError, DryRunFault):
-        raise
-    except Exception as error:  # noqa: BLE001 (every op error of the step is a fault to report)
-        raise DryRunFault(_fault_line(error)) from error
+        except ExpectedStop:
+            raise
+        except RuntimeError as error:  # an op the GPU would refuse (torch's op errors)
+            raise DryRunFault(_fault_line(error)) from error
     by_op = {
         str(op).removeprefix("aten."): count
         for op, count in flops.get_flop_counts().get("Global", {}).items()
@@ -546,8 +510,8 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
         "state_bytes": state,
         "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
-        "model": dataclasses.asdict(model_cfg),
-        "graph": graph,
+        "model": dataclasses.asdict(plan.model_cfg),
+        "graph": list(plan.graph.reasons),
         "host_syncs": checks.host_syncs,
         "bf16": step.config.bf16,
     }
@@ -651,11 +615,7 @@ def run(cfg, model_cfg, json_path: str | None = None) -> None:
         if model_cfg.attention_backend in ("auto", "xformers")
         else model_cfg.attention_backend,
     )
-    try:
-        result = dry_run(cfg, model_cfg)
-    except DryRunFault as fault:
-        print(f"fault: {fault}", file=sys.stderr)
-        raise SystemExit(EXIT_FAULT) from None
+    result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg)
     print(report(result))
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
@@ -672,7 +632,16 @@ def main(argv: list[str] | None = None) -> int:
         json_path = argv[at + 1]
         del argv[at : at + 2]
     train_config, model_config = dry_configs(argv)
-    return run_command(run, train_config, model_config, json_path)
+    try:
+        return run_command(run, train_config, model_config, json_path)
+    except Exception:  # noqa: BLE001 (not an expected stop, so not a fault of the step: a bug)
+        traceback.print_exc()
+        print(
+            "internal error of the dry run (a bug in fastsp, not a fault a GPU would raise); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

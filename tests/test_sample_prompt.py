@@ -13,7 +13,7 @@ from PIL import Image
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp.sample import generate, main, schedule_from_config
-from fastsp.trainer import train
+from fastsp.training.loop import train
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ import fastsp
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp import sample
-from fastsp.trainer import train
+from fastsp.training.loop import train
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp import sample as sample_cli
-from fastsp.trainer import train
+from fastsp.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO / "fastsp" / "train.py")
@@ -216,12 +216,12 @@ def test_sample_grid_is_deterministic(tmp_path):
 WORKER_ENVIRONMENT_SCRIPT = """
 import json, os, sys
 from fastsp import config as config_lib
-from fastsp.step import graph_environment
+from fastsp.step import plan_graph
 
 cfg, _ = config_lib.resolve("tiny", {"cuda_graph": True, "out": sys.argv[1]}, {})
 before = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
-# as fastsp.trainer.build_run applies it, for the run that captures DDP on CUDA
-os.environ.update(graph_environment(cfg, int(os.environ["WORLD_SIZE"]), "cuda"))
+# as fastsp.training.loop.build_run applies it, for the run that captures DDP on CUDA
+os.environ.update(plan_graph(cfg, int(os.environ["WORLD_SIZE"]), "cuda").environment)
 after = os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
 with open(os.path.join(sys.argv[1], os.environ["RANK"] + ".json"), "w") as f:
     json.dump({"before": before, "after": after}, f)
