@@ -293,7 +293,7 @@ torch.library.register_fake("aten::_fused_adamw_.tensor_lr")(fake_fused_adamw)
 
 
 class FlashSDPA(TorchFunctionMode):
-    """F.scaled_dot_product_attention as a GPU runs it for the UNet's attention (no mask, no
+    """F.scaled_dot_product_attention as a GPU runs it for the models' attention (no mask, no
     dropout): the flash-attention aten op where its kernels apply, else the memory-efficient one.
     Without this the fake CUDA call would decompose into the math path, whose FLOPs and [L, L]
     score matrices are not what a GPU runs."""
