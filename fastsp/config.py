@@ -834,7 +834,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs, besides the UNet's shape (see `UNetConfig`)."""
+    """Everything a training run needs, besides the model's shape (`UNetConfig` or `DiTConfig`)."""
 
     # resume: only the defaults; the resolved fields are compared
     preset: str = option(
