@@ -17,7 +17,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastsp", "fastsp.kernels"],
+    packages=["fastsp", "fastsp.kernels", "fastsp.training"],
     package_dir={"fastsp": "fastsp", "fastsp.kernels": "kernels"},
     # fastsp.dryrun compiles its fake-CUDA extension from this source at first use
     package_data={"fastsp": ["fake_cuda.cpp"]},

@@ -6,9 +6,10 @@
     python benchmarks/bench_step.py --device cpu --models tiny --memory-formats channels_last
     python benchmarks/bench_step.py --device cpu --models dit_tiny dit_digits         # DiT rows
 
-Every case is a training run built by `fastsp.trainer.build_run` from a preset and a few
-overrides, so what is timed is `run.step`, the very step `run_loop` runs (capture included, by
-`fastsp.trainer.capture_step`). Variants (TrainConfig fields):
+Every case is a training run built by `fastsp.training.loop.build_run` (the plan and the one
+assembly, fastsp.training.assembly.assemble) from a preset and a few overrides, so what is timed
+is `run.step`, the very step `run_loop` runs (capture included, by
+`fastsp.training.loop.capture_step`). Variants (TrainConfig fields):
 
 - ``reference``: --train-step reference: fastsp.reference's naive loss (fp32 eager, two full
   perceptual forwards with a hook, F.mse_loss) in the same loop, torch's default AdamW.
@@ -65,7 +66,8 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import config as config_lib
 from fastsp import config_file
 from fastsp.data_stream import make_loader
-from fastsp.trainer import Run, build_run, capture_step
+from fastsp.training.assembly import Run
+from fastsp.training.loop import build_run, capture_step
 
 # name: (preset, TrainConfig overrides). sd21 trains on synthetic latents with a [77, 1024] context.
 MODELS = {
@@ -115,7 +117,7 @@ def case_config(
     out: Path,
     memory_format: str = "contiguous",
 ):
-    """The (TrainConfig, UNetConfig) of one case, as `fastsp/train.py` would resolve them."""
+    """The (TrainConfig, model config) of one case, as `fastsp/train.py` would resolve them."""
     preset, overrides = MODELS[model]
     fields = {**overrides, **VARIANTS[variant], "device": device.type, "out": str(out)}
     # The reference step stays plain (contiguous); see the module docstring for the formats.

@@ -28,6 +28,7 @@ from fastsp.config_fields import (
     DATA_FORMATS,
     DEVICES,
     DISTANCES,
+    MAY_CHANGE,
     OBJECTIVES,
     ON_BAD_DATA,
     OPTIMIZERS,
@@ -35,6 +36,8 @@ from fastsp.config_fields import (
     PRECISIONS,
     PREDICTED_NOISE,
     PREDICTION_TYPES,
+    SAID,
+    SAME,
     SAMPLERS,
     TRAIN_STEPS,
     option,
@@ -130,148 +133,243 @@ PRESETS: dict[str, dict[str, Any]] = {
 class TrainConfig:
     """Everything a training run needs, besides the model's shape (`UNetConfig`, `DiTConfig`)."""
 
+    # resume: only the defaults; the resolved fields are compared
     preset: str = option(
-        DEFAULT_PRESET, "the named defaults that explicit options override", tuple(PRESETS)
+        DEFAULT_PRESET,
+        "the named defaults that explicit options override",
+        tuple(PRESETS),
+        resume=MAY_CHANGE,
     )
     # data
     data: str = option(
         "digits",
         "training data: digits or letters (built in; letters needs matplotlib), synthetic, or a "
         "folder of images or latents",
+        resume=SAME,
     )
     data_format: str = option(
-        "auto", "how to read --data; auto tells latent shards from images", DATA_FORMATS
+        "auto",
+        "how to read --data; auto tells latent shards from images",
+        DATA_FORMATS,
+        resume=SAME,
     )
-    resolution: int = option(16, "image (or latent) side length the model trains at")
-    channels: int = option(1, "image folders: 1 = grayscale, 3 = RGB; synthetic data: any")
+    resolution: int = option(16, "image (or latent) side length the model trains at", resume=SAME)
+    channels: int = option(
+        1, "image folders: 1 = grayscale, 3 = RGB; synthetic data: any", resume=SAME
+    )
     latent_scale: float = option(
         1.0,
         "multiplies latents of hand-made shards (raw SD VAE latents: 0.18215); must stay 1 for "
         "fastsp.prepare's shards, which carry the VAE's factor already (metadata.json)",
+        resume=SAME,
     )
-    random_flip: bool = option(True, "horizontal flips for image folders (never for digits)")
-    num_workers: int = option(0, "DataLoader worker processes per rank (0 = the main process)")
+    random_flip: bool = option(
+        True, "horizontal flips for image folders (never for digits)", resume=SAME
+    )
+    num_workers: int = option(
+        0, "DataLoader worker processes per rank (0 = the main process)", resume=MAY_CHANGE
+    )
+    # resume: what a file that went bad does; the data's rule stays
     on_bad_data: str = option(
-        "stop", "an unreadable image or shard: stop with its name, or skip it", ON_BAD_DATA
+        "stop",
+        "an unreadable image or shard: stop with its name, or skip it",
+        ON_BAD_DATA,
+        resume=MAY_CHANGE,
     )
     # conditioning
     cond: str = option(
         "class",
         "conditioning: none, class labels (with a null label), or a context (cross-attention)",
         CONDITIONINGS,
+        resume=SAME,
     )
     label_dropout: float = option(
-        0.1, "probability that a label (or context) is replaced by the null one (for CFG)"
+        0.1,
+        "probability that a label (or context) is replaced by the null one (for CFG)",
+        resume=SAME,
     )
-    context_len: int = option(77, "context sequence length of synthetic context data")
+    context_len: int = option(77, "context sequence length of synthetic context data", resume=SAME)
     # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction)
     beta_schedule: str = option(
-        "scaled_linear", "the beta schedule (the paper: scaled_linear)", BETA_SCHEDULES
+        "scaled_linear",
+        "the beta schedule (the paper: scaled_linear)",
+        BETA_SCHEDULES,
+        resume=SAME,
     )
-    num_timesteps: int = option(1000, "diffusion timesteps T")
-    beta_start: float = option(0.00085, "the first beta (cosine ignores it)")
-    beta_end: float = option(0.012, "the last beta before the rescale (cosine ignores it)")
+    num_timesteps: int = option(1000, "diffusion timesteps T", resume=SAME)
+    beta_start: float = option(0.00085, "the first beta (cosine ignores it)", resume=SAME)
+    beta_end: float = option(
+        0.012, "the last beta before the rescale (cosine ignores it)", resume=SAME
+    )
     zero_terminal_snr: bool = option(
-        True, "rescale the schedule so that its last timestep is pure noise (the paper)"
+        True,
+        "rescale the schedule so that its last timestep is pure noise (the paper)",
+        resume=SAME,
     )
-    prediction_type: str = option("v", "what the network predicts (the paper: v)", PREDICTION_TYPES)
+    prediction_type: str = option(
+        "v", "what the network predicts (the paper: v)", PREDICTION_TYPES, resume=SAME
+    )
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
     objective: str = option(
-        "mse", "the loss: mse (stage 1) or self_perceptual (stage 2, needs --init)", OBJECTIVES
+        "mse",
+        "the loss: mse (stage 1) or self_perceptual (stage 2, needs --init)",
+        OBJECTIVES,
+        resume=SAME,
     )
+    # resume: stage 2's frozen perceptual network unless perceptual_checkpoint names one
     init: str = option(
         "",
         "checkpoint or run folder whose EMA weights start the model, or a diffusers UNet or "
         "pipeline folder (its config.json sets the architecture) ('' = random weights)",
+        resume=SAME,
     )
     perceptual_checkpoint: str = option(
         "",
         "the frozen perceptual network: a checkpoint, run, or diffusers UNet or pipeline folder "
         "('' = the --init checkpoint)",
+        resume=SAME,
     )
     perceptual_source: str = option(
         "frozen",
         "the perceptual network: frozen (a checkpoint; the paper) or ema (the online EMA)",
         PERCEPTUAL_SOURCES,
+        resume=SAME,
     )
     perceptual_layers: str = option(
-        "mid", "feature taps and their weights, e.g. mid or mid:1,down2:0.5"
+        "mid",
+        "feature taps and their weights, e.g. mid or mid:1,down2:0.5",
+        resume=SAME,
     )
     perceptual_t: str = option(
-        "uniform", "t' per example: uniform (the paper), same, or LOW,HIGH (inclusive)"
+        "uniform",
+        "t' per example: uniform (the paper), same, or LOW,HIGH (inclusive)",
+        resume=SAME,
     )
     predicted_noise: str = option(
         "eps_hat",
         "what re-noises x0_hat: eps_hat (the paper) or the true eps",
         PREDICTED_NOISE,
+        resume=SAME,
     )
-    distance: str = option("l2", "the feature distance (the paper: l2)", DISTANCES)
+    distance: str = option("l2", "the feature distance (the paper: l2)", DISTANCES, resume=SAME)
     mse_weight: float = option(
-        0.0, "weight of the ordinary MSE loss added to the self-perceptual one"
+        0.0,
+        "weight of the ordinary MSE loss added to the self-perceptual one",
+        resume=SAME,
     )
     perceptual_on_t: str = option(
         "all",
         "online timesteps where the self-perceptual loss applies: all (the paper) or LOW,HIGH "
         "(inclusive); each example outside the range gets the MSE loss instead",
+        resume=SAME,
     )
     # optimisation
-    steps: int = option(3000, "optimizer steps")
+    steps: int = option(3000, "optimizer steps", resume=MAY_CHANGE)
     batch_size: int = option(
-        64, "global batch: summed over ranks and gradient-accumulation micro-steps"
+        64,
+        "global batch: summed over ranks and gradient-accumulation micro-steps",
+        resume=SAME,
     )
-    grad_accum: int = option(1, "gradient-accumulation micro-steps per optimizer step")
-    lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
-    lr_warmup_steps: int = option(100, "steps of linear warm-up from 0 to lr (0 = none)")
-    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
-    adam_beta1: float = option(0.9, "AdamW's beta1 (decay of the gradient's running mean)")
-    adam_beta2: float = option(0.999, "AdamW's beta2 (decay of the squared gradient's mean)")
-    adam_eps: float = option(1e-8, "AdamW's epsilon (added to the denominator)")
+    # resume: the same global batch in more or fewer micro-steps
+    grad_accum: int = option(
+        1, "gradient-accumulation micro-steps per optimizer step", resume=MAY_CHANGE
+    )
+    lr: float = option(1e-3, "peak learning rate, reached after the warm-up", resume=SAID)
+    lr_warmup_steps: int = option(
+        100, "steps of linear warm-up from 0 to lr (0 = none)", resume=SAID
+    )
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay", resume=SAME)
+    adam_beta1: float = option(
+        0.9, "AdamW's beta1 (decay of the gradient's running mean)", resume=SAME
+    )
+    adam_beta2: float = option(
+        0.999, "AdamW's beta2 (decay of the squared gradient's mean)", resume=SAME
+    )
+    adam_eps: float = option(1e-8, "AdamW's epsilon (added to the denominator)", resume=SAME)
+    # resume: another optimizer's state
     optimizer: str = option(
         "adamw",
         "adamw (torch's; fused kernel on CUDA) or apex_fused_adam (needs apex)",
         OPTIMIZERS,
+        resume=SAME,
     )
-    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)")
+    grad_clip: float = option(1.0, "max global gradient norm (0 = no clipping)", resume=SAME)
     max_bad_steps: int = option(
-        10, "stop after this many consecutive non-finite steps (each one is skipped)"
+        10,
+        "stop after this many consecutive non-finite steps (each one is skipped)",
+        resume=MAY_CHANGE,
     )
-    ema_decay: float = option(0.999, "decay of the weights' EMA, the weights samples use")
+    # resume: the EMA is the model that samples
+    ema_decay: float = option(
+        0.999, "decay of the weights' EMA, the weights samples use", resume=SAME
+    )
     # execution
-    device: str = option("auto", "auto = cuda when available, else cpu", DEVICES)
-    precision: str = option("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", PRECISIONS)
-    channels_last: bool = option(False, "channels_last memory format for the model and its inputs")
+    device: str = option("auto", "auto = cuda when available, else cpu", DEVICES, resume=MAY_CHANGE)
+    precision: str = option(
+        "auto", "auto = bf16 autocast on CUDA, fp32 on CPU", PRECISIONS, resume=MAY_CHANGE
+    )
+    channels_last: bool = option(
+        False, "channels_last memory format for the model and its inputs", resume=MAY_CHANGE
+    )
+    # resume: fast and reference compute the same update
     train_step: str = option(
         "fast",
         "fast (fastsp.step) or reference (the naive oracle, fp32 eager)",
         TRAIN_STEPS,
+        resume=MAY_CHANGE,
     )
-    cuda_graph: bool = option(True, "capture the whole fast step as one CUDA graph (CUDA only)")
-    compile: bool = option(False, "torch.compile the online and perceptual networks")
+    cuda_graph: bool = option(
+        True, "capture the whole fast step as one CUDA graph (CUDA only)", resume=MAY_CHANGE
+    )
+    compile: bool = option(
+        False, "torch.compile the online and perceptual networks", resume=MAY_CHANGE
+    )
     batched_branches: bool = option(
-        False, "run the real and predicted perceptual branches as one forward"
+        False,
+        "run the real and predicted perceptual branches as one forward",
+        resume=MAY_CHANGE,
     )
-    seed: int = option(0, "the seed of every random draw of the run")
+    seed: int = option(0, "the seed of every random draw of the run", resume=SAME)
     deterministic: bool = option(
-        False, "torch's deterministic algorithms (bit-identical reruns on CUDA)"
+        False,
+        "torch's deterministic algorithms (bit-identical reruns on CUDA)",
+        resume=MAY_CHANGE,
     )
     # outputs
-    out: str = option("runs/digits", "run folder: config, metrics, samples, checkpoints")
+    # resume: a run folder copied elsewhere
+    out: str = option(
+        "runs/digits", "run folder: config, metrics, samples, checkpoints", resume=MAY_CHANGE
+    )
     resume: bool = option(
-        False, "continue from the run folder's latest checkpoint (a fresh start if none)"
+        False,
+        "continue from the run folder's latest checkpoint (a fresh start if none)",
+        resume=MAY_CHANGE,
     )
-    log_every: int = option(50, "steps between metric lines (the only host syncs of the loop)")
-    checkpoint_every: int = option(1000, "steps between checkpoints (0 = only the one at the end)")
+    log_every: int = option(
+        50, "steps between metric lines (the only host syncs of the loop)", resume=MAY_CHANGE
+    )
+    checkpoint_every: int = option(
+        1000, "steps between checkpoints (0 = only the one at the end)", resume=MAY_CHANGE
+    )
     keep_last: int = option(
-        0, "keep only the newest K checkpoints (0 = keep all; the newest never goes)"
+        0,
+        "keep only the newest K checkpoints (0 = keep all; the newest never goes)",
+        resume=MAY_CHANGE,
     )
-    sample_every: int = option(1000, "steps between sample grids (0 = only the one at the end)")
-    sample_num: int = option(64, "images in a sample grid")
-    sample_steps: int = option(50, "sampler steps for sample grids")
-    sample_sampler: str = option("ddim", "the sampler of sample grids", SAMPLERS)
+    sample_every: int = option(
+        1000, "steps between sample grids (0 = only the one at the end)", resume=MAY_CHANGE
+    )
+    sample_num: int = option(64, "images in a sample grid", resume=MAY_CHANGE)
+    sample_steps: int = option(50, "sampler steps for sample grids", resume=MAY_CHANGE)
+    sample_sampler: str = option("ddim", "the sampler of sample grids", SAMPLERS, resume=MAY_CHANGE)
     sample_cfg: float = option(
-        1.0, "classifier-free guidance scale of sample grids (1 = no guidance)"
+        1.0,
+        "classifier-free guidance scale of sample grids (1 = no guidance)",
+        resume=MAY_CHANGE,
     )
-    sample_cfg_rescale: float = option(0.0, "CFG rescale phi of sample grids (0 = none)")
+    sample_cfg_rescale: float = option(
+        0.0, "CFG rescale phi of sample grids (0 = none)", resume=MAY_CHANGE
+    )
 
     def __post_init__(self):
         # Each field alone first (type, finiteness, range), so the cross-field rules below can

@@ -46,13 +46,33 @@ OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its one-line description (and allowed values) as the field's metadata.
+# What a resume may change, declared on each TrainConfig field (`option(..., resume=...)`; a test
+# checks that every field has a rule; fastsp.training.resume applies them). SAME: the field
+# defines what the run learns (data, conditioning, diffusion, objective, optimizer and EMA
+# settings) or what the checkpoint's state means (the global batch and the seed fix the data
+# stream); a resume with another value is refused. MAY_CHANGE: how the run executes, how long,
+# what it logs and writes. SAID: may change, and the start says so. The optimizer's
+# hyperparameters besides the learning rate are SAME: load_state_dict would put the checkpoint's
+# back into the optimizer while config.json claimed the new ones.
+SAME, MAY_CHANGE, SAID = "same", "may change", "said"
+RESUME_RULES = (SAME, MAY_CHANGE, SAID)
+
+
+def option(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, resume: str | None = None
+) -> Any:
+    """A config field with its one-line description (and allowed values) as the field's metadata,
+    and for a TrainConfig field what a resume may do to it (one of RESUME_RULES).
 
     fastsp.config_cli shows both in `--help`; the dataclass default is `default` (tuples are
     immutable, so they are plain defaults too).
     """
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+    metadata = {"help": help, "choices": choices}
+    if resume is not None:
+        if resume not in RESUME_RULES:
+            raise ValueError(f"resume={resume!r}: one of {', '.join(RESUME_RULES)}")
+        metadata["resume"] = resume
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------

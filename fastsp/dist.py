@@ -32,12 +32,18 @@ def pick_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE when RANK is set), 1 without it:
+    known before the process group starts."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+
+
 def init(device_preference: str) -> DistInfo:
     """Join the torchrun process group if RANK is set, else run as the only process."""
     device = pick_device(device_preference)
     if "RANK" not in os.environ:
         return DistInfo(0, 1, 0, device)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world_size = int(os.environ["RANK"]), launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -21,91 +21,34 @@ the other one for the ratio):
   - the peak of live tensor memory over the step (LiveMemory);
   - the self-perceptual / MSE FLOP ratio, and the images/s that 40% model FLOPs utilisation
     would give on an H100 SXM and an H200 SXM (dense bf16 peaks from NVIDIA's datasheets).
+An error of the dry run itself (a bug in fastsp, not an op the step's GPU would refuse) prints
+its traceback and exits EXIT_INTERNAL_ERROR, never as a fault.
 It cannot measure kernel time, numerics, the CUDA caching allocator's overhead above live
 tensors, DDP (it runs one process), torch.compile (the eager step runs) or xformers (SDPA's
 flash-attention op stands in: same FLOPs).
 
-How: fastsp/fake_cuda.cpp registers a CUDA device guard, CUDA hooks ("built, not available")
-and a CUDA generator; it is built with torch.utils.cpp_extension at first use, cached, and loaded
-with RTLD_GLOBAL before torch is imported, which is why importing this module registers fake
-CUDA in the whole process (run it as its own process; the tests do). Models are built on the
-meta device (bf16 and channels_last applied there) and then materialised with
-`to_empty(device="cuda")` inside the fake mode; the noise schedule is built outside it (it
-branches on tensor values). Autocast("cuda") turns itself off without CUDA, so the dry run tells
-it that CUDA and bf16 are there (`cuda_autocast_on`). SDPA is routed to the flash-attention aten
-op (`FlashSDPA`), so that FLOPs and memory are those of the GPU path, not of its math fallback.
+How: fastsp.fake_cuda registers fake CUDA before torch is imported, which is why importing this
+module registers it in the whole process (run it as its own process; the tests do). The step is
+the trainer's own: planned by fastsp.training.plan.plan_run and built by
+fastsp.training.assembly.assemble with `on_meta=True` (networks built on the meta device, bf16
+and channels_last applied there, then materialised with `to_empty(device="cuda")` inside the
+fake mode); the plan, with its noise schedule, is made outside it (it branches on tensor
+values). Autocast("cuda") turns itself off without CUDA, so the dry run tells it that CUDA and
+bf16 are there (`cuda_autocast_on`). SDPA is routed to the flash-attention aten op
+(`FlashSDPA`), so that FLOPs and memory are those of the GPU path, not of its math fallback.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import importlib.metadata
-import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("fake_cuda.cpp")
-
-
-def _extension_dir() -> Path:
-    """Where the built extension is cached: torch's extension folder, one subfolder per torch
-    version and source text (a changed .cpp or another torch is a new build)."""
-    torch_version = importlib.metadata.version("torch")
-    digest = hashlib.sha256(_SOURCE.read_bytes() + torch_version.encode()).hexdigest()[:12]
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    return Path(root) / f"fastsp_fake_cuda_{digest}"
-
-
-def _build(folder: Path) -> Path:
-    """Compile fake_cuda.cpp in a child process (building needs torch imported, and this process
-    must not import torch before the library is loaded); returns the shared library."""
-    folder.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import sys; from torch.utils.cpp_extension import load; "
-        "load('fastsp_fake_cuda', [sys.argv[1]], build_directory=sys.argv[2], "
-        "is_python_module=False, verbose=False)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(_SOURCE), str(folder)], capture_output=True, text=True
-    )
-    library = folder / "fastsp_fake_cuda.so"
-    if result.returncode != 0 or not library.is_file():
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise SystemExit(
-            f"error: building the dry run's fake-CUDA extension ({_SOURCE}) in {folder} failed "
-            "(it needs g++ and ninja): " + " | ".join(tail)
-        )
-    return library
-
-
-def load_fake_cuda() -> None:
-    """Load fake_cuda.cpp's registrations into this process, building them first if needed.
-    Must run before `import torch`: torch reads the CUDA hooks registry once, at first use."""
-    if "torch" in sys.modules:
-        raise RuntimeError(
-            "fastsp.dryrun must be imported before torch (it registers fake CUDA, which torch "
-            "reads once): run `python -m fastsp.dryrun ...` in its own process"
-        )
-    torch_lib = Path(importlib.util.find_spec("torch").submodule_search_locations[0]) / "lib"
-    if any((torch_lib / name).exists() for name in ("libtorch_cuda.so", "libtorch_hip.so")):
-        # A CUDA (or ROCm) build registers the real guard, hooks and generator; registering
-        # them twice would stop the process (c10's registry exits on a duplicate key).
-        return
-    library = _extension_dir() / "fastsp_fake_cuda.so"
-    if not library.is_file():
-        library = _build(library.parent)
-    for name in ("libc10.so", "libtorch_cpu.so"):  # the symbols the extension links against
-        ctypes.CDLL(str(torch_lib / name), mode=ctypes.RTLD_GLOBAL)
-    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-
+from fastsp.fake_cuda import load_fake_cuda
 
 load_fake_cuda()
 
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -121,16 +64,19 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from fastsp import config_cli, trainer  # noqa: E402
+from fastsp import config_cli, dist  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
-from fastsp.diffusion import NoiseSchedule  # noqa: E402
-from fastsp.errors import EXIT_FAULT, ConfigError, DryRunFault  # noqa: E402
-from fastsp.step import StepConfig, TrainStep, uses_bf16  # noqa: E402
-from fastsp.unet import UNet  # noqa: E402
+from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
+from fastsp.step import TrainStep  # noqa: E402
+from fastsp.training.assembly import assemble  # noqa: E402
+from fastsp.training.loop import ema_decay, learning_rate  # noqa: E402
+from fastsp.training.plan import Plan, plan_run  # noqa: E402
 
 DEVICE = torch.device("cuda")  # what fastsp.dist.pick_device gives a one-GPU run
+# A bug of fastsp met by the dry run (BSD's EX_SOFTWARE): not EXIT_FAULT, a fault of the step.
+EXIT_INTERNAL_ERROR = 70
 GIB = 2**30
 # Library code, left out of a fault's location: torch's package and the standard library.
 _LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(os.__file__).parent))
@@ -198,7 +144,7 @@ class StepChecks(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.captured = True  # set once the step is built (TrainStep.graph_unsupported_reasons)
+        self.captured = True  # the plan's answer (fastsp.step.plan_graph)
         self.replayed = False  # inside the measured step: what a captured graph would replay
         self.host_syncs = 0
 
@@ -346,7 +292,7 @@ torch.library.register_fake("aten::_fused_adamw_.tensor_lr")(fake_fused_adamw)
 
 
 class FlashSDPA(TorchFunctionMode):
-    """F.scaled_dot_product_attention as a GPU runs it for the UNet's attention (no mask, no
+    """F.scaled_dot_product_attention as a GPU runs it for the models' attention (no mask, no
     dropout): the flash-attention aten op where its kernels apply, else the memory-efficient one.
     Without this the fake CUDA call would decompose into the math path, whose FLOPs and [L, L]
     score matrices are not what a GPU runs."""
@@ -419,7 +365,7 @@ def cuda_autocast_on():
         common.amp_definitely_not_available, torch.cuda.is_bf16_supported = saved
 
 
-# ---- building the step: build_run's assembly, on fake CUDA and without reading anything --------
+# ---- building the step: the trainer's own plan and assembly, on fake CUDA, reading nothing ----
 def dry_configs(argv: list[str] | None):
     """parse_args of fastsp/train.py's options; --init is optional (no weights are read)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -428,65 +374,24 @@ def dry_configs(argv: list[str] | None):
     return config_cli.parse_args(argv)
 
 
-def _materialise(modules: list[torch.nn.Module]) -> None:
-    for module in modules:  # meta -> fake CUDA, strides (channels_last) and dtypes kept
-        module.to_empty(device=DEVICE)
+def dry_plan(cfg, model_cfg) -> Plan:
+    """The plan of one process on CUDA (fastsp.training.plan.plan_run, every refusal of a run)
+    with one synthetic data set of the configured shape (--channels, --resolution,
+    --context-len), and no weights, checkpoints or run folder read."""
+    synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto", device="auto")
+    return plan_run(synthetic, model_cfg, world_size=1, device_type="cuda", read_sources=False)
 
 
-def build_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep):
-    """(step, batch): `step_class` as fastsp.trainer.build_run assembles it for one process on
-    CUDA, with random weights, and one synthetic batch of the configured shape. Call inside
-    FakeTensorMode (the models are materialised there)."""
-    synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto")
-    dataset, model_cfg = trainer.build_data(synthetic, model_cfg)
-    trainer.check_resolution(cfg, model_cfg)
-    trainer.check_batch(cfg, 1)
-    trainer.check_optimizer(cfg, DEVICE)
-    bf16 = uses_bf16(cfg.precision, cfg.train_step, DEVICE)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    # Meta tensors and the schedule's real values live outside the fake mode; the loss around
-    # `perceptual` comes from build_perceptual_loss's "ema" source, which reads nothing.
-    with torch._subclasses.fake_tensor.unset_fake_temporarily():
-        with torch.device("meta"):
-            model = UNet(model_cfg).to(memory_format=memory_format)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        perceptual = ema
-        if cfg.objective == "self_perceptual" and cfg.perceptual_source == "frozen":
-            # as build_perceptual_loss holds the frozen network: bf16 under the fast bf16 step
-            dtype = torch.bfloat16 if bf16 and cfg.train_step == "fast" else torch.float32
-            perceptual = copy.deepcopy(ema).to(dtype, memory_format=memory_format)
-        schedule = NoiseSchedule.from_config(cfg)
-        perceptual_loss = trainer.build_perceptual_loss(
-            dataclasses.replace(cfg, perceptual_source="ema", perceptual_checkpoint=""),
-            model_cfg,
-            schedule,
-            perceptual,
-            DEVICE,
-            bf16,
-        )
-    _materialise([model, ema] + ([perceptual] if perceptual is not ema else []))
-    optimizer = trainer.build_optimizer(cfg, model.parameters(), DEVICE)
-    step = step_class(
-        StepConfig.from_train(
-            cfg,
-            model_cfg,
-            world_size=1,
-            rank=0,
-            bf16=bf16,
-            context_shape=dataset.context_shape if model_cfg.context_dim else None,
-        ),
-        model=model,
-        online=model,
-        ema=ema,
-        optimizer=optimizer,
-        schedule=schedule,
-        perceptual_loss=perceptual_loss,
-        device=DEVICE,
-        null_context=getattr(dataset, "null_context", None),
-    )
+def build_step(plan: Plan, step_class: type[TrainStep] = TrainStep):
+    """(run, batch): the run of `plan` as the trainer assembles it
+    (fastsp.training.assembly.assemble), its networks built on the meta device and materialised
+    on fake CUDA with random weights, and the data set's first batch. Call inside
+    FakeTensorMode."""
+    run = assemble(plan, dist.DistInfo(0, 1, 0, DEVICE), on_meta=True, step_class=step_class)
     with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real CPU tensors, as loaded
-        batch = next(iter(make_loader(dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
-    return step, batch, model_cfg
+        cfg = plan.cfg
+        batch = next(iter(make_loader(plan.dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
+    return run, batch
 
 
 def _fault_line(error: BaseException) -> str:
@@ -507,19 +412,22 @@ def _fault_line(error: BaseException) -> str:
 def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
     """Build the step of (cfg, model_cfg) on fake CUDA and run it twice, as a run does before
     capture (the first step fills the schedule's device tables and creates the optimizer's
-    state); the second is measured. Returns its figures; a fault raises DryRunFault."""
+    state); the second is measured. Returns its figures.
+
+    What the step's ops raise on fake CUDA (a RuntimeError: a device or dtype mismatch, a host
+    read) is a fault a GPU would raise: DryRunFault. Anything else (building the step, or an
+    exception of another kind) is a bug of fastsp and propagates as it is."""
+    plan = dry_plan(cfg, model_cfg)  # outside the fake mode: the schedule branches on values
     memory = LiveMemory()
     checks = StepChecks()
+    checks.captured = plan.graph.captured
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
     started = time.perf_counter()
-    try:
-        with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
-            step, batch, model_cfg = build_step(cfg, model_cfg, step_class)
-            graph = step.graph_unsupported_reasons() + (
-                [] if cfg.cuda_graph else ["--no-cuda-graph"]
-            )
-            checks.captured = not graph
-            lr, ema_weight = trainer.learning_rate(cfg, 0), 1.0 - trainer.ema_decay(cfg, 0)
+    with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
+        run, batch = build_step(plan, step_class)
+        step = run.step
+        lr, ema_weight = learning_rate(plan.cfg, 0), 1.0 - ema_decay(plan.cfg, 0)
+        try:
             step.run(batch, 0, lr, ema_weight)
             memory.reset_peak()
             state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
@@ -529,10 +437,10 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
                 checks.replayed = True  # step (replayed as a graph when captured)
                 step.compute()
                 checks.replayed = False
-    except (ConfigError, DryRunFault):
-        raise
-    except Exception as error:  # noqa: BLE001 (every op error of the step is a fault to report)
-        raise DryRunFault(_fault_line(error)) from error
+        except ExpectedStop:
+            raise
+        except RuntimeError as error:  # an op the GPU would refuse (torch's op errors)
+            raise DryRunFault(_fault_line(error)) from error
     by_op = {
         str(op).removeprefix("aten."): count
         for op, count in flops.get_flop_counts().get("Global", {}).items()
@@ -545,8 +453,8 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
         "state_bytes": state,
         "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
-        "model": dataclasses.asdict(model_cfg),
-        "graph": graph,
+        "model": dataclasses.asdict(plan.model_cfg),
+        "graph": list(plan.graph.reasons),
         "host_syncs": checks.host_syncs,
         "bf16": step.config.bf16,
     }
@@ -650,11 +558,7 @@ def run(cfg, model_cfg, json_path: str | None = None) -> None:
         if model_cfg.attention_backend in ("auto", "xformers")
         else model_cfg.attention_backend,
     )
-    try:
-        result = dry_run(cfg, model_cfg)
-    except DryRunFault as fault:
-        print(f"fault: {fault}", file=sys.stderr)
-        raise SystemExit(EXIT_FAULT) from None
+    result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg)
     print(report(result))
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
@@ -671,7 +575,16 @@ def main(argv: list[str] | None = None) -> int:
         json_path = argv[at + 1]
         del argv[at : at + 2]
     train_config, model_config = dry_configs(argv)
-    return run_command(run, train_config, model_config, json_path)
+    try:
+        return run_command(run, train_config, model_config, json_path)
+    except Exception:  # noqa: BLE001 (not an expected stop, so not a fault of the step: a bug)
+        traceback.print_exc()
+        print(
+            "internal error of the dry run (a bug in fastsp, not a fault a GPU would raise); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 A real SIGKILL, not an exception: nothing after the point runs, no `finally`, no flush, exactly
 as when the machine or the scheduler kills a job. The points are listed where `kill_point` is
-called (fastsp/trainer.py, fastsp/checkpoint.py).
+called (fastsp/training/loop.py, fastsp/checkpoint.py).
 """
 
 import os

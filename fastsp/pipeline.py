@@ -47,7 +47,7 @@ from fastsp.sampling import (  # noqa: E402
     image_grid,
     save_png,
 )
-from fastsp.trainer import train  # noqa: E402
+from fastsp.training.loop import train  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +141,7 @@ def write_comparison(
 
 
 def stage_configs(args: argparse.Namespace, extra: list[str]):
-    """The three stages' (TrainConfig, UNetConfig), each a `dataclasses.replace` of the one
+    """The three stages' (TrainConfig, model config), each a `dataclasses.replace` of the one
     config that the preset and the options passed through (`extra`) make; all are validated
     before the first stage starts."""
     base, model_cfg = config_cli.parse_args(["--preset", args.preset, *extra])
@@ -181,9 +181,10 @@ def stage_configs(args: argparse.Namespace, extra: list[str]):
 def run_pipeline(args: argparse.Namespace, extra: list[str]) -> None:
     out = Path(args.out)
     stage1_config, sp_config, mse_config = stage_configs(args, extra)
-    stage1 = train(*stage1_config)
-    sp = train(*sp_config)
-    mse = train(*mse_config)
+    asked_resume = resume_asked(extra)
+    stage1 = train_stage(*stage1_config, asked_resume)
+    sp = train_stage(*sp_config, asked_resume)
+    mse = train_stage(*mse_config, asked_resume)
     device = stage1_config[0].device
     info = dist.init(device)
     if info.is_main:
@@ -201,6 +202,22 @@ def run_pipeline(args: argparse.Namespace, extra: list[str]) -> None:
             f"  stage 2 MSE continuation: {mse}\n  comparison (no CFG): {comparison}"
         )
     dist.barrier()
+
+
+def resume_asked(extra: list[str]) -> bool:
+    """Whether the user passed --resume among the options for every stage (the last of
+    --resume / --no-resume counts, as argparse reads them)."""
+    flags = [a for a in extra if a in ("--resume", "--no-resume")]
+    return bool(flags) and flags[-1] == "--resume"
+
+
+def train_stage(cfg, model_cfg, asked_resume: bool) -> Path:
+    """Train one stage, continuing it where it stopped (its config resumes). A stage with no
+    checkpoint yet starts fresh without the trainer's "--resume: no checkpoint" note, which
+    answers a --resume the user gave, unless the user did give one."""
+    if not asked_resume and checkpoint_lib.latest_checkpoint(Path(cfg.out)) is None:
+        cfg = dataclasses.replace(cfg, resume=False)
+    return train(cfg, model_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 other's checkpoints and rewrite each other's metrics.jsonl and config.json. The lock is an OS
 lock (fcntl.flock) on RUN/.lock, which the kernel releases when the holding process ends however
 it ends (kill -9 included), so a stale lock never needs cleaning up; the file holds the holder's
-pid for the refusal's message. Under torchrun rank 0 holds it (fastsp.trainer).
+pid for the refusal's message. Under torchrun rank 0 holds it (fastsp.training.loop.train).
 
 `check_out_folder` and `check_output_file` say what is wrong with an output path (a file where a
 folder belongs, a folder that cannot be written, a name longer than the file system allows) before

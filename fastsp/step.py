@@ -218,7 +218,8 @@ def uses_bf16(precision: str, train_step: str, device: torch.device) -> bool:
 
 
 class TrainStep:
-    """The training step of `fastsp.trainer.run_loop`; call `run(batch, step, lr, ema_weight)`.
+    """The training step of `fastsp.training.loop.run_loop`; call `run(batch, step, lr,
+    ema_weight)`.
 
     Args:
         config: the step's settings (`StepConfig.from_train` for a run).
@@ -229,7 +230,10 @@ class TrainStep:
         null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
             empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
             the data set's `null_context`), zeros when None.
-        stream: the CUDA side stream DDP was constructed on (see `capture`); None without DDP.
+        stream: the CUDA side stream of a step that will be captured (`plan_graph`), the one
+            DDP was constructed on when there is DDP; warm-up and capture run on it (see
+            `capture`). None for a step that runs eagerly: it runs on the current stream, and
+            `capture` makes a stream if asked.
     """
 
     def __init__(
@@ -248,14 +252,12 @@ class TrainStep:
     ):
         self.config = config
         # The one side stream of the capture: warm-up and capture run on it, and DDP must have
-        # been built on it (`fastsp.trainer.build_run` does). None: `capture` makes one.
+        # been built on it (`fastsp.training.assembly.assemble` does). None: `capture` makes one.
         self.stream = stream
         self.model, self.online, self.ema, self.optimizer = model, online, ema, optimizer
         self.schedule, self.perceptual_loss, self.device = schedule, perceptual_loss, device
         local_batch, shape = config.local_batch, config.shape
-        self.memory_format = (
-            torch.channels_last if config.channels_last else torch.contiguous_format
-        )
+        self.memory_format = memory_format(config.channels_last)
         self.params = list(model.parameters())
         self.dtype = self.params[0].dtype  # fp32 master weights (float64 in tests)
         # torch's fused AdamW skips a step on the device (found_inf); any other optimizer (the
@@ -460,19 +462,11 @@ class TrainStep:
         # A run still going on carries over: the next window's maximum starts from it.
         self.worst_bad_in_a_row.copy_(self.bad_in_a_row)
 
-    def graph_unsupported_reasons(self) -> list[str]:
-        reasons = []
-        if self.device.type != "cuda":
-            reasons.append(f"the step runs on {self.device.type}, CUDA graphs need CUDA")
-        if self.host_skip:
-            reasons.append("the optimizer is not torch's fused AdamW (no found_inf: a host sync)")
-        if self.config.reference_loss:
-            reasons.append("the reference step is the eager oracle")
-        return reasons
-
     def capture(self, batch: dict[str, torch.Tensor], log=print) -> bool:
         """Capture `compute` as one CUDA graph; on failure keep running eagerly and log why, or,
-        with DDP, raise GraphCaptureError.
+        with DDP, raise GraphCaptureError. Whether to capture is `plan_graph`'s answer, asked
+        before the step is built (it decides the stream DDP is built on): call this only where
+        that plan says `captured`.
 
         Warm-up runs on a side stream (PyTorch's CUDA-graph recipe) with every update forced off
         (found_inf = 1, EMA weight 0), so warming up leaves weights, moments and EMA untouched.
@@ -482,10 +476,6 @@ class TrainStep:
         three streams would leave a captured backward waiting on a stream outside the capture
         (torch warns of this mismatch; full-step captures fail from it).
         """
-        reasons = self.graph_unsupported_reasons()
-        if reasons:
-            log("CUDA graph: off (" + "; ".join(reasons) + ")")
-            return False
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         side = self.stream
@@ -532,18 +522,58 @@ class TrainStep:
 NCCL_GRAPH_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
 
 
-def graph_environment(cfg, world_size: int, device_type: str) -> dict[str, str]:
-    """The environment a run must assign before `init_process_group`: NCCL_GRAPH_ENVIRONMENT
-    when the fast step will be captured with DDP on CUDA, else nothing (the gloo/CPU path and a
-    single process keep the environment they were given).
+@dataclass(frozen=True)
+class GraphPlan:
+    """The one answer to "is the step captured as a CUDA graph, and why not" (`plan_graph`):
+    the trainer captures (`TrainStep.capture`), builds DDP on a side stream and assigns
+    `environment` before the process group starts exactly when `captured`."""
 
-    cfg: a TrainConfig (`cuda_graph`, `train_step`); world_size: torchrun's WORLD_SIZE;
-    device_type: the device the run will use ("cuda" or "cpu")."""
-    captured = captures_graph(cfg, device_type)
-    return dict(NCCL_GRAPH_ENVIRONMENT) if captured and world_size > 1 else {}
+    reasons: tuple[str, ...]  # why the step runs eagerly; empty: it is captured at the first step
+    environment: dict[str, str]  # to assign before init_process_group (NCCL_GRAPH_ENVIRONMENT)
+
+    @property
+    def captured(self) -> bool:
+        return not self.reasons
+
+    def describe(self) -> str:
+        """backends.json's cuda_graph line before the first step."""
+        if self.captured:
+            return "to be captured at the first step"
+        return "eager (" + "; ".join(self.reasons) + ")"
+
+    def describe_environment(self) -> str:
+        """backends.json's graph_environment line."""
+        if not self.environment:
+            return "unchanged (no CUDA-graph capture with DDP on CUDA)"
+        assigned = ", ".join(f"{name}={value}" for name, value in self.environment.items())
+        return f"{assigned} (assigned for CUDA-graph capture of DDP)"
 
 
-def captures_graph(cfg, device_type: str) -> bool:
-    """Whether a run of `cfg` (a TrainConfig) on `device_type` will capture its step as a CUDA
-    graph (`TrainStep.capture`); the rule graph_environment and DDP's construction stream follow."""
-    return cfg.cuda_graph and cfg.train_step == "fast" and device_type == "cuda"
+def fused_adamw(cfg) -> bool:
+    """Whether a run of `cfg` (a TrainConfig) steps with torch's fused AdamW, which takes
+    `found_inf` and the learning rate as device tensors (no host sync: capturable). The
+    reference step uses torch's default AdamW, as fastsp.reference does; apex FusedAdam has no
+    found_inf."""
+    return cfg.optimizer == "adamw" and cfg.train_step == "fast"
+
+
+def plan_graph(cfg, world_size: int, device_type: str) -> GraphPlan:
+    """Whether a run of `cfg` (a TrainConfig: cuda_graph, train_step, optimizer) with
+    `world_size` processes on `device_type` captures its step, the reasons it does not, and
+    the environment a captured DDP step needs (nothing for one process or the gloo/CPU path)."""
+    reasons = []
+    if device_type != "cuda":
+        reasons.append(f"the step runs on {device_type}, CUDA graphs need CUDA")
+    if not fused_adamw(cfg):
+        reasons.append("the optimizer is not torch's fused AdamW (no found_inf: a host sync)")
+    if cfg.train_step == "reference":
+        reasons.append("the reference step is the eager oracle")
+    if not cfg.cuda_graph:
+        reasons.append("--no-cuda-graph")
+    captured_ddp = not reasons and world_size > 1
+    return GraphPlan(tuple(reasons), dict(NCCL_GRAPH_ENVIRONMENT) if captured_ddp else {})
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format of the networks and their inputs (--channels-last)."""
+    return torch.channels_last if channels_last else torch.contiguous_format

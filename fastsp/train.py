@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 fastsp/train.py --preset sd21 --data /latents --cond none
     python fastsp/train.py --preset digits --out runs/digits --resume   # continue a run
 
-Every config field is an option (`--help` lists them); the loop is fastsp.trainer.run_loop.
+Every config field is an option (`--help` lists them); the loop is fastsp.training.loop.run_loop.
 Exit status (fastsp.cli): 0 success; 2 invalid input (the message names the problem and the
 fix); 3 stopped after too many consecutive non-finite steps (the last checkpoint is intact); 75
 stopped by SIGTERM/SIGINT: after writing a checkpoint (rerun with --resume), or before
@@ -30,7 +30,7 @@ if __name__ == "__main__":
 
 from fastsp import config_cli  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
-from fastsp.trainer import train  # noqa: E402
+from fastsp.training.loop import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

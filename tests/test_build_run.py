@@ -23,8 +23,8 @@ from fastsp.errors import (
     NumericalFault,
     Preempted,
 )
-from fastsp.step import StepConfig, graph_environment
-from fastsp.trainer import build_run, run_loop
+from fastsp.step import StepConfig, plan_graph
+from fastsp.training.loop import build_run, run_loop
 
 REPO = Path(__file__).resolve().parents[1]
 BACKEND_PARTS = {
@@ -199,10 +199,11 @@ def test_exit_statuses_live_in_the_package_not_in_an_entry_script():
         ({}, 2, "cpu", {}),  # gloo, no graphs
         ({"cuda_graph": False}, 2, "cuda", {}),
         ({"train_step": "reference"}, 2, "cuda", {}),  # the oracle runs eagerly
+        ({"optimizer": "apex_fused_adam"}, 2, "cuda", {}),  # no found_inf: runs eagerly
     ],
 )
 def test_graph_environment_is_assigned_only_for_a_captured_ddp_step(
     tmp_path, fields, world_size, device_type, expected
 ):
     cfg, _ = _tiny(tmp_path, **{"cuda_graph": True, **fields})
-    assert graph_environment(cfg, world_size, device_type) == expected
+    assert plan_graph(cfg, world_size, device_type).environment == expected

@@ -1,8 +1,8 @@
 """CUDA-graph capture of the step, checked on the CPU with a fake torch.cuda stream API.
 
-- DDP's construction (fastsp.trainer.wrap_ddp), every warm-up iteration and the capture run on one
-  side stream, and that stream is the one handed to `torch.cuda.graph` (which captures on a stream
-  of its own when given none: the mismatch this guards against).
+- DDP's construction (fastsp.training.assembly.wrap_ddp), every warm-up iteration and the
+  capture run on one side stream, and that stream is the one handed to `torch.cuda.graph`
+  (which captures on a stream of its own when given none: the mismatch this guards against).
 - A failed capture: with DDP it stops the run (GraphCaptureError, exit status 5, one line, on every
   rank); without DDP the step runs eagerly and backends.json says why.
 """
@@ -16,11 +16,12 @@ import types
 import pytest
 import torch
 
-from fastsp import cli, errors, trainer
+from fastsp import cli, errors
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import GraphCaptureError
 from fastsp.model_config import UNET_PRESETS
 from fastsp.step import WARMUP_STEPS, WARMUP_STEPS_DDP, StepConfig, TrainStep
+from fastsp.training import assembly, loop
 from fastsp.unet import UNet
 
 B, RES = 4, 8
@@ -136,7 +137,6 @@ def _step(ddp: bool, online=None, stream=None) -> TrainStep:
         device=torch.device("cpu"),
         stream=stream,
     )
-    step.graph_unsupported_reasons = lambda: []  # the CPU stands in for CUDA here
     return step
 
 
@@ -165,7 +165,7 @@ def _record_compute_streams(step: TrainStep, fake: FakeCuda) -> list:
 @pytest.mark.parametrize("ddp", [True, False])
 def test_ddp_construction_warmup_and_capture_share_one_stream(fake_cuda, monkeypatch, ddp):
     monkeypatch.setattr(
-        trainer,
+        assembly,
         "DistributedDataParallel",
         lambda module, device_ids=None: FakeDDP(module, device_ids, fake_cuda.current_stream),
     )
@@ -173,7 +173,7 @@ def test_ddp_construction_warmup_and_capture_share_one_stream(fake_cuda, monkeyp
     stream = torch.cuda.Stream(torch.device("cpu"))
     online = None
     if ddp:
-        online = lambda model: trainer.wrap_ddp(model, torch.device("cpu"), stream)  # noqa: E731
+        online = lambda model: assembly.wrap_ddp(model, torch.device("cpu"), stream)  # noqa: E731
     step = _step(ddp, online=online, stream=stream)
     if ddp:
         assert step.online.built_on is stream
@@ -233,7 +233,7 @@ def test_a_failed_capture_with_ddp_stops_the_run(fake_cuda):
 
 def _run(step: TrainStep, tmp_path) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        cfg=types.SimpleNamespace(cuda_graph=True),
+        plan=types.SimpleNamespace(graph=types.SimpleNamespace(captured=True)),
         info=types.SimpleNamespace(device=torch.device("cuda"), is_main=True),
         step=step,
         backends={"cuda_graph": "to be captured at the first step"},
@@ -244,7 +244,7 @@ def _run(step: TrainStep, tmp_path) -> types.SimpleNamespace:
 def test_capture_step_records_the_eager_fallback_without_ddp(fake_cuda, tmp_path):
     fake_cuda.fail_capture = CAPTURE_ERROR
     run = _run(_step(ddp=False), tmp_path)
-    trainer.capture_step(run, _batch(run.step), log=lambda message: None)
+    loop.capture_step(run, _batch(run.step), log=lambda message: None)
     recorded = json.loads((tmp_path / "backends.json").read_text())
     assert recorded["cuda_graph"] == f"eager ({CAPTURE_ERROR})"
 
@@ -252,9 +252,9 @@ def test_capture_step_records_the_eager_fallback_without_ddp(fake_cuda, tmp_path
 def test_capture_step_stops_every_rank_when_one_rank_failed(fake_cuda, monkeypatch, tmp_path):
     # This rank captured; another rank's capture failed (the host-side vote says so).
     votes = []
-    monkeypatch.setattr(trainer.dist, "any_rank", lambda flag: votes.append(flag) or True)
+    monkeypatch.setattr(loop.dist, "any_rank", lambda flag: votes.append(flag) or True)
     run = _run(_step(ddp=True, stream=torch.cuda.Stream()), tmp_path)
     with pytest.raises(GraphCaptureError, match="another rank.*--no-cuda-graph"):
-        trainer.capture_step(run, _batch(run.step), log=lambda message: None)
+        loop.capture_step(run, _batch(run.step), log=lambda message: None)
     assert votes == [False]  # this rank voted "captured"
     assert not (tmp_path / "backends.json").exists()

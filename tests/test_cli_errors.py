@@ -9,7 +9,7 @@ import pytest
 from fastsp import config
 from fastsp import train as train_cli
 from fastsp.errors import ConfigError
-from fastsp.trainer import check_batch
+from fastsp.training.plan import check_batch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -114,3 +114,33 @@ def test_options_train_refuses_are_refused_with_exit_2():
     )
     assert result.returncode == 2
     assert "--train-step reference" in result.stderr
+
+
+def test_a_dit_preset_dry_runs_through_the_trainers_assembly():
+    # the dry run builds what the trainer builds (fastsp.training.assembly): a DiT for a DiT preset
+    result = _run(["-m", "fastsp.dryrun", "--preset", "dit_tiny", "--batch-size", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--preset dit_tiny, batch 4" in result.stdout
+    assert "FLOP per step" in result.stdout and "peak live tensors" in result.stdout
+    assert "fault" not in result.stderr
+
+
+INTERNAL_ERROR_SCRIPT = """
+import sys
+import fastsp.dryrun as dryrun  # first: before torch
+from fastsp.step import TrainStep
+
+def update_ema(self):  # a bug of fastsp inside the step: not an op a GPU would refuse
+    return self.no_such_buffer
+
+TrainStep.update_ema = update_ema
+sys.exit(dryrun.main(["--preset", "tiny", "--objective", "mse"]))
+"""
+
+
+def test_an_internal_error_is_reported_as_such_not_as_a_fault():
+    result = _run(["-c", INTERNAL_ERROR_SCRIPT])
+    assert result.returncode not in (0, 1), result.stderr[-3000:]  # 1: a fault of the step
+    assert "fault:" not in result.stderr
+    assert "Traceback" in result.stderr and "no_such_buffer" in result.stderr
+    assert "internal error of the dry run" in result.stderr

@@ -52,7 +52,7 @@ def test_wheel_installs_and_imports_outside_the_source_tree(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import fastsp, fastsp.kernels, fastsp.trainer;"
+        "import fastsp, fastsp.kernels, fastsp.training.loop;"
         "print(fastsp.__file__); print(fastsp.kernels.__file__)"
     )
     # Run from an empty folder with a clean path, so the source tree cannot be picked up.

@@ -17,7 +17,8 @@ from fastsp.diffusion import NoiseSchedule
 from fastsp.model_config import UNET_PRESETS
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss, parse_layers
 from fastsp.step import training_loss
-from fastsp.trainer import build_perceptual_loss
+from fastsp.training.assembly import build_perceptual_loss
+from fastsp.training.plan import plan_run
 from fastsp.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -391,7 +392,8 @@ def test_ema_source_uses_the_online_models_ema_itself():
         "tiny", {"objective": "self_perceptual", "init": "unused", "perceptual_source": "ema"}, {}
     )
     ema = UNet(model_cfg)
-    loss_fn = build_perceptual_loss(cfg, model_cfg, NoiseSchedule(), ema, torch.device("cpu"))
+    plan = plan_run(cfg, model_cfg, world_size=1, device_type="cpu", read_sources=False)
+    loss_fn = build_perceptual_loss(plan, ema, torch.device("cpu"))
     assert loss_fn.perceptual is ema and loss_fn.features.network is ema
     assert not any(p.requires_grad for p in ema.parameters())
 

@@ -29,6 +29,7 @@ def test_pipeline_runs_both_stages_and_compares(tmp_path, capsys):
     assert pipeline.main(_args(out)) == 0
     stdout = capsys.readouterr().out
     assert "comparison (no CFG)" in stdout
+    assert "--resume" not in stdout  # the user gave none: no note about it
     sp = json.loads((out / "stage2_self_perceptual" / "config.json").read_text())["train"]
     mse = json.loads((out / "stage2_mse" / "config.json").read_text())["train"]
     assert sp["objective"] == "self_perceptual" and mse["objective"] == "mse"

@@ -29,7 +29,7 @@ from fastsp import config as config_lib
 from fastsp import prepare
 from fastsp.latent_shards import LatentsDataset, read_metadata, read_null_context
 from fastsp.sd_components import encode_text, load_text_encoder
-from fastsp.trainer import build_run
+from fastsp.training.loop import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32  # the tiny VAE halves it once: 16 x 16 latents

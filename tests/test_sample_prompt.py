@@ -15,7 +15,7 @@ from fastsp import config_cli
 from fastsp.diffusion import NoiseSchedule
 from fastsp.sample import main
 from fastsp.sampling import generate
-from fastsp.trainer import train
+from fastsp.training.loop import train
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

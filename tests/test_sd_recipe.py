@@ -15,7 +15,7 @@ from PIL import Image
 import fastsp
 from fastsp import checkpoint as checkpoint_lib
 from fastsp import config_cli, diffusers_unet_config, sample
-from fastsp.trainer import train
+from fastsp.training.loop import train
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

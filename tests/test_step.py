@@ -352,7 +352,7 @@ def test_graphed_step_equals_eager_step_on_cuda(objective, monkeypatch):
     # Bit equality of two separate runs needs deterministic kernels: flash attention's backward
     # (SDPA runs its deterministic variant only under torch.use_deterministic_algorithms) and
     # cuDNN's default algorithms are not run-to-run deterministic otherwise; cuBLAS needs a fixed
-    # workspace (PyTorch's reproducibility notes; fastsp.trainer.use_deterministic_algorithms,
+    # workspace (PyTorch's reproducibility notes; fastsp.training.loop.use_deterministic_algorithms,
     # the same switch as --deterministic). fastsp's Triton kernels use no atomics. Exact, not a
     # tolerance: any difference in what the graph replays shows up.
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -401,7 +401,7 @@ def _check_graphed_step_equals_eager_step(objective):
 
 def _train(argv):
     from fastsp import config_cli
-    from fastsp.trainer import train
+    from fastsp.training.loop import train
 
     cfg, model_cfg = config_cli.parse_args(argv)
     return train(cfg, model_cfg)

@@ -1,5 +1,6 @@
 """End-to-end training: one process, torchrun with two processes, resume, samples, metrics."""
 
+import io
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ from fastsp import config_cli
 from fastsp import sample as sample_cli
 from fastsp.diffusion import NoiseSchedule
 from fastsp.sampling import generate
-from fastsp.trainer import train
+from fastsp.training.loop import train
+from fastsp.training.outputs import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO / "fastsp" / "train.py")
@@ -219,12 +221,12 @@ WORKER_ENVIRONMENT_SCRIPT = """
 import json, os, sys
 from fastsp import config as config_lib
 from fastsp import config_cli
-from fastsp.step import graph_environment
+from fastsp.step import plan_graph
 
 cfg, _ = config_lib.resolve("tiny", {"cuda_graph": True, "out": sys.argv[1]}, {})
 before = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
-# as fastsp.trainer.build_run applies it, for the run that captures DDP on CUDA
-os.environ.update(graph_environment(cfg, int(os.environ["WORLD_SIZE"]), "cuda"))
+# as fastsp.training.loop.build_run applies it, for the run that captures DDP on CUDA
+os.environ.update(plan_graph(cfg, int(os.environ["WORLD_SIZE"]), "cuda").environment)
 after = os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
 with open(os.path.join(sys.argv[1], os.environ["RANK"] + ".json"), "w") as f:
     json.dump({"before": before, "after": after}, f)
@@ -264,3 +266,31 @@ def test_torchrun_workers_get_the_nccl_setting_for_graph_capture(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     backends = json.loads((out / "backends.json").read_text())
     assert backends["graph_environment"] == "unchanged (no CUDA-graph capture with DDP on CUDA)"
+
+
+def test_off_a_terminal_the_log_has_plain_lines_not_carriage_returns(tmp_path):
+    # nohup, Slurm, CI: stdout and stderr are files or pipes; one line per log interval
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "4", "--log-every", "2"]
+    result = _run([sys.executable, TRAIN_SCRIPT, *args, "--out", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all("loss" in line and "images/s" in line for line in lines)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_on_a_terminal_the_progress_bar_stays(monkeypatch, capsys, terminal):
+    monkeypatch.setattr(sys, "stderr", _Terminal() if terminal else io.StringIO())
+    progress = Progress(total=4, initial=0, is_main=True)
+    progress.update()
+    progress.log(1, 0.5, 100.0)
+    progress.close()
+    assert progress.plain is not terminal
+    assert ("\r" in sys.stderr.getvalue()) is terminal  # tqdm's bar redraws in place
+    assert ("step 1/4: loss 0.5000" in capsys.readouterr().out) is not terminal

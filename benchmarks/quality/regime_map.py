@@ -62,7 +62,7 @@ from fastsp import config_cli
 from fastsp.evaluation import evaluate_checkpoint
 from fastsp.pipeline import write_comparison
 from fastsp.quality import format_gap_share, guidance_gap_share
-from fastsp.trainer import train
+from fastsp.training.loop import train
 
 CFG_RESCALE = 0.7  # as benchmarks/quality/reproduce.py
 STAGE2_LR = 2e-4  # as benchmarks/quality/reproduce.py

@@ -34,7 +34,7 @@ from fastsp import config_cli  # noqa: E402
 from fastsp.evaluation import evaluate_checkpoint  # noqa: E402
 from fastsp.pipeline import write_comparison  # noqa: E402
 from fastsp.quality import format_gap_share, guidance_gap_share  # noqa: E402
-from fastsp.trainer import train  # noqa: E402
+from fastsp.training.loop import train  # noqa: E402
 
 FULL = dict(
     seeds=(0, 1, 2), conds=("class", "none"), stage1=800, stage2=300, every=100, num=400, steps=25
