@@ -6,7 +6,7 @@ triton is first imported; hence here, before any test module imports fastsp.
 The suite runs on parallel workers (pytest-xdist: `-n auto --dist loadgroup`, pyproject.toml's
 addopts; `-n 0` runs it in one process). What keeps that safe, and what every test keeps to:
 - Files go under tmp_path or tmp_path_factory only: never runs/, benchmarks/results/, the
-  repository or the home folder (FASTSP_CACHE points at a temporary folder where a test needs it).
+  repository or the home folder (FASTSP_CACHE points into this run's temporary folder).
 - Distributed runs take a port the system picks (torchrun --standalone, or a socket bound to
   port 0 for MASTER_PORT), never a fixed one.
 - What several tests read is built once per run by `build_once` (a session fixture): read-only
@@ -73,3 +73,12 @@ def build_once(run_root) -> Callable[[str, Callable[[Path], None]], Path]:
         return folder
 
     return build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fastsp_cache(run_root):
+    """$FASTSP_CACHE for every test and the processes it starts: a folder of this run that the
+    workers share (the classifier cache writes atomically), never the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTSP_CACHE", str(run_root / "fastsp_cache"))
+        yield run_root / "fastsp_cache"

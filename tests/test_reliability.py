@@ -106,12 +106,17 @@ def _wait_for_steps(run_dir: Path, process, count: int, timeout: float = 120) ->
     raise AssertionError("the run did not reach the expected step in time")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = _train(["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "checkpoints" / f"step_{STEPS:08d}"
+@pytest.fixture(scope="session")
+def uninterrupted(build_once):
+    """The last checkpoint of a run never interrupted (read-only: the runs compared with it)."""
+
+    def train(folder: Path) -> None:
+        out = folder / "run"
+        result = _train(["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out)])
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    run = build_once("reliability_uninterrupted", train) / "run"
+    return run / "checkpoints" / f"step_{STEPS:08d}"
 
 
 @pytest.mark.slow
