@@ -306,6 +306,7 @@ def _latent_shards(folder: Path, nan_items: list[int], count: int = 16) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     data = _latent_shards(tmp_path / "latents", nan_items=[5])
     out = tmp_path / "run"
@@ -319,6 +320,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path):
     # The data goes bad between two runs (a resume may not change --data itself)
     data = _latent_shards(tmp_path / "latents", nan_items=[])
@@ -353,6 +355,7 @@ def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     out = tmp_path / "run"
     first = _train(["--steps", "2", "--out", str(out)])
@@ -372,6 +375,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     assert sorted(p.name for p in checkpoint.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_or_seed_is_refused(tmp_path):
     out = tmp_path / "run"
     assert _train(["--steps", "2", "--out", str(out)]).returncode == 0
@@ -399,6 +403,7 @@ _LIMITED_TRAIN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_exits_4_with_the_previous_checkpoint_intact(tmp_path):
     out = tmp_path / "run"
     assert _train(["--steps", "2", "--out", str(out)]).returncode == 0

@@ -325,6 +325,7 @@ def _trajectory(bf16: bool, steps: int) -> torch.Tensor:
     return torch.tensor(losses)
 
 
+@pytest.mark.slow
 def test_bf16_trajectory_stays_close_to_fp32():
     # Same data, noise, t and t' for both runs; fp32 vs bf16 autocast with the frozen network
     # held in bf16. Measured (200 steps, 20-step windows): the bf16 window means sit 0.8-1.2%
