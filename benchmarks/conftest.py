@@ -4,7 +4,7 @@ switched on before triton is first imported. The step benchmark is a script
 (benchmarks/bench_step.py), so no pytest run here times a CPU training step through the
 interpreter.
 
-The test suite's parallel workers (pyproject.toml's `-n auto`) stay off here: pytest-benchmark
+The test suite's parallel workers (pyproject.toml's `-n logical`) stay off here: pytest-benchmark
 refuses to time under xdist, and a timing needs the cores to itself.
 """
 

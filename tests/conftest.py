@@ -3,7 +3,7 @@
 Without a GPU the Triton kernels run in Triton's interpreter, which must be switched on before
 triton is first imported; hence here, before any test module imports fastsp.
 
-The suite runs on parallel workers (pytest-xdist: `-n auto --dist loadgroup`, pyproject.toml's
+The suite runs on parallel workers (pytest-xdist: `-n logical --dist loadgroup`, pyproject.toml's
 addopts; `-n 0` runs it in one process). What keeps that safe, and what every test keeps to:
 - Files go under tmp_path or tmp_path_factory only: never runs/, benchmarks/results/, the
   repository or the home folder (FASTSP_CACHE points into this run's temporary folder).
