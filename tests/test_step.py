@@ -279,6 +279,7 @@ def test_the_longest_run_of_bad_steps_is_kept_until_the_next_log():
     assert step.worst_bad_in_a_row.item() == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mse", "self_perceptual"])
 def test_training_loss_compiles_without_graph_breaks(objective):
     # What --compile traces: the online forward, the perceptual pass cut at the tap and the fused
@@ -407,6 +408,7 @@ def _train(argv):
     return train(cfg, model_cfg)
 
 
+@pytest.mark.slow
 def test_trainer_fast_and_reference_steps_train_the_same_weights(tmp_path):
     # The trainer end to end: stage 1 (MSE) and stage 2 (self-perceptual) with --train-step fast
     # and --train-step reference on CPU in fp32 (same data, noise, t and t'): the weights agree
@@ -449,6 +451,7 @@ class _ContextRecorder(torch.nn.Module):
         return self.model(x, t, labels=labels, context=context)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference_loss", [False, True])
 def test_cfg_dropout_gives_dropped_rows_exactly_the_null_context(reference_loss):
     # Text conditioning is trained as Stable Diffusion is: a dropped item's context is the empty
