@@ -101,7 +101,6 @@ def test_a_learned_sigma_loads_only_when_asked_keeping_the_eps_half(tmp_path):
     torch.testing.assert_close(out, _theirs(theirs, x, t, labels)[:, :3], rtol=0, atol=1e-10)
 
 
-@pytest.mark.slow
 def test_what_fastsp_cannot_express_is_refused_by_name(tmp_path):
     theirs = _diffusers_dit()
     with torch.no_grad():  # a second block's embedding copy that differs from block 0's

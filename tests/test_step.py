@@ -408,7 +408,6 @@ def _train(argv):
     return train(cfg, model_cfg)
 
 
-@pytest.mark.slow
 def test_trainer_fast_and_reference_steps_train_the_same_weights(tmp_path):
     # The trainer end to end: stage 1 (MSE) and stage 2 (self-perceptual) with --train-step fast
     # and --train-step reference on CPU in fp32 (same data, noise, t and t'): the weights agree
@@ -451,7 +450,6 @@ class _ContextRecorder(torch.nn.Module):
         return self.model(x, t, labels=labels, context=context)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("reference_loss", [False, True])
 def test_cfg_dropout_gives_dropped_rows_exactly_the_null_context(reference_loss):
     # Text conditioning is trained as Stable Diffusion is: a dropped item's context is the empty

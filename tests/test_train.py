@@ -81,7 +81,6 @@ def test_default_preset_loss_falls_and_writes_samples(tmp_path):
     assert json.loads((checkpoint / "state.json").read_text())["samples_seen"] == 60 * 32
 
 
-@pytest.mark.slow
 def test_unconditional_and_grad_accum(tmp_path):
     out = tmp_path / "uncond"
     _train(
@@ -102,7 +101,6 @@ def test_unconditional_and_grad_accum(tmp_path):
     assert saved["model"]["num_classes"] == 0 and saved["train"]["grad_accum"] == 2
 
 
-@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--preset", "tiny", "--steps", "3", "--batch-size", "8"]
@@ -114,7 +112,6 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     # 6 straight steps == 3 steps, then --resume to 6 (same process count, deterministic CPU).
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -129,7 +126,6 @@ def test_resume_continues_exactly(tmp_path):
             assert torch.equal(wa[name], wb[name]), (file, name)
 
 
-@pytest.mark.slow
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     _train(["--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--resume"])
     assert "starting fresh" in capsys.readouterr().out

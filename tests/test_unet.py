@@ -268,7 +268,6 @@ def test_truncated_forward_compiles_fullgraph():
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
 
 
-@pytest.mark.slow
 def test_tiny_trains_fast():
     """Twenty CPU steps of the tiny preset at batch 8 reduce the loss (and take ~a second)."""
     torch.manual_seed(0)
