@@ -44,6 +44,8 @@ setup(
         "dev": [
             *SD,
             "pytest>=8",
+            "pytest-xdist>=3.6",  # the suite's parallel workers (pyproject.toml's addopts)
+            "filelock>=3",  # what the workers build once for all of them (tests/conftest.py)
             "pytest-benchmark>=4",
             "ruff>=0.5",
             "build>=1.0",

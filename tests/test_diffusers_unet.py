@@ -274,6 +274,7 @@ def _run(args, cwd):
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_init_and_perceptual_from_diffusers_folder_then_export(tmp_path):
     unet_dir = _saved(tmp_path / "unet", SD1_LIKE)
     stage1 = _run([*TRAIN, *TINY_RUN, "--init", str(unet_dir), "--out", "run1"], tmp_path)

@@ -324,6 +324,7 @@ def _run(*argv):
     return result
 
 
+@pytest.mark.slow
 def test_train_resume_stage2_and_sample_through_the_cli(tmp_path):
     # Stage 1 (MSE) for 4 steps; stage 2 (self-perceptual from it) to step 2, then resumed to 4;
     # a grid sampled from the stage-2 checkpoint. Every checkpoint records the DiT.

@@ -19,10 +19,15 @@ from fastsp.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 # The fake CUDA is for a CPU-only torch; a CUDA build brings its own, which needs its GPU.
-pytestmark = pytest.mark.skipif(
-    torch.backends.cuda.is_built() and not torch.cuda.is_available(),
-    reason="a CUDA build of torch without a GPU: the dry run needs the CPU-only build or a GPU",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        torch.backends.cuda.is_built() and not torch.cuda.is_available(),
+        reason="a CUDA build of torch without a GPU: the dry run needs the CPU-only build or a GPU",
+    ),
+    # One worker runs these in turn: the first builds the extension into torch's extension
+    # folder, which the others would otherwise build or load at the same moment.
+    pytest.mark.xdist_group("fake_cuda_extension"),
+]
 
 
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -249,6 +249,7 @@ def _command(launcher: list[str], args: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_same_shards_as_one(sd, tmp_path):
     images = _write_images(tmp_path / "images", "txt")
     one, two = tmp_path / "one", tmp_path / "two"

@@ -106,12 +106,17 @@ def _wait_for_steps(run_dir: Path, process, count: int, timeout: float = 120) ->
     raise AssertionError("the run did not reach the expected step in time")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = _train(["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "checkpoints" / f"step_{STEPS:08d}"
+@pytest.fixture(scope="session")
+def uninterrupted(build_once):
+    """The last checkpoint of a run never interrupted (read-only: the runs compared with it)."""
+
+    def train(folder: Path) -> None:
+        out = folder / "run"
+        result = _train(["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out)])
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    run = build_once("reliability_uninterrupted", train) / "run"
+    return run / "checkpoints" / f"step_{STEPS:08d}"
 
 
 @pytest.mark.slow
@@ -301,6 +306,7 @@ def _latent_shards(folder: Path, nan_items: list[int], count: int = 16) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     data = _latent_shards(tmp_path / "latents", nan_items=[5])
     out = tmp_path / "run"
@@ -314,6 +320,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path):
     # The data goes bad between two runs (a resume may not change --data itself)
     data = _latent_shards(tmp_path / "latents", nan_items=[])
@@ -348,6 +355,7 @@ def test_consecutive_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     out = tmp_path / "run"
     first = _train(["--steps", "2", "--out", str(out)])
@@ -367,6 +375,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
     assert sorted(p.name for p in checkpoint.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_or_seed_is_refused(tmp_path):
     out = tmp_path / "run"
     assert _train(["--steps", "2", "--out", str(out)]).returncode == 0
@@ -394,6 +403,7 @@ _LIMITED_TRAIN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_training_exits_4_with_the_previous_checkpoint_intact(tmp_path):
     out = tmp_path / "run"
     assert _train(["--steps", "2", "--out", str(out)]).returncode == 0

@@ -91,6 +91,7 @@ def _readme_pipeline_block() -> str:
     return section.split("\n## ", 1)[0].split("```python", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_the_readme_recipe_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's relative paths
     _save_sd_folder(tmp_path)

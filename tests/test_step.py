@@ -280,6 +280,7 @@ def test_the_longest_run_of_bad_steps_is_kept_until_the_next_log():
     assert step.worst_bad_in_a_row.item() == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mse", "self_perceptual"])
 def test_training_loss_compiles_without_graph_breaks(objective):
     # What --compile traces: the online forward, the perceptual pass cut at the tap and the fused
@@ -326,6 +327,7 @@ def _trajectory(bf16: bool, steps: int) -> torch.Tensor:
     return torch.tensor(losses)
 
 
+@pytest.mark.slow
 def test_bf16_trajectory_stays_close_to_fp32():
     # Same data, noise, t and t' for both runs; fp32 vs bf16 autocast with the frozen network
     # held in bf16. Measured (200 steps, 20-step windows): the bf16 window means sit 0.8-1.2%

@@ -52,6 +52,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_preset_loss_falls_and_writes_samples(tmp_path):
     # The digits preset itself (its model and data), shortened: loss must fall, a grid must exist.
     out = tmp_path / "digits"
@@ -233,6 +234,7 @@ with open(os.path.join(sys.argv[1], os.environ["RANK"] + ".json"), "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_torchrun_workers_get_the_nccl_setting_for_graph_capture(tmp_path):
     """torchrun's agent sets TORCH_NCCL_ASYNC_ERROR_HANDLING in every worker (here "1", as its
     default), so the capture recipe's "0" must be assigned, not set as a default."""
