@@ -494,3 +494,14 @@ def test_loader_workers_match(tmp_path):
     parallel = _take(make_loader(ds, 4, seed=7, start_step=1, num_workers=2), 6)
     for a, b in zip(serial, parallel, strict=True):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["label"], b["label"])
+
+
+def test_digit_arrays_equal_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from fastsp.data import load_digit_arrays
+
+    images, targets = load_digit_arrays()
+    digits = load_digits()
+    assert images.dtype == digits.images.dtype and targets.dtype == np.int64
+    assert np.array_equal(images, digits.images) and np.array_equal(targets, digits.target)

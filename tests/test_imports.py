@@ -76,7 +76,7 @@ def test_checkpoint_and_sampling_do_not_import_the_objective():
 def test_the_libraries_never_import_a_command_module():
     """sample.py and evaluate.py are command lines over fastsp.sampling and fastsp.evaluation:
     the trainer and those libraries import the libraries, never the commands."""
-    libraries = "fastsp.trainer, fastsp.sampling, fastsp.evaluation, fastsp.checkpoint"
+    libraries = "fastsp.training.loop, fastsp.sampling, fastsp.evaluation, fastsp.checkpoint"
     modules = _modules_after(f"import {libraries}")
     assert "fastsp.sampling" in modules and "fastsp.evaluation" in modules
     assert not {"fastsp.sample", "fastsp.evaluate"} & modules
