@@ -44,24 +44,22 @@ operands (contiguous, channels_last paired with channels_last, any dense pair wi
 the kernels index flat memory. Otherwise (sliced views, stride-0 broadcast, mismatched layouts)
 they take up to 4 sizes and per-operand strides and gather: no copies (a stride-0 operand re-reads
 the same addresses). Above 4 merged dimensions the operands are first copied into one dense layout
-(2 N e more bytes per copied operand). Outputs (``none`` and gradients) are laid out in the pair's
-memory order (dimensions by the larger stride of x and y), so a channels_last input gets a
-channels_last gradient.
+(2 N e more bytes per copied operand). Outputs (``none`` and gradients) follow the pair's memory
+order (dimensions by the larger stride of x and y): a channels_last input, a channels_last gradient.
 
-64-bit offsets: every kernel turns ``tl.program_id(0)`` into int64 before multiplying (through
-``_chunk_start``), and all strides and sizes are passed as integers that Triton types as int64
-when they exceed int32, so tensors of more than 2^31 elements index correctly.
+64-bit offsets: every kernel turns ``tl.program_id(0)`` into int64 before multiplying
+(``_chunk_start``), and Triton types strides and sizes above int32 as int64: over 2^31 elements
+index correctly.
 
 Launch rule, fixed rather than autotuned (this is memory-bound, one tile is a pure stream):
 BLOCK = 4096 elements (8 KiB per bf16 operand, 16 elements per thread at 8 warps: enough bytes in
 flight per program for HBM while keeping registers low) and at most 4096 programs: up to 16.7 M
 elements each program owns one tile; above that each owns ``cdiv(tiles, 4096)`` consecutive tiles,
 which keeps the partials (and stage 2) small and the per-program work long. These constants come
-from the usual rule for streaming kernels and have not yet been measured on a GPU; the benchmark
-script (benchmarks/feature_mse_gpu.py) reports how close they get to the copy bandwidth. Tests
-override them (``_DEFAULT_LAUNCH``, or ``launch=``) to run many programs and tiles on small inputs.
-These constants, ``plan_layout`` and the device helpers this op shares with feature_mse_multi
-(``_cast_rtne``, ``_chunk_start``, ``_scale_tiles``) are defined once, in kernels/_common.py.
+from the usual rule for streaming kernels, not yet measured on a GPU (benchmarks/feature_mse_gpu.py
+reports how close they get to the copy bandwidth). Tests override them (``_DEFAULT_LAUNCH``, or
+``launch=``). They, ``plan_layout`` and the device helpers shared with feature_mse_multi are
+defined once, in kernels/_common.py.
 """
 
 import math
@@ -121,7 +119,6 @@ def _output_order(x: Tensor, y: Tensor) -> list[int]:
 
 def _prepare(order: list[int], *tensors: Tensor):
     """(operands, flat, sizes[4], strides[4] per operand) for a traversal in ``order``.
-
 
     Operands whose merged layout needs more than 4 dimensions are copied into ``order`` first.
     """
