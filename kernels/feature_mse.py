@@ -57,9 +57,8 @@ flight per program for HBM while keeping registers low) and at most 4096 program
 elements each program owns one tile; above that each owns ``cdiv(tiles, 4096)`` consecutive tiles,
 which keeps the partials (and stage 2) small and the per-program work long. These constants come
 from the usual rule for streaming kernels, not yet measured on a GPU (benchmarks/feature_mse_gpu.py
-reports how close they get to the copy bandwidth). Tests override them (``_DEFAULT_LAUNCH``, or
-``launch=``). They, ``plan_layout`` and the device helpers shared with feature_mse_multi are
-defined once, in kernels/_common.py.
+reports how close they get to the copy bandwidth); tests override them (``launch=``). They,
+``plan_layout`` and the device helpers shared with feature_mse_multi live in kernels/_common.py.
 """
 
 import math
@@ -544,9 +543,7 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad_out, _grad_gx, _grad_gy):
     if torch.is_grad_enabled():  # create_graph=True: these gradients have no formula of their own
-        raise RuntimeError(
-            "feature_mse (triton backend) has no double backward; use backend='torch'"
-        )
+        raise RuntimeError("feature_mse (triton) has no double backward; use backend='torch'")
     x, y, gx, gy = ctx.saved_tensors
     need_gx, need_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.fused and not ctx.fused_consumed:
