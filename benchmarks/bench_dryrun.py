@@ -5,9 +5,10 @@
 
 Runs `python -m fastsp.dryrun --preset sd21 --objective self_perceptual --batch-size B` in a
 child process (the dry run registers fake CUDA process-wide), which dry-runs the self-perceptual
-step and the MSE step of that config, and writes benchmarks/results/dryrun_sd21_<date>.md (and
-.json) with the figures beside the reference figures of issue 13 (measured by another session
-the same way: 53.3 / 39.6 TFLOP per step, ratio 1.35, peaks about 39.7 / 34.5 GiB at batch 16).
+step and the MSE step of that config, and writes dryrun_sd21_<date>.md (and .json) into runs/bench/
+(--out benchmarks/results for a result to commit) with the figures beside the reference figures
+of issue 13 (measured by another session the same way: 53.3 / 39.6 TFLOP per step, ratio 1.35,
+peaks about 39.7 / 34.5 GiB at batch 16).
 These are predictions for a GPU, not measurements on one: FLOPs from FlopCounterMode, memory as
 the peak of live tensor bytes (the CUDA caching allocator's reserve is above it), and images/s
 at an assumed 40% model FLOPs utilisation of the datasheet's dense bf16 peak.
@@ -152,7 +153,12 @@ def markdown(figures: dict, command: list[str], batch_size: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "runs" / "bench"),
+        help="folder for the results (default: runs/bench/, ignored by git; "
+        "--out benchmarks/results for a result to commit)",
+    )
     args = parser.parse_args()
     figures, command = dry_run(args.batch_size)
     out = Path(args.out)

@@ -9,7 +9,8 @@ each file, and fp16 kept as fp16), which reports
 its wall time and its peak resident memory (VmHWM) and the resident memory after its
 imports, before the load. The target (issue 12): seconds, not minutes, and a peak under 2x the
 weights' size. The files were just written, so they are read from the page cache: this measures
-fastsp's import, not the disk. Writes benchmarks/results/import_<host>_<date>.md and .json.
+fastsp's import, not the disk. Writes import_<host>_<date>.md and .json into runs/bench/ (--out
+benchmarks/results for a result to commit).
 """
 
 from __future__ import annotations
@@ -71,7 +72,12 @@ def child(folder: str, dtype_name: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "fp32"], choices=["fp16", "fp32"])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent.parent / "runs" / "bench"),
+        help="folder for the results (default: runs/bench/, ignored by git; "
+        "--out benchmarks/results for a result to commit)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -6,12 +6,13 @@ other work shares, where bench_step.py's wall-clock medians measure the other wo
 The cases are bench_step.py's (the same presets, stage-1 checkpoint, `build_run`, first-step
 batch): {reference, fast_eager} x {mse, self_perceptual}, one thread, ABBA rounds after a warm-up
 step; the median CPU milliseconds of each, the self-perceptual / MSE ratios (PAPER.md: about 1.5)
-and the FLOPs of the fast steps (torch.utils.flop_counter). Results: benchmarks/results/
-step_cpu_seconds_<date>.json and .md.
+and the FLOPs of the fast steps (torch.utils.flop_counter). Results: step_cpu_seconds_<date>.json
+and .md in runs/bench/ (ignored by git); --out benchmarks/results for a result to commit.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -67,9 +68,18 @@ def measure(model: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["dit_tiny", "dit_digits"])
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent.parent / "runs" / "bench"),
+        help="folder for the results (default: runs/bench/, ignored by git; "
+        "--out benchmarks/results for a result to commit)",
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    for model in argv or ["dit_tiny", "dit_digits"]:
+    for model in args.models:
         rows.append(measure(model))
         print(json.dumps(rows[-1]), flush=True)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -77,7 +87,7 @@ def main(argv: list[str]) -> int:
         f"# CPU seconds per step, one thread ({platform.processor() or 'cpu'}, {date})",
         "",
         f"torch {torch.__version__}; `OMP_NUM_THREADS=1 python benchmarks/step_cpu_seconds.py "
-        f"{' '.join(argv)}`; median of {ROUNDS} ABBA rounds",
+        f"{' '.join(args.models)}`; median of {ROUNDS} ABBA rounds",
         "",
         "| model | batch | MSE ref / fast ms | SP ref / fast ms | SP/MSE ref | SP/MSE fast | "
         "SP/MSE FLOPs |",
@@ -91,7 +101,8 @@ def main(argv: list[str]) -> int:
             f"{r['sp/mse fast_eager']:.2f}x | {r['sp/mse flops']:.3f}x |"
         )
     markdown = "\n".join(lines) + "\n"
-    stem = Path(__file__).parent / "results" / f"step_cpu_seconds_{date[:10]}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) / f"step_cpu_seconds_{date[:10]}"
     payload = {"date": date, "torch": torch.__version__, "rows": rows}
     checkpoint_lib.atomic_write_text(stem.with_suffix(".json"), json.dumps(payload, indent=1))
     checkpoint_lib.atomic_write_text(stem.with_suffix(".md"), markdown)
