@@ -114,13 +114,22 @@ def _add_dataclass_options(
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
+TRAIN_COMMAND = (
+    "fastsp/train.py",
+    "Train a diffusion model with the MSE or the self-perceptual objective.",
+)
+
+
+def build_parser(command: tuple[str, str] = TRAIN_COMMAND) -> argparse.ArgumentParser:
     """Every field of TrainConfig, UNetConfig and DiTConfig as an option, with its description,
     allowed values and default in --help (allowed values are checked by the configs, not by
-    argparse, so that a refusal reads the same from the command line and from Python)."""
+    argparse, so that a refusal reads the same from the command line and from Python).
+    `command`: (the name --help shows, what the command does), for commands that take a run's
+    options (fastsp/train.py, the dry run)."""
+    prog, purpose = command
     parser = _Parser(
-        prog="fastsp/train.py",
-        description="Train a diffusion model with the MSE or the self-perceptual objective. "
+        prog=prog,
+        description=f"{purpose} "
         "Every config field is an option; a preset supplies the defaults, and each option "
         f"shows its default under --preset {DEFAULT_PRESET} and where other presets differ.",
         allow_abbrev=False,
@@ -155,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, UNetConfig | DiTConfig]:
+def parse_args(
+    argv: list[str] | None = None, command: tuple[str, str] = TRAIN_COMMAND
+) -> tuple[TrainConfig, UNetConfig | DiTConfig]:
     """Parse the command line into validated configs; a bad value exits with status 2."""
-    parser = build_parser()
+    parser = build_parser(command)
     args = vars(parser.parse_args(argv))
     train_overrides = {
         k.split(".", 1)[1]: v

@@ -371,7 +371,12 @@ def dry_configs(argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--init" or a.startswith("--init=") for a in argv):
         argv += ["--init", RANDOM_WEIGHTS]
-    return config_cli.parse_args(argv)
+    command = (
+        "python -m fastsp.dryrun",
+        "Dry-run one training step of this run on fake CUDA: what a GPU would reject, FLOPs and "
+        "memory. Takes fastsp/train.py's options (--init optional: random weights).",
+    )
+    return config_cli.parse_args(argv, command)
 
 
 def dry_plan(cfg, model_cfg) -> Plan:
