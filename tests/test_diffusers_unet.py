@@ -18,7 +18,6 @@ from fastsp.diffusers_unet_config import unet_config_from_diffusers
 from fastsp.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
-UNet2DConditionModel = diffusers.UNet2DConditionModel
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT_DIM = 32
@@ -54,10 +53,10 @@ FAMILIES = {"sd1": SD1_LIKE, "sd2": SD2_LIKE}
 SD21_PARAMS = 865_910_724
 
 
-def _diffusers_unet(config: dict, seed: int = 0) -> UNet2DConditionModel:
+def _diffusers_unet(config: dict, seed: int = 0) -> "diffusers.UNet2DConditionModel":
     """A diffusers UNet with every weight random (no zero inits), in eval mode."""
     torch.manual_seed(seed)
-    model = UNet2DConditionModel(**config).eval()
+    model = diffusers.UNet2DConditionModel(**config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -213,7 +212,7 @@ def test_load_unet_of_a_fastsp_run_is_its_ema_model(tmp_path):
 
 def test_sd21_base_on_meta_device_maps_every_key():
     with torch.device("meta"):
-        theirs = UNet2DConditionModel(**SD21_BASE_CONFIG)
+        theirs = diffusers.UNet2DConditionModel(**SD21_BASE_CONFIG)
         ours = fastsp.UNet(unet_config_from_diffusers(SD21_BASE_CONFIG))
     their_shapes = {k: v.shape for k, v in theirs.state_dict().items()}
     mapped = {}
@@ -235,7 +234,7 @@ def test_export_round_trip(tmp_path, family):
     export_to_diffusers(ours, tmp_path / "out", sample_size=16)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["_class_name"] == "UNet2DConditionModel" and "_diffusers_version" in config
-    theirs = UNet2DConditionModel.from_pretrained(tmp_path / "out").eval()
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out").eval()
     assert theirs.config.sample_size == 16
     _assert_same_forward(ours, theirs)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -303,7 +302,7 @@ def test_train_init_and_perceptual_from_diffusers_folder_then_export(tmp_path):
     export = [sys.executable, "-m", "fastsp.export", "--checkpoint", "run2", "--to-diffusers"]
     done = _run([*export, "exported"], tmp_path)
     assert done.returncode == 0, done.stderr
-    theirs = UNet2DConditionModel.from_pretrained(tmp_path / "exported").eval()
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "exported").eval()
     assert theirs.config.sample_size == 16
     ours = fastsp.checkpoint.load_model(tmp_path / "run2", "ema").model
     _assert_same_forward(ours, theirs)
