@@ -102,11 +102,15 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def claimed(run_dir: str | Path, is_main: bool = True) -> Iterator[RunLock | None]:
+def claimed(
+    run_dir: str | Path, is_main: bool = True, keep_lock_file: bool = True
+) -> Iterator[RunLock | None]:
     """Own the run folder for the body: the path checked (`check_out_folder`), the folder made
     if it is new, locked. If the body ends having written nothing into a folder this call made
     (bad input, a signal during the start), the folder is removed again: a failed start leaves
-    no half-made run folder. Other ranks (`is_main` False) take nothing."""
+    no half-made run folder. Other ranks (`is_main` False) take nothing. `keep_lock_file` False:
+    the lock file goes too (a data folder, whose readers do not lock it, keeps no trace of the
+    writer; a process waiting on the removed file locks a new one, see `RunLock.acquire`)."""
     if not is_main:
         yield None
         return
@@ -122,6 +126,8 @@ def claimed(run_dir: str | Path, is_main: bool = True) -> Iterator[RunLock | Non
         yield lock
     finally:
         _remove_made(run_dir, made)  # before the release: still ours while it goes
+        if not keep_lock_file:
+            lock.path.unlink(missing_ok=True)
         lock.release()
 
 

@@ -99,15 +99,29 @@ def load_text_encoder(
             f"--text-encoder {folder} holds a {name}, not a CLIPTextModel; pass the text encoder "
             "of the pipeline"
         )
-    if tokenizer_path is None:
-        pipeline_root = folder.parent if folder.name == "text_encoder" else folder
-        tokenizer_path = pipeline_root
-    tokenizer_folder = component_folder(
-        tokenizer_path, "tokenizer", "CLIP tokenizer", "--tokenizer"
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(
+        tokenizer_folder(path, tokenizer_path), local_files_only=True
     )
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
     encoder = transformers.CLIPTextModel.from_pretrained(folder, local_files_only=True)
+    positions = encoder.config.max_position_embeddings
+    if not 0 < tokenizer.model_max_length <= positions:  # else an OverflowError or IndexError
+        raise ConfigError(
+            f"--tokenizer {tokenizer.name_or_path} pads prompts to {tokenizer.model_max_length} "
+            f"tokens, but the text encoder {folder} has {positions} positions; pass the "
+            f"tokenizer of the same pipeline (its tokenizer_config.json sets model_max_length)"
+        )
     return tokenizer, encoder.to(device, dtype).eval().requires_grad_(False)
+
+
+def tokenizer_folder(text_encoder_path: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """The tokenizer's folder: `tokenizer_path`, or the one beside the text encoder (as a
+    pipeline folder has it)."""
+    if tokenizer_path is None:
+        folder = component_folder(
+            text_encoder_path, "text_encoder", "transformers CLIPTextModel", "--text-encoder"
+        )
+        tokenizer_path = folder.parent if folder.name == "text_encoder" else folder
+    return component_folder(tokenizer_path, "tokenizer", "CLIP tokenizer", "--tokenizer")
 
 
 @torch.no_grad()
