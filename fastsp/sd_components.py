@@ -70,6 +70,19 @@ def _class_name(folder: Path) -> str | None:
         return None
 
 
+def _from_pretrained(cls, folder: Path, option: str, files: str):
+    """`cls.from_pretrained(folder)` from local files; what the libraries raise for a folder
+    without weights or with weights they refuse (a pickle that would run code is refused by
+    torch's weights_only load) becomes a one-line ConfigError naming the option and folder."""
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{option} {folder}: cannot load it ({reason}); pass a folder with {files}"
+        ) from None
+
+
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype=torch.float32):
     """A diffusers AutoencoderKL from a local VAE or pipeline folder, in eval mode, frozen."""
     diffusers = require("diffusers", "--vae")
@@ -79,7 +92,12 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype=torch.f
         raise ConfigError(
             f"--vae {folder} holds a {name}, not an AutoencoderKL; pass the VAE of the pipeline"
         )
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    vae = _from_pretrained(
+        diffusers.AutoencoderKL,
+        folder,
+        "--vae",
+        "config.json and diffusion_pytorch_model.safetensors",
+    )
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -99,10 +117,15 @@ def load_text_encoder(
             f"--text-encoder {folder} holds a {name}, not a CLIPTextModel; pass the text encoder "
             "of the pipeline"
         )
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(
-        tokenizer_folder(path, tokenizer_path), local_files_only=True
+    tokenizer = _from_pretrained(
+        transformers.CLIPTokenizer,
+        tokenizer_folder(path, tokenizer_path),
+        "--tokenizer",
+        "vocab.json, merges.txt and tokenizer_config.json",
     )
-    encoder = transformers.CLIPTextModel.from_pretrained(folder, local_files_only=True)
+    encoder = _from_pretrained(
+        transformers.CLIPTextModel, folder, "--text-encoder", "config.json and model.safetensors"
+    )
     positions = encoder.config.max_position_embeddings
     if not 0 < tokenizer.model_max_length <= positions:  # else an OverflowError or IndexError
         raise ConfigError(
