@@ -66,6 +66,13 @@ class DryRunFault(ExpectedStop, RuntimeError):
     prefix = "fault"
 
 
+class RankLost(ExpectedStop, RuntimeError):
+    """Another torchrun rank's process died (killed, out of memory): the message names it and
+    the intact checkpoint; rerun with --resume, as after a preemption."""
+
+    exit_status = EXIT_PREEMPTED
+
+
 class Preempted(ExpectedStop):
     """Training stopped on SIGTERM/SIGINT after writing a checkpoint; rerun with --resume."""
 
