@@ -407,10 +407,8 @@ def prepare(args: argparse.Namespace) -> None:
     shards = plan_shards(images, args.shard_size)
     names = [shard_name(i) for i in range(len(shards))]
     out = args.out
+    _check_previous(out, options, set(names))  # on every rank: read-only, so all stop alike
     info = dist.init(args.device)
-    if info.is_main:
-        _check_previous(out, options, set(names))
-    dist.barrier()
     with claimed(out, info.is_main, keep_lock_file=False):
         _prepare_into(out, args, info, images, uncaptioned, options, shards, names)
 
