@@ -193,7 +193,33 @@ def find_captioned_images(
             f"no captioned images in '{root}' ({len(paths)} image files, {len(bad_files)} "
             f"skipped); put images there with NAME.txt captions or a {CAPTIONS_FILE}"
         )
+    _name_left_out(root, paths, captions is not None)
     return found
+
+
+def _name_left_out(root: str, images: list[str], jsonl: bool) -> None:
+    """Say which files under `root` prepare does not read (formats it does not decode, .txt
+    captions without an image or beside a metadata.jsonl), never dropping them without a word;
+    its own outputs (shards, metadata.json) and hidden files are not listed."""
+    used = {os.path.realpath(p) for p in images}
+    if not jsonl:
+        used |= {os.path.realpath(os.path.splitext(p)[0] + ".txt") for p in images}
+    left = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            ours = name.endswith(".safetensors") or name in (METADATA_FILE, CAPTIONS_FILE)
+            if not (name.startswith(".") or ours or os.path.realpath(path) in used):
+                left.append(os.path.relpath(path, root))
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        reason = "captions come from metadata.jsonl" if jsonl else "captions are NAME.txt"
+        print(
+            f"note: {len(left)} files in '{root}' are not read ({shown}): images are "
+            f"{', '.join(IMAGE_EXTENSIONS)} and {reason}",
+            file=sys.stderr,
+        )
 
 
 def plan_shards(images: list[CaptionedImage], shard_size: int) -> list[list[CaptionedImage]]:

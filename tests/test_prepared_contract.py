@@ -238,3 +238,15 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_keeps_the_finished_shar
     monkeypatch.setattr(prepare, "encode_images", real_encode)
     assert prepare.main(_args(images, sd, out)) == 0
     _same_as(out, reference)
+
+
+def test_files_prepare_does_not_read_are_named(sd, tmp_path, capsys):
+    images = _write_images(tmp_path / "images", "txt")
+    (images / "orphan.txt").write_text("a caption without an image")
+    (images / "sub" / "photo.heic").write_bytes(b"\0" * 16)
+    assert prepare.main(_args(images, sd, tmp_path / "latents")) == 0
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert note == [
+        f"note: 2 files in '{images}' are not read (orphan.txt, sub/photo.heic): images are "
+        ".bmp, .jpeg, .jpg, .png, .webp and captions are NAME.txt"
+    ]
