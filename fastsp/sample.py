@@ -211,6 +211,13 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
             f"--text-encoder {args.text_encoder} encodes to {hidden} dimensions but the model's "
             f"context_dim is {model_config.context_dim}; pass the text encoder it was trained with"
         )
+    trained_len = loaded.train_config.context_len
+    if tokenizer.model_max_length != trained_len:
+        raise ConfigError(
+            f"--tokenizer {tokenizer.name_or_path} pads prompts to {tokenizer.model_max_length} "
+            f"tokens but the model trained on contexts of {trained_len} (its config.json's "
+            "context_len); pass the tokenizer and text encoder it was trained with"
+        )
     vae = sd_components.load_vae(args.vae, device=args.device)
     latent_channels = vae.config.latent_channels
     if latent_channels != model_config.in_channels:
