@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from fastsp import checkpoint as checkpoint_lib
@@ -41,8 +42,9 @@ from fastsp.diffusers_unet_config import (
     read_diffusers_config,
     unet_config_from_diffusers,
 )
-from fastsp.errors import CheckpointError
+from fastsp.errors import CheckpointError, CheckpointWriteError
 from fastsp.model_config import UNetConfig
+from fastsp.run_folder import check_out_folder
 from fastsp.unet import UNet
 
 # diffusers' published unet/config.json of stabilityai/stable-diffusion-2-1-base (its bookkeeping
@@ -368,8 +370,7 @@ def write_diffusers_folder(
     as diffusion_pytorch_model.safetensors, assembled in a temporary folder beside out_dir and
     renamed into place; out_dir must not exist or be empty."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not empty; pass a new folder")
+    check_export_folder(out)
     config = {**config, "_diffusers_version": EXPORT_DIFFUSERS_VERSION}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
@@ -384,7 +385,22 @@ def write_diffusers_folder(
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
+    except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own type
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CheckpointWriteError(
+            f"cannot write {out}: {reason}; nothing of it was written (it is assembled beside "
+            "it and renamed into place): free space (or fix the cause) and rerun"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_export_folder(out_dir: str | Path, option: str = "--to-diffusers") -> None:
+    """Refuse, before any work, an export folder that cannot be written or is not new/empty."""
+    out = Path(out_dir)
+    check_out_folder(out, option)
+    if out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"{out} already exists and is not empty; pass a new folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +56,48 @@ def init(device_preference: str) -> DistInfo:
         # Host-side agreement (e.g. "stop after this step?") goes over gloo on CPU tensors, so it
         # never waits for the GPU's stream the way an NCCL collective plus .item() would.
         _control_group = torch_dist.new_group(backend="gloo") if backend == "nccl" else None
+        # Who is who, once at the start: a rank that dies later is named by `lost_ranks`.
+        global _processes
+        _processes = [None] * world_size
+        torch_dist.all_gather_object(
+            _processes, (socket.gethostname(), os.getpid()), group=_control_group
+        )
     return DistInfo(rank, world_size, local_rank, device)
 
 
 _control_group = None
+_processes: list[tuple[str, int]] = []  # (host, pid) of each rank
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether process `pid` of this host has ended (a zombie that torchrun has not reaped yet
+    has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def lost_ranks() -> str:
+    """The ranks whose process has ended ("rank 1 (pid 123 on host)"), as far as this host can
+    see: ranks on other hosts are not checked. Empty when none is known to be gone: a failed
+    collective is then not explained by a dead rank here."""
+    host = socket.gethostname()
+    gone = [
+        f"rank {rank} (pid {pid} on {where})"
+        for rank, (where, pid) in enumerate(_processes)
+        if where == host and pid != os.getpid() and _process_gone(pid)
+    ]
+    return ", ".join(gone)
 
 
 def any_rank(flag: bool) -> bool:
@@ -72,8 +111,8 @@ def any_rank(flag: bool) -> bool:
 
 def shutdown() -> None:
     """Destroy the process group (fastsp.cli.run_command calls it on every way out)."""
-    global _control_group
-    _control_group = None
+    global _control_group, _processes
+    _control_group, _processes = None, []
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

@@ -69,6 +69,7 @@ from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
 from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
+from fastsp.run_folder import check_output_file  # noqa: E402
 from fastsp.step import TrainStep  # noqa: E402
 from fastsp.training.assembly import assemble  # noqa: E402
 from fastsp.training.loop import ema_decay, learning_rate  # noqa: E402
@@ -551,6 +552,8 @@ def check_torch() -> None:
 
 
 def run(cfg, model_cfg, json_path: str | None = None) -> None:
+    if json_path:
+        check_output_file(json_path, "--json")  # before the step is traced
     check_torch()
     if cfg.compile:
         print("note: --compile is not traced by the dry run; it runs the eager step")
@@ -581,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         del argv[at : at + 2]
     train_config, model_config = dry_configs(argv)
     try:
-        return run_command(run, train_config, model_config, json_path)
+        return run_command(run, train_config, model_config, json_path, rerun="rerun the dry run")
     except Exception:  # noqa: BLE001 (not an expected stop, so not a fault of the step: a bug)
         traceback.print_exc()
         print(

@@ -12,6 +12,7 @@ EXIT_NUMERICAL_FAULT = 3  # too many consecutive non-finite steps; the last chec
 EXIT_WRITE_FAILED = 4  # disk full, I/O error; the previous checkpoint is intact
 EXIT_CAPTURE_FAILED = 5  # the step could not be captured as a CUDA graph; nothing was trained
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again later": here with --resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's status: Ctrl-C outside the trainer's handler
 
 
 class ExpectedStop(Exception):
@@ -63,6 +64,13 @@ class DryRunFault(ExpectedStop, RuntimeError):
 
     exit_status = EXIT_FAULT
     prefix = "fault"
+
+
+class RankLost(ExpectedStop, RuntimeError):
+    """Another torchrun rank's process died (killed, out of memory): the message names it and
+    the intact checkpoint; rerun with --resume, as after a preemption."""
+
+    exit_status = EXIT_PREEMPTED
 
 
 class Preempted(ExpectedStop):

@@ -14,9 +14,11 @@ images and in which feature space: digits and letters models through fastsp's ow
 file). `--cfg-sweep W1,W2,...` scores every scale from one model load; `--real-split train`
 measures against the training split, for choosing settings without the held-out split.
 
-The results are printed as a table and written as JSON beside the checkpoint
-(CHECKPOINT/eval_<settings>.json, or --out). Exit status 0, or 2 on invalid input with a one-line
-error naming the problem and the fix.
+The results are printed as a table and written as JSON (--out, or by default RUN/eval/STEP/
+eval_<settings>.json for a checkpoint RUN/checkpoints/STEP: outside the checkpoint folders that
+the trainer's --keep-last prunes; CHECKPOINT/eval_<settings>.json for a checkpoint outside a run
+folder). The output path is checked before any sample is drawn. Exit status 0, 2 on invalid
+input with a one-line error naming the problem and the fix, 130 on Ctrl-C (nothing written).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from fastsp.builtin_classifier import BUILTIN
-from fastsp.checkpoint import atomic_write_text
+from fastsp.checkpoint import CHECKPOINTS_DIR, atomic_write_text, resolve_checkpoint
+from fastsp.cli import error_status
 from fastsp.config_fields import SAMPLERS
 from fastsp.errors import CheckpointError, DataError
 from fastsp.evaluation import (
@@ -43,9 +46,10 @@ from fastsp.run_folder import check_output_file
 
 
 def default_out(checkpoint: Path, args: argparse.Namespace) -> Path:
-    """CHECKPOINT/eval_<sampler>_s<steps>_cfg<w>_phi<phi>_n<num>_<weights>_seed<seed>[_train]
+    """FOLDER/eval_<sampler>_s<steps>_cfg<w>_phi<phi>_n<num>_<weights>_seed<seed>[_train]
     [_inception].json (_train: measured against the training split; a sweep's cfg<w> is
-    cfgsweep<w1>-<w2>-...)"""
+    cfgsweep<w1>-<w2>-...). FOLDER: RUN/eval/STEP for a checkpoint RUN/checkpoints/STEP (never
+    inside a checkpoint folder, which --keep-last prunes), else the checkpoint folder itself."""
     cfg = (
         f"cfg{args.cfg:g}"
         if args.cfg_sweep is None
@@ -58,7 +62,10 @@ def default_out(checkpoint: Path, args: argparse.Namespace) -> Path:
     if args.real_split != "heldout":
         tag += f"_{args.real_split}"
     suffix = "_inception" if args.inception_weights is not None else ""
-    return checkpoint / f"eval_{tag}{suffix}.json"
+    folder = checkpoint
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
+        folder = checkpoint.parent.parent / "eval" / checkpoint.name
+    return folder / f"eval_{tag}{suffix}.json"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -216,13 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        if args.out:  # before any sample is drawn: a result that cannot be written is refused now
-            check_output_file(args.out)
+        # before any sample is drawn: a result that cannot be written is refused now
+        checkpoint = resolve_checkpoint(args.checkpoint).resolve()
+        out = Path(args.out) if args.out else default_out(checkpoint, args)
+        check_output_file(out, "--out" if args.out else "the default --out")
         result = evaluate(settings_from_args(args), log=log)
     except (ValueError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_out(Path(result["checkpoint"]), args)
+    except KeyboardInterrupt as error:
+        status, message = error_status(error, "nothing was written; rerun the command")
+        print(message, file=sys.stderr)
+        return status
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")

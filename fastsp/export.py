@@ -7,9 +7,13 @@ config.json and diffusion_pytorch_model.safetensors (fp32), which
 `diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options; drop it into a
 pipeline folder as its unet/. A DiT checkpoint (a dit_* preset) becomes a
 `diffusers.DiTTransformer2DModel` folder instead (fastsp.dit_diffusers), a DiTPipeline's
-transformer/. The folder is written atomically; OUT must not exist or be empty.
+transformer/. The folder is written atomically; OUT must not exist or be empty, which is checked
+before the checkpoint is read. A DiT's exported sample_size is its input_size: diffusers' DiT
+scales its position grid to sample_size, so only that size gives the positions it was trained
+with; a DiT trained at another resolution is exported so, and the command says how to sample it.
 Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
-diffusers cannot express, a non-empty OUT), with a one-line message.
+diffusers cannot express, an OUT that is not new or empty or cannot be written); 4 a write that
+failed (a full disk; nothing of OUT is left), with a one-line message.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.cli import run_command
-from fastsp.diffusers_unet import export_to_diffusers
+from fastsp.diffusers_unet import check_export_folder, export_to_diffusers
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit
 
@@ -47,10 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(args: argparse.Namespace) -> None:
+    check_export_folder(args.to_diffusers)  # before the checkpoint is read
     loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
     model = loaded.model
     if isinstance(model, DiT):  # its sample_size is the config's input_size
         out = export_dit(model, args.to_diffusers)
+        trained, size = loaded.train_config.resolution, model.config.input_size
+        if trained != size:
+            print(
+                f"note: this DiT trained on {trained}x{trained} latents, but diffusers' "
+                f"DiTTransformer2DModel ties its position grid to sample_size, so {out} has "
+                f"sample_size {size} (its input_size; another value would change the model) "
+                f"and a DiTPipeline generates {size}x{size}: call the transformer on "
+                f"{trained}x{trained} latents, which it computes as fastsp does",
+                file=sys.stderr,
+            )
     else:
         # The latent size the model was trained at: the pipelines' default generation size.
         resolution = loaded.train_config.resolution
@@ -59,7 +74,9 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(export, build_parser().parse_args(argv))
+    return run_command(
+        export, build_parser().parse_args(argv), rerun="nothing was exported; rerun the command"
+    )
 
 
 if __name__ == "__main__":

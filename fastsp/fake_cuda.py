@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastsp.errors import EXIT_INVALID_INPUT
+
 _SOURCE = Path(__file__).with_name("fake_cuda.cpp")
 
 
@@ -32,7 +34,19 @@ def _extension_dir() -> Path:
 def _build(folder: Path) -> Path:
     """Compile fake_cuda.cpp in a child process (building needs torch imported, and this process
     must not import torch before the library is loaded); returns the shared library."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:  # before any command runs: no fastsp.cli to map it
+        print(
+            f"error: the dry run builds its fake-CUDA extension into {folder}, which cannot be "
+            f"written ({error.strerror or error}); set TORCH_EXTENSIONS_DIR to a folder you can "
+            "write in",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_INVALID_INPUT) from None
     code = (
         "import sys; from torch.utils.cpp_extension import load; "
         "load('fastsp_fake_cuda', [sys.argv[1]], build_directory=sys.argv[2], "

@@ -9,9 +9,15 @@ lazily from memory maps. Items follow the contract in fastsp.data; bad shards fo
 A folder written by fastsp.prepare also holds `metadata.json` (`METADATA_FILE`, with "format":
 "fastsp-latents": the VAE's scaling factor, the resolution, the encoders, the shard manifest) and
 the empty prompt's context `empty_prompt.safetensors` (`EMPTY_PROMPT_FILE`, key "context" [L, D],
-never read as a shard). Its latents already carry the VAE's scaling factor (they are
-`vae.encode(x).latent_dist.mean * scaling_factor`), so the rule of `latent_scale` is: it multiplies
-the latents of folders WITHOUT that metadata (hand-made shards of raw VAE latents: pass 0.18215
+never read as a shard). metadata.json is prepare's completion mark and the folder's manifest, so
+`check_prepared_folder` holds the reader to it: shards that carry prepare's header manifest
+(`MANIFEST_KEY`) without a metadata.json are an unfinished preparation, and with one, the shard
+files must be exactly those it lists, each holding the images its entry names; each refusal
+names the file and a fix that works (a rerun of prepare writes what is missing).
+
+Its latents already carry the VAE's scaling factor (they are `vae.encode(x).latent_dist.mean *
+scaling_factor`), so the rule of `latent_scale` is: it multiplies the latents of folders WITHOUT
+that metadata (hand-made shards of raw VAE latents: pass 0.18215
 for SD's VAE), and with the metadata it must stay 1 (anything else is a DataError naming the
 metadata's factor, never a second multiplication). `read_metadata(folder)` and
 `read_null_context(folder)` give both files to other tools (prompt sampling).
@@ -44,8 +50,11 @@ __all__ = [
     "METADATA_FILE",
     "METADATA_FORMAT",
     "LatentsDataset",
+    "MANIFEST_KEY",
     "ShardInfo",
+    "check_prepared_folder",
     "inspect_shard",
+    "read_shard_manifest",
     "read_metadata",
     "read_null_context",
 ]
@@ -53,6 +62,8 @@ __all__ = [
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = "fastsp-latents"  # metadata.json's "format": what fastsp.prepare wrote
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+MANIFEST_KEY = "fastsp_prepare"  # the key of a prepared shard's manifest in its safetensors header
+RERUN_PREPARE = "rerun python -m fastsp.prepare into this folder with the options it names"
 
 _ST_FLOAT = {"F16", "BF16", "F32", "F64"}
 _ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
@@ -287,8 +298,8 @@ def read_metadata(folder) -> dict | None:
             metadata = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(
-            f"cannot read '{path}' ({e}); run python -m fastsp.prepare again into this folder "
-            f"to rewrite it"
+            f"cannot read '{path}' ({e}); delete it and rerun python -m fastsp.prepare into "
+            f"this folder with its options (the finished shards are checked and kept)"
         ) from e
     if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
         return None
@@ -310,15 +321,76 @@ def read_null_context(folder) -> torch.Tensor | None:
         context = load_file(path)["context"]
     except Exception as e:  # a missing file, a bad header or no "context" key
         raise DataError(
-            f"cannot read the empty-prompt embedding '{path}' ({type(e).__name__}: {e}); run "
-            f"python -m fastsp.prepare again into this folder to rewrite it"
+            f"cannot read the empty-prompt embedding '{path}' ({type(e).__name__}: {e}); "
+            f"{RERUN_PREPARE} (it rewrites the embedding)"
         ) from e
     if context.ndim != 2:
         raise DataError(
             f"the empty-prompt embedding '{path}' has shape {list(context.shape)}, not [L, D]; "
-            f"run python -m fastsp.prepare again into this folder to rewrite it"
+            f"{RERUN_PREPARE} (it rewrites the embedding)"
         )
     return context.float()
+
+
+def read_shard_manifest(path: str) -> dict | None:
+    """The manifest fastsp.prepare wrote into a shard's header ({"options", "images": digest,
+    "skipped"}), or None for a shard it did not write (or one safetensors cannot open)."""
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(MANIFEST_KEY)
+        return None if text is None else json.loads(text)
+    except Exception:  # unreadable shards are named by inspect_shard
+        return None
+
+
+def _options_line(metadata: dict) -> str:
+    options = metadata.get("options", {})
+    shown = ", ".join(f"{k} {options[k]!r}" for k in ("resolution", "shard_size") if k in options)
+    images = metadata.get("images_folder")
+    return f"--images {images}, {shown}" if images else shown
+
+
+def check_prepared_folder(root: str, metadata: dict | None, shard_names: list[str]) -> None:
+    """Refuse (DataError) a folder whose preparation did not finish, or whose shard files and
+    metadata.json's manifest disagree: a listed shard missing, a shard it does not list, or a
+    shard holding other images than its entry (another preparation's, copied in)."""
+    paths = {name: os.path.join(root, name) for name in shard_names}
+    manifests = {name: read_shard_manifest(path) for name, path in paths.items()}
+    if metadata is None:
+        unfinished = [name for name, manifest in manifests.items() if manifest is not None]
+        if unfinished:
+            raise DataError(
+                f"'{root}' holds shards of fastsp.prepare ('{unfinished[0]}' and "
+                f"{len(unfinished) - 1} more) but no fastsp {METADATA_FILE}, which prepare "
+                f"writes last: the preparation did not finish. Rerun the same "
+                f"python -m fastsp.prepare command into this folder (it keeps the finished shards)"
+            )
+        return
+    listed = {entry["name"]: entry for entry in metadata.get("shards", [])}
+    fix = f"{RERUN_PREPARE} ({_options_line(metadata)}): it writes that shard again"
+    missing = sorted(set(listed) - set(paths))
+    if missing:
+        raise DataError(
+            f"'{os.path.join(root, missing[0])}' is listed in {METADATA_FILE} but missing "
+            f"({len(missing)} of {len(listed)} shards are); {fix}"
+        )
+    for name in shard_names:
+        if name not in listed:
+            raise DataError(
+                f"'{paths[name]}' is not a shard {METADATA_FILE} lists (a file of another "
+                f"preparation or a stray copy; the trainer would read it too); move it out of "
+                f"'{root}'"
+            )
+        manifest = manifests[name] or {}
+        if manifest.get("images") != listed[name].get("images"):
+            raise DataError(
+                f"'{paths[name]}' holds other images than {METADATA_FILE} lists for it (a "
+                f"shard of another preparation copied in?); delete it and {fix}"
+            )
 
 
 class LatentsDataset(Dataset):
@@ -385,6 +457,7 @@ class LatentsDataset(Dataset):
                         ),
                         os.path.join(root, n),
                     )
+        check_prepared_folder(root, self.metadata, shard_names)
         if not shard_names:
             raise DataError(
                 f"no latent shards (*.npy or *.safetensors) found in '{root}'; write the "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastsp.config_fields import is_int
 from fastsp.data_policy import check_index, split_key
-from fastsp.errors import DataError
+from fastsp.errors import ConfigError, DataError
 
 CHARACTERS = string.digits + string.ascii_uppercase + string.ascii_lowercase  # class k = [k]
 # (file in matplotlib's mpl-data/fonts/ttf, family, style)
@@ -157,9 +157,9 @@ class LettersDataset(torch.utils.data.Dataset):
         if split not in LETTERS_SPLITS:
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if not is_int(resolution) or not (8 <= resolution <= _CANVAS and _CANVAS % resolution == 0):
-            raise ValueError(
-                f"letters resolution must divide {_CANVAS} and be >= 8 (8, 16, 32 or 64), "
-                f"got {resolution!r}"
+            raise ConfigError(
+                f"--resolution {resolution!r}: letters resolution must divide {_CANVAS} (the "
+                f"side they are drawn at) and be >= 8; pass --resolution 8, 16, 32 or 64"
             )
         x, labels, draws = render_letters(resolution)
         keep = (draws == 0) if split == "heldout" else (draws > 0)

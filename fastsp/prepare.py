@@ -33,8 +33,16 @@ The latents carry the VAE's scaling factor: train with --latent-scale 1 (the def
 else is refused, see fastsp.latent_shards). Every file is written atomically (a temporary file and
 a rename); a rerun into the same --out skips the shards already written after checking from their
 manifest that they hold the same images and captions with the same options, and refuses (exit 2)
-when they do not: pass another --out, or delete the folder, to prepare again. Under torchrun rank
-r writes shards r, r + W, ...; rank 0 writes the empty prompt and metadata.json after a barrier.
+when they do not: pass another --out, or delete the folder, to prepare again. What a rerun is
+decided by is the shards' content: the images and captions, the encoders' folders and every
+option that changes a latent; --batch-size does not, so an out-of-memory kill can be rerun with a
+smaller one. The checks of --out run before any model is loaded: a path that cannot be written,
+a metadata.json fastsp did not write (a user's own file is never overwritten), options other
+than those the folder was prepared with (named as options, even before metadata.json exists).
+No non-finite latent or context is written: the image and shard are named. --out is locked while
+prepare writes it (fastsp.run_folder.claimed, the trainer's lock). Under torchrun rank r writes
+shards r, r + W, ...; rank 0 writes the empty prompt and metadata.json after a barrier, the
+empty prompt again whenever it is missing or differs (the trainer requires it).
 """
 
 from __future__ import annotations
@@ -51,27 +59,35 @@ from pathlib import Path
 import torch
 
 from fastsp import dist
-from fastsp.checkpoint import atomic_write_bytes, atomic_write_text
+from fastsp.checkpoint import atomic_write_bytes
 from fastsp.cli import run_command
 from fastsp.config_fields import ON_BAD_DATA
 from fastsp.data_policy import skip_bad_file
 from fastsp.errors import CheckpointWriteError, ConfigError, DataError
 from fastsp.image_folder import IMAGE_EXTENSIONS, find_images, load_image
-from fastsp.latent_shards import EMPTY_PROMPT_FILE, METADATA_FILE, METADATA_FORMAT, read_metadata
+from fastsp.latent_shards import (
+    EMPTY_PROMPT_FILE,
+    MANIFEST_KEY,
+    METADATA_FILE,
+    METADATA_FORMAT,
+    read_metadata,
+)
+from fastsp.run_folder import check_out_folder, claimed
 from fastsp.sd_components import (
     component_folder,
     encode_images,
     encode_text,
     load_text_encoder,
     load_vae,
+    tokenizer_folder,
 )
 
 __all__ = ["CaptionedImage", "find_captioned_images", "main", "plan_shards", "prepare"]
 
 CAPTIONS_FILE = "metadata.jsonl"
-MANIFEST_KEY = "fastsp_prepare"  # the key of a shard's manifest in its safetensors header
 METADATA_VERSION = 1
 FIX_OUT = "pass another --out, or delete the folder to prepare it again"
+RERUN = "the shards written so far are complete; rerun the same command, it skips them"
 
 
 @dataclass(frozen=True)
@@ -85,33 +101,43 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
+def _read_text(path: str) -> str:
+    """A caption file's text; a DataError naming the file when it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"'{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            f"save it as UTF-8 (iconv -f latin1 -t utf-8 converts Latin-1)"
+        ) from None
+
+
 def _read_captions_file(path: str) -> dict[str, str]:
     """file_name -> text of a metadata.jsonl; a DataError naming the line for a bad one."""
     captions: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                name, text = entry["file_name"], entry["text"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(
-                    f"line {number} of '{path}' is not a JSON object with \"file_name\" and "
-                    f'"text" ({type(e).__name__}: {e}); fix or remove the line'
-                ) from e
-            if not isinstance(name, str) or not isinstance(text, str):
-                raise DataError(
-                    f'line {number} of \'{path}\': "file_name" and "text" must be strings; fix '
-                    f"the line"
-                )
-            name = Path(name).as_posix()
-            if name in captions:
-                raise DataError(
-                    f"line {number} of '{path}' captions '{name}' a second time; keep one line "
-                    f"per image"
-                )
-            captions[name] = text
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            name, text = entry["file_name"], entry["text"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(
+                f"line {number} of '{path}' is not a JSON object with \"file_name\" and "
+                f'"text" ({type(e).__name__}: {e}); fix or remove the line'
+            ) from e
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise DataError(
+                f'line {number} of \'{path}\': "file_name" and "text" must be strings; fix the line'
+            )
+        name = Path(name).as_posix()
+        if name in captions:
+            raise DataError(
+                f"line {number} of '{path}' captions '{name}' a second time; keep one line "
+                f"per image"
+            )
+        captions[name] = text
     return captions
 
 
@@ -143,10 +169,13 @@ def find_captioned_images(
         else:
             text_path = os.path.splitext(path)[0] + ".txt"
             caption = None
-            if os.path.isfile(text_path):
-                with open(text_path, encoding="utf-8") as f:
-                    caption = f.read().strip()
             fix = f"write its caption into '{text_path}'"
+            if os.path.isfile(text_path):
+                try:
+                    caption = _read_text(text_path).strip()
+                except DataError as e:
+                    bad(path, str(e))
+                    continue
         if caption is None:
             bad(path, f"image '{path}' has no caption; {fix}")
             continue
@@ -164,7 +193,33 @@ def find_captioned_images(
             f"no captioned images in '{root}' ({len(paths)} image files, {len(bad_files)} "
             f"skipped); put images there with NAME.txt captions or a {CAPTIONS_FILE}"
         )
+    _name_left_out(root, paths, captions is not None)
     return found
+
+
+def _name_left_out(root: str, images: list[str], jsonl: bool) -> None:
+    """Say which files under `root` prepare does not read (formats it does not decode, .txt
+    captions without an image or beside a metadata.jsonl), never dropping them without a word;
+    its own outputs (shards, metadata.json) and hidden files are not listed."""
+    used = {os.path.realpath(p) for p in images}
+    if not jsonl:
+        used |= {os.path.realpath(os.path.splitext(p)[0] + ".txt") for p in images}
+    left = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            ours = name.endswith(".safetensors") or name in (METADATA_FILE, CAPTIONS_FILE)
+            if not (name.startswith(".") or ours or os.path.realpath(path) in used):
+                left.append(os.path.relpath(path, root))
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        reason = "captions come from metadata.jsonl" if jsonl else "captions are NAME.txt"
+        print(
+            f"note: {len(left)} files in '{root}' are not read ({shown}): images are "
+            f"{', '.join(IMAGE_EXTENSIONS)} and {reason}",
+            file=sys.stderr,
+        )
 
 
 def plan_shards(images: list[CaptionedImage], shard_size: int) -> list[list[CaptionedImage]]:
@@ -252,11 +307,28 @@ def _encode_shard(
                 skip_bad_file(bad_files, image.path, reason)
                 skipped.append([image.path, reason])
         if batch:
-            latents.append(encode_images(vae, torch.stack(pixels), generator).float().cpu())
+            names = [image.path for image in batch]
+            latent = encode_images(vae, torch.stack(pixels), generator).float().cpu()
+            _check_finite(latent, names, "latents", "--vae")
             context = encode_text(tokenizer, text_encoder, [image.caption for image in batch])
+            _check_finite(context.float().cpu(), names, "text context", "--text-encoder")
+            latents.append(latent)
             contexts.append(context.float().cpu())
         progress.update(len(chunk))
     return latents, contexts, skipped
+
+
+def _check_finite(values: torch.Tensor, names: list[str], what: str, option: str) -> None:
+    """Refuse non-finite rows of `values` [N, ...] (a damaged encoder's output), naming the
+    first item: they would be written as if good and train nothing but NaN."""
+    finite = torch.isfinite(values).flatten(1).all(1)
+    if not finite.all():
+        first = names[int((~finite).nonzero()[0])]
+        raise ConfigError(
+            f"the {option[2:]} gave non-finite {what} for {first} ({int((~finite).sum())} of "
+            f"{len(names)} in its batch); nothing of its shard was written: check the weights "
+            f"in {option} (a NaN or inf in them, or a dtype that overflows)"
+        )
 
 
 def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
@@ -286,8 +358,50 @@ def _write_shard(path: str, latents, context, manifest: dict) -> None:
         atomic_write_bytes(Path(path), data)
     except OSError as e:  # nothing of this shard is left; the ones before it are complete
         raise CheckpointWriteError(
-            f"cannot write '{path}': {e.strerror or e}; the shards written so far are complete: "
-            f"free space (or fix the cause) and rerun the same command, it skips them"
+            f"cannot write '{path}': {e.strerror or e}; free space (or fix the cause): {RERUN}"
+        ) from e
+
+
+def _check_previous(out: str, options: dict, planned: set[str]) -> None:
+    """Before any work: refuse an --out this run must not write into, naming why. A folder
+    prepared with other options (read from metadata.json or, for an unfinished one, from its
+    first shard's manifest: the option is named even when it changed the shard names), a
+    metadata.json fastsp did not write, or shard files this run would not write."""
+    check_out_folder(out)
+    if not os.path.isdir(out):
+        return
+    metadata_path = os.path.join(out, METADATA_FILE)
+    finished = read_metadata(out)  # a DataError for a damaged one: delete it and rerun
+    if finished is None and os.path.exists(metadata_path):
+        raise ConfigError(
+            f"--out '{out}' holds a {METADATA_FILE} that fastsp.prepare did not write (no "
+            f'"format": "{METADATA_FORMAT}"); prepare writes its own there and never overwrites '
+            f"another's: pass another --out"
+        )
+    if finished is not None:
+        _check_options(metadata_path, finished.get("options", {}), options)
+    else:
+        shards = sorted(e for e in os.listdir(out) if e.startswith("shard_"))
+        if shards:
+            path = os.path.join(out, shards[0])
+            _check_options(path, _read_manifest(path)["options"], options)
+    _check_out_folder(out, planned)
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write `data` unless the file holds it already (a rerun of a finished folder rewrites
+    nothing, and writes again what was deleted or damaged)."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot write '{path}': {e.strerror or e}; the shards are complete: free space "
+            f"(or fix the cause) and rerun the same command, it skips them"
         ) from e
 
 
@@ -298,74 +412,80 @@ def prepare(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; use cpu")
-    info = dist.init(args.device)
     uncaptioned: list = []  # (path, reason) of the files find_captioned_images skipped
     images = find_captioned_images(args.images, args.on_bad_data, uncaptioned)
+    vae_folder = component_folder(args.vae, "vae", "diffusers AutoencoderKL", "--vae")
+    encoder_folder = component_folder(
+        args.text_encoder, "text_encoder", "transformers CLIPTextModel", "--text-encoder"
+    )
+    # What a shard's bytes depend on besides its images: a rerun must match all of it. Not
+    # --batch-size: the encoders treat each image alone (mean latents; samples are seeded per
+    # shard), so a smaller batch after an out-of-memory kill finishes the same folder.
+    options = {
+        "resolution": args.resolution,
+        "sample_latents": args.sample_latents,
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+        "vae": os.path.abspath(vae_folder),
+        "text_encoder": os.path.abspath(encoder_folder),
+        "tokenizer": os.path.abspath(tokenizer_folder(args.text_encoder, args.tokenizer)),
+    }
+    shards = plan_shards(images, args.shard_size)
+    names = [shard_name(i) for i in range(len(shards))]
+    out = args.out
+    _check_previous(out, options, set(names))  # on every rank: read-only, so all stop alike
+    info = dist.init(args.device)
+    with claimed(out, info.is_main, keep_lock_file=False):
+        _prepare_into(out, args, info, images, uncaptioned, options, shards, names)
+
+
+def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) -> None:
+    """The work of `prepare`, once --out is checked and locked."""
     bad_files: list = []
     vae = load_vae(args.vae, device=info.device)
     tokenizer, text_encoder = load_text_encoder(
         args.text_encoder, args.tokenizer, device=info.device
     )
     latent_shape = _latent_shape(vae, args.resolution)
-    vae_folder = component_folder(args.vae, "vae", "diffusers AutoencoderKL", "--vae")
-    encoder_folder = component_folder(
-        args.text_encoder, "text_encoder", "transformers CLIPTextModel", "--text-encoder"
-    )
-    # What a shard's bytes depend on besides its images: a rerun must match all of it.
-    options = {
-        "resolution": args.resolution,
-        "sample_latents": args.sample_latents,
-        "seed": args.seed,
-        "shard_size": args.shard_size,
-        "batch_size": args.batch_size,
-        "vae": os.path.abspath(vae_folder),
-        "text_encoder": os.path.abspath(encoder_folder),
-        "tokenizer": os.path.abspath(tokenizer.name_or_path),
-    }
     empty = encode_text(tokenizer, text_encoder, [""])[0].float().cpu()  # [L, D]
-    shards = plan_shards(images, args.shard_size)
-    names = [shard_name(i) for i in range(len(shards))]
-    out = args.out
-    _check_out_folder(out, set(names))
-    finished = read_metadata(out) if os.path.isdir(out) else None
-    if finished is not None:  # a finished folder: refuse other options before any work
-        _check_options(os.path.join(out, METADATA_FILE), finished.get("options", {}), options)
+    _check_finite(
+        empty[None], ["the empty prompt"], "the empty prompt's embedding", "--text-encoder"
+    )
     os.makedirs(out, exist_ok=True)
 
     mine = list(range(info.rank, len(shards), info.world_size))
     from tqdm import tqdm
 
-    progress = tqdm(
+    with tqdm(
         total=sum(len(shards[i]) for i in mine),
         unit="img",
         desc=f"encoding into {out}",
         disable=not info.is_main,
         file=sys.stderr,
-    )
-    start = time.perf_counter()
-    written = 0
-    for index in mine:
-        path = os.path.join(out, names[index])
-        if os.path.exists(path):
-            _check_same(path, _read_manifest(path), options, shards[index])
-            progress.update(len(shards[index]))
-            continue
-        generator = (
-            torch.Generator().manual_seed(args.seed * 1_000_003 + index)
-            if args.sample_latents
-            else None
-        )
-        latents, contexts, skipped = _encode_shard(
-            shards[index], vae, tokenizer, text_encoder, args, generator, bad_files, progress
-        )
-        _write_shard(
-            path,
-            torch.cat(latents) if latents else torch.zeros((0, *latent_shape)),
-            torch.cat(contexts) if contexts else torch.zeros((0, *empty.shape)),
-            {"options": options, "images": _digest(shards[index]), "skipped": skipped},
-        )
-        written += 1
-    progress.close()
+    ) as progress:  # closed on every way out: a message after it starts a line
+        start = time.perf_counter()
+        written = 0
+        for index in mine:
+            path = os.path.join(out, names[index])
+            if os.path.exists(path):
+                _check_same(path, _read_manifest(path), options, shards[index])
+                progress.update(len(shards[index]))
+                continue
+            generator = (
+                torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+                if args.sample_latents
+                else None
+            )
+            latents, contexts, skipped = _encode_shard(
+                shards[index], vae, tokenizer, text_encoder, args, generator, bad_files, progress
+            )
+            _write_shard(
+                path,
+                torch.cat(latents) if latents else torch.zeros((0, *latent_shape)),
+                torch.cat(contexts) if contexts else torch.zeros((0, *empty.shape)),
+                {"options": options, "images": _digest(shards[index]), "skipped": skipped},
+            )
+            written += 1
     dist.barrier()  # every shard is on disk before rank 0 describes them
     if not info.is_main:
         return
@@ -393,6 +513,7 @@ def prepare(args: argparse.Namespace) -> None:
         "num_skipped": len(skipped),
         "skipped": skipped,
         "empty_prompt": EMPTY_PROMPT_FILE,
+        "images_folder": os.path.abspath(args.images),
         "vae": {"folder": options["vae"], "config": _json_config(vae.config)},
         "text_encoder": {
             "folder": options["text_encoder"],
@@ -405,9 +526,12 @@ def prepare(args: argparse.Namespace) -> None:
         "options": options,
         "shards": manifest,
     }
-    if metadata != read_metadata(out):  # a rerun of a finished folder rewrites nothing
-        atomic_write_bytes(Path(out) / EMPTY_PROMPT_FILE, save({"context": empty.contiguous()}))
-        atomic_write_text(Path(out) / METADATA_FILE, json.dumps(metadata, indent=1) + "\n")
+    # The empty prompt first: metadata.json, the completion mark, is written last.
+    _write_if_changed(Path(out) / EMPTY_PROMPT_FILE, save({"context": empty.contiguous()}))
+    if metadata != read_metadata(out):
+        _write_if_changed(
+            Path(out) / METADATA_FILE, (json.dumps(metadata, indent=1) + "\n").encode("utf-8")
+        )
     seconds = time.perf_counter() - start
     print(
         f"prepared {metadata['num_images']} images ({metadata['num_skipped']} skipped) in "
@@ -455,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(prepare, build_parser().parse_args(argv))
+    return run_command(prepare, build_parser().parse_args(argv), rerun=RERUN)
 
 
 if __name__ == "__main__":

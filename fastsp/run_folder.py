@@ -5,6 +5,8 @@ other's checkpoints and rewrite each other's metrics.jsonl and config.json. The 
 lock (fcntl.flock) on RUN/.lock, which the kernel releases when the holding process ends however
 it ends (kill -9 included), so a stale lock never needs cleaning up; the file holds the holder's
 pid for the refusal's message. Under torchrun rank 0 holds it (fastsp.training.loop.train).
+`RunLock.try_acquire` locks any file the same way without waiting (the regime map's workers
+claim the rows they share with it: a dead worker's claim is free, whatever host it ran on).
 
 `check_out_folder` and `check_output_file` say what is wrong with an output path (a file where a
 folder belongs, a folder that cannot be written, a name longer than the file system allows) before
@@ -33,6 +35,10 @@ def _holder(fd: int) -> str:
     return f"pid {text}" if text.isdigit() else "a process whose pid is not written yet"
 
 
+class LockFileChanging(OSError):
+    """A lock file removed and made again at every try (a file system that keeps no inode)."""
+
+
 class RunLock:
     """The exclusive lock of one run folder, held until `release` or the process's end."""
 
@@ -47,40 +53,52 @@ class RunLock:
         """Lock the existing folder `run_dir`, or raise ConfigError naming the holder's pid. A
         refused caller changes nothing (the lock file exists already: its holder made it)."""
         path = Path(run_dir) / LOCK_FILE
-        for _ in range(10):  # retried only when a holder removed the file as we locked it
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as error:
+        try:
+            lock, holder = cls.try_acquire(path)
+        except OSError as error:
+            if error.errno == errno.ENOLCK or isinstance(error, LockFileChanging):
                 raise ConfigError(
-                    f"cannot lock the run folder {run_dir}: {path} cannot be opened "
-                    f"({error.strerror or error}); pass an --out you can write in"
+                    f"cannot lock the run folder {run_dir} ({error.strerror or error}); "
+                    "pass an --out on a file system with file locks"
                 ) from None
+            raise ConfigError(
+                f"cannot lock the run folder {run_dir}: {path} cannot be opened "
+                f"({error.strerror or error}); pass an --out you can write in"
+            ) from None
+        if lock is None:
+            raise ConfigError(
+                f"the run folder {run_dir} is in use by another run ({holder} holds "
+                f"{path}); wait for it to end or stop it, or pass another --out"
+            )
+        return lock
+
+    @classmethod
+    def try_acquire(cls, path: Path) -> tuple[RunLock | None, str]:
+        """Lock the file `path` (made if missing) without waiting: (the lock, "") or, while
+        another process holds it, (None, its holder: "pid N"). Raises OSError when the file
+        cannot be opened or locked for another reason than a holder."""
+        for _ in range(10):  # retried only when a holder removed the file as we locked it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
                 holder = _holder(fd)
                 os.close(fd)
                 if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise ConfigError(
-                        f"cannot lock the run folder {run_dir} ({error.strerror or error}); "
-                        "pass an --out on a file system with file locks"
-                    ) from None
-                raise ConfigError(
-                    f"the run folder {run_dir} is in use by another run ({holder} holds "
-                    f"{path}); wait for it to end or stop it, or pass another --out"
-                ) from None
+                    raise
+                return None, holder
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
-            if not same:  # a failed start removed its lock file (`claimed`): lock the new one
+            if not same:  # its holder removed the lock file (`claimed`): lock the new one
                 os.close(fd)
                 continue
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
             cls._held.add(fd)
-            return cls(fd, path)
-        raise ConfigError(f"cannot lock the run folder {run_dir}: its lock file keeps changing")
+            return cls(fd, path), ""
+        raise LockFileChanging(f"the lock file {path} keeps changing")
 
     def release(self) -> None:
         if self.fd is not None:
@@ -102,11 +120,15 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def claimed(run_dir: str | Path, is_main: bool = True) -> Iterator[RunLock | None]:
+def claimed(
+    run_dir: str | Path, is_main: bool = True, keep_lock_file: bool = True
+) -> Iterator[RunLock | None]:
     """Own the run folder for the body: the path checked (`check_out_folder`), the folder made
     if it is new, locked. If the body ends having written nothing into a folder this call made
     (bad input, a signal during the start), the folder is removed again: a failed start leaves
-    no half-made run folder. Other ranks (`is_main` False) take nothing."""
+    no half-made run folder. Other ranks (`is_main` False) take nothing. `keep_lock_file` False:
+    the lock file goes too (a data folder, whose readers do not lock it, keeps no trace of the
+    writer; a process waiting on the removed file locks a new one, see `RunLock.acquire`)."""
     if not is_main:
         yield None
         return
@@ -122,6 +144,8 @@ def claimed(run_dir: str | Path, is_main: bool = True) -> Iterator[RunLock | Non
         yield lock
     finally:
         _remove_made(run_dir, made)  # before the release: still ours while it goes
+        if not keep_lock_file:
+            lock.path.unlink(missing_ok=True)
         lock.release()
 
 

@@ -18,9 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from fastsp.checkpoint import LoadedModel, load_model
+from fastsp.cli import error_status
 from fastsp.config_fields import SAMPLERS
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import CheckpointError, ConfigError
@@ -105,6 +107,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     one-line ConfigError."""
     check_sampling(args)
     check_output_file(args.out)  # an existing folder, under a file, read-only, too long
+    if Path(args.out).suffix.lower() != ".png":
+        raise ConfigError(
+            f"--out {args.out}: sample writes PNG images; pass a path ending in .png (convert "
+            "it afterwards for another format)"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was requested but torch sees no CUDA GPU; use --device cpu"
+        )
     if args.prompt is None:
         given = [f"--{name.replace('_', '-')}" for name in _PROMPT_OPTIONS if getattr(args, name)]
         if given:
@@ -126,18 +137,22 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
 
 
+def check_label(label: int | None, num_classes: int) -> None:
+    """Refuse a --label the model has no class for (grids and prompts alike: never ignored)."""
+    if label is not None and num_classes == 0:
+        raise ConfigError(
+            "--label needs a class-conditional model; this one has no classes (num_classes 0), "
+            "drop --label"
+        )
+    if label is not None and not 0 <= label < num_classes:
+        raise ConfigError(f"--label {label} is not a class of this model: use 0..{num_classes - 1}")
+
+
 def sample_grid(args: argparse.Namespace, loaded: LoadedModel) -> None:
     """A grid of `--num` samples of a class-conditional or unconditional model."""
     model_config = loaded.model_config
     num_classes = model_config.num_classes
-    if args.label is not None and num_classes == 0:
-        raise ConfigError(
-            "--label needs a class-conditional model; this one is unconditional, drop --label"
-        )
-    if args.label is not None and not 0 <= args.label < num_classes:
-        raise ConfigError(
-            f"--label {args.label} is not a class of this model: use 0..{num_classes - 1}"
-        )
+    check_label(args.label, num_classes)
     if model_config.context_dim > 0:
         raise ConfigError(
             "this model is conditioned on a context sequence; sample it with --prompt (and "
@@ -186,6 +201,7 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
             f"--prompt needs a model trained with --cond context on text embeddings; "
             f"{args.checkpoint} has no cross-attention (context_dim 0): drop --prompt"
         )
+    check_label(args.label, model_config.num_classes)
     tokenizer, encoder = sd_components.load_text_encoder(
         args.text_encoder, args.tokenizer, device=args.device
     )
@@ -194,6 +210,13 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
         raise ConfigError(
             f"--text-encoder {args.text_encoder} encodes to {hidden} dimensions but the model's "
             f"context_dim is {model_config.context_dim}; pass the text encoder it was trained with"
+        )
+    trained_len = loaded.train_config.context_len
+    if tokenizer.model_max_length != trained_len:
+        raise ConfigError(
+            f"--tokenizer {tokenizer.name_or_path} pads prompts to {tokenizer.model_max_length} "
+            f"tokens but the model trained on contexts of {trained_len} (its config.json's "
+            "context_len); pass the tokenizer and text encoder it was trained with"
         )
     vae = sd_components.load_vae(args.vae, device=args.device)
     latent_channels = vae.config.latent_channels
@@ -246,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # found only when writing (a full disk): nothing half-written
         print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
         return 4
+    except KeyboardInterrupt as error:
+        status, message = error_status(error, f"nothing was written to {args.out}")
+        print(message, file=sys.stderr)
+        return status
     print(f"wrote {args.num} samples to {args.out}")
     return 0
 

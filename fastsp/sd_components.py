@@ -70,6 +70,19 @@ def _class_name(folder: Path) -> str | None:
         return None
 
 
+def _from_pretrained(cls, folder: Path, option: str, files: str):
+    """`cls.from_pretrained(folder)` from local files; what the libraries raise for a folder
+    without weights or with weights they refuse (a pickle that would run code is refused by
+    torch's weights_only load) becomes a one-line ConfigError naming the option and folder."""
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{option} {folder}: cannot load it ({reason}); pass a folder with {files}"
+        ) from None
+
+
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype=torch.float32):
     """A diffusers AutoencoderKL from a local VAE or pipeline folder, in eval mode, frozen."""
     diffusers = require("diffusers", "--vae")
@@ -79,7 +92,12 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype=torch.f
         raise ConfigError(
             f"--vae {folder} holds a {name}, not an AutoencoderKL; pass the VAE of the pipeline"
         )
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    vae = _from_pretrained(
+        diffusers.AutoencoderKL,
+        folder,
+        "--vae",
+        "config.json and diffusion_pytorch_model.safetensors",
+    )
     return vae.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -99,15 +117,34 @@ def load_text_encoder(
             f"--text-encoder {folder} holds a {name}, not a CLIPTextModel; pass the text encoder "
             "of the pipeline"
         )
-    if tokenizer_path is None:
-        pipeline_root = folder.parent if folder.name == "text_encoder" else folder
-        tokenizer_path = pipeline_root
-    tokenizer_folder = component_folder(
-        tokenizer_path, "tokenizer", "CLIP tokenizer", "--tokenizer"
+    tokenizer = _from_pretrained(
+        transformers.CLIPTokenizer,
+        tokenizer_folder(path, tokenizer_path),
+        "--tokenizer",
+        "vocab.json, merges.txt and tokenizer_config.json",
     )
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-    encoder = transformers.CLIPTextModel.from_pretrained(folder, local_files_only=True)
+    encoder = _from_pretrained(
+        transformers.CLIPTextModel, folder, "--text-encoder", "config.json and model.safetensors"
+    )
+    positions = encoder.config.max_position_embeddings
+    if not 0 < tokenizer.model_max_length <= positions:  # else an OverflowError or IndexError
+        raise ConfigError(
+            f"--tokenizer {tokenizer.name_or_path} pads prompts to {tokenizer.model_max_length} "
+            f"tokens, but the text encoder {folder} has {positions} positions; pass the "
+            f"tokenizer of the same pipeline (its tokenizer_config.json sets model_max_length)"
+        )
     return tokenizer, encoder.to(device, dtype).eval().requires_grad_(False)
+
+
+def tokenizer_folder(text_encoder_path: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """The tokenizer's folder: `tokenizer_path`, or the one beside the text encoder (as a
+    pipeline folder has it)."""
+    if tokenizer_path is None:
+        folder = component_folder(
+            text_encoder_path, "text_encoder", "transformers CLIPTextModel", "--text-encoder"
+        )
+        tokenizer_path = folder.parent if folder.name == "text_encoder" else folder
+    return component_folder(tokenizer_path, "tokenizer", "CLIP tokenizer", "--tokenizer")
 
 
 @torch.no_grad()

@@ -121,6 +121,15 @@ def test_options_train_refuses_are_refused_with_exit_2():
     assert "--train-step reference" in result.stderr
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_step(tmp_path):
+    result = _run(["-m", "fastsp.dryrun", "--preset", "tiny", "--json", str(tmp_path)])
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"error: --json {tmp_path} is a folder; pass a file path inside it"
+    )
+    assert "flops" not in result.stdout.lower()  # nothing was traced
+
+
 def test_a_dit_preset_dry_runs_through_the_trainers_assembly():
     # the dry run builds what the trainer builds (fastsp.training.assembly): a DiT for a DiT preset
     result = _run(["-m", "fastsp.dryrun", "--preset", "dit_tiny", "--batch-size", "4"])

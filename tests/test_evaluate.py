@@ -267,7 +267,8 @@ def test_cli_end_to_end(tiny_runs, cache_env):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FID (digits classifier features)" in result.stdout
     assert "class accuracy (requested class)" in result.stdout
-    (out,) = tiny_runs["class"].glob("checkpoints/step_*/eval_*.json")
+    assert not list(tiny_runs["class"].glob("checkpoints/step_*/eval_*"))  # pruned by the trainer
+    (out,) = tiny_runs["class"].glob("eval/step_*/eval_*.json")
     assert out.name == "eval_ddim_s2_cfg1_phi0_n20_ema_seed0.json"
     assert f"wrote {out}" in result.stdout
     report = json.loads(out.read_text())
@@ -286,7 +287,8 @@ def test_cli_end_to_end(tiny_runs, cache_env):
     assert report["settings"]["steps"] == 2 and report["settings"]["cfg"] == 1.0
     assert report["feature_network"]["heldout_accuracy"] > 0.95
     assert report["reference_real_train_vs_heldout"]["train_images"] == 20
-    assert report["checkpoint"] == str(out.parent.resolve())
+    checkpoint = tiny_runs["class"] / "checkpoints" / out.parent.name
+    assert report["checkpoint"] == str(checkpoint.resolve())
 
 
 def test_unconditional_model_with_cfg_and_out(tiny_runs, cache_env, tmp_path, capsys):

@@ -16,29 +16,63 @@ regime_map = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(regime_map)
 
 
-def _write_claim(path: Path, pid: int) -> None:
+HOLD_CLAIM = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _hold_claim(path: Path) -> subprocess.Popen:
+    """Another worker (a process of its own) holding the kernel lock of `path`'s claim."""
     lock = path.with_name(path.name + ".claim")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(f"{regime_map.socket.gethostname()} {pid}\n")
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CLAIM, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdout.readline() == "held\n"
+    return other
 
 
 def test_a_row_held_by_a_live_worker_is_pending_and_a_dead_workers_is_taken_over(tmp_path):
     row = tmp_path / "rows" / "stage1" / "x_seed0.json"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = _hold_claim(row)
     try:
-        _write_claim(row, other.pid)
         computed = []
+        regime_map.waiting_for.clear()
         assert regime_map.obtain(row, lambda: computed.append(1) or {"v": 1}) is None
         assert computed == [] and not row.exists()
+        assert regime_map.waiting_for == {row: f"pid {other.pid}"}  # whom it waits for
     finally:
-        other.kill()
+        other.kill()  # kill -9: a preempted node's worker, which cleans nothing up
         other.wait()
+    assert row.with_name(row.name + ".claim").exists()  # left behind, but no longer locked
     # its worker is gone: the claim is taken over, the row computed, written and released
     assert regime_map.obtain(row, lambda: {"v": 2}) == {"v": 2}
     assert regime_map.read_row(row) == {"v": 2}
     assert not row.with_name(row.name + ".claim").exists()
     # done rows are read back, never recomputed
     assert regime_map.obtain(row, lambda: pytest.fail("recomputed a done row")) == {"v": 2}
+    # unless the checkpoint a row names is gone (rows copied from another machine)
+    regime_map.write_row(row, {"checkpoint": str(tmp_path / "gone")})
+    assert regime_map.obtain(row, lambda: {"v": 3}) == {"v": 3}
+
+
+def test_a_map_writes_its_own_results_and_never_the_committed_ones(tmp_path, monkeypatch):
+    parser_args = regime_map.argparse.Namespace
+    committed = SCRIPT.parents[1] / "results" / "quality" / "regime_map"
+    with pytest.raises(SystemExit, match="holds results committed to git"):
+        regime_map.results_folder(parser_args(results=str(committed), resume=True), "")
+    monkeypatch.chdir(tmp_path)  # a fresh clone's working folder
+    fresh = regime_map.results_folder(parser_args(results=None, resume=False), "_quick")
+    assert fresh == Path("runs/regime_map_quick/results")
+    regime_map.write_row(fresh / "rows" / "stage1" / "a.json", {"v": 1})
+    with pytest.raises(SystemExit, match="pass --resume to continue it"):
+        regime_map.results_folder(parser_args(results=None, resume=False), "_quick")
+    assert regime_map.results_folder(parser_args(results=None, resume=True), "_quick") == fresh
 
 
 def test_a_failed_row_releases_its_claim_and_writes_nothing(tmp_path):

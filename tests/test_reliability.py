@@ -272,6 +272,27 @@ def test_sigterm_to_the_torchrun_agent_checkpoints_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_rank_is_named_by_rank_0_with_the_intact_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--sample-every", "0"]
+    result = subprocess.run(
+        _torchrun(2, [*args, "--out", str(out)]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(FASTSP_KILL_AT="step:3", FASTSP_KILL_RANK="1"),
+    )
+    assert result.returncode != 0
+    intact = out / "checkpoints" / "step_00000002"
+    line = re.search(r"error: rank 0: rank 1 \(pid \d+ on .*\) died during step 4.*", result.stderr)
+    assert line, result.stderr[-3000:]
+    assert f"the last checkpoint ({intact}) is intact. Rerun with --resume" in line.group(0)
+    assert "[rank0]: Traceback" not in result.stderr  # no gloo traceback from rank 0
+    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: 75", result.stderr)
+    checkpoint_lib.verify_checkpoint(intact)
+
+
+@pytest.mark.slow
 def test_elastic_restart_after_a_rank_dies_resumes_by_itself(tmp_path, uninterrupted):
     out = tmp_path / "run"
     args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out), "--resume"]

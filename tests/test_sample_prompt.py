@@ -165,3 +165,23 @@ def test_without_the_sd_extra_the_command_exits_2_naming_it(run, sd, tmp_path, m
     assert message.startswith("error: ") and missing in message
     assert 'pip install -e ".[sd]"' in message
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_label_for_a_text_model_is_refused_not_ignored(run, sd, tmp_path, capsys):
+    argv = ["--checkpoint", str(run), "--prompt", PROMPT, "--vae", str(sd), "--text-encoder"]
+    argv += [str(sd), "--label", "3", "--out", str(tmp_path / "x.png")]
+    assert "--label needs a class-conditional model" in _error(capsys, argv)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_tokenizer_of_another_length_than_the_training_context_is_refused(sd, tmp_path, capsys):
+    other = _train_run(
+        tmp_path / "run", "--cond", "context", "--context-dim", str(CONTEXT_DIM),
+        "--context-len", str(MAX_LENGTH + 4),
+    )  # fmt: skip
+    argv = ["--checkpoint", str(other), "--prompt", PROMPT, "--vae", str(sd), "--text-encoder"]
+    argv += [str(sd), "--out", str(tmp_path / "x.png")]
+    message = _error(capsys, argv)
+    assert f"pads prompts to {MAX_LENGTH} tokens" in message
+    assert f"trained on contexts of {MAX_LENGTH + 4}" in message
+    assert not (tmp_path / "x.png").exists()

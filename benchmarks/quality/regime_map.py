@@ -30,12 +30,16 @@ conditioning) and each seed:
 
 Nothing on the held-out split chooses anything. Every result is a file of its own under
 RESULTS/rows/ written atomically (a JSON per stage-1 seed, per stage-2 run, per held-out row);
-a row whose file exists is read back, and training runs resume from their checkpoints
-(`--resume`), so an interrupted map continues where it stopped. `--jobs N` runs N one-thread
-workers that share the rows: a worker claims a row with a lock file beside it (a claim whose
-process is gone is taken over) and waits only for rows that another worker holds and it needs.
-RESULTS/table.md is rewritten from the row files after every pass; RESULTS/results.json holds
-them all at the end.
+a row whose file exists is read back, and training runs resume from their checkpoints, so an
+interrupted map continues where it stopped: rerun it with --resume. RESULTS is this map's own
+folder (default runs/regime_map[_quick]/results): a folder that already holds rows is continued
+only with --resume, and one whose files git tracks (the published results under
+benchmarks/results/) is refused, so a fresh clone computes its own map and never rewrites the
+committed one. `--jobs N` runs N one-thread workers that share the rows: a worker claims a row
+with the kernel lock of a claim file beside it (fastsp.run_folder.RunLock, the trainer's run
+lock), which goes with its worker however and wherever it ends, so a dead worker's rows are
+taken over on the next pass; a worker waiting on rows says which and whose (pid). RESULTS/table.md
+is rewritten from the row files after every pass; RESULTS/results.json holds them all at the end.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +65,7 @@ from fastsp import config_cli
 from fastsp.evaluation import evaluate_checkpoint
 from fastsp.pipeline import write_comparison
 from fastsp.quality import format_gap_share, guidance_gap_share
+from fastsp.run_folder import RunLock
 from fastsp.training.loop import train
 
 CFG_RESCALE = 0.7  # as benchmarks/quality/reproduce.py
@@ -144,59 +148,73 @@ def _lock_of(path: Path) -> Path:
     return path.with_name(path.name + ".claim")
 
 
-def _claim_is_live(lock: Path) -> bool:
-    """Whether the worker that wrote this claim still runs (a claim being written counts)."""
-    try:
-        host, pid = lock.read_text().split()
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):  # created, not yet written: live unless long abandoned
-        return time.time() - lock.stat().st_mtime < 60
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return int(pid) != os.getpid()  # our own claim can only be left by an earlier attempt
+# row -> "pid N" of the worker holding it, for rows this pass needed and could not take
+waiting_for: dict[Path, str] = {}
 
 
-def claim(path: Path) -> bool:
-    """Take the row at `path` for this worker; False while a live worker holds it."""
-    lock = _lock_of(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _claim_is_live(lock):
-                return False
-            lock.unlink(missing_ok=True)  # its worker is gone: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return True
-    return False
+def claim(path: Path) -> RunLock | None:
+    """Take the row at `path` for this worker: the kernel lock of its claim file (the trainer's
+    RunLock), which goes with its worker however it ends, on whatever host; None while another
+    worker holds it (recorded in `waiting_for`)."""
+    lock_path = _lock_of(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock, holder = RunLock.try_acquire(lock_path)
+    if lock is None:
+        waiting_for[path] = holder
+    return lock
 
 
 def obtain(path: Path, compute) -> dict | None:
     """The row at `path`: read back if done, else computed and written if this worker can claim
-    it; None while another worker computes it."""
+    it (a dead worker's claim is free); None while another worker computes it."""
     done = read_row(path)
+    if done is not None and not Path(done.get("checkpoint", ".")).exists():
+        print(f"{path} names {done['checkpoint']}, which is gone: computing the row again")
+        done = None
     if done is not None:
         return done
-    if not claim(path):
+    lock = claim(path)
+    if lock is None:
         return None
     try:
         done = read_row(path)  # written between the first read and the claim
-        if done is None:
+        if done is None or not Path(done.get("checkpoint", ".")).exists():
             done = compute()
             write_row(path, done)
         return done
     finally:
-        _lock_of(path).unlink(missing_ok=True)
+        lock.path.unlink(missing_ok=True)  # before the release: a waiter locks a new file
+        lock.release()
+
+
+def results_folder(args: argparse.Namespace, suffix: str) -> Path:
+    """Where this invocation writes its rows, table and figures: --results, by default
+    runs/regime_map[_quick]/results (never the committed benchmarks/results). A folder that
+    holds rows already is continued only with --resume (its rows are read back as this map's);
+    a folder of files git tracks (published results) is refused: the map writes into its own
+    folder, and publishing is a copy of the finished table."""
+    results = Path(args.results or f"runs/regime_map{suffix}/results")
+    try:
+        tracked = subprocess.run(
+            ["git", "ls-files", "--", str(results.resolve())],
+            capture_output=True,
+            text=True,
+            cwd=results.resolve().parent if results.parent.exists() else None,
+        )
+    except FileNotFoundError:  # no git: nothing can be tracked
+        tracked = None
+    if tracked is not None and tracked.returncode == 0 and tracked.stdout.strip():
+        raise SystemExit(
+            f"error: --results {results} holds results committed to git "
+            f"({tracked.stdout.split()[0]}, ...); the map never rewrites them: pass a new "
+            "--results (or none: runs/regime_map*/results) and copy the finished files over"
+        )
+    if (results / "rows").is_dir() and any((results / "rows").rglob("*.json")) and not args.resume:
+        raise SystemExit(
+            f"error: --results {results} holds the rows of an earlier map; pass --resume to "
+            "continue it (its rows are read back, not computed again), or another --results"
+        )
+    return results
 
 
 def train_run(argv: list[str]) -> Path:
@@ -615,7 +633,10 @@ def main() -> int:
     parser.add_argument(
         "--results",
         default=None,
-        help="row files and table (default benchmarks/results/quality/regime_map[_quick])",
+        help="row files, table and figures (default runs/regime_map[_quick]/results)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the map whose rows --results holds"
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="one-thread workers sharing the rows (default 1)"
@@ -628,21 +649,28 @@ def main() -> int:
     plan = QUICK if args.quick else FULL
     suffix = "_quick" if args.quick else ""
     work = Path(args.out or f"runs/regime_map{suffix}")
-    results_dir = Path(args.results or f"benchmarks/results/quality/regime_map{suffix}")
+    results_dir = results_folder(args, suffix) if not args.worker else Path(args.results)
     rows = results_dir / "rows"
     os.environ.setdefault("FASTSP_CACHE", str(Path.home() / ".cache" / "fastsp"))
+    worker_args = [*sys.argv[1:], "--results", str(results_dir), "--jobs", "1", "--worker"]
     workers = [
-        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--worker"])
-        for _ in range(args.jobs - 1)
+        subprocess.Popen([sys.executable, __file__, *worker_args]) for _ in range(args.jobs - 1)
     ]
     started = time.time()
     while True:
+        waiting_for.clear()
         results, pending = one_pass(rows, work, plan)
         minutes = (time.time() - started) / 60
         text = table(results, plan) + f"\nWall time of this invocation so far: {minutes:.1f} min.\n"
         checkpoint_lib.atomic_write_text(results_dir / "table.md", text)
         if not pending:
             break
+        held = sorted(f"{path.relative_to(rows)} ({who})" for path, who in waiting_for.items())
+        print(
+            f"waiting {WAIT_SECONDS} s for rows other workers hold: {', '.join(held) or 'none'}"
+            " (a row whose worker died is taken over on the next pass)",
+            flush=True,
+        )
         time.sleep(WAIT_SECONDS)  # rows this pass needs are with another worker
     failed = [w.args for w in workers if w.wait() != 0]
     if args.worker:

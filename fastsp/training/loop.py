@@ -21,7 +21,7 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import config_file, dist, preemption, run_folder
 from fastsp.config import DiTConfig, TrainConfig, UNetConfig
 from fastsp.data_stream import make_loader
-from fastsp.errors import GraphCaptureError, NumericalFault, Preempted
+from fastsp.errors import ExpectedStop, GraphCaptureError, NumericalFault, Preempted, RankLost
 from fastsp.faults import kill_point
 from fastsp.training.assembly import Run, assemble
 from fastsp.training.outputs import (
@@ -105,6 +105,7 @@ def run_loop(run: Run) -> Path:
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         use_deterministic_algorithms()
+    step = start_step
     try:
         for step in range(start_step, cfg.steps):
             batch = next(batches)
@@ -192,6 +193,15 @@ def run_loop(run: Run) -> Path:
                     f"{done}; checkpoint written: "
                     f"{checkpoint_lib.latest_checkpoint(run_dir)}. Continue with --resume"
                 )
+    except RuntimeError as error:  # a collective failed: named when a peer's process is gone
+        lost = dist.lost_ranks() if not isinstance(error, ExpectedStop) else ""
+        if not lost:
+            raise
+        raise RankLost(
+            f"rank {info.rank}: {lost} died during step {step + 1}; the last checkpoint "
+            f"({checkpoint_lib.latest_checkpoint(run_dir) or 'none yet'}) is intact. Rerun "
+            "with --resume (torchrun --max-restarts=N resumes by itself)"
+        ) from None
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         if owns_handlers:

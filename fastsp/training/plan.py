@@ -189,6 +189,7 @@ def complete_from_data(
     and context length (digits and latent shards have their own channels, context shards their
     own length: --channels and --context-len apply to image folders and synthetic data). And
     the lines that say so, with what the data holds (fastsp.data.describe_data)."""
+    given_context_dim = model_cfg.context_dim
     model_cfg = dataclasses.replace(
         model_cfg,
         in_channels=dataset.channels,
@@ -205,6 +206,12 @@ def complete_from_data(
                 f"{name.replace('_', ' ')}: {value}, the data's own (--{name.replace('_', '-')} "
                 f"{getattr(cfg, name)} applies to {where} only); config.json records {value}"
             )
+    if given_context_dim not in (0, model_cfg.context_dim) and model_cfg.context_dim:
+        lines.append(
+            f"context dim: {model_cfg.context_dim}, the data's own (--context-dim "
+            f"{given_context_dim} applies to synthetic data only); config.json records "
+            f"{model_cfg.context_dim}"
+        )
     cfg = dataclasses.replace(cfg, **{name: v for name, (v, _) in decided.items()})
     return cfg, model_cfg, lines
 
