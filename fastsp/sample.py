@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from fastsp.checkpoint import LoadedModel, load_model
 from fastsp.config_fields import SAMPLERS
-from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import CheckpointError, ConfigError
+from fastsp.flow import process_from_config
 from fastsp.run_folder import check_output_file
 from fastsp.sampling import (
     GridWriter,
@@ -148,7 +148,7 @@ def sample_grid(args: argparse.Namespace, loaded: LoadedModel) -> None:
     shape = (model_config.in_channels, resolution, resolution)
     batches = generate_batches(
         loaded.model,
-        NoiseSchedule.from_config(loaded.train_config),
+        process_from_config(loaded.train_config),
         args.num,
         shape,
         batch_size=args.batch_size,
@@ -210,7 +210,7 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
     labels = default_labels(args.num, model_config.num_classes, args.label)
     latents = generate(
         loaded.model,
-        NoiseSchedule.from_config(loaded.train_config),
+        process_from_config(loaded.train_config),
         args.num,
         (model_config.in_channels, resolution, resolution),
         labels=labels,

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from fastsp.checkpoint import atomic_write_bytes
-from fastsp.diffusion import NoiseSchedule, sample
+from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
+from fastsp.flow import FlowProcess
 
 
 def check_guidance(guidance_scale: float, conditional: bool) -> None:
@@ -40,7 +41,7 @@ def check_guidance(guidance_scale: float, conditional: bool) -> None:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     num: int,
     shape: tuple[int, int, int],
     labels: torch.Tensor | None = None,
@@ -76,9 +77,8 @@ def generate(
     def uncond_model_fn(x, t):
         return model(x, t, labels=null_labels, context=null_context).float()
 
-    images = sample(
+    images = schedule.sample(  # the process's sampler: DDIM/Euler, or flow's Euler
         model_fn,
-        schedule,
         noise,
         num_steps=num_steps,
         sampler=sampler,
@@ -146,7 +146,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def generate_batches(
     model: torch.nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     num: int,
     shape,
     *,
