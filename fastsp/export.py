@@ -4,10 +4,13 @@
 
 --checkpoint takes a checkpoint folder or a run folder (its latest complete checkpoint). OUT gets
 config.json and diffusion_pytorch_model.safetensors (fp32), which
-`diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options; drop it into a
-pipeline folder as its unet/. A DiT checkpoint (a dit_* preset) becomes a
-`diffusers.DiTTransformer2DModel` folder instead (fastsp.dit_diffusers), a DiTPipeline's
-transformer/. The folder is written atomically; OUT must not exist or be empty.
+`diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options, and
+scheduler_config.json, the scheduler that samples the model as fastsp does
+(fastsp.flow.scheduler_config: DDIMScheduler for DDPM, FlowMatchEulerDiscreteScheduler with the
+run's shift for flow), which that class's from_pretrained(OUT) loads. Drop OUT into a pipeline
+folder as its unet/ (scheduler_config.json as its scheduler/). A DiT checkpoint (a dit_*
+preset) becomes a `diffusers.DiTTransformer2DModel` folder instead (fastsp.dit_diffusers), a
+DiTPipeline's transformer/. The folder is written atomically; OUT must not exist or be empty.
 Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
 diffusers cannot express, a non-empty OUT), with a one-line message.
 """
@@ -22,6 +25,7 @@ from fastsp.cli import run_command
 from fastsp.diffusers_unet import export_to_diffusers
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit
+from fastsp.flow import scheduler_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 def export(args: argparse.Namespace) -> None:
     loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
     model = loaded.model
+    scheduler = scheduler_config(loaded.train_config)  # the process the run trained with
     if isinstance(model, DiT):  # its sample_size is the config's input_size
-        out = export_dit(model, args.to_diffusers)
+        out = export_dit(model, args.to_diffusers, scheduler_config=scheduler)
     else:
         # The latent size the model was trained at: the pipelines' default generation size.
         resolution = loaded.train_config.resolution
-        out = export_to_diffusers(model, args.to_diffusers, sample_size=resolution)
+        out = export_to_diffusers(
+            model, args.to_diffusers, sample_size=resolution, scheduler_config=scheduler
+        )
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
 
 

@@ -12,7 +12,8 @@ unchanged. Every timestep tensor of this process holds t = sigma * T as a float;
 self-perceptual loss (x_t'_pred = add_noise(x0_hat, eps_hat, t') = x_t + (t' - t) v_hat / T) and
 the samplers call `FlowProcess` through the interface `fastsp.diffusion.NoiseSchedule` has
 (add_noise, training_target, split_prediction, sample_timesteps, timesteps_between, sample), so
-they do not branch on the process. `process_from_config` builds the process of a run.
+they do not branch on the process. `process_from_config` builds the process of a run, and
+`scheduler_config` the diffusers scheduler config that samples its export as fastsp does.
 
 Training draws u per example, uniform or logit-normal (SD3's default: mean 0, std 1), and shifts
 it: sigma = s u / (1 + (s - 1) u) (SD3: s = 3). Flux's resolution-dependent shift is the same map
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -234,3 +235,48 @@ def process_from_config(train: TrainConfig) -> NoiseSchedule | FlowProcess:
     if train.diffusion == "flow":
         return FlowProcess.from_config(train)
     return NoiseSchedule.from_config(train)
+
+
+# fastsp's names -> diffusers' (DDIMScheduler's beta_schedule and prediction_type)
+_DIFFUSERS_BETA_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",  # the same alpha_bar (s = 0.008) and 0.999 cap
+}
+_DIFFUSERS_PREDICTION_TYPES = {"v": "v_prediction", "eps": "epsilon", "x0": "sample"}
+
+
+def scheduler_config(train: TrainConfig) -> dict[str, Any]:
+    """The diffusers scheduler config that samples a run of `train` as fastsp does: what
+    `python -m fastsp.export` writes as scheduler_config.json.
+
+    DDPM: DDIMScheduler with the run's betas, T, prediction type, zero terminal SNR
+    (rescale_betas_zero_snr) and fastsp's trailing timestep spacing, whose last step goes to
+    alpha_bar = 1 (set_alpha_to_one) and returns x0_hat, as fastsp's DDIM does. Flow:
+    FlowMatchEulerDiscreteScheduler with the run's shift, or Flux's dynamic shift (the pipeline
+    passes mu = calculate_shift(image sequence length), fastsp.flow.flux_mu)."""
+    if train.diffusion == "flow":
+        return {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "num_train_timesteps": train.num_timesteps,
+            "shift": train.flow_shift,
+            "use_dynamic_shifting": train.flow_dynamic_shift,
+            "base_shift": FLUX_BASE_SHIFT,
+            "max_shift": FLUX_MAX_SHIFT,
+            "base_image_seq_len": FLUX_BASE_SEQ_LEN,
+            "max_image_seq_len": FLUX_MAX_SEQ_LEN,
+        }
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": train.num_timesteps,
+        "beta_schedule": _DIFFUSERS_BETA_SCHEDULES[train.beta_schedule],
+        "beta_start": train.beta_start,
+        "beta_end": train.beta_end,
+        "prediction_type": _DIFFUSERS_PREDICTION_TYPES[train.prediction_type],
+        "rescale_betas_zero_snr": train.zero_terminal_snr,
+        "timestep_spacing": "trailing",
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "clip_sample": False,
+        "thresholding": False,
+    }

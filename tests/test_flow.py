@@ -278,3 +278,109 @@ def test_a_ddpm_run_resumed_as_flow_is_refused(tmp_path, capsys):
     assert train_cli.main([*argv, "--init", str(run), "--out", str(tmp_path / "s2")]) == 2
     assert "was trained with --diffusion ddpm" in capsys.readouterr().err
     assert not (tmp_path / "s2").exists()
+
+
+# ---- export: the scheduler config samples the exported model as fastsp does ----------------
+
+_EXPORT_RUNS = {
+    "unet": [
+        *("--preset", "tiny", "--data", "synthetic", "--cond", "context", "--channels", "4"),
+        *("--resolution", "16", "--context-dim", "32", "--context-len", "5", "--flow-shift", "3"),
+    ],
+    "dit": ["--preset", "dit_tiny", "--flow-dynamic-shift"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(_EXPORT_RUNS))
+def test_an_exported_flow_model_samples_the_same_in_diffusers(tmp_path, kind):
+    import diffusers
+
+    from fastsp import checkpoint, export
+
+    run, out = tmp_path / "run", tmp_path / "exported"
+    argv = [*_EXPORT_RUNS[kind], "--diffusion", "flow", "--steps", "1", "--device", "cpu"]
+    assert train_cli.main([*argv, "--out", str(run)]) == 0
+    assert export.main(["--checkpoint", str(run), "--to-diffusers", str(out)]) == 0
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out)
+    loaded = checkpoint.load_model(run, "ema")
+    ours, process = loaded.model.double(), process_from_config(loaded.train_config)
+    assert scheduler.config.shift == process.shift
+    assert scheduler.config.use_dynamic_shifting == process.dynamic_shift
+    config = ours.config
+    side = loaded.train_config.resolution
+    num, steps, scale = 3, 5, 2.0
+    shape = (config.in_channels, side, side)
+    g = torch.Generator().manual_seed(7)
+    if kind == "unet":
+        theirs = diffusers.UNet2DConditionModel.from_pretrained(out, torch_dtype=torch.float64)
+        context = torch.randn(num, 5, config.context_dim, generator=g, dtype=torch.float64)
+        conditions = {"context": context}
+        cond, uncond = (
+            {"encoder_hidden_states": context},
+            {"encoder_hidden_states": torch.zeros_like(context)},
+        )
+    else:
+        theirs = diffusers.DiTTransformer2DModel.from_pretrained(out, torch_dtype=torch.float64)
+        labels = torch.tensor([1, 4, 7])
+        conditions = {"labels": labels}
+        cond = {"class_labels": labels}
+        uncond = {"class_labels": torch.full_like(labels, config.num_classes)}
+    # fastsp's sampler on the same starting noise as fastsp.sampling.generate's, in float64
+    noise = torch.randn((num, *shape), generator=torch.Generator().manual_seed(0)).double()
+    null = {
+        k: torch.zeros_like(v) if k == "context" else torch.full_like(v, config.num_classes)
+        for k, v in conditions.items()
+    }
+    images = process.sample(
+        lambda x, t: ours(x, t, **conditions),
+        noise,
+        steps,
+        guidance_scale=scale,
+        uncond_model_fn=lambda x, t: ours(x, t, **null),
+    ).clamp(-1, 1)
+
+    # diffusers: its scheduler (mu from the image sequence length under the dynamic shift), the
+    # pipelines' CFG, the same starting noise as fastsp.sampling.generate's
+    mu = calculate_shift(image_seq_len(side, side)) if process.dynamic_shift else None
+    scheduler.set_timesteps(steps, mu=mu)
+    x = noise
+    theirs.eval()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            t_batch = t.expand(num)
+            v_cond = theirs(x, t_batch, **cond).sample
+            v_uncond = theirs(x, t_batch, **uncond).sample
+            x = scheduler.step(v_uncond + scale * (v_cond - v_uncond), t, x).prev_sample
+    assert images.abs().max() > 0.1
+    # diffusers holds timesteps in float32 and casts the sample to float32 in each step
+    torch.testing.assert_close(images, x.clamp(-1, 1), rtol=0, atol=1e-5)
+
+
+def test_the_ddpm_scheduler_config_is_fastsps_ddim():
+    # the DDIMScheduler that export writes for a DDPM run: fastsp's alpha_bar, trailing
+    # timesteps, and its DDIM steps (the last to alpha_bar = 1)
+    from diffusers import DDIMScheduler
+
+    from fastsp.diffusion import sample, sampling_timesteps
+    from fastsp.flow import scheduler_config
+
+    for options in ({}, {"beta_schedule": "cosine", "prediction_type": "x0"}):
+        cfg, _ = resolve("tiny", options, {})
+        ddim = DDIMScheduler.from_config(scheduler_config(cfg))
+        schedule = NoiseSchedule.from_config(cfg)
+        torch.testing.assert_close(
+            ddim.alphas_cumprod.double(), schedule.alphas_cumprod, rtol=0, atol=1e-6
+        )
+        ddim.set_timesteps(10)
+        assert ddim.timesteps.tolist() == sampling_timesteps(cfg.num_timesteps, 10).tolist()
+        noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).double()
+        ours = sample(lambda x, t: _velocity(x, t.double()), schedule, noise, 10)
+        x = noise
+        for t in ddim.timesteps:
+            x = ddim.step(_velocity(x, t.double().expand(2)), t, x).prev_sample
+        torch.testing.assert_close(ours, x.double(), rtol=0, atol=1e-5)
+    flow_cfg, _ = resolve("tiny", {"diffusion": "flow", "flow_shift": 3.0}, {})
+    flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(flow_cfg))
+    assert flow.config.shift == 3.0 and not flow.config.use_dynamic_shifting
