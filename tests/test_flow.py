@@ -384,3 +384,26 @@ def test_the_ddpm_scheduler_config_is_fastsps_ddim():
     flow_cfg, _ = resolve("tiny", {"diffusion": "flow", "flow_shift": 3.0}, {})
     flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config(flow_cfg))
     assert flow.config.shift == 3.0 and not flow.config.use_dynamic_shifting
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_both_stages_under_flow_on_letters(tmp_path, capsys):
+    import json
+
+    from fastsp import pipeline
+
+    out = tmp_path / "pipeline"
+    argv = [
+        *("--preset", "tiny", "--out", str(out), "--stage1-steps", "4", "--stage2-steps", "2"),
+        *("--compare-num", "4", "--compare-steps", "3", "--diffusion", "flow"),
+        *("--flow-shift", "3", "--flow-t-sampling", "logit_normal", "--data", "letters"),
+    ]
+    assert pipeline.main(argv) == 0
+    assert "comparison (no CFG)" in capsys.readouterr().out
+    for run in ("stage1_mse", "stage2_self_perceptual", "stage2_mse"):
+        train = json.loads((out / run / "config.json").read_text())["train"]
+        assert (train["diffusion"], train["flow_shift"], train["data"]) == ("flow", 3.0, "letters")
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        assert losses and all(0 < loss < 100 for loss in losses), (run, losses)
+    assert (out / "comparison.png").is_file()
