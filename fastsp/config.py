@@ -193,16 +193,14 @@ class TrainConfig:
     )
     context_len: int = option(77, "context sequence length of synthetic context data", resume=SAME)
     # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction) or flow
-    diffusion: str = option(
-        "ddpm", "the process: ddpm or flow (rectified)", DIFFUSIONS, resume=SAME
-    )
+    diffusion: str = option("ddpm", "the process (flow: rectified flow)", DIFFUSIONS, resume=SAME)
     beta_schedule: str = option(
         "scaled_linear",
         "the beta schedule (the paper: scaled_linear)",
         BETA_SCHEDULES,
         resume=SAME,
     )
-    num_timesteps: int = option(1000, "diffusion timesteps T", resume=SAME)
+    num_timesteps: int = option(1000, "timesteps T (flow: the model sees sigma T)", resume=SAME)
     beta_start: float = option(0.00085, "the first beta (cosine ignores it)", resume=SAME)
     beta_end: float = option(
         0.012, "the last beta before the rescale (cosine ignores it)", resume=SAME
@@ -215,12 +213,10 @@ class TrainConfig:
     prediction_type: str = option(
         "v", "what the network predicts (the paper: v)", PREDICTION_TYPES, resume=SAME
     )
-    # rectified flow (fastsp.flow); the model sees sigma * num_timesteps
+    # rectified flow (fastsp.flow)
     flow_shift: float = option(1.0, "flow: timestep shift s (SD3: 3; 1 = none)", resume=SAME)
     flow_dynamic_shift: bool = option(False, "flow: Flux's shift from the resolution", resume=SAME)
-    flow_t_sampling: str = option(
-        "uniform", "flow: training's draw of t", FLOW_T_SAMPLING, resume=SAME
-    )
+    flow_t_sampling: str = option("uniform", "flow: the draw of t", FLOW_T_SAMPLING, resume=SAME)
     flow_logit_mean: float = option(0.0, "flow: the logit-normal's mean", resume=SAME)
     flow_logit_std: float = option(1.0, "flow: the logit-normal's std", resume=SAME)
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)

@@ -39,6 +39,7 @@ from fastsp.config_fields import (
 )
 from fastsp.diffusion import NoiseSchedule
 from fastsp.feature_loss import feature_mse, feature_mse_multi
+from fastsp.flow import FlowProcess
 from fastsp.models import is_native
 
 # diffusers' names for the prediction types, accepted as aliases
@@ -142,7 +143,7 @@ class SelfPerceptualLoss:
     def __init__(
         self,
         perceptual: nn.Module,
-        process: NoiseSchedule | Any | torch.Tensor,
+        process: NoiseSchedule | FlowProcess | torch.Tensor,
         layers: str | Sequence[str] | Mapping[str, float] = "mid",
         prediction_type: str | None = None,
         perceptual_t: str | tuple[int, int] = "uniform",
