@@ -1,9 +1,10 @@
 """Sampling from a model: noise to images, in batches of bounded memory, and the PNGs they make.
 
 `generate` draws samples of a UNet or a DiT (class labels and/or a context sequence, with or
-without classifier-free guidance); `generate_batches` draws any number of them a batch at a time,
-each batch from its own seeded noise; `image_grid`, `save_png` and `GridWriter` turn them into
-PNG grids (`GridWriter` one row of cells at a time, for grids of any size). The trainer's sample
+without classifier-free guidance) with the sampler of the run's process (a `NoiseSchedule` or a
+`fastsp.flow.FlowProcess`); `generate_batches` draws any number of them a batch at a time, each
+batch from its own seeded noise; `image_grid`, `save_png` and `GridWriter` turn them into PNG
+grids (`GridWriter` one row of cells at a time, for grids of any size). The trainer's sample
 grids, `python -m fastsp.sample`, `python -m fastsp.evaluate` and the pipeline's comparison all
 draw through these functions, so the same seed gives the same images in each.
 """
