@@ -86,18 +86,19 @@ class FlowProcess:
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
     ):
+        # TrainConfig refuses these by option (fastsp.config_fields.check_process_options);
+        # here for a FlowProcess built by hand
         if not (math.isfinite(shift) and shift > 0):
-            raise ConfigError(f"--flow-shift must be a finite number > 0, got {shift!r}")
+            raise ConfigError(f"shift (--flow-shift) must be a finite number > 0, got {shift!r}")
         if not (math.isfinite(logit_std) and logit_std > 0):
-            raise ConfigError(f"--flow-logit-std must be a finite number > 0, got {logit_std!r}")
+            raise ConfigError(f"logit_std must be a finite number > 0, got {logit_std!r}")
         if not math.isfinite(logit_mean):
-            raise ConfigError(f"--flow-logit-mean must be finite, got {logit_mean!r}")
+            raise ConfigError(f"logit_mean must be finite, got {logit_mean!r}")
         if t_sampling not in FLOW_T_SAMPLING:
-            raise ConfigError(f"--flow-t-sampling: choose one of {', '.join(FLOW_T_SAMPLING)}")
+            raise ConfigError(f"t_sampling: choose one of {', '.join(FLOW_T_SAMPLING)}")
         if dynamic_shift and shift != 1.0:
             raise ConfigError(
-                "--flow-dynamic-shift sets the shift from the resolution (Flux); drop "
-                f"--flow-shift {shift}"
+                f"dynamic_shift sets the shift from the resolution; drop shift={shift}"
             )
         if dynamic_shift and resolution is None:
             raise ValueError("dynamic_shift needs the training resolution")
