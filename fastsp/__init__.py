@@ -22,6 +22,7 @@ _LAZY = {
     "DiT": "fastsp.dit",
     "DiTConfig": "fastsp.config",
     "FeatureMSELoss": "fastsp.feature_loss",
+    "FlowProcess": "fastsp.flow",
     "NoiseSchedule": "fastsp.diffusion",
     "SelfPerceptualLoss": "fastsp.perceptual",
     "TritonUnavailableError": "fastsp.feature_loss",
@@ -38,6 +39,7 @@ __all__ = [
     "DiT",
     "DiTConfig",
     "FeatureMSELoss",
+    "FlowProcess",
     "NoiseSchedule",
     "SelfPerceptualLoss",
     "TritonUnavailableError",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
         feature_mse,
         feature_mse_multi,
     )
+    from fastsp.flow import FlowProcess
     from fastsp.model_config import DiTConfig, UNetConfig
     from fastsp.models import build_model
     from fastsp.perceptual import SelfPerceptualLoss

@@ -27,7 +27,9 @@ from fastsp.config_fields import (
     CONDITIONINGS,
     DATA_FORMATS,
     DEVICES,
+    DIFFUSIONS,
     DISTANCES,
+    FLOW_T_SAMPLING,
     MAY_CHANGE,
     OBJECTIVES,
     ON_BAD_DATA,
@@ -40,6 +42,7 @@ from fastsp.config_fields import (
     SAME,
     SAMPLERS,
     TRAIN_STEPS,
+    check_process_options,
     option,
     option_flag,
     parse_layers,
@@ -189,14 +192,15 @@ class TrainConfig:
         resume=SAME,
     )
     context_len: int = option(77, "context sequence length of synthetic context data", resume=SAME)
-    # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction)
+    # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction) or flow
+    diffusion: str = option("ddpm", "the process (flow: rectified flow)", DIFFUSIONS, resume=SAME)
     beta_schedule: str = option(
         "scaled_linear",
         "the beta schedule (the paper: scaled_linear)",
         BETA_SCHEDULES,
         resume=SAME,
     )
-    num_timesteps: int = option(1000, "diffusion timesteps T", resume=SAME)
+    num_timesteps: int = option(1000, "timesteps T (flow: the model sees sigma T)", resume=SAME)
     beta_start: float = option(0.00085, "the first beta (cosine ignores it)", resume=SAME)
     beta_end: float = option(
         0.012, "the last beta before the rescale (cosine ignores it)", resume=SAME
@@ -209,6 +213,12 @@ class TrainConfig:
     prediction_type: str = option(
         "v", "what the network predicts (the paper: v)", PREDICTION_TYPES, resume=SAME
     )
+    # rectified flow (fastsp.flow)
+    flow_shift: float = option(1.0, "flow: timestep shift s (SD3: 3; 1 = none)", resume=SAME)
+    flow_dynamic_shift: bool = option(False, "flow: Flux's shift from the resolution", resume=SAME)
+    flow_t_sampling: str = option("uniform", "flow: the draw of t", FLOW_T_SAMPLING, resume=SAME)
+    flow_logit_mean: float = option(0.0, "flow: the logit-normal's mean", resume=SAME)
+    flow_logit_std: float = option(1.0, "flow: the logit-normal's std", resume=SAME)
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
     objective: str = option(
         "mse",
@@ -400,6 +410,7 @@ class TrainConfig:
         )
         require_bool(self, "zero_terminal_snr")
         require_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_process_options(self)
         # objective
         require_choice("objective", self.objective, OBJECTIVES)
         require_str(
@@ -500,9 +511,10 @@ class TrainConfig:
                 "the conditional and the unconditional prediction), but --cond none trains an "
                 "unconditional one; pass --sample-cfg 1, or --cond class or --cond context"
             )
-        try:
-            parse_perceptual_t(self.perceptual_t, self.num_timesteps)
-            parse_perceptual_on_t(self.perceptual_on_t, self.num_timesteps)
+        try:  # flow's model time reaches T itself (sigma = 1): ranges up to T
+            count = self.num_timesteps + (self.diffusion == "flow")
+            parse_perceptual_t(self.perceptual_t, count)
+            parse_perceptual_on_t(self.perceptual_on_t, count)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if self.perceptual_on_t != "all" and self.objective != "self_perceptual":

@@ -22,7 +22,9 @@ from fastsp.errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 # Vocabularies: the allowed values of each option, imported from here by the modules that use them
 
-# fastsp.diffusion
+# fastsp.diffusion and fastsp.flow
+DIFFUSIONS = ("ddpm", "flow")
+FLOW_T_SAMPLING = ("uniform", "logit_normal")
 PREDICTION_TYPES = ("v", "eps", "x0")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 SAMPLERS = ("ddim", "euler")
@@ -190,6 +192,44 @@ def refuse_eps_at_zero_terminal_snr(
         "Use prediction_type 'v' (the paper's choice) or 'x0', or a schedule without zero "
         f"terminal SNR: {fix}."
     )
+
+
+# The fields of each process; a run of the other one refuses any of them set off its default.
+DDPM_FIELDS = ("beta_schedule", "beta_start", "beta_end", "zero_terminal_snr", "prediction_type")
+FLOW_FIELDS = ("flow_shift", "flow_dynamic_shift", "flow_t_sampling", "flow_logit_mean")
+FLOW_FIELDS += ("flow_logit_std",)
+
+
+def check_process_options(config: Any) -> None:
+    """The process's fields of a TrainConfig `config`, then a ConfigError for an option of the
+    process the run does not train with (--diffusion flow with --no-zero-terminal-snr, ddpm with
+    --flow-shift, ...): it would be ignored. Set means off its default."""
+    require_choice("diffusion", config.diffusion, DIFFUSIONS)
+    require_number(config, "flow_shift", 0, low_open=True)
+    require_bool(config, "flow_dynamic_shift")
+    require_choice("flow_t_sampling", config.flow_t_sampling, FLOW_T_SAMPLING)
+    mean = config.flow_logit_mean
+    real = isinstance(mean, numbers.Real) and not isinstance(mean, bool)
+    require(config, "flow_logit_mean", real and math.isfinite(mean), "a finite number")
+    require_number(config, "flow_logit_std", 0, low_open=True)
+    other = FLOW_FIELDS if config.diffusion == "ddpm" else DDPM_FIELDS
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    owner = "flow" if config.diffusion == "ddpm" else "ddpm"
+    for name in other:
+        value = getattr(config, name)
+        if value != defaults[name]:
+            flag = option_flag(name)
+            given = flag if value is True else f"--no-{flag[2:]}" if value is False else None
+            raise ConfigError(
+                f"{given or f'{flag} {show_value(value)}'} is an option of --diffusion {owner}, "
+                f"but this run trains with --diffusion {config.diffusion}; drop it, or pass "
+                f"--diffusion {owner}"
+            )
+    if config.diffusion == "flow" and config.flow_dynamic_shift and config.flow_shift != 1:
+        raise ConfigError(
+            f"--flow-dynamic-shift sets the shift from the resolution (Flux); drop --flow-shift "
+            f"{show_value(config.flow_shift)}"
+        )
 
 
 def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:

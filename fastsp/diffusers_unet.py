@@ -80,6 +80,7 @@ SD21_BASE_CONFIG = dict(
 )
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"  # diffusers' name for a scheduler's config
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 # The version of diffusers' config format the export writes (read by from_pretrained).
 EXPORT_DIFFUSERS_VERSION = "0.42.0"
@@ -353,22 +354,34 @@ def diffusers_state_dict(model: UNet) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_to_diffusers(model: UNet, out_dir: str | Path, sample_size: int | None = None) -> Path:
+def export_to_diffusers(
+    model: UNet,
+    out_dir: str | Path,
+    sample_size: int | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+) -> Path:
     """Write `model` as a diffusers UNet folder that UNet2DConditionModel.from_pretrained(out_dir)
     loads without options: config.json and diffusion_pytorch_model.safetensors (the model's
     dtype). Assembled in a temporary folder beside out_dir and renamed into place; out_dir must
-    not exist or be empty. sample_size: the latent size pipelines default to (None: unset)."""
+    not exist or be empty. sample_size: the latent size pipelines default to (None: unset).
+    scheduler_config: written as scheduler_config.json beside them (see write_diffusers_folder)."""
     config = diffusers_config_from_unet(model.config, sample_size)
     assert config["_class_name"] == DIFFUSERS_UNET_CLASS
-    return write_diffusers_folder(out_dir, config, diffusers_state_dict(model))
+    weights = diffusers_state_dict(model)
+    return write_diffusers_folder(out_dir, config, weights, scheduler_config)
 
 
 def write_diffusers_folder(
-    out_dir: str | Path, config: dict[str, Any], weights: dict[str, torch.Tensor]
+    out_dir: str | Path,
+    config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    scheduler_config: dict[str, Any] | None = None,
 ) -> Path:
     """A diffusers model folder: config.json (config plus `_diffusers_version`) and the weights
     as diffusion_pytorch_model.safetensors, assembled in a temporary folder beside out_dir and
-    renamed into place; out_dir must not exist or be empty."""
+    renamed into place; out_dir must not exist or be empty. With scheduler_config, also
+    scheduler_config.json (plus `_diffusers_version`): the scheduler the model samples with, which
+    a diffusers scheduler class's from_pretrained(out_dir) reads (fastsp.flow.scheduler_config)."""
     out = Path(out_dir)
     check_export_folder(out)
     config = {**config, "_diffusers_version": EXPORT_DIFFUSERS_VERSION}
@@ -379,6 +392,10 @@ def write_diffusers_folder(
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if scheduler_config is not None:
+            scheduler_config = {**scheduler_config, "_diffusers_version": EXPORT_DIFFUSERS_VERSION}
+            text = json.dumps(scheduler_config, indent=2, sort_keys=True) + "\n"
+            (tmp / SCHEDULER_CONFIG_NAME).write_text(text)
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())

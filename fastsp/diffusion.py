@@ -35,6 +35,7 @@ from fastsp.config_fields import (
     SAMPLERS,
     refuse_eps_at_zero_terminal_snr,
 )
+from fastsp.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastsp.config import TrainConfig
@@ -221,8 +222,11 @@ class NoiseSchedule:
 
     Attributes (float64 [T] on CPU): betas, alphas_cumprod, a = sqrt(alphas_cumprod),
     s = sqrt(1 - alphas_cumprod); plus num_timesteps, prediction_type, beta_schedule,
-    zero_terminal_snr.
+    zero_terminal_snr. Timesteps are integers (long tensors) in [0, max_timestep].
+    `fastsp.flow.FlowProcess` has the same interface for rectified flow.
     """
+
+    name = "ddpm"
 
     def __init__(
         self,
@@ -247,14 +251,42 @@ class NoiseSchedule:
         self.zero_terminal_snr = zero_terminal_snr
         self.prediction_type = prediction_type
         self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        self._coefficients = CoefficientTable(self.alphas_cumprod)
+        self._set_alphas_cumprod(torch.cumprod(1 - betas, dim=0))
+
+    def _set_alphas_cumprod(self, alphas_cumprod: torch.Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod
+        self.max_timestep = self.num_timesteps - 1
+        self._coefficients = CoefficientTable(alphas_cumprod)
         self.a, self.s = self._coefficients.a, self._coefficients.s
+
+    @classmethod
+    def from_alphas_cumprod(
+        cls, alphas_cumprod: torch.Tensor, prediction_type: str = "v"
+    ) -> NoiseSchedule:
+        """The schedule of a given alpha_bar [T] (any float dtype and device; e.g. a diffusers
+        scheduler's `alphas_cumprod`); beta_schedule is None."""
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        alphas_cumprod = alphas_cumprod.detach().to(device="cpu", dtype=torch.float64)
+        zero_terminal_snr = bool(alphas_cumprod.min() <= 0)  # on the host, once
+        refuse_eps_at_zero_terminal_snr(prediction_type, zero_terminal_snr)
+        schedule = cls.__new__(cls)
+        schedule.beta_schedule, schedule.num_timesteps = None, alphas_cumprod.shape[0]
+        schedule.zero_terminal_snr, schedule.prediction_type = zero_terminal_snr, prediction_type
+        ratios = alphas_cumprod[1:] / alphas_cumprod[:-1]
+        schedule.betas = 1 - torch.cat([alphas_cumprod[:1], ratios])
+        schedule._set_alphas_cumprod(alphas_cumprod)
+        return schedule
 
     @classmethod
     def from_config(cls, train: TrainConfig) -> NoiseSchedule:
         """The schedule a run trains with (and its checkpoints sample with): the schedule fields
-        of its TrainConfig."""
+        of its TrainConfig. A flow run's config is refused (`fastsp.flow.process_from_config`
+        builds the process of any run)."""
+        if train.diffusion != "ddpm":
+            raise ConfigError(
+                f"this run trains with --diffusion {train.diffusion}, not DDPM: its checkpoints "
+                "sample with its own process (fastsp.flow.process_from_config)"
+            )
         return cls(
             beta_schedule=train.beta_schedule,
             num_timesteps=train.num_timesteps,
@@ -332,6 +364,16 @@ class NoiseSchedule:
         return torch.randint(
             0, self.num_timesteps, (batch_size,), device=device, generator=generator
         )
+
+    def timesteps_between(
+        self, low: int, high: int, like: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Timesteps long, uniform over {low, ..., high}, shaped as `like`, on its device."""
+        return torch.randint(low, high + 1, like.shape, generator=generator, device=like.device)
+
+    def sample(self, model_fn, noise: torch.Tensor, **options) -> torch.Tensor:
+        """`sample(model_fn, self, noise, **options)`: x0 from the probability-flow ODE."""
+        return sample(model_fn, self, noise, **options)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,13 +307,15 @@ def diffusers_state_dict(model: DiT) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_dit(model: DiT, out_dir: str | Path) -> Path:
+def export_dit(
+    model: DiT, out_dir: str | Path, scheduler_config: dict[str, Any] | None = None
+) -> Path:
     """Write `model` as a diffusers folder that DiTTransformer2DModel.from_pretrained(out_dir)
     loads without options: config.json and diffusion_pytorch_model.safetensors (the model's
-    dtype), written atomically (fastsp.diffusers_unet.write_diffusers_folder); out_dir must not
-    exist or be empty."""
+    dtype), and scheduler_config.json when given, written atomically
+    (fastsp.diffusers_unet.write_diffusers_folder); out_dir must not exist or be empty."""
     config = diffusers_config_from_dit(model.config)
     # the per-block copies of the embedding are views of one tensor; safetensors stores each
     # name's own bytes, so each copy is cloned
     weights = {k: v.detach().cpu().clone() for k, v in diffusers_state_dict(model).items()}
-    return write_diffusers_folder(out_dir, config, weights)
+    return write_diffusers_folder(out_dir, config, weights, scheduler_config)

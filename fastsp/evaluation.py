@@ -44,8 +44,8 @@ from fastsp import quality
 from fastsp.builtin_classifier import BUILTIN, FEATURE_DIM, classify, load_or_train_classifier
 from fastsp.checkpoint import LoadedModel, load_model
 from fastsp.config import TrainConfig
-from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import EvaluationError
+from fastsp.flow import process_from_config
 from fastsp.image_folder import ImageFolderDataset
 from fastsp.sampling import check_sampling, default_labels, generate_batches
 
@@ -255,7 +255,7 @@ def _generate_all(loaded: LoadedModel, settings: EvaluationSettings) -> torch.Te
     shape = (loaded.model_config.in_channels, resolution, resolution)
     batches = generate_batches(
         loaded.model,
-        NoiseSchedule.from_config(loaded.train_config),
+        process_from_config(loaded.train_config),
         settings.num,
         shape,
         batch_size=settings.batch_size,

@@ -4,13 +4,17 @@
 
 --checkpoint takes a checkpoint folder or a run folder (its latest complete checkpoint). OUT gets
 config.json and diffusion_pytorch_model.safetensors (fp32), which
-`diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options; drop it into a
-pipeline folder as its unet/. A DiT checkpoint (a dit_* preset) becomes a
-`diffusers.DiTTransformer2DModel` folder instead (fastsp.dit_diffusers), a DiTPipeline's
-transformer/. The folder is written atomically; OUT must not exist or be empty, which is checked
-before the checkpoint is read. A DiT's exported sample_size is its input_size: diffusers' DiT
-scales its position grid to sample_size, so only that size gives the positions it was trained
-with; a DiT trained at another resolution is exported so, and the command says how to sample it.
+`diffusers.UNet2DConditionModel.from_pretrained(OUT)` loads without options, and
+scheduler_config.json, the scheduler that samples the model as fastsp does
+(fastsp.flow.scheduler_config: DDIMScheduler for DDPM, FlowMatchEulerDiscreteScheduler with the
+run's shift for flow), which that class's from_pretrained(OUT) loads. Drop OUT into a pipeline
+folder as its unet/ (scheduler_config.json as its scheduler/). A DiT checkpoint (a dit_*
+preset) becomes a `diffusers.DiTTransformer2DModel` folder instead (fastsp.dit_diffusers), a
+DiTPipeline's transformer/. The folder is written atomically; OUT must not exist or be empty,
+which is checked before the checkpoint is read. A DiT's exported sample_size is its input_size:
+diffusers' DiT scales its position grid to sample_size, so only that size gives the positions it
+was trained with; a DiT trained at another resolution is exported so, and the command says how
+to sample it.
 Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
 diffusers cannot express, an OUT that is not new or empty or cannot be written); 4 a write that
 failed (a full disk; nothing of OUT is left), with a one-line message.
@@ -26,6 +30,7 @@ from fastsp.cli import run_command
 from fastsp.diffusers_unet import check_export_folder, export_to_diffusers
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit
+from fastsp.flow import scheduler_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +59,9 @@ def export(args: argparse.Namespace) -> None:
     check_export_folder(args.to_diffusers)  # before the checkpoint is read
     loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
     model = loaded.model
+    scheduler = scheduler_config(loaded.train_config)  # the process the run trained with
     if isinstance(model, DiT):  # its sample_size is the config's input_size
-        out = export_dit(model, args.to_diffusers)
+        out = export_dit(model, args.to_diffusers, scheduler_config=scheduler)
         trained, size = loaded.train_config.resolution, model.config.input_size
         if trained != size:
             print(
@@ -69,7 +75,9 @@ def export(args: argparse.Namespace) -> None:
     else:
         # The latent size the model was trained at: the pipelines' default generation size.
         resolution = loaded.train_config.resolution
-        out = export_to_diffusers(model, args.to_diffusers, sample_size=resolution)
+        out = export_to_diffusers(
+            model, args.to_diffusers, sample_size=resolution, scheduler_config=scheduler
+        )
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
 
 

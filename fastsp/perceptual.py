@@ -3,12 +3,15 @@
     loss_fn = SelfPerceptualLoss(frozen_unet, alphas_cumprod, layers="mid", prediction_type="v")
     loss = loss_fn(model_output, x0, noise, t, cond={"labels": y})
 
-Per example: x_t = a_t x0 + s_t eps, the online prediction gives (x0_hat, eps_hat); a new,
+Per example: x_t = add_noise(x0, eps, t), the online prediction gives (x0_hat, eps_hat); a new,
 independent t' re-noises both the data and the prediction,
-    x_real = a_t' x0     + s_t' eps        (no gradient)
-    x_pred = a_t' x0_hat + s_t' eps_hat    (gradient flows into the online model)
+    x_real = add_noise(x0,     eps,     t')   (no gradient)
+    x_pred = add_noise(x0_hat, eps_hat, t')   (gradient flows into the online model)
 and the loss is the distance between the frozen network's features of the two at the tapped
-layers (the mid block by default).
+layers (the mid block by default). The process is DDPM's (a `NoiseSchedule`, or any
+alphas_cumprod: add_noise = a_t x0 + s_t eps) or rectified flow's (a `fastsp.flow.FlowProcess`:
+(1 - sigma) x0 + sigma eps, so x_pred - x_real = (t' - t)(v_hat - v) / T); the loss only calls
+the process, so every option means the same in either's time.
 
 Cost (PAPER.md, "Cost of one self-perceptual step"): the frozen network runs only up to the
 deepest tapped layer, the real branch runs under no_grad, and the frozen network's parameters
@@ -33,10 +36,10 @@ from fastsp.config_fields import (
     parse_layers,
     parse_perceptual_on_t,
     parse_perceptual_t,
-    refuse_eps_at_zero_terminal_snr,
 )
-from fastsp.diffusion import CoefficientTable, split_prediction
+from fastsp.diffusion import NoiseSchedule
 from fastsp.feature_loss import feature_mse, feature_mse_multi
+from fastsp.flow import FlowProcess
 from fastsp.models import is_native
 
 # diffusers' names for the prediction types, accepted as aliases
@@ -117,13 +120,14 @@ class SelfPerceptualLoss:
     Args:
         perceptual: the frozen network f_star (a stage-1 model). It is put in eval mode with
             requires_grad False; its weights are never changed.
-        alphas_cumprod: [T] the schedule's alpha_bar (any float dtype, any device).
+        process: the process the online model trains under: a `NoiseSchedule`, a
+            `fastsp.flow.FlowProcess`, or DDPM's alpha_bar [T] (any float dtype, any device).
         layers: layer names (or {name: weight}); default the mid block ("mid", or e.g.
             "mid_block" for a diffusers UNet).
         prediction_type: what the online model predicts: "v" | "eps" | "x0" (diffusers'
-            "v_prediction" | "epsilon" | "sample" are accepted).
+            "v_prediction" | "epsilon" | "sample" are accepted); default "v", or the process's.
         perceptual_t: "uniform" (the paper) | "same" (t' = t: the loss is identically zero, a
-            test) | (low, high) inclusive range.
+            test) | (low, high) inclusive range of the process's timesteps (flow: sigma * T).
         predicted_noise: "eps_hat" (the paper) re-noises x0_hat with the predicted noise, "eps"
             with the true noise (the paper's ablation).
         distance: "l2" (mean squared error, the paper) | "l1".
@@ -139,16 +143,16 @@ class SelfPerceptualLoss:
     def __init__(
         self,
         perceptual: nn.Module,
-        alphas_cumprod: torch.Tensor,
+        process: NoiseSchedule | FlowProcess | torch.Tensor,
         layers: str | Sequence[str] | Mapping[str, float] = "mid",
-        prediction_type: str = "v",
+        prediction_type: str | None = None,
         perceptual_t: str | tuple[int, int] = "uniform",
         predicted_noise: str = "eps_hat",
         distance: str = "l2",
         batched_branches: bool = False,
         perceptual_on_t: str | tuple[int, int] | None = "all",
     ):
-        if prediction_type not in _PREDICTION_ALIASES:
+        if prediction_type is not None and prediction_type not in _PREDICTION_ALIASES:
             raise ValueError(
                 f"prediction_type {prediction_type!r} must be one of {sorted(_PREDICTION_ALIASES)}"
             )
@@ -158,21 +162,26 @@ class SelfPerceptualLoss:
             )
         if distance not in DISTANCES:
             raise ValueError(f"distance {distance!r} must be one of {DISTANCES}")
-        self.prediction_type = _PREDICTION_ALIASES[prediction_type]
-        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64)
-        # Checked once here, on the host, so that the step itself never reads a tensor.
-        zero_terminal_snr = bool(self.alphas_cumprod.min() <= 0)
-        refuse_eps_at_zero_terminal_snr(self.prediction_type, zero_terminal_snr)
-        self.num_timesteps = self.alphas_cumprod.shape[0]
-        self.perceptual_t = parse_perceptual_t(perceptual_t, self.num_timesteps)
-        self.on_t = parse_perceptual_on_t(perceptual_on_t, self.num_timesteps)  # None: every t
+        prediction_type = _PREDICTION_ALIASES[prediction_type] if prediction_type else None
+        if isinstance(process, torch.Tensor):
+            # the eps-at-zero-terminal-SNR rule is checked here once, on the host
+            process = NoiseSchedule.from_alphas_cumprod(process, prediction_type or "v")
+        elif prediction_type not in (None, process.prediction_type):
+            raise ValueError(
+                f"prediction_type {prediction_type!r} differs from the process's "
+                f"{process.prediction_type!r}"
+            )
+        self.process = process
+        self.prediction_type = process.prediction_type
+        count = process.max_timestep + 1  # the parsers take the number of integer timesteps
+        self.perceptual_t = parse_perceptual_t(perceptual_t, count)
+        self.on_t = parse_perceptual_on_t(perceptual_on_t, count)  # None: every t
         self.predicted_noise = predicted_noise
         self.distance = distance
         self.batched_branches = batched_branches
         self.layers = parse_layers(layers)
         self.perceptual = perceptual.eval().requires_grad_(False)
         self.features = FeatureExtractor(self.perceptual, list(self.layers))
-        self._coefficients = CoefficientTable(self.alphas_cumprod)
 
     def sample_t_prime(
         self, t: torch.Tensor, generator: torch.Generator | None = None
@@ -180,10 +189,9 @@ class SelfPerceptualLoss:
         """t' per example: a new, independent draw (uniform or in a range), or t itself."""
         if self.perceptual_t == "same":
             return t
-        low, high = (
-            (0, self.num_timesteps - 1) if self.perceptual_t == "uniform" else self.perceptual_t
-        )
-        return torch.randint(low, high + 1, t.shape, generator=generator, device=t.device)
+        uniform = (0, self.process.max_timestep)
+        low, high = uniform if self.perceptual_t == "uniform" else self.perceptual_t
+        return self.process.timesteps_between(low, high, t, generator)
 
     def _distance_per_example(
         self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
@@ -237,10 +245,10 @@ class SelfPerceptualLoss:
         """The loss for one batch.
 
         Args:
-            model_output: [B, ...] the online model's prediction at x_t = a_t x0 + s_t noise.
+            model_output: [B, ...] the online model's prediction at x_t = add_noise(x0, noise, t).
             x0, noise: [B, ...] the clean data and the noise that made x_t.
-            t: [B] long timesteps of x_t.
-            t_prime: [B] long perceptual timesteps; drawn with `generator` when None.
+            t: [B] timesteps of x_t (the process's: long for DDPM, sigma * T for flow).
+            t_prime: [B] perceptual timesteps; drawn with `generator` when None.
             cond: keyword arguments of the perceptual network's call (the same condition the
                 online model saw), e.g. {"labels": y} or {"encoder_hidden_states": c}.
             x_t: the noisy input the online model saw, if the caller has it (else recomputed).
@@ -256,20 +264,17 @@ class SelfPerceptualLoss:
         cond = dict(cond or {})
         if t_prime is None:
             t_prime = self.sample_t_prime(t, generator)
-        a_t, s_t = self._coefficients(t, x0)
+        process = self.process
         if x_t is None:
-            x_t = a_t * x0 + s_t * noise
-        x0_hat, eps_hat = split_prediction(
-            model_output.to(x0.dtype), x_t, a_t, s_t, self.prediction_type
-        )
-        a_p, s_p = self._coefficients(t_prime, x0)
+            x_t = process.add_noise(x0, noise, t)
+        x0_hat, eps_hat = process.split_prediction(model_output.to(x0.dtype), x_t, t)
         renoise = eps_hat if self.predicted_noise == "eps_hat" else noise
-        # real branch: x_t'_real = a_t' x0 + s_t' eps, no gradient
-        # predicted branch: x_t'_pred = a_t' x0_hat + s_t' eps_hat, gradient into the online model
+        # real branch: x_t'_real = add_noise(x0, eps, t') (DDPM a_t' x0 + s_t' eps), no gradient
+        # predicted branch: x_t'_pred = add_noise(x0_hat, eps_hat, t'), gradient into the model
         if self.batched_branches:
             with torch.no_grad():
-                x_real = a_p * x0 + s_p * noise
-            x_pred = a_p * x0_hat + s_p * renoise
+                x_real = process.add_noise(x0, noise, t_prime)
+            x_pred = process.add_noise(x0_hat, renoise, t_prime)
             both_cond = {k: None if v is None else torch.cat([v, v]) for k, v in cond.items()}
             x_both, t_both = torch.cat([x_real, x_pred]), torch.cat([t_prime, t_prime])
             both = self.features(x_both, t_both, both_cond)
@@ -278,8 +283,8 @@ class SelfPerceptualLoss:
             predicted = {name: h[batch:] for name, h in both.items()}
         else:
             with torch.no_grad():
-                real = self.features(a_p * x0 + s_p * noise, t_prime, cond)
-            predicted = self.features(a_p * x0_hat + s_p * renoise, t_prime, cond)
+                real = self.features(process.add_noise(x0, noise, t_prime), t_prime, cond)
+            predicted = self.features(process.add_noise(x0_hat, renoise, t_prime), t_prime, cond)
         if self.on_t is not None:
             return self._gated(self._distance_per_example(predicted, real), model_output, target, t)
         return self._distance(predicted, real)

@@ -38,8 +38,8 @@ from fastsp import checkpoint as checkpoint_lib  # noqa: E402
 from fastsp import config as config_lib  # noqa: E402
 from fastsp import config_cli, dist  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
-from fastsp.diffusion import NoiseSchedule  # noqa: E402
 from fastsp.errors import EXIT_INVALID_INPUT, ConfigError  # noqa: E402
+from fastsp.flow import process_from_config  # noqa: E402
 from fastsp.sampling import (  # noqa: E402
     default_labels,
     display_scale,
@@ -112,7 +112,7 @@ def write_comparison(
         shape = (model.config.in_channels, train_cfg.resolution, train_cfg.resolution)
         images = generate(
             model,
-            NoiseSchedule.from_config(train_cfg),
+            process_from_config(train_cfg),
             num,
             shape,
             labels=labels,

@@ -2,7 +2,8 @@
 
 This file is the oracle for every optimisation of the trainer and the baseline of the
 benchmarks. It is deliberately naive and independent of the fast code paths (from fastsp it
-imports only the leaf fastsp.config_fields: the prediction types and the eps-prediction rule):
+imports only the leaf fastsp.config_fields: the prediction types and the eps-prediction rule;
+rectified flow's losses, `reference_flow_*`, follow the DDPM ones):
 eager mode in the inputs' dtype (fp32, or float64 in tests), the schedule arithmetic written out
 from PAPER.md, two separate *full* forwards of the frozen perceptual network with a forward hook
 on its mid block (no `taps=`, so the decoder half runs and is thrown away), no
@@ -106,6 +107,56 @@ def reference_self_perceptual_loss(
     per_example_sp = F.mse_loss(h_pred, h_real, reduction="none").flatten(1).mean(1)
     target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]
     per_example_mse = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+    inside = (t >= on_t[0]) & (t <= on_t[1])
+    return torch.where(inside, per_example_sp, per_example_mse).mean()
+
+
+# Rectified flow (fastsp.flow), written out: the model sees t = sigma * T, sigma = t / T.
+def flow_sigma(t: torch.Tensor, num_timesteps: int, like: torch.Tensor) -> torch.Tensor:
+    """sigma = t / T shaped [B, 1, ...] in like's dtype."""
+    return (t.to(like.dtype) / num_timesteps).reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def reference_flow_mse_loss(
+    model, x0, noise, t, num_timesteps=1000, labels=None, context=None
+) -> torch.Tensor:
+    """Stage 1 under flow: mean((f(x_t, t, c) - (eps - x0))^2), x_t = (1 - sigma) x0 + sigma eps."""
+    sigma = flow_sigma(t, num_timesteps, x0)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    return F.mse_loss(model(x_t, t, labels=labels, context=context), noise - x0)
+
+
+def reference_flow_self_perceptual_loss(
+    model,
+    perceptual,
+    x0,
+    noise,
+    t,
+    t_prime,
+    num_timesteps=1000,
+    labels=None,
+    context=None,
+    on_t=None,
+) -> torch.Tensor:
+    """Stage 2 under flow (Algorithm 1 with the flow process), literally; t, t' are sigma * T."""
+    sigma = flow_sigma(t, num_timesteps, x0)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    v_hat = model(x_t, t, labels=labels, context=context)
+    # x0_hat = x_t - sigma v_hat, eps_hat = x_t + (1 - sigma) v_hat
+    x0_hat, eps_hat = x_t - sigma * v_hat, x_t + (1 - sigma) * v_hat
+    sigma2 = flow_sigma(t_prime, num_timesteps, x0)
+    with torch.no_grad():  # x_t'_real = (1 - sigma') x0 + sigma' eps
+        h_real = mid_features(
+            perceptual, (1 - sigma2) * x0 + sigma2 * noise, t_prime, labels, context
+        )
+    # x_t'_pred = (1 - sigma') x0_hat + sigma' eps_hat
+    h_pred = mid_features(
+        perceptual, (1 - sigma2) * x0_hat + sigma2 * eps_hat, t_prime, labels, context
+    )
+    if on_t is None:
+        return F.mse_loss(h_pred, h_real)
+    per_example_sp = F.mse_loss(h_pred, h_real, reduction="none").flatten(1).mean(1)
+    per_example_mse = F.mse_loss(v_hat, noise - x0, reduction="none").flatten(1).mean(1)
     inside = (t >= on_t[0]) & (t <= on_t[1])
     return torch.where(inside, per_example_sp, per_example_mse).mean()
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from fastsp.checkpoint import LoadedModel, load_model
 from fastsp.cli import error_status
 from fastsp.config_fields import SAMPLERS
-from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import CheckpointError, ConfigError
+from fastsp.flow import process_from_config
 from fastsp.run_folder import check_output_file
 from fastsp.sampling import (
     GridWriter,
@@ -163,7 +163,7 @@ def sample_grid(args: argparse.Namespace, loaded: LoadedModel) -> None:
     shape = (model_config.in_channels, resolution, resolution)
     batches = generate_batches(
         loaded.model,
-        NoiseSchedule.from_config(loaded.train_config),
+        process_from_config(loaded.train_config),
         args.num,
         shape,
         batch_size=args.batch_size,
@@ -233,7 +233,7 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
     labels = default_labels(args.num, model_config.num_classes, args.label)
     latents = generate(
         loaded.model,
-        NoiseSchedule.from_config(loaded.train_config),
+        process_from_config(loaded.train_config),
         args.num,
         (model_config.in_channels, resolution, resolution),
         labels=labels,

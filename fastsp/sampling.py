@@ -1,9 +1,10 @@
 """Sampling from a model: noise to images, in batches of bounded memory, and the PNGs they make.
 
 `generate` draws samples of a UNet or a DiT (class labels and/or a context sequence, with or
-without classifier-free guidance); `generate_batches` draws any number of them a batch at a time,
-each batch from its own seeded noise; `image_grid`, `save_png` and `GridWriter` turn them into
-PNG grids (`GridWriter` one row of cells at a time, for grids of any size). The trainer's sample
+without classifier-free guidance) with the sampler of the run's process (a `NoiseSchedule` or a
+`fastsp.flow.FlowProcess`); `generate_batches` draws any number of them a batch at a time, each
+batch from its own seeded noise; `image_grid`, `save_png` and `GridWriter` turn them into PNG
+grids (`GridWriter` one row of cells at a time, for grids of any size). The trainer's sample
 grids, `python -m fastsp.sample`, `python -m fastsp.evaluate` and the pipeline's comparison all
 draw through these functions, so the same seed gives the same images in each.
 """
@@ -23,8 +24,9 @@ import torch
 from PIL import Image
 
 from fastsp.checkpoint import atomic_write_bytes
-from fastsp.diffusion import NoiseSchedule, sample
+from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
+from fastsp.flow import FlowProcess
 
 
 def check_guidance(guidance_scale: float, conditional: bool) -> None:
@@ -40,7 +42,7 @@ def check_guidance(guidance_scale: float, conditional: bool) -> None:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     num: int,
     shape: tuple[int, int, int],
     labels: torch.Tensor | None = None,
@@ -76,9 +78,8 @@ def generate(
     def uncond_model_fn(x, t):
         return model(x, t, labels=null_labels, context=null_context).float()
 
-    images = sample(
+    images = schedule.sample(  # the process's sampler: DDIM/Euler, or flow's Euler
         model_fn,
-        schedule,
         noise,
         num_steps=num_steps,
         sampler=sampler,
@@ -146,7 +147,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def generate_batches(
     model: torch.nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     num: int,
     shape,
     *,

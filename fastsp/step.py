@@ -35,6 +35,7 @@ from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import GraphCaptureError
 from fastsp.feature_loss import feature_mse
+from fastsp.flow import FlowProcess
 from fastsp.perceptual import SelfPerceptualLoss
 
 # Eager iterations on a side stream before capture. DDP needs at least 11 (PyTorch's CUDA-graph
@@ -45,7 +46,7 @@ WARMUP_STEPS_DDP = 11
 
 def training_loss(
     model: torch.nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
@@ -54,7 +55,8 @@ def training_loss(
     t_prime: torch.Tensor | None = None,
     mse_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Stage 1 (perceptual_loss None): mean((f(x_t, t, c) - target)^2), target v = a eps - s x0.
+    """Stage 1 (perceptual_loss None): mean((f(x_t, t, c) - target)^2), target v = a eps - s x0
+    (flow: v = eps - x0); `schedule` is the process, a NoiseSchedule or a FlowProcess.
 
     Stage 2: PAPER.md Algorithm 1 through `perceptual_loss`, plus mse_weight x the MSE loss.
     Both squared errors go through `fastsp.feature_mse` (one fused pass on CUDA); the loss is
@@ -77,7 +79,7 @@ def training_loss(
 
 def reference_training_loss(
     model: torch.nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
@@ -87,6 +89,15 @@ def reference_training_loss(
     prediction_type: str = "v",
 ) -> torch.Tensor:
     """The naive oracle's loss (fastsp.reference) on the same inputs as `training_loss`."""
+    on_t = perceptual_loss.on_t if perceptual_loss is not None else None
+    if schedule.name == "flow":
+        T = schedule.num_timesteps
+        if perceptual_loss is None:
+            return reference.reference_flow_mse_loss(model, x0, noise, t, T, **cond)
+        perceptual = perceptual_loss.perceptual
+        return reference.reference_flow_self_perceptual_loss(
+            model, perceptual, x0, noise, t, t_prime, T, on_t=on_t, **cond
+        )
     alphas = schedule.alphas_cumprod.to(x0.device, x0.dtype)
     if perceptual_loss is None:
         return reference.reference_mse_loss(
@@ -101,7 +112,7 @@ def reference_training_loss(
         t_prime,
         alphas,
         prediction_type=prediction_type,
-        on_t=perceptual_loss.on_t,
+        on_t=on_t,
         **cond,
     )
 
@@ -110,7 +121,7 @@ def draw_randomness(
     generator: torch.Generator,
     global_batch: int,
     shape: tuple[int, ...],
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     label_dropout: float,
     perceptual_loss: SelfPerceptualLoss | None = None,
     dtype: torch.dtype = torch.float32,
@@ -135,7 +146,7 @@ def step_randomness(
     step: int,
     global_batch: int,
     shape: tuple[int, ...],
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowProcess,
     label_dropout: float,
     device: torch.device,
     perceptual_loss: SelfPerceptualLoss | None = None,
@@ -244,7 +255,7 @@ class TrainStep:
         online: torch.nn.Module,
         ema: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | FlowProcess,
         perceptual_loss: SelfPerceptualLoss | None,
         device: torch.device,
         null_context: torch.Tensor | None = None,

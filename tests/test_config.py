@@ -178,12 +178,40 @@ TRAIN_BAD: dict[str, list[dict]] = {
     "cond": [{"cond": "text"}],
     "label_dropout": [{"label_dropout": 1.0}, {"label_dropout": -0.1}, {"label_dropout": NAN}],
     "context_len": [{"context_len": 0}],
-    "beta_schedule": [{"beta_schedule": "sigmoid"}],
+    "beta_schedule": [
+        {"beta_schedule": "sigmoid"},
+        {"diffusion": "flow", "beta_schedule": "cosine"},
+    ],
     "num_timesteps": [{"num_timesteps": 1}, {"num_timesteps": 1000.0}],
     "beta_start": [{"beta_start": 0.0}, {"beta_start": NAN}, {"beta_start": -INF}],
     "beta_end": [{"beta_end": 1.0}, {"beta_end": 0.0001}, {"beta_end": INF}],
     "zero_terminal_snr": [{"zero_terminal_snr": 1}],
-    "prediction_type": [{"prediction_type": "epsilon"}, {"prediction_type": "eps"}],
+    "prediction_type": [
+        {"prediction_type": "epsilon"},
+        {"prediction_type": "eps"},
+        {"diffusion": "flow", "prediction_type": "x0"},  # flow predicts the velocity
+    ],
+    "diffusion": [{"diffusion": "sde"}, {"diffusion": "flow", "beta_schedule": "linear"}],
+    "flow_shift": [
+        {"diffusion": "flow", "flow_shift": 0.0},
+        {"diffusion": "flow", "flow_shift": NAN},
+        {"flow_shift": 3.0},  # an option of flow, given to a DDPM run
+    ],
+    "flow_dynamic_shift": [
+        {"diffusion": "flow", "flow_dynamic_shift": 1},
+        {"flow_dynamic_shift": True},
+        {"diffusion": "flow", "flow_dynamic_shift": True, "flow_shift": 3.0},
+    ],
+    "flow_t_sampling": [
+        {"diffusion": "flow", "flow_t_sampling": "normal"},
+        {"flow_t_sampling": "logit_normal"},
+    ],
+    "flow_logit_mean": [{"diffusion": "flow", "flow_logit_mean": NAN}, {"flow_logit_mean": 0.5}],
+    "flow_logit_std": [
+        {"diffusion": "flow", "flow_logit_std": 0.0},
+        {"diffusion": "flow", "flow_logit_std": -1.0},
+        {"flow_logit_std": 2.0},
+    ],
     "objective": [{"objective": "lpips"}],
     "init": [{"init": None}, {"objective": "self_perceptual", "init": ""}],
     "perceptual_checkpoint": [

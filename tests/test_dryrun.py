@@ -158,3 +158,19 @@ def test_an_internal_error_is_reported_as_such_not_as_a_fault():
     assert "fault:" not in result.stderr
     assert "Traceback" in result.stderr and "no_such_buffer" in result.stderr
     assert "internal error of the dry run" in result.stderr
+
+
+def test_the_flow_process_dry_runs_with_the_same_networks(tmp_path):
+    # --diffusion flow changes the noising and the targets, not the networks: the MSE step's
+    # convolutions count exactly what the DDPM one's do, and the step would be captured
+    out = tmp_path / "dryrun.json"
+    args = ["-m", "fastsp.dryrun", "--preset", "tiny", "--diffusion", "flow", "--flow-shift", "3"]
+    result = _run([*args, "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    mse, sp = figures["steps"]["mse"], figures["steps"]["self_perceptual"]
+    reference = _reference_flops(mse["model"], figures["batch_size"], figures["resolution"])
+    for op in ("convolution", "convolution_backward"):
+        assert mse["flops_by_op"][op] == reference[op]
+    assert 1.0 < figures["sp_mse_flop_ratio"] < 3.0
+    assert mse["graph"] == [] and sp["graph"] == []

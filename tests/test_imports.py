@@ -21,6 +21,7 @@ from fastsp import (
     data_policy,
     diffusion,
     dit,
+    flow,
     model_config,
     perceptual,
     reference,
@@ -157,6 +158,7 @@ def test_each_vocabulary_has_one_definition():
     the config module that defines it (config_fields, model_config)."""
     shared = {
         diffusion: ("BETA_SCHEDULES", "PREDICTION_TYPES", "SAMPLERS"),
+        flow: ("FLOW_T_SAMPLING", "SAMPLERS"),
         perceptual: (
             "DISTANCES",
             "PREDICTED_NOISE",
@@ -171,7 +173,15 @@ def test_each_vocabulary_has_one_definition():
         data: ("DATA_FORMATS", "is_int"),
         data_policy: ("ON_BAD_DATA",),
         model_config: ("ATTENTION_BACKENDS", "is_int"),
-        config: ("PREDICTION_TYPES", "SAMPLERS", "parse_layers", "UNetConfig", "MODEL_PRESETS"),
+        config: (
+            "PREDICTION_TYPES",
+            "SAMPLERS",
+            "DIFFUSIONS",
+            "FLOW_T_SAMPLING",
+            "parse_layers",
+            "UNetConfig",
+            "MODEL_PRESETS",
+        ),
     }
     for module, names in shared.items():
         for name in names:

@@ -2,6 +2,7 @@
 
     python benchmarks/quality/regime_map.py --quick --jobs 2   # 2 settings, 1 seed
     python benchmarks/quality/regime_map.py --jobs 2           # the full map (FULL)
+    python benchmarks/quality/regime_map.py --flow --jobs 2    # one setting under rectified flow
 
 The paper's claim (PAPER.md; issue 16) lives where MSE without guidance is unrealistic and
 guidance fixes much of it. For each setting (data set x base channels x stage-1 length x
@@ -217,17 +218,34 @@ def results_folder(args: argparse.Namespace, suffix: str) -> Path:
     return results
 
 
+# Rectified flow (issue 23): the FULL map's cheapest setting with a real guidance gap under DDPM,
+# its 3 seeds and sampling, trained and sampled with --diffusion flow (beside regime_map/'s rows).
+FLOW = dict(
+    FULL,
+    data=("letters",),
+    channels={"letters": (16,)},
+    stage1={"letters": (300,)},
+    extra_stage1=(),
+    unconditional=(),
+    variants=("mse", "sp"),
+    diffusion="flow",
+)
+
+
 def train_run(argv: list[str]) -> Path:
     """One training run (resumed if its folder has checkpoints); its final checkpoint."""
     cfg, model_cfg = config_cli.parse_args(argv)
     return train(cfg, model_cfg)
 
 
-def common(data: str, resolution: int, channels: int, cond: str, seed: int) -> list[str]:
+def common(
+    data: str, resolution: int, channels: int, cond: str, seed: int, plan: dict
+) -> list[str]:
     return [
         *("--preset", "digits", "--data", data, "--resolution", str(resolution)),
         *("--base-channels", str(channels), "--cond", cond, "--seed", str(seed)),
         *("--resume", "--sample-every", "0", "--log-every", "100", "--device", "cpu"),
+        *("--diffusion", plan.get("diffusion", "ddpm")),
     ]
 
 
@@ -264,7 +282,12 @@ def stage1_row(rows: Path, work: Path, setting: dict, seed: int, plan: dict) -> 
         start = time.perf_counter()
         argv = [
             *common(
-                setting["data"], setting["resolution"], setting["channels"], setting["cond"], seed
+                setting["data"],
+                setting["resolution"],
+                setting["channels"],
+                setting["cond"],
+                seed,
+                plan,
             ),
             *("--steps", str(setting["stage1"]), "--checkpoint-every", "0"),
             *("--out", str(stage1_run_dir(work, setting, seed))),
@@ -336,6 +359,7 @@ def stage2_row(rows: Path, work: Path, setting: dict, seed: int, variant, stage1
                 setting["channels"],
                 setting["cond"],
                 seed + STAGE2_SEED_OFFSET,
+                plan,
             ),
             *("--init", stage1["checkpoint"], "--lr", str(STAGE2_LR), "--objective", objective),
             *("--steps", str(setting["stage1"]), "--checkpoint-every", str(every)),
@@ -568,10 +592,11 @@ def table(results: list[dict], plan: dict) -> str:
             lines += heldout_lines(r)
         else:
             lines += [f"#### `{r['setting']['name']}`: stage 2 running", ""]
+    sampler = "flow Euler" if plan.get("diffusion") == "flow" else "DDIM"
     lines += [
         "",
         f"Stage-1 sweeps: CFG {', '.join(f'{x:g}' for x in plan['scales'])} (rescale "
-        f"{CFG_RESCALE:g}), {plan['num']} samples, {plan['steps']} DDIM steps, sampling seeds "
+        f"{CFG_RESCALE:g}), {plan['num']} samples, {plan['steps']} {sampler} steps, sampling seeds "
         f"{', '.join(map(str, plan['sampling_seeds']))}, against the training split; a gap is "
         f"real when its mean exceeds {GAP_STDS:g} std of the per-(seed, sampling seed) gaps. "
         f"Stage 2: learning rate {STAGE2_LR:g} from stage 1's EMA. Held-out rows: "
@@ -628,6 +653,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 settings, 1 seed")
     parser.add_argument(
+        "--flow", action="store_true", help="letters16_c16_s300_class under --diffusion flow"
+    )
+    parser.add_argument(
         "--out", default=None, help="training runs (default runs/regime_map[_quick])"
     )
     parser.add_argument(
@@ -646,8 +674,8 @@ def main() -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     torch.set_num_threads(1)
-    plan = QUICK if args.quick else FULL
-    suffix = "_quick" if args.quick else ""
+    plan = QUICK if args.quick else FLOW if args.flow else FULL
+    suffix = "_quick" if args.quick else "_flow" if args.flow else ""
     work = Path(args.out or f"runs/regime_map{suffix}")
     results_dir = results_folder(args, suffix) if not args.worker else Path(args.results)
     rows = results_dir / "rows"

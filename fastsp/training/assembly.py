@@ -189,9 +189,8 @@ def build_perceptual_loss(
     try:
         return SelfPerceptualLoss(
             perceptual,
-            plan.schedule.alphas_cumprod,
+            plan.schedule,
             layers=cfg.perceptual_layers,
-            prediction_type=cfg.prediction_type,
             perceptual_t=cfg.perceptual_t,
             predicted_noise=cfg.predicted_noise,
             distance=cfg.distance,

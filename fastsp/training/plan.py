@@ -23,9 +23,10 @@ from fastsp.config import BUILTIN_DATA, DiTConfig, TrainConfig, UNetConfig
 from fastsp.data import build_dataset, describe_data
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
+from fastsp.flow import FlowProcess, process_from_config
 from fastsp.latent_shards import LatentsDataset
 from fastsp.step import GraphPlan, memory_format, plan_graph, uses_bf16
-from fastsp.training.resume import check_resume, check_same_shape
+from fastsp.training.resume import check_resume, check_same_process, check_same_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Plan:
     model_cfg: UNetConfig | DiTConfig  # completed from the data set (channels, classes, context)
     dataset: Any
     data_lines: tuple[str, ...]  # what the data holds, and which values are the data's own
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | FlowProcess  # the process (--diffusion)
     world_size: int  # torchrun's WORLD_SIZE, known before the process group starts
     device_type: str  # "cuda" or "cpu"
     bf16: bool  # bf16 autocast of the step's forwards (fastsp.step.uses_bf16)
@@ -77,7 +78,7 @@ def plan_run(
         )
     world_size = dist.launched_world_size() if world_size is None else world_size
     device_type = device_type or dist.pick_device(cfg.device).type
-    schedule = NoiseSchedule.from_config(cfg)
+    schedule = process_from_config(cfg)
     dataset = build_data(cfg, model_cfg)
     cfg, model_cfg, data_lines = complete_from_data(cfg, model_cfg, dataset)
     check_resolution(cfg, model_cfg)
@@ -96,6 +97,7 @@ def plan_run(
             check_same_shape(
                 init_from, model_cfg, "pass --init a checkpoint trained with these model options"
             )
+            check_same_process(init_from, cfg, "--init")
         if cfg.objective == "self_perceptual" and cfg.perceptual_source == "frozen":
             perceptual_from = diffusers_unet.resolve_source(cfg.perceptual_checkpoint or cfg.init)
             check_same_shape(
@@ -104,6 +106,7 @@ def plan_run(
                 "the perceptual network must have the online model's shape: pass a checkpoint "
                 "of it",
             )
+            check_same_process(perceptual_from, cfg, "the perceptual network")
     return Plan(
         cfg=cfg,
         model_cfg=model_cfg,

@@ -80,6 +80,21 @@ def check_same_shape(checkpoint: Path, model_cfg: UNetConfig | DiTConfig, fix: s
         raise CheckpointError(f"{checkpoint} holds a model of another shape ({details}); {fix}")
 
 
+def check_same_process(source: Path, cfg: TrainConfig, what: str) -> None:
+    """Refuse a fastsp checkpoint trained under another process (--diffusion) as `what` (--init,
+    the perceptual network): its weights predict another quantity at another time scale. A
+    diffusers folder does not say; it is taken as it is."""
+    if diffusers_unet.diffusers_unet_folder(source) == source:
+        return
+    saved, _ = checkpoint_lib.read_configs(source)
+    if saved.diffusion != cfg.diffusion:
+        raise CheckpointError(
+            f"{what} {source} was trained with --diffusion {saved.diffusion}, this run trains "
+            f"with --diffusion {cfg.diffusion}; pass --diffusion {saved.diffusion}, or a "
+            f"checkpoint trained with --diffusion {cfg.diffusion}"
+        )
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equal values of one type (an int and a float count as one: JSON writes 1e-3 and 0.001
     alike); "8" is not 8."""
