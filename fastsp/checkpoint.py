@@ -409,17 +409,24 @@ class LoadedModel:
 
 
 def load_model(
-    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", merge: bool = False
 ) -> LoadedModel:
     """The model (a UNet or a DiT, as config.json's model section says) rebuilt from a
     checkpoint's config.json with its `ema` or `model` weights, and the checkpoint's validated
-    configuration and step."""
+    configuration and step. A LoRA run's model carries its peft adapters (fastsp.lora), or with
+    `merge` is a plain network with them merged into its weights."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     checkpoint = resolve_checkpoint(path)
     train_config, model_config = read_configs(checkpoint)
     model = build_model(model_config)
+    if train_config.lora_rank:
+        from fastsp import lora
+
+        model = lora.add_adapters(model, train_config, model_config)
     load_weights(model, checkpoint / f"{weights}.safetensors")
+    if train_config.lora_rank and merge:
+        model = lora.merged(model, model_config)
     return LoadedModel(
         model=model.to(device).eval(),
         train_config=train_config,

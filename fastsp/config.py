@@ -41,7 +41,6 @@ from fastsp.config_fields import (
     SAMPLERS,
     TRAIN_STEPS,
     option,
-    option_flag,
     parse_layers,
     parse_perceptual_on_t,
     parse_perceptual_t,
@@ -52,15 +51,10 @@ from fastsp.config_fields import (
     require_int,
     require_number,
     require_str,
-    show_value,
 )
-from fastsp.diffusers_unet_config import (
-    diffusers_unet_folder,
-    read_diffusers_config,
-    unet_config_from_diffusers,
-)
+from fastsp.diffusers_unet_config import init_model_config
 from fastsp.errors import ConfigError
-from fastsp.model_config import MODEL_PRESETS, DiTConfig, UNetConfig
+from fastsp.model_config import MODEL_PRESETS, DiTConfig, UNetConfig, check_model_options
 
 # The bounds of --resolution and --seed (the reasons are at their checks in TrainConfig)
 MAX_RESOLUTION = 4096
@@ -263,6 +257,20 @@ class TrainConfig:
         "(inclusive); each example outside the range gets the MSE loss instead",
         resume=SAME,
     )
+    # LoRA (fastsp.lora): adapters on the frozen --init weights
+    lora_rank: int = option(0, "LoRA adapter rank (0: off, every weight trains)", resume=SAME)
+    lora_alpha: float = option(
+        0.0, "LoRA scale alpha: W + alpha/rank B A (0: the rank)", resume=SAME
+    )
+    lora_targets: str = option(
+        "",
+        "layers given adapters, comma-separated name suffixes ('': attention, feed-forward)",
+        resume=SAME,
+    )
+    lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input", resume=SAME)
+    lora_init: str = option(
+        "", "adapter to start from: a fastsp LoRA checkpoint or a diffusers LoRA file", resume=SAME
+    )
     # optimisation
     steps: int = option(3000, "optimizer steps", resume=MAY_CHANGE)
     batch_size: int = option(
@@ -421,6 +429,11 @@ class TrainConfig:
         require_choice("predicted_noise", self.predicted_noise, PREDICTED_NOISE)
         require_choice("distance", self.distance, DISTANCES)
         require_number(self, "mse_weight", 0)
+        require_int(self, "lora_rank", 0, note=" (0: no adapters)")
+        require_number(self, "lora_alpha", 0, note=" (0: the rank)")
+        require_str(self, "lora_targets", "comma-separated layer names", empty_ok=True)
+        require_number(self, "lora_dropout", 0, 1, high_open=True, what="a probability")
+        require_str(self, "lora_init", "an adapter path, or ''", empty_ok=True)
         # optimisation
         for name in ("steps", "batch_size", "grad_accum"):
             require_int(self, name, 1)
@@ -556,43 +569,9 @@ def resolve(
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     try:
         train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
-        base = _init_model(train.init, model_overrides) or MODEL_PRESETS[preset]
-        _check_model_options(preset, base, model_overrides)
+        base = init_model_config(train.init, model_overrides) or MODEL_PRESETS[preset]
+        check_model_options(preset, base, model_overrides)
         model = dataclasses.replace(base, **model_overrides)
     except ValueError as error:  # every refusal reads as a ConfigError
         raise ConfigError(str(error)) from None
     return train, model
-
-
-def _check_model_options(preset: str, base: Any, model_overrides: dict[str, Any]) -> None:
-    """Refuse the options of the other model kind (e.g. --depth with a UNet preset): the
-    preset decides whether the run builds a UNet or a DiT."""
-    fields = {f.name for f in dataclasses.fields(base)}
-    foreign = [option_flag(name) for name in model_overrides if name not in fields]
-    if foreign:
-        kind = "DiT" if isinstance(base, DiTConfig) else "UNet"
-        other = "a UNet preset (tiny, digits, sd21)" if kind == "DiT" else "a dit_* preset"
-        raise ConfigError(
-            f"{', '.join(foreign)}: not an option of the {kind} that --preset {preset} builds; "
-            f"drop it, or pick {other}"
-        )
-
-
-def _init_model(init: str, model_overrides: dict[str, Any]) -> UNetConfig | None:
-    """With --init of a diffusers UNet (or pipeline) folder, the architecture is that folder's,
-    and a model option that says otherwise is refused; None for any other --init."""
-    folder = diffusers_unet_folder(init) if init else None
-    if folder is None:
-        return None
-    model = unet_config_from_diffusers(read_diffusers_config(folder))
-    differ = {k: v for k, v in model_overrides.items() if getattr(model, k) != v}
-    if differ:
-        details = ", ".join(
-            f"{option_flag(k)} {show_value(v)} vs {show_value(getattr(model, k))}"
-            for k, v in differ.items()
-        )
-        raise ConfigError(
-            f"--init {init} is a diffusers UNet whose config.json sets the architecture, and the "
-            f"model options contradict it ({details}); drop those options"
-        )
-    return model

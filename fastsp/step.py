@@ -225,7 +225,8 @@ class TrainStep:
         config: the step's settings (`StepConfig.from_train` for a run).
         model: the online model (fp32 master weights); `online` is what is called (the model, or
             its DDP wrapper, or a compiled version of either).
-        ema, optimizer: the EMA copy and the optimizer over `model.parameters()`.
+        ema, optimizer: the EMA copy and the optimizer over the model's parameters that require
+            gradients (all of them, or the LoRA adapters).
         perceptual_loss: stage 2's loss, None for stage 1.
         null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
             empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
@@ -258,7 +259,8 @@ class TrainStep:
         self.schedule, self.perceptual_loss, self.device = schedule, perceptual_loss, device
         local_batch, shape = config.local_batch, config.shape
         self.memory_format = memory_format(config.channels_last)
-        self.params = list(model.parameters())
+        # The trained parameters: every one, or under LoRA the adapters alone (fastsp.lora)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype  # fp32 master weights (float64 in tests)
         # torch's fused AdamW skips a step on the device (found_inf); any other optimizer (the
         # reference's foreach AdamW, apex FusedAdam) needs the verdict on the host.
@@ -303,7 +305,8 @@ class TrainStep:
         # kernel per parameter. `_foreach_mul_.Tensor` takes w as a 0-d device tensor and reads
         # it on the device, on the fused path.
         self.ema_step_weight = torch.zeros((), device=device, dtype=self.dtype)
-        self.ema_params = list(ema.parameters())
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.ema_params = [p for name, p in ema.named_parameters() if name in trained]
         self.model_values = [p.detach() for p in self.params]
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)

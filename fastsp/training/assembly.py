@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -92,13 +93,23 @@ def assemble(
     with torch._subclasses.fake_tensor.unset_fake_temporarily() if on_meta else nullcontext():
         source = plan.init_from if plan.resume_from is None else None
         model = new_network(plan, device, on_meta, source)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        perceptual_loss = build_perceptual_loss(plan, ema, device, on_meta)
+        if cfg.lora_rank:
+            from fastsp import lora
+
+            model = lora.add_adapters(model, cfg, model_cfg)
+            if plan.lora_init_from is not None and plan.resume_from is None:
+                lora.load_adapter(model, plan.lora_init_from)
+            ema = lora.ema_copy(model)  # the adapters' EMA; the base tensors are the model's
+        else:
+            ema = copy.deepcopy(model).requires_grad_(False).eval()
+        perceptual_loss = build_perceptual_loss(plan, ema, device, on_meta, model)
     if on_meta:
         frozen = [perceptual_loss.perceptual] if perceptual_loss is not None else []
         for network in {id(n): n for n in [model, ema, *frozen]}.values():
             network.to_empty(device=device)  # strides (channels_last) and dtypes kept
-    optimizer = build_optimizer(cfg, model.parameters(), device)
+        if cfg.lora_rank:
+            lora.tie_frozen(ema, model)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     start_step = 0
     if plan.resume_from is not None:
         state = checkpoint_lib.load_training_state(plan.resume_from, model, ema, optimizer)
@@ -149,6 +160,7 @@ def assemble(
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if plan.bf16 else "fp32",
         "compile": "torch.compile (online and perceptual networks)" if cfg.compile else "off",
+        "lora": describe_lora(plan, model),
         "cuda_graph": plan.graph.describe(),
         "graph_environment": plan.graph.describe_environment(),
     }
@@ -175,14 +187,25 @@ def new_network(
 
 
 def build_perceptual_loss(
-    plan: Plan, ema: torch.nn.Module, device: torch.device, on_meta: bool = False
+    plan: Plan,
+    ema: torch.nn.Module,
+    device: torch.device,
+    on_meta: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> SelfPerceptualLoss | None:
     """Stage 2's loss around the frozen perceptual network (plan.perceptual_from's weights, held
-    in plan.frozen_dtype) or the online model's EMA."""
+    in plan.frozen_dtype), the online model's EMA, or under LoRA the online `model` itself with
+    its adapters off (plan.perceptual_adapters_off: no second copy)."""
     cfg = plan.cfg
     if cfg.objective != "self_perceptual":
         return None
-    if cfg.perceptual_source == "ema":
+    context = None
+    if plan.perceptual_adapters_off:
+        from fastsp import lora
+
+        perceptual = model
+        context = functools.partial(lora.adapters_off, model)
+    elif cfg.perceptual_source == "ema":
         perceptual = ema
     else:
         perceptual = new_network(plan, device, on_meta, plan.perceptual_from, plan.frozen_dtype)
@@ -197,6 +220,7 @@ def build_perceptual_loss(
             distance=cfg.distance,
             batched_branches=cfg.batched_branches,
             perceptual_on_t=cfg.perceptual_on_t,
+            perceptual_context=context,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
@@ -228,6 +252,18 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
         fused=fused,
         capturable=fused and device.type == "cuda",
     )
+
+
+def describe_lora(plan: Plan, model: torch.nn.Module) -> str:
+    """backends.json's lora line: off, or the adapters and what the perceptual pass runs."""
+    cfg = plan.cfg
+    if not cfg.lora_rank:
+        return "off (every weight trains)"
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    line = f"peft LoRA rank {cfg.lora_rank}, {trained} adapter weights train"
+    if plan.perceptual_adapters_off:
+        line += "; perceptual pass: the base with its adapters off (no frozen copy)"
+    return line
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> str:
