@@ -10,18 +10,28 @@ pipeline folder as its unet/. A DiT checkpoint (a dit_* preset) becomes a
 transformer/. The folder is written atomically; OUT must not exist or be empty.
 Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
 diffusers cannot express, a non-empty OUT), with a one-line message.
+
+A LoRA run's checkpoint (--lora-rank) is written as its adapter alone, OUT/pytorch_lora_weights.
+safetensors in the diffusers LoRA format that a Stable Diffusion pipeline's
+`load_lora_weights(OUT)` loads onto the base UNet (fastsp.lora); with --merge, as the full
+network with the adapters merged into its weights, as any other checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import uuid
+from pathlib import Path
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.cli import run_command
 from fastsp.diffusers_unet import export_to_diffusers
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit
+from fastsp.errors import CheckpointError, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,19 +53,56 @@ def build_parser() -> argparse.ArgumentParser:
         default="ema",
         help="the EMA weights (default) or the online model's",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA checkpoint: write the full weights with the adapters merged, not the adapter",
+    )
     return parser
 
 
 def export(args: argparse.Namespace) -> None:
-    loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
+    loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights, merge=args.merge)
     model = loaded.model
-    if isinstance(model, DiT):  # its sample_size is the config's input_size
+    if loaded.train_config.lora_rank and not args.merge:
+        out = export_lora(loaded, args.to_diffusers)
+    elif args.merge and not loaded.train_config.lora_rank:
+        raise ConfigError(
+            f"--merge merges LoRA adapters, but {loaded.checkpoint} is a full fine-tune "
+            "(--lora-rank 0); drop --merge"
+        )
+    elif isinstance(model, DiT):  # its sample_size is the config's input_size
         out = export_dit(model, args.to_diffusers)
     else:
         # The latent size the model was trained at: the pipelines' default generation size.
         resolution = loaded.train_config.resolution
         out = export_to_diffusers(model, args.to_diffusers, sample_size=resolution)
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
+
+
+def export_lora(loaded: checkpoint_lib.LoadedModel, out_dir: str) -> Path:
+    """The adapter of a LoRA UNet as OUT/pytorch_lora_weights.safetensors, written by diffusers'
+    own LoRA writer into a temporary folder beside OUT and renamed into place."""
+    if isinstance(loaded.model, DiT):
+        raise ConfigError(
+            "diffusers' DiTPipeline loads no LoRA adapters; pass --merge to export the DiT with "
+            "its adapters merged"
+        )
+    from fastsp import lora
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not empty; pass a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        lora.save_diffusers_lora(loaded.model, loaded.train_config, tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / lora.LORA_WEIGHTS_NAME
 
 
 def main(argv: list[str] | None = None) -> int:
