@@ -149,3 +149,22 @@ def test_an_internal_error_is_reported_as_such_not_as_a_fault():
     assert "fault:" not in result.stderr
     assert "Traceback" in result.stderr and "no_such_buffer" in result.stderr
     assert "internal error of the dry run" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_lora_dry_run_holds_no_frozen_copy_and_no_full_optimizer_state(tmp_path):
+    # The LoRA step through the dry run: the perceptual pass is the online model with its
+    # adapters off, so what outlives a step is the fp32 model and the adapters' state alone.
+    # A full fine-tune holds the model, its EMA and Adam's two moments (4 x 4 bytes per weight)
+    # plus the bf16 frozen copy.
+    out = tmp_path / "lora.json"
+    argv = ["-m", "fastsp.dryrun", "--preset", "tiny", "--objective", "self_perceptual"]
+    result = _run([*argv, "--lora-rank", "4", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    weights = sum(
+        p.numel() for p in UNet(UNetConfig(**figures["steps"]["mse"]["model"])).parameters()
+    )
+    for objective in ("self_perceptual", "mse"):
+        state = figures["steps"][objective]["state_bytes"]
+        assert 4 * weights < state < 1.2 * 4 * weights, objective
