@@ -32,6 +32,7 @@ from fastsp.config_fields import (
     OBJECTIVES,
     ON_BAD_DATA,
     OPTIMIZERS,
+    PARALLELS,
     PERCEPTUAL_SOURCES,
     PRECISIONS,
     PREDICTED_NOISE,
@@ -332,6 +333,9 @@ class TrainConfig:
     compile: bool = option(
         False, "torch.compile the online and perceptual networks", resume=MAY_CHANGE
     )
+    parallel: str = option(
+        "ddp", "data parallel: ddp (replicas) or fsdp (FSDP2, sharded)", PARALLELS, resume=SAME
+    )
     batched_branches: bool = option(
         False,
         "run the real and predicted perceptual branches as one forward",
@@ -452,6 +456,7 @@ class TrainConfig:
         require_choice("precision", self.precision, PRECISIONS)
         require_bool(self, "channels_last")
         require_choice("train_step", self.train_step, TRAIN_STEPS)
+        require_choice("parallel", self.parallel, PARALLELS)
         for name in ("cuda_graph", "compile", "batched_branches", "deterministic"):
             require_bool(self, name)
         # The step's generator is seeded with seed * 1_000_003 + step, which must fit torch's

@@ -44,6 +44,7 @@ OPTIMIZERS = ("adamw", "apex_fused_adam")
 TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
+PARALLELS = ("ddp", "fsdp")  # fastsp.training.parallel
 
 
 # What a resume may change, declared on each TrainConfig field (`option(..., resume=...)`; a test

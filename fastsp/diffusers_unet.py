@@ -337,7 +337,7 @@ def load_state_into(model: UNet, source: Path) -> None:
     diffusers folder's weights, or a fastsp checkpoint's EMA weights (a LoRA run's merged)."""
     if diffusers_unet_folder(source) == source:
         _fill(model, source)
-    elif checkpoint_lib.read_configs(source)[0].lora_rank:
+    elif checkpoint_lib.read_configs(source)[0].lora_rank or checkpoint_lib.is_sharded(source):
         model.load_state_dict(
             checkpoint_lib.load_model(source, "ema", merge=True).model.state_dict()
         )

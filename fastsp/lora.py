@@ -194,7 +194,10 @@ def diffusers_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for key, tensor in state.items():
         module, kind = key.split(".lora_")
         theirs = [name.removesuffix(".weight") for name in diffusers_names(module + ".weight")]
-        parts = tensor.chunk(len(theirs)) if kind == "B.weight" else [tensor.clone() for _ in theirs]
+        if kind == "B.weight":
+            parts = tensor.chunk(len(theirs))
+        else:  # one A per part: a file holds no two names of one tensor
+            parts = [tensor.clone() for _ in theirs]
         for name, part in zip(theirs, parts, strict=True):
             out[f"{name}.lora_{kind}"] = part.detach().contiguous()
     return out

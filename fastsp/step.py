@@ -30,6 +30,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
@@ -168,6 +169,7 @@ class StepConfig:
     channels_last: bool = False  # memory format of the inputs
     reference_loss: bool = False  # the naive oracle's loss (fastsp.reference) instead
     prediction_type: str = "v"  # the model's parameterisation (the reference loss needs it)
+    fsdp: bool = False  # the networks are FSDP2-sharded (fastsp.training.parallel), not DDP
 
     @property
     def local_batch(self) -> int:
@@ -175,7 +177,7 @@ class StepConfig:
 
     @property
     def ddp(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 and not self.fsdp
 
     @classmethod
     def from_train(
@@ -206,6 +208,7 @@ class StepConfig:
             channels_last=cfg.channels_last,
             reference_loss=cfg.train_step == "reference",
             prediction_type=cfg.prediction_type,
+            fsdp=cfg.parallel == "fsdp",
         )
 
 
@@ -306,8 +309,9 @@ class TrainStep:
         # it on the device, on the fused path.
         self.ema_step_weight = torch.zeros((), device=device, dtype=self.dtype)
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
-        self.ema_params = [p for name, p in ema.named_parameters() if name in trained]
-        self.model_values = [p.detach() for p in self.params]
+        # Under FSDP2 the model and the EMA are sharded alike: the update runs on the local shards
+        self.ema_params = [local(p) for name, p in ema.named_parameters() if name in trained]
+        self.model_values = [local(p.detach()) for p in self.params]
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)
         self.generator = torch.Generator(device=device)
@@ -363,6 +367,8 @@ class TrainStep:
             sync = (
                 contextlib.nullcontext() if last or not self.config.ddp else self.online.no_sync()
             )
+            if self.config.fsdp:  # FSDP2's reduce-scatter on the last micro-step only
+                self.online.set_requires_gradient_sync(last)
             cond = {
                 "labels": labels[part] if labels is not None else None,
                 "context": context[part] if context is not None else None,
@@ -410,6 +416,8 @@ class TrainStep:
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None]
             )
+        if isinstance(grad_norm, DTensor):  # FSDP2: all-reduced already, read on every rank
+            grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm) & ~self.force_skip
         if self.host_skip:
             if finite.item():  # no found_inf input: one host sync per step
@@ -573,8 +581,16 @@ def plan_graph(cfg, world_size: int, device_type: str) -> GraphPlan:
         reasons.append("the reference step is the eager oracle")
     if not cfg.cuda_graph:
         reasons.append("--no-cuda-graph")
+    if cfg.parallel == "fsdp":  # its per-block all-gathers and frees run on its own streams
+        reasons.append("--parallel fsdp: torch does not capture FSDP2's all-gathers in a graph")
     captured_ddp = not reasons and world_size > 1
     return GraphPlan(tuple(reasons), dict(NCCL_GRAPH_ENVIRONMENT) if captured_ddp else {})
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a view: in-place updates reach it), or the
+    tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -109,16 +109,24 @@ def assemble(
             network.to_empty(device=device)  # strides (channels_last) and dtypes kept
         if cfg.lora_rank:
             lora.tie_frozen(ema, model)
+    fsdp = cfg.parallel == "fsdp"
+    if fsdp:  # every network sharded, then the optimizer over the shards
+        from fastsp.training import parallel
+
+        frozen = [perceptual_loss.perceptual] if perceptual_loss is not None else []
+        for network in {id(n): n for n in [model, ema, *frozen]}.values():
+            parallel.shard(network, device, plan.bf16)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     start_step = 0
     if plan.resume_from is not None:
-        state = checkpoint_lib.load_training_state(plan.resume_from, model, ema, optimizer)
+        load = parallel.load_training_state if fsdp else checkpoint_lib.load_training_state
+        state = load(plan.resume_from, model, ema, optimizer)
         start_step = state["step"]
     online = model
     # The one side stream of a captured DDP step: DDP is built on it, and TrainStep.capture
     # warms up and captures on it (it says why). None for an eager step, which runs on the
     # stream DDP was built on, and for one process, whose capture makes its own.
-    ddp = plan.world_size > 1
+    ddp = plan.world_size > 1 and not fsdp
     stream = torch.cuda.Stream(device) if plan.graph.captured and ddp else None
     if ddp:
         online = wrap_ddp(model, device, stream)
@@ -160,6 +168,7 @@ def assemble(
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if plan.bf16 else "fp32",
         "compile": "torch.compile (online and perceptual networks)" if cfg.compile else "off",
+        "parallel": describe_parallel(plan),
         "lora": describe_lora(plan, model),
         "cuda_graph": plan.graph.describe(),
         "graph_environment": plan.graph.describe_environment(),
@@ -252,6 +261,16 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
         fused=fused,
         capturable=fused and device.type == "cuda",
     )
+
+
+def describe_parallel(plan: Plan) -> str:
+    """backends.json's parallel line: how the weights are spread over the processes."""
+    if plan.cfg.parallel == "fsdp":
+        dtype = (
+            "bf16 compute, fp32 reduction" if plan.bf16 and plan.device_type == "cuda" else "fp32"
+        )
+        return f"FSDP2 over {plan.world_size} processes (fully_shard per block, {dtype})"
+    return f"DDP over {plan.world_size} processes" if plan.world_size > 1 else "one process"
 
 
 def describe_lora(plan: Plan, model: torch.nn.Module) -> str:

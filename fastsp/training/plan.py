@@ -87,6 +87,10 @@ def plan_run(
     check_batch(cfg, world_size)
     check_optimizer(cfg, device_type)
     check_lora(cfg, model_cfg)
+    if cfg.parallel == "fsdp":
+        from fastsp.training.parallel import check_launch
+
+        check_launch(cfg.parallel)
     run_dir = Path(cfg.out)
     resume_from = init_from = perceptual_from = lora_init_from = None
     resume_lines: list[str] = []
