@@ -74,6 +74,10 @@ def shard(network: torch.nn.Module, device: torch.device, bf16: bool) -> torch.n
 
 def _state(model, ema, optimizer) -> dict[str, Any]:
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    for group in optimizer_state["param_groups"]:
+        # the step's learning rate is a device tensor (fastsp.step); a number on disk, as in a
+        # fresh optimizer, so that saved and loaded state dicts have one layout
+        group["lr"] = float(group["lr"])
     return {"model": model_state, "ema": get_model_state_dict(ema), "optimizer": optimizer_state}
 
 
