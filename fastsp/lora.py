@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -285,12 +284,3 @@ def _from_diffusers(model, weights: dict[str, torch.Tensor], source: Path) -> di
         else:
             state[key] = torch.cat(parts)
     return state
-
-
-def read_metadata(file: Path) -> dict:
-    """The LoraConfig stored in a diffusers LoRA file (what diffusers rebuilds it from)."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as handle:
-        metadata = handle.metadata() or {}
-    return json.loads(metadata.get("unet.lora_adapter_metadata", "{}"))
