@@ -96,11 +96,13 @@ def check_options(cfg, model_cfg: UNetConfig | DiTConfig) -> None:
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
     ]
     unmatched = [t for t in targets(cfg, model_cfg) if not any(_matches(n, t) for n in layers)]
-    if cfg.lora_targets and unmatched or len(unmatched) == len(targets(cfg, model_cfg)):
+    if (cfg.lora_targets and unmatched) or len(unmatched) == len(targets(cfg, model_cfg)):
         names = sorted({_short_name(n) for n in layers})
+        given = "--lora-targets" if cfg.lora_targets else "the default --lora-targets"
         raise ConfigError(
-            f"--lora-targets {','.join(unmatched)}: no layer of the {model_kind(model_cfg)} is "
-            f"named so; its Linear and Conv2d layers end in: {', '.join(names)}"
+            f"{given} {','.join(unmatched)}: no layer of the {model_kind(model_cfg)} is named "
+            f"so; pass --lora-targets with names its Linear and Conv2d layers end in: "
+            f"{', '.join(names)}"
         )
 
 
