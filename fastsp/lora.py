@@ -230,20 +230,23 @@ def save_diffusers_lora(model: torch.nn.Module, cfg, out_dir: Path) -> Path:
 
 def load_adapter(model: torch.nn.Module, source: Path) -> None:
     """--lora-init: the adapter weights of `source` into `model` (adapters of the same rank and
-    targets): a fastsp LoRA checkpoint's EMA adapters, or a diffusers LoRA file (or a folder
-    holding pytorch_lora_weights.safetensors) as `save_diffusers_lora` writes it."""
+    targets): the EMA adapters of a fastsp LoRA checkpoint (or run folder: its latest), or a
+    diffusers LoRA file (or a folder holding pytorch_lora_weights.safetensors) as
+    `save_diffusers_lora` writes it."""
     source = Path(source)
     if source.is_dir() and (source / LORA_WEIGHTS_NAME).is_file():
         source = source / LORA_WEIGHTS_NAME
     if source.is_file():
         state = _from_diffusers(model, load_file(str(source)), source)
-    else:
-        weights = load_file(str(source / "ema.safetensors"))
-        state = {
-            key.replace(".default.", "."): tensor
-            for key, tensor in weights.items()
-            if "lora_" in key
-        }
+    else:  # a checkpoint or run folder, whole or sharded
+        from fastsp.checkpoint import load_model
+
+        loaded = load_model(source, "ema")
+        if not loaded.train_config.lora_rank:
+            raise CheckpointError(
+                f"--lora-init {source} is a full fine-tune, not a LoRA run; pass it as --init"
+            )
+        state = adapter_state(loaded.model)
     ours = adapter_state(model)
     if {k: tuple(v.shape) for k, v in state.items()} != {
         k: tuple(v.shape) for k, v in ours.items()

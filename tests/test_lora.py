@@ -354,6 +354,14 @@ def test_export_writes_the_adapter_or_with_merge_the_merged_network(tmp_path, st
     written = load_file(tmp_path / "a" / lora.LORA_WEIGHTS_NAME)
     assert all(k.startswith("unet.") and ".lora_" in k for k in written)
     assert any(".attn1.to_v.lora_B" in k for k in written)  # the fused to_qkv split in three
+    # --lora-init of the run folder: its latest checkpoint's EMA adapters
+    trained = load_model(unet_run).model
+    fresh = lora.add_adapters(build_model(_KINDS["unet"]), _lora_cfg(rank=2), _KINDS["unet"])
+    lora.load_adapter(fresh, unet_run)
+    for key, tensor in lora.adapter_state(trained).items():
+        assert torch.equal(lora.adapter_state(fresh)[key], tensor), key
+    with pytest.raises(CheckpointError, match="full fine-tune"):
+        lora.load_adapter(fresh, Path(stage1))
     full = ["--checkpoint", str(stage1), "--to-diffusers", str(tmp_path / "f"), "--merge"]
     assert export.main(full) == 2 and not (tmp_path / "f").exists()
 
