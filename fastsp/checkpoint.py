@@ -433,7 +433,7 @@ def _load_sharded(module: torch.nn.Module, checkpoint: Path, weights: str) -> No
 
     try:
         dcp.load({weights: module.state_dict()}, checkpoint_id=checkpoint / "dcp")
-    except Exception as error:  # DCP wraps every reader failure in its CheckpointException
+    except Exception as error:  # in one process DCP raises its reader's error as it is
         raise damaged(checkpoint / "dcp", first_line(error)) from None
 
 

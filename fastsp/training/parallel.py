@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -108,7 +109,7 @@ def save_checkpoint(
             (tmp / "config.json").write_text(config_text)
             checkpoint_lib.sync_and_rename(tmp, final)
             kill_point(f"checkpoint:{step}:after-rename")
-    except OSError as failure:
+    except (OSError, CheckpointException) as failure:  # DCP's: a write failed on some rank
         error = failure
     finally:
         if main:
@@ -129,7 +130,7 @@ def load_training_state(checkpoint: Path, model, ema, optimizer) -> dict[str, An
     saved = _state(model, ema, optimizer)
     try:
         dcp.load(saved, checkpoint_id=Path(checkpoint) / "dcp")
-    except Exception as error:  # DCP wraps every reader failure in its CheckpointException
+    except CheckpointException as error:  # DCP wraps every reader failure in it
         raise CheckpointError(
             f"{checkpoint}/dcp is damaged ({str(error).strip().splitlines()[0]}); delete the "
             "folder to resume from the previous checkpoint"
