@@ -430,11 +430,18 @@ def _load_sharded(module: torch.nn.Module, checkpoint: Path, weights: str) -> No
     """The `weights` ("model" or "ema") of a sharded checkpoint into a whole `module`, in one
     process (torch.distributed.checkpoint reads without a process group)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load({weights: module.state_dict()}, checkpoint_id=checkpoint / "dcp")
-    except Exception as error:  # in one process DCP raises its reader's error as it is
-        raise damaged(checkpoint / "dcp", first_line(error)) from None
+    except (CheckpointException, Exception) as error:  # DCP's is a BaseException
+        raise damaged(checkpoint / "dcp", dcp_failure(error)) from None
+
+
+def dcp_failure(error: BaseException) -> str:
+    """The last line of a CheckpointException (the reader's own error), or the error's first."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)

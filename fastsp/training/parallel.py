@@ -132,7 +132,7 @@ def load_training_state(checkpoint: Path, model, ema, optimizer) -> dict[str, An
         dcp.load(saved, checkpoint_id=Path(checkpoint) / "dcp")
     except CheckpointException as error:  # DCP wraps every reader failure in it
         raise CheckpointError(
-            f"{checkpoint}/dcp is damaged ({str(error).strip().splitlines()[0]}); delete the "
+            f"{checkpoint}/dcp is damaged ({checkpoint_lib.dcp_failure(error)}); delete the "
             "folder to resume from the previous checkpoint"
         ) from None
     set_state_dict(
