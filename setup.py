@@ -40,9 +40,12 @@ setup(
         "sd": SD,
         # The built-in letters (--data letters) render the fonts that ship inside matplotlib.
         "letters": ["matplotlib>=3.5"],
+        # LoRA adapters (--lora-rank, fastsp.lora): peft's LoraConfig and adapter switches.
+        "lora": ["peft>=0.17"],
         # The tests build tiny random diffusers and transformers models in the test itself.
         "dev": [
             *SD,
+            "peft>=0.17",
             "pytest>=8",
             "pytest-xdist>=3.6",  # the suite's parallel workers (pyproject.toml's addopts)
             "filelock>=3",  # what the workers build once for all of them (tests/conftest.py)

@@ -63,6 +63,9 @@ CHECKPOINT_FILES = (
     "state.json",
     "config.json",
 )
+# A checkpoint of an FSDP2 run (fastsp.training.parallel): torch.distributed.checkpoint's
+# folder of shards and metadata in place of the model, EMA and optimizer files.
+SHARDED_FILES = ("dcp/.metadata", "rng.pt", "state.json", "config.json")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OLD_DIR = re.compile(r"^\.old-(step_\d{8})-[0-9a-f]+$")
 _STALE_PREFIXES = (".tmp-", ".old-", ".deleting-")  # left by a crash mid-save or mid-delete
@@ -124,9 +127,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def is_sharded(checkpoint: Path) -> bool:
+    """A checkpoint written by torch.distributed.checkpoint (SHARDED_FILES)."""
+    return (Path(checkpoint) / "dcp").is_dir()
+
+
 def _missing_files(checkpoint: Path) -> list[str]:
     try:
-        return [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+        files = SHARDED_FILES if is_sharded(checkpoint) else CHECKPOINT_FILES
+        return [name for name in files if not (checkpoint / name).is_file()]
     except PermissionError:  # a folder this user cannot search: not missing, unreadable
         raise unreadable(checkpoint) from None
 
@@ -380,7 +389,7 @@ def load_training_state(
     ema_weights = _read_weights(ema, checkpoint / "ema.safetensors")
     optimizer_file, rng_file = checkpoint / "optimizer.pt", checkpoint / "rng.pt"
     optimizer_state = check_optimizer_state(optimizer_file, load_tensors(optimizer_file))
-    rng = check_rng(rng_file, load_tensors(rng_file))
+    rng = read_rng(rng_file)
     try:
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, TypeError) as error:  # torch checks the parameter groups
@@ -396,6 +405,45 @@ def load_training_state(
     return state
 
 
+def read_rng(file: Path) -> dict[str, Any]:
+    """rng.pt: the torch RNG states of a checkpoint, checked."""
+    return check_rng(file, load_tensors(file))
+
+
+def sync_and_rename(tmp: Path, final: Path) -> None:
+    """Sync every file and folder under `tmp`, then rename it to `final` in one step (a
+    previous `final` is swapped out first and removed after)."""
+    for path in sorted(tmp.rglob("*"), reverse=True):
+        (_fsync_file if path.is_file() else _fsync_dir)(path)
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_sharded(module: torch.nn.Module, checkpoint: Path, weights: str) -> None:
+    """The `weights` ("model" or "ema") of a sharded checkpoint into a whole `module`, in one
+    process (torch.distributed.checkpoint reads without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load({weights: module.state_dict()}, checkpoint_id=checkpoint / "dcp")
+    except (CheckpointException, Exception) as error:  # DCP's is a BaseException
+        raise damaged(checkpoint / "dcp", dcp_failure(error)) from None
+
+
+def dcp_failure(error: BaseException) -> str:
+    """The last line of a CheckpointException (the reader's own error), or the error's first."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """A model rebuilt from a checkpoint, with the configuration it was trained with."""
@@ -409,17 +457,27 @@ class LoadedModel:
 
 
 def load_model(
-    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", merge: bool = False
 ) -> LoadedModel:
     """The model (a UNet or a DiT, as config.json's model section says) rebuilt from a
     checkpoint's config.json with its `ema` or `model` weights, and the checkpoint's validated
-    configuration and step."""
+    configuration and step. A LoRA run's model carries its peft adapters (fastsp.lora), or with
+    `merge` is a plain network with them merged into its weights."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     checkpoint = resolve_checkpoint(path)
     train_config, model_config = read_configs(checkpoint)
     model = build_model(model_config)
-    load_weights(model, checkpoint / f"{weights}.safetensors")
+    if train_config.lora_rank:
+        from fastsp import lora
+
+        model = lora.add_adapters(model, train_config, model_config)
+    if is_sharded(checkpoint):
+        _load_sharded(model, checkpoint, weights)
+    else:
+        load_weights(model, checkpoint / f"{weights}.safetensors")
+    if train_config.lora_rank and merge:
+        model = lora.merged(model, model_config)
     return LoadedModel(
         model=model.to(device).eval(),
         train_config=train_config,
@@ -439,6 +497,11 @@ def verify_checkpoint(path: str | Path) -> None:
     checkpoint = Path(path)
     if not checkpoint.is_dir():
         raise CheckpointError(f"'{checkpoint}' is not a checkpoint folder")
+    if is_sharded(checkpoint):
+        load_model(checkpoint, "model")
+        load_model(checkpoint, "ema")
+        read_rng(checkpoint / "rng.pt")
+        return
     model = read_safetensors(checkpoint / "model.safetensors")
     ema = read_safetensors(checkpoint / "ema.safetensors")
     shapes = {k: tuple(v.shape) for k, v in model.items()}
@@ -460,6 +523,10 @@ def _looks_complete(checkpoint: Path) -> bool:
     try:
         if _missing_files(checkpoint):
             return False
+        if is_sharded(checkpoint):
+            read_state(checkpoint)
+            read_config(checkpoint)
+            return True
         for name in ("model.safetensors", "ema.safetensors"):
             with safe_open(str(checkpoint / name), framework="pt"):  # checks size vs. header
                 pass

@@ -34,6 +34,7 @@ from fastsp.config_fields import (
     OBJECTIVES,
     ON_BAD_DATA,
     OPTIMIZERS,
+    PARALLELS,
     PERCEPTUAL_SOURCES,
     PRECISIONS,
     PREDICTED_NOISE,
@@ -42,9 +43,9 @@ from fastsp.config_fields import (
     SAME,
     SAMPLERS,
     TRAIN_STEPS,
+    added_option,
     check_process_options,
     option,
-    option_flag,
     parse_layers,
     parse_perceptual_on_t,
     parse_perceptual_t,
@@ -55,15 +56,10 @@ from fastsp.config_fields import (
     require_int,
     require_number,
     require_str,
-    show_value,
 )
-from fastsp.diffusers_unet_config import (
-    diffusers_unet_folder,
-    read_diffusers_config,
-    unet_config_from_diffusers,
-)
+from fastsp.diffusers_unet_config import init_model_config
 from fastsp.errors import ConfigError
-from fastsp.model_config import MODEL_PRESETS, DiTConfig, UNetConfig
+from fastsp.model_config import MODEL_PRESETS, DiTConfig, UNetConfig, check_model_options
 
 # The bounds of --resolution and --seed (the reasons are at their checks in TrainConfig)
 MAX_RESOLUTION = 4096
@@ -193,7 +189,7 @@ class TrainConfig:
     )
     context_len: int = option(77, "context sequence length of synthetic context data", resume=SAME)
     # diffusion (PAPER.md: scaled-linear betas, zero terminal SNR, v-prediction) or flow
-    diffusion: str = option("ddpm", "the process (flow: rectified flow)", DIFFUSIONS, resume=SAME)
+    diffusion: str = added_option("ddpm", "the process (flow: rectified flow)", DIFFUSIONS)
     beta_schedule: str = option(
         "scaled_linear",
         "the beta schedule (the paper: scaled_linear)",
@@ -214,11 +210,11 @@ class TrainConfig:
         "v", "what the network predicts (the paper: v)", PREDICTION_TYPES, resume=SAME
     )
     # rectified flow (fastsp.flow)
-    flow_shift: float = option(1.0, "flow: timestep shift s (SD3: 3; 1 = none)", resume=SAME)
-    flow_dynamic_shift: bool = option(False, "flow: Flux's shift from the resolution", resume=SAME)
-    flow_t_sampling: str = option("uniform", "flow: the draw of t", FLOW_T_SAMPLING, resume=SAME)
-    flow_logit_mean: float = option(0.0, "flow: the logit-normal's mean", resume=SAME)
-    flow_logit_std: float = option(1.0, "flow: the logit-normal's std", resume=SAME)
+    flow_shift: float = added_option(1.0, "flow: timestep shift s (SD3: 3; 1 = none)")
+    flow_dynamic_shift: bool = added_option(False, "flow: Flux's shift from the resolution")
+    flow_t_sampling: str = added_option("uniform", "flow: the draw of t", FLOW_T_SAMPLING)
+    flow_logit_mean: float = added_option(0.0, "flow: the logit-normal's mean")
+    flow_logit_std: float = added_option(1.0, "flow: the logit-normal's std")
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
     objective: str = option(
         "mse",
@@ -272,6 +268,16 @@ class TrainConfig:
         "online timesteps where the self-perceptual loss applies: all (the paper) or LOW,HIGH "
         "(inclusive); each example outside the range gets the MSE loss instead",
         resume=SAME,
+    )
+    # LoRA (fastsp.lora): adapters on the frozen --init weights
+    lora_rank: int = added_option(0, "LoRA adapter rank (0: off, every weight trains)")
+    lora_alpha: float = added_option(0.0, "LoRA scale alpha: W + alpha/rank B A (0: the rank)")
+    lora_targets: str = added_option(
+        "", "layers given adapters, comma-separated name suffixes ('': attention, feed-forward)"
+    )
+    lora_dropout: float = added_option(0.0, "dropout on the LoRA adapters' input")
+    lora_init: str = added_option(
+        "", "adapter to start from: a fastsp LoRA checkpoint or a diffusers LoRA file"
     )
     # optimisation
     steps: int = option(3000, "optimizer steps", resume=MAY_CHANGE)
@@ -333,6 +339,9 @@ class TrainConfig:
     )
     compile: bool = option(
         False, "torch.compile the online and perceptual networks", resume=MAY_CHANGE
+    )
+    parallel: str = added_option(
+        "ddp", "data parallel: ddp (replicas) or fsdp (FSDP2, sharded)", PARALLELS
     )
     batched_branches: bool = option(
         False,
@@ -432,6 +441,11 @@ class TrainConfig:
         require_choice("predicted_noise", self.predicted_noise, PREDICTED_NOISE)
         require_choice("distance", self.distance, DISTANCES)
         require_number(self, "mse_weight", 0)
+        require_int(self, "lora_rank", 0, note=" (0: no adapters)")
+        require_number(self, "lora_alpha", 0, note=" (0: the rank)")
+        require_str(self, "lora_targets", "comma-separated layer names", empty_ok=True)
+        require_number(self, "lora_dropout", 0, 1, high_open=True, what="a probability")
+        require_str(self, "lora_init", "an adapter path, or ''", empty_ok=True)
         # optimisation
         for name in ("steps", "batch_size", "grad_accum"):
             require_int(self, name, 1)
@@ -450,6 +464,7 @@ class TrainConfig:
         require_choice("precision", self.precision, PRECISIONS)
         require_bool(self, "channels_last")
         require_choice("train_step", self.train_step, TRAIN_STEPS)
+        require_choice("parallel", self.parallel, PARALLELS)
         for name in ("cuda_graph", "compile", "batched_branches", "deterministic"):
             require_bool(self, name)
         # The step's generator is seeded with seed * 1_000_003 + step, which must fit torch's
@@ -568,43 +583,9 @@ def resolve(
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     try:
         train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
-        base = _init_model(train.init, model_overrides) or MODEL_PRESETS[preset]
-        _check_model_options(preset, base, model_overrides)
+        base = init_model_config(train.init, model_overrides) or MODEL_PRESETS[preset]
+        check_model_options(preset, base, model_overrides)
         model = dataclasses.replace(base, **model_overrides)
     except ValueError as error:  # every refusal reads as a ConfigError
         raise ConfigError(str(error)) from None
     return train, model
-
-
-def _check_model_options(preset: str, base: Any, model_overrides: dict[str, Any]) -> None:
-    """Refuse the options of the other model kind (e.g. --depth with a UNet preset): the
-    preset decides whether the run builds a UNet or a DiT."""
-    fields = {f.name for f in dataclasses.fields(base)}
-    foreign = [option_flag(name) for name in model_overrides if name not in fields]
-    if foreign:
-        kind = "DiT" if isinstance(base, DiTConfig) else "UNet"
-        other = "a UNet preset (tiny, digits, sd21)" if kind == "DiT" else "a dit_* preset"
-        raise ConfigError(
-            f"{', '.join(foreign)}: not an option of the {kind} that --preset {preset} builds; "
-            f"drop it, or pick {other}"
-        )
-
-
-def _init_model(init: str, model_overrides: dict[str, Any]) -> UNetConfig | None:
-    """With --init of a diffusers UNet (or pipeline) folder, the architecture is that folder's,
-    and a model option that says otherwise is refused; None for any other --init."""
-    folder = diffusers_unet_folder(init) if init else None
-    if folder is None:
-        return None
-    model = unet_config_from_diffusers(read_diffusers_config(folder))
-    differ = {k: v for k, v in model_overrides.items() if getattr(model, k) != v}
-    if differ:
-        details = ", ".join(
-            f"{option_flag(k)} {show_value(v)} vs {show_value(getattr(model, k))}"
-            for k, v in differ.items()
-        )
-        raise ConfigError(
-            f"--init {init} is a diffusers UNet whose config.json sets the architecture, and the "
-            f"model options contradict it ({details}); drop those options"
-        )
-    return model

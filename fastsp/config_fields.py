@@ -46,6 +46,7 @@ OPTIMIZERS = ("adamw", "apex_fused_adam")
 TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
+PARALLELS = ("ddp", "fsdp")  # fastsp.training.parallel
 
 
 # What a resume may change, declared on each TrainConfig field (`option(..., resume=...)`; a test
@@ -61,20 +62,35 @@ RESUME_RULES = (SAME, MAY_CHANGE, SAID)
 
 
 def option(
-    default: Any, help: str, choices: tuple[str, ...] | None = None, resume: str | None = None
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    resume: str | None = None,
+    absent_is_default: bool = False,
 ) -> Any:
     """A config field with its one-line description (and allowed values) as the field's metadata,
     and for a TrainConfig field what a resume may do to it (one of RESUME_RULES).
 
+    `absent_is_default`: a field added after config.json files were written, whose default is
+    what those runs did (the DDPM process, no LoRA, DDP): a file without it reads as the default,
+    so the runs of an earlier version still resume, sample and export
+    (fastsp.config_file). Any other missing field is refused.
+
     fastsp.config_cli shows both in `--help`; the dataclass default is `default` (tuples are
     immutable, so they are plain defaults too).
     """
-    metadata = {"help": help, "choices": choices}
+    metadata = {"help": help, "choices": choices, "absent_is_default": absent_is_default}
     if resume is not None:
         if resume not in RESUME_RULES:
             raise ValueError(f"resume={resume!r}: one of {', '.join(RESUME_RULES)}")
         metadata["resume"] = resume
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def added_option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A TrainConfig option added after runs were written without it, whose default is what
+    those runs did: kept on resume (SAME), and absent from an earlier config.json means default."""
+    return option(default, help, choices, resume=SAME, absent_is_default=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def to_dict(train: TrainConfig, model: UNetConfig | DiTConfig) -> dict[str, Any]
 def _from_dict(cls: type, values: Any, what: str, source: str = "config.json") -> Any:
     """A config dataclass from a config.json section. Every field must be there, nothing else,
     each of its type and range: a missing field is not filled with today's default (the file
-    would then describe a run that never was), an unknown one is not ignored, and the
+    would then describe a run that never was) unless its option says that default is what runs
+    before it did (`absent_is_default`), an unknown one is not ignored, and the
     dataclass's own validation names a mistyped one. One line, naming the file and the field."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{source}: the {what} section is not a JSON object")
@@ -43,13 +44,18 @@ def _from_dict(cls: type, values: Any, what: str, source: str = "config.json") -
             f"{source} has unknown {what} fields {unknown}: from another version, or edited by "
             "hand? Remove them"
         )
-    missing = [name for name in names if name not in values]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [
+        name
+        for name in names
+        if name not in values and not fields[name].metadata.get("absent_is_default")
+    ]
     if missing:
         raise ConfigError(
             f"{source} lacks the {what} fields {missing}: from another version, or edited by "
             "hand? Add them with the values the run used"
         )
-    try:  # JSON has lists where the dataclasses have tuples
+    try:  # JSON has lists where the dataclasses have tuples; absent fields take their default
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except ValueError as error:  # a ConfigError naming the field, its value and what is allowed
         raise ConfigError(f"{source}: {error}") from None

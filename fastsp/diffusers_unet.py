@@ -337,9 +337,13 @@ def source_model_config(source: Path) -> dict[str, Any]:
 
 def load_state_into(model: UNet, source: Path) -> None:
     """The weights of a resolved source (see `resolve_source`) into `model` (same shape): a
-    diffusers folder's weights, or a fastsp checkpoint's EMA weights."""
+    diffusers folder's weights, or a fastsp checkpoint's EMA weights (a LoRA run's merged)."""
     if diffusers_unet_folder(source) == source:
         _fill(model, source)
+    elif checkpoint_lib.read_configs(source)[0].lora_rank or checkpoint_lib.is_sharded(source):
+        model.load_state_dict(
+            checkpoint_lib.load_model(source, "ema", merge=True).model.state_dict()
+        )
     else:
         checkpoint_lib.load_weights(model, source / "ema.safetensors")
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fastsp.config_fields import is_int, is_sequence
+from fastsp.config_fields import is_int, is_sequence, option_flag, show_value
 from fastsp.errors import ConfigError
 from fastsp.model_config import UNetConfig
 
@@ -250,3 +250,23 @@ def diffusers_unet_folder(path: str | Path) -> Path | None:
 def read_diffusers_config(folder: Path) -> dict[str, Any]:
     """config.json of a diffusers UNet folder, as a dict."""
     return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+
+
+def init_model_config(init: str, model_overrides: dict[str, Any]) -> UNetConfig | None:
+    """With --init of a diffusers UNet (or pipeline) folder, the architecture is that folder's,
+    and a model option that says otherwise is refused; None for any other --init."""
+    folder = diffusers_unet_folder(init) if init else None
+    if folder is None:
+        return None
+    model = unet_config_from_diffusers(read_diffusers_config(folder))
+    differ = {k: v for k, v in model_overrides.items() if getattr(model, k) != v}
+    if differ:
+        details = ", ".join(
+            f"{option_flag(k)} {show_value(v)} vs {show_value(getattr(model, k))}"
+            for k, v in differ.items()
+        )
+        raise ConfigError(
+            f"--init {init} is a diffusers UNet whose config.json sets the architecture, and the "
+            f"model options contradict it ({details}); drop those options"
+        )
+    return model

@@ -18,18 +18,28 @@ to sample it.
 Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged checkpoint, a model
 diffusers cannot express, an OUT that is not new or empty or cannot be written); 4 a write that
 failed (a full disk; nothing of OUT is left), with a one-line message.
+
+A LoRA run's checkpoint (--lora-rank) is written as its adapter alone, OUT/pytorch_lora_weights.
+safetensors in the diffusers LoRA format that a Stable Diffusion pipeline's
+`load_lora_weights(OUT)` loads onto the base UNet (fastsp.lora); with --merge, as the full
+network with the adapters merged into its weights, as any other checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import uuid
+from pathlib import Path
 
 from fastsp import checkpoint as checkpoint_lib
 from fastsp.cli import run_command
 from fastsp.diffusers_unet import check_export_folder, export_to_diffusers
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit
+from fastsp.errors import ConfigError
 from fastsp.flow import scheduler_config
 
 
@@ -52,15 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="ema",
         help="the EMA weights (default) or the online model's",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA checkpoint: write the full weights with the adapters merged, not the adapter",
+    )
     return parser
 
 
 def export(args: argparse.Namespace) -> None:
     check_export_folder(args.to_diffusers)  # before the checkpoint is read
-    loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights)
+    loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights, merge=args.merge)
     model = loaded.model
     scheduler = scheduler_config(loaded.train_config)  # the process the run trained with
-    if isinstance(model, DiT):  # its sample_size is the config's input_size
+    if loaded.train_config.lora_rank and not args.merge:
+        out = export_lora(loaded, args.to_diffusers)
+    elif args.merge and not loaded.train_config.lora_rank:
+        raise ConfigError(
+            f"--merge merges LoRA adapters, but {loaded.checkpoint} is a full fine-tune "
+            "(--lora-rank 0); drop --merge"
+        )
+    elif isinstance(model, DiT):  # its sample_size is the config's input_size
         out = export_dit(model, args.to_diffusers, scheduler_config=scheduler)
         trained, size = loaded.train_config.resolution, model.config.input_size
         if trained != size:
@@ -79,6 +101,29 @@ def export(args: argparse.Namespace) -> None:
             model, args.to_diffusers, sample_size=resolution, scheduler_config=scheduler
         )
     print(f"wrote the {args.weights} weights of {args.checkpoint} to {out}")
+
+
+def export_lora(loaded: checkpoint_lib.LoadedModel, out_dir: str) -> Path:
+    """The adapter of a LoRA UNet as OUT/pytorch_lora_weights.safetensors, written by diffusers'
+    own LoRA writer into a temporary folder beside OUT and renamed into place."""
+    if isinstance(loaded.model, DiT):
+        raise ConfigError(
+            "diffusers' DiTPipeline loads no LoRA adapters; pass --merge to export the DiT with "
+            "its adapters merged"
+        )
+    from fastsp import lora
+
+    out = Path(out_dir)  # new or empty: check_export_folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        lora.save_diffusers_lora(loaded.model, loaded.train_config, tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / lora.LORA_WEIGHTS_NAME
 
 
 def main(argv: list[str] | None = None) -> int:

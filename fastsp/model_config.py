@@ -9,19 +9,23 @@ construction.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from fastsp.config_fields import (
     ATTENTION_BACKENDS,
     is_int,
     is_sequence,
     option,
+    option_flag,
     require,
     require_bool,
     require_choice,
     require_int,
     require_number,
 )
+from fastsp.errors import ConfigError
 
 
 @dataclass
@@ -283,3 +287,17 @@ MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig}
 
 def model_kind(model: UNetConfig | DiTConfig) -> str:
     return next(kind for kind, cls in MODEL_KINDS.items() if isinstance(model, cls))
+
+
+def check_model_options(preset: str, base: Any, model_overrides: dict[str, Any]) -> None:
+    """Refuse the options of the other model kind (e.g. --depth with a UNet preset): the
+    preset decides whether the run builds a UNet or a DiT."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    foreign = [option_flag(name) for name in model_overrides if name not in fields]
+    if foreign:
+        kind = "DiT" if isinstance(base, DiTConfig) else "UNet"
+        other = "a UNet preset (tiny, digits, sd21)" if kind == "DiT" else "a dit_* preset"
+        raise ConfigError(
+            f"{', '.join(foreign)}: not an option of the {kind} that --preset {preset} builds; "
+            f"drop it, or pick {other}"
+        )

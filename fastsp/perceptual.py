@@ -23,7 +23,8 @@ stop the forward once the deepest one has run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -71,9 +72,15 @@ class FeatureExtractor:
     "down0", "block3", ...); any other module uses submodule names from `named_modules()`.
     """
 
-    def __init__(self, network: nn.Module, layers: Sequence[str]):
+    def __init__(
+        self,
+        network: nn.Module,
+        layers: Sequence[str],
+        context: Callable[[], AbstractContextManager] = nullcontext,
+    ):
         self.network = network
         self.layers = list(layers)
+        self.context = context  # entered around every forward (see SelfPerceptualLoss)
         self.native = is_native(network)
         valid = (
             network.tap_names if self.native else tuple(n for n, _ in network.named_modules() if n)
@@ -91,6 +98,10 @@ class FeatureExtractor:
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]
     ) -> dict[str, torch.Tensor]:
+        with self.context():
+            return self._forward(x, t, cond)
+
+    def _forward(self, x, t, cond) -> dict[str, torch.Tensor]:
         if self.native:
             return self.network(x, t, **cond, taps=self.layers)
         captured: dict[str, torch.Tensor] = {}
@@ -138,6 +149,9 @@ class SelfPerceptualLoss:
             the MSE loss against `target` (PixelGen and LPL switch perceptual losses off at the
             noisiest timesteps). Both are computed for every example and one is picked per
             example on the device (torch.where), so the step reads nothing on the host.
+        perceptual_context: a callable giving the context inside which `perceptual` is the
+            frozen network, for a `perceptual` that is the online model itself (LoRA: its
+            adapters off, fastsp.lora.adapters_off); it is then left trainable here.
     """
 
     def __init__(
@@ -151,6 +165,7 @@ class SelfPerceptualLoss:
         distance: str = "l2",
         batched_branches: bool = False,
         perceptual_on_t: str | tuple[int, int] | None = "all",
+        perceptual_context: Callable[[], AbstractContextManager] | None = None,
     ):
         if prediction_type is not None and prediction_type not in _PREDICTION_ALIASES:
             raise ValueError(
@@ -180,8 +195,11 @@ class SelfPerceptualLoss:
         self.distance = distance
         self.batched_branches = batched_branches
         self.layers = parse_layers(layers)
-        self.perceptual = perceptual.eval().requires_grad_(False)
-        self.features = FeatureExtractor(self.perceptual, list(self.layers))
+        if perceptual_context is None:
+            perceptual_context = nullcontext
+            perceptual.eval().requires_grad_(False)
+        self.perceptual = perceptual
+        self.features = FeatureExtractor(perceptual, list(self.layers), perceptual_context)
 
     def sample_t_prime(
         self, t: torch.Tensor, generator: torch.Generator | None = None

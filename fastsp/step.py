@@ -30,6 +30,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
@@ -179,6 +180,7 @@ class StepConfig:
     channels_last: bool = False  # memory format of the inputs
     reference_loss: bool = False  # the naive oracle's loss (fastsp.reference) instead
     prediction_type: str = "v"  # the model's parameterisation (the reference loss needs it)
+    fsdp: bool = False  # the networks are FSDP2-sharded (fastsp.training.parallel), not DDP
 
     @property
     def local_batch(self) -> int:
@@ -186,7 +188,7 @@ class StepConfig:
 
     @property
     def ddp(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 and not self.fsdp
 
     @classmethod
     def from_train(
@@ -217,6 +219,7 @@ class StepConfig:
             channels_last=cfg.channels_last,
             reference_loss=cfg.train_step == "reference",
             prediction_type=cfg.prediction_type,
+            fsdp=cfg.parallel == "fsdp",
         )
 
 
@@ -236,7 +239,8 @@ class TrainStep:
         config: the step's settings (`StepConfig.from_train` for a run).
         model: the online model (fp32 master weights); `online` is what is called (the model, or
             its DDP wrapper, or a compiled version of either).
-        ema, optimizer: the EMA copy and the optimizer over `model.parameters()`.
+        ema, optimizer: the EMA copy and the optimizer over the model's parameters that require
+            gradients (all of them, or the LoRA adapters).
         perceptual_loss: stage 2's loss, None for stage 1.
         null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
             empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
@@ -269,7 +273,8 @@ class TrainStep:
         self.schedule, self.perceptual_loss, self.device = schedule, perceptual_loss, device
         local_batch, shape = config.local_batch, config.shape
         self.memory_format = memory_format(config.channels_last)
-        self.params = list(model.parameters())
+        # The trained parameters: every one, or under LoRA the adapters alone (fastsp.lora)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype  # fp32 master weights (float64 in tests)
         # torch's fused AdamW skips a step on the device (found_inf); any other optimizer (the
         # reference's foreach AdamW, apex FusedAdam) needs the verdict on the host.
@@ -314,8 +319,10 @@ class TrainStep:
         # kernel per parameter. `_foreach_mul_.Tensor` takes w as a 0-d device tensor and reads
         # it on the device, on the fused path.
         self.ema_step_weight = torch.zeros((), device=device, dtype=self.dtype)
-        self.ema_params = list(ema.parameters())
-        self.model_values = [p.detach() for p in self.params]
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        # Under FSDP2 the model and the EMA are sharded alike: the update runs on the local shards
+        self.ema_params = [local(p) for name, p in ema.named_parameters() if name in trained]
+        self.model_values = [local(p.detach()) for p in self.params]
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)
         self.generator = torch.Generator(device=device)
@@ -371,6 +378,8 @@ class TrainStep:
             sync = (
                 contextlib.nullcontext() if last or not self.config.ddp else self.online.no_sync()
             )
+            if self.config.fsdp:  # FSDP2's reduce-scatter on the last micro-step only
+                self.online.set_requires_gradient_sync(last)
             cond = {
                 "labels": labels[part] if labels is not None else None,
                 "context": context[part] if context is not None else None,
@@ -418,6 +427,8 @@ class TrainStep:
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None]
             )
+        if isinstance(grad_norm, DTensor):  # FSDP2: all-reduced already, read on every rank
+            grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm) & ~self.force_skip
         if self.host_skip:
             if finite.item():  # no found_inf input: one host sync per step
@@ -581,8 +592,16 @@ def plan_graph(cfg, world_size: int, device_type: str) -> GraphPlan:
         reasons.append("the reference step is the eager oracle")
     if not cfg.cuda_graph:
         reasons.append("--no-cuda-graph")
+    if cfg.parallel == "fsdp":  # its per-block all-gathers and frees run on its own streams
+        reasons.append("--parallel fsdp: torch does not capture FSDP2's all-gathers in a graph")
     captured_ddp = not reasons and world_size > 1
     return GraphPlan(tuple(reasons), dict(NCCL_GRAPH_ENVIRONMENT) if captured_ddp else {})
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a view: in-place updates reach it), or the
+    tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

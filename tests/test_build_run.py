@@ -33,6 +33,8 @@ BACKEND_PARTS = {
     "optimizer",
     "precision",
     "compile",
+    "parallel",
+    "lora",
     "cuda_graph",
     "graph_environment",
 }

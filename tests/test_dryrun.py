@@ -174,3 +174,22 @@ def test_the_flow_process_dry_runs_with_the_same_networks(tmp_path):
         assert mse["flops_by_op"][op] == reference[op]
     assert 1.0 < figures["sp_mse_flop_ratio"] < 3.0
     assert mse["graph"] == [] and sp["graph"] == []
+
+
+@pytest.mark.slow
+def test_a_lora_dry_run_holds_no_frozen_copy_and_no_full_optimizer_state(tmp_path):
+    # The LoRA step through the dry run: the perceptual pass is the online model with its
+    # adapters off, so what outlives a step is the fp32 model and the adapters' state alone.
+    # A full fine-tune holds the model, its EMA and Adam's two moments (4 x 4 bytes per weight)
+    # plus the bf16 frozen copy.
+    out = tmp_path / "lora.json"
+    argv = ["-m", "fastsp.dryrun", "--preset", "tiny", "--objective", "self_perceptual"]
+    result = _run([*argv, "--lora-rank", "4", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    weights = sum(
+        p.numel() for p in UNet(UNetConfig(**figures["steps"]["mse"]["model"])).parameters()
+    )
+    for objective in ("self_perceptual", "mse"):
+        state = figures["steps"][objective]["state_bytes"]
+        assert 4 * weights < state < 1.2 * 4 * weights, objective

@@ -333,6 +333,20 @@ def test_resume_and_sample_refuse_the_same_config_json_naming_the_field(
     assert _files(run_dir) == before and not grid.exists()
 
 
+def test_a_config_json_from_before_the_added_options_resumes_and_samples(run_dir, tmp_path):
+    # Options added after runs were written (the flow process, LoRA, FSDP2) default to what those
+    # runs did; a config.json without them reads as their defaults. Any other field stays required.
+    added = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata["absent_is_default"]]
+    assert {"diffusion", "lora_rank", "parallel"} <= set(added)
+    for file in [run_dir / "config.json", *run_dir.glob("checkpoints/*/config.json")]:
+        _edit_config(file, lambda v: [v["train"].pop(name) for name in added])
+    grid = tmp_path / "grid.png"
+    assert sample.main(["--checkpoint", str(run_dir), "--out", str(grid), "--num", "1"]) == 0
+    assert _main(["--steps", "3", "--resume"], run_dir) == 0
+    resumed = json.loads((run_dir / "checkpoints" / "step_00000003" / "config.json").read_text())
+    assert resumed["train"]["diffusion"] == "ddpm" and resumed["train"]["lora_rank"] == 0
+
+
 def test_a_hand_edited_run_config_is_refused_not_overwritten(run_dir, capsys):
     file = run_dir / "config.json"
     _edit_config(file, lambda v: v["train"].update(lr="fast", speed=3))

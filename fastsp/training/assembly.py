@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -92,22 +93,40 @@ def assemble(
     with torch._subclasses.fake_tensor.unset_fake_temporarily() if on_meta else nullcontext():
         source = plan.init_from if plan.resume_from is None else None
         model = new_network(plan, device, on_meta, source)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        perceptual_loss = build_perceptual_loss(plan, ema, device, on_meta)
+        if cfg.lora_rank:
+            from fastsp import lora
+
+            model = lora.add_adapters(model, cfg, model_cfg)
+            if plan.lora_init_from is not None and plan.resume_from is None:
+                lora.load_adapter(model, plan.lora_init_from)
+            ema = lora.ema_copy(model)  # the adapters' EMA; the base tensors are the model's
+        else:
+            ema = copy.deepcopy(model).requires_grad_(False).eval()
+        perceptual_loss = build_perceptual_loss(plan, ema, device, on_meta, model)
     if on_meta:
         frozen = [perceptual_loss.perceptual] if perceptual_loss is not None else []
         for network in {id(n): n for n in [model, ema, *frozen]}.values():
             network.to_empty(device=device)  # strides (channels_last) and dtypes kept
-    optimizer = build_optimizer(cfg, model.parameters(), device)
+        if cfg.lora_rank:
+            lora.tie_frozen(ema, model)
+    fsdp = cfg.parallel == "fsdp"
+    if fsdp:  # every network sharded, then the optimizer over the shards
+        from fastsp.training import parallel
+
+        frozen = [perceptual_loss.perceptual] if perceptual_loss is not None else []
+        for network in {id(n): n for n in [model, ema, *frozen]}.values():
+            parallel.shard(network, device, plan.bf16)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     start_step = 0
     if plan.resume_from is not None:
-        state = checkpoint_lib.load_training_state(plan.resume_from, model, ema, optimizer)
+        load = parallel.load_training_state if fsdp else checkpoint_lib.load_training_state
+        state = load(plan.resume_from, model, ema, optimizer)
         start_step = state["step"]
     online = model
     # The one side stream of a captured DDP step: DDP is built on it, and TrainStep.capture
     # warms up and captures on it (it says why). None for an eager step, which runs on the
     # stream DDP was built on, and for one process, whose capture makes its own.
-    ddp = plan.world_size > 1
+    ddp = plan.world_size > 1 and not fsdp
     stream = torch.cuda.Stream(device) if plan.graph.captured and ddp else None
     if ddp:
         online = wrap_ddp(model, device, stream)
@@ -149,6 +168,8 @@ def assemble(
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if plan.bf16 else "fp32",
         "compile": "torch.compile (online and perceptual networks)" if cfg.compile else "off",
+        "parallel": describe_parallel(plan),
+        "lora": describe_lora(plan, model),
         "cuda_graph": plan.graph.describe(),
         "graph_environment": plan.graph.describe_environment(),
     }
@@ -175,14 +196,25 @@ def new_network(
 
 
 def build_perceptual_loss(
-    plan: Plan, ema: torch.nn.Module, device: torch.device, on_meta: bool = False
+    plan: Plan,
+    ema: torch.nn.Module,
+    device: torch.device,
+    on_meta: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> SelfPerceptualLoss | None:
     """Stage 2's loss around the frozen perceptual network (plan.perceptual_from's weights, held
-    in plan.frozen_dtype) or the online model's EMA."""
+    in plan.frozen_dtype), the online model's EMA, or under LoRA the online `model` itself with
+    its adapters off (plan.perceptual_adapters_off: no second copy)."""
     cfg = plan.cfg
     if cfg.objective != "self_perceptual":
         return None
-    if cfg.perceptual_source == "ema":
+    context = None
+    if plan.perceptual_adapters_off:
+        from fastsp import lora
+
+        perceptual = model
+        context = functools.partial(lora.adapters_off, model)
+    elif cfg.perceptual_source == "ema":
         perceptual = ema
     else:
         perceptual = new_network(plan, device, on_meta, plan.perceptual_from, plan.frozen_dtype)
@@ -196,6 +228,7 @@ def build_perceptual_loss(
             distance=cfg.distance,
             batched_branches=cfg.batched_branches,
             perceptual_on_t=cfg.perceptual_on_t,
+            perceptual_context=context,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
@@ -227,6 +260,28 @@ def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opt
         fused=fused,
         capturable=fused and device.type == "cuda",
     )
+
+
+def describe_parallel(plan: Plan) -> str:
+    """backends.json's parallel line: how the weights are spread over the processes."""
+    if plan.cfg.parallel == "fsdp":
+        dtype = (
+            "bf16 compute, fp32 reduction" if plan.bf16 and plan.device_type == "cuda" else "fp32"
+        )
+        return f"FSDP2 over {plan.world_size} processes (fully_shard per block, {dtype})"
+    return f"DDP over {plan.world_size} processes" if plan.world_size > 1 else "one process"
+
+
+def describe_lora(plan: Plan, model: torch.nn.Module) -> str:
+    """backends.json's lora line: off, or the adapters and what the perceptual pass runs."""
+    cfg = plan.cfg
+    if not cfg.lora_rank:
+        return "off (every weight trains)"
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    line = f"peft LoRA rank {cfg.lora_rank}, {trained} adapter weights train"
+    if plan.perceptual_adapters_off:
+        line += "; perceptual pass: the base with its adapters off (no frozen copy)"
+    return line
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> str:

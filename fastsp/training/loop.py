@@ -175,7 +175,7 @@ def run_loop(run: Run) -> Path:
             # Optional outputs after the checkpoint, so that they can never cost the training;
             # none once a stop is asked for.
             if (
-                info.is_main
+                (info.is_main or cfg.parallel == "fsdp")
                 and not preempted
                 and (done == cfg.steps or (cfg.sample_every and done % cfg.sample_every == 0))
             ):

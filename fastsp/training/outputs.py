@@ -142,6 +142,8 @@ class MetricsWriter:
 def save_step_checkpoint(run: Run, done: int, config_text: str) -> Path | None:
     """Every rank: rank 0 saves the checkpoint of step `done` (and prunes); a failed save stops
     every rank now, not at a collective's timeout. Returns the new checkpoint (rank 0)."""
+    if run.cfg.parallel == "fsdp":
+        return save_sharded_checkpoint(run, done, config_text)
     saved, save_error = None, None
     if run.info.is_main:
         state = {"samples_seen": done * run.cfg.batch_size, "world_size": run.info.world_size}
@@ -161,6 +163,28 @@ def save_step_checkpoint(run: Run, done: int, config_text: str) -> Path | None:
         raise save_error or CheckpointWriteError(
             f"rank 0 could not save the checkpoint of step {done}; see its error"
         )
+    return saved
+
+
+def save_sharded_checkpoint(run: Run, done: int, config_text: str) -> Path | None:
+    """Every rank: the FSDP2 checkpoint of step `done` through torch.distributed.checkpoint
+    (fastsp.training.parallel), refused where any rank holds a non-finite weight; rank 0
+    prunes. Returns the new checkpoint (rank 0)."""
+    from fastsp.training import parallel
+
+    bad = parallel.nonfinite_names(run.model, run.ema)
+    if dist.any_rank(bool(bad)):
+        raise NumericalFault(
+            f"not saving the checkpoint of step {done}: non-finite weights "
+            f"({', '.join(bad[:3]) or 'on another rank'}); the last checkpoint "
+            f"({checkpoint_lib.latest_checkpoint(run.run_dir) or 'none yet'}) is intact. "
+            "Lower --lr and resume from it"
+        )
+    state = {"samples_seen": done * run.cfg.batch_size, "world_size": run.info.world_size}
+    args = (run.run_dir, done, run.model, run.ema, run.optimizer, state, config_text)
+    saved = parallel.save_checkpoint(*args)
+    if run.info.is_main:
+        checkpoint_lib.prune_checkpoints(run.run_dir, run.cfg.keep_last)
     return saved
 
 
@@ -187,8 +211,9 @@ def nonfinite_weights_error(
 
 
 def write_samples(run: Run, done: int) -> None:
-    """Rank 0: a grid of EMA samples of step `done` into the run folder's samples/, without
-    guidance unless sample_cfg says otherwise."""
+    """Rank 0 (every rank under FSDP2, whose sharded EMA needs them all for a forward): a grid
+    of EMA samples of step `done` into the run folder's samples/, without guidance unless
+    sample_cfg says otherwise; rank 0 writes it."""
     cfg, ema, dataset = run.cfg, run.ema, run.dataset
     num = cfg.sample_num
     labels = default_labels(num, ema.config.num_classes, None)
@@ -212,5 +237,7 @@ def write_samples(run: Run, done: int) -> None:
         seed=cfg.seed,
         device=run.info.device,
     )
+    if not run.info.is_main:
+        return
     path = run.run_dir / "samples" / f"step_{done:08d}.png"
     save_png(image_grid(images), path, scale=display_scale(cfg.resolution))

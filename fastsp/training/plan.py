@@ -48,6 +48,9 @@ class Plan:
     resume_lines: tuple[str, ...]  # what the resume changes ("said" fields)
     init_from: Path | None  # the weights a fresh run starts from (--init)
     perceptual_from: Path | None  # the frozen perceptual network's weights (stage 2)
+    lora_init_from: Path | None  # the adapter a fresh LoRA run starts from (--lora-init)
+    # Stage 2's perceptual pass is the LoRA model with its adapters off (fastsp.lora), not a copy
+    perceptual_adapters_off: bool
 
     @property
     def frozen_dtype(self) -> torch.dtype:
@@ -84,8 +87,13 @@ def plan_run(
     check_resolution(cfg, model_cfg)
     check_batch(cfg, world_size)
     check_optimizer(cfg, device_type)
+    check_lora(cfg, model_cfg)
+    if cfg.parallel == "fsdp":
+        from fastsp.training.parallel import check_launch
+
+        check_launch(cfg.parallel)
     run_dir = Path(cfg.out)
-    resume_from = init_from = perceptual_from = None
+    resume_from = init_from = perceptual_from = lora_init_from = None
     resume_lines: list[str] = []
     if read_sources:
         run_folder.check_out_folder(run_dir)
@@ -107,6 +115,13 @@ def plan_run(
                 "of it",
             )
             check_same_process(perceptual_from, cfg, "the perceptual network")
+        if cfg.lora_init:
+            lora_init_from = Path(cfg.lora_init)
+            if not lora_init_from.exists():
+                raise ConfigError(
+                    f"--lora-init {cfg.lora_init} does not exist; pass a fastsp LoRA checkpoint "
+                    "or a diffusers LoRA file (pytorch_lora_weights.safetensors)"
+                )
     return Plan(
         cfg=cfg,
         model_cfg=model_cfg,
@@ -123,6 +138,14 @@ def plan_run(
         resume_lines=tuple(resume_lines),
         init_from=init_from,
         perceptual_from=perceptual_from,
+        lora_init_from=lora_init_from,
+        # the base of the LoRA model is --init's network, the frozen perceptual one unless
+        # --perceptual-checkpoint names another; the reference step keeps its plain copy
+        perceptual_adapters_off=cfg.lora_rank > 0
+        and cfg.objective == "self_perceptual"
+        and cfg.perceptual_source == "frozen"
+        and cfg.train_step == "fast"
+        and perceptual_from == init_from,
     )
 
 
@@ -285,3 +308,16 @@ def check_optimizer(cfg: TrainConfig, device_type: str) -> None:
             + "; ".join(reasons)
             + ". Use --optimizer adamw"
         )
+
+
+def check_lora(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig) -> None:
+    """LoRA options need --lora-rank, peft and targets the model has (fastsp.lora)."""
+    if cfg.lora_rank == 0 and not (
+        cfg.lora_alpha or cfg.lora_targets or cfg.lora_dropout or cfg.lora_init
+    ):
+        return
+    try:
+        from fastsp import lora
+    except ImportError as error:
+        raise ConfigError(f"--lora-rank needs peft ({error}); pip install 'fastsp[lora]'") from None
+    lora.check_options(cfg, model_cfg)

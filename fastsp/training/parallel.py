@@ -1,0 +1,156 @@
+"""FSDP2 (`--parallel fsdp`): the networks sharded over the ranks with
+torch.distributed.fsdp.fully_shard, and their checkpoints through torch.distributed.checkpoint.
+
+DDP (the default, fastsp.training.assembly.wrap_ddp) keeps a whole replica of the weights,
+gradients, Adam moments, EMA and frozen perceptual network on every GPU; FSDP2 keeps 1/N of each
+and all-gathers one block's weights just before it runs (PyTorch's FSDP2 recipe: fully_shard per
+block, then the root). The frozen perceptual network is sharded the same way (under LoRA there is
+none: the perceptual pass is the online model with its adapters off), and so is the EMA, whose
+update then runs on the local shards (fastsp.step.local). On CUDA the blocks compute in bf16
+with fp32 master weights and fp32 gradient reduction (MixedPrecisionPolicy). The step is not
+captured as a CUDA graph (fastsp.step.plan_graph says why).
+
+A checkpoint of a sharded run is the same folder with `dcp/` (torch.distributed.checkpoint:
+every rank writes its shards, rank 0 the metadata) in place of model.safetensors, ema.safetensors
+and optimizer.pt (fastsp.checkpoint.SHARDED_FILES). All ranks write it into a hidden temporary
+folder that rank 0 then syncs and renames into place, so it is atomic as every checkpoint is; it
+loads at any world size (DCP reshards), and a single process (sampling, export, --init) reads
+it without a process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fastsp import checkpoint as checkpoint_lib
+from fastsp import dist
+from fastsp.dit import DiTBlock
+from fastsp.errors import CheckpointError, CheckpointWriteError, ConfigError
+from fastsp.faults import kill_point
+from fastsp.step import local
+from fastsp.unet import ResBlock, SpatialTransformer
+
+# The units FSDP2 gathers one at a time: the UNet's residual and transformer blocks, the DiT's
+# blocks; what is left (embeddings, the first and last layers) belongs to the root.
+_BLOCKS = (ResBlock, SpatialTransformer, DiTBlock)
+
+
+def check_launch(parallel: str) -> None:
+    """--parallel fsdp shards over the processes torchrun starts (one is allowed: a resume at
+    another world size)."""
+    if parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            "--parallel fsdp shards the model over torchrun's processes, but this process was "
+            "not started by torchrun; run torchrun --nproc_per_node=N fastsp/train.py "
+            "--parallel fsdp ..., or drop --parallel fsdp"
+        )
+
+
+def shard(network: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """`network` sharded in place over the default process group: each block, then the root."""
+    policy = MixedPrecisionPolicy()
+    if bf16 and device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in network.modules():
+        if isinstance(module, _BLOCKS):
+            fully_shard(module, mp_policy=policy)
+    return fully_shard(network, mp_policy=policy)
+
+
+def _state(model, ema, optimizer) -> dict[str, Any]:
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    for group in optimizer_state["param_groups"]:
+        # the step's learning rate is a device tensor (fastsp.step); a number on disk, as in a
+        # fresh optimizer, so that saved and loaded state dicts have one layout
+        group["lr"] = float(group["lr"])
+    return {"model": model_state, "ema": get_model_state_dict(ema), "optimizer": optimizer_state}
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model, ema, optimizer, state: dict, config_text: str
+) -> Path | None:
+    """Every rank: the sharded checkpoint of step `step`, written atomically; its folder on
+    rank 0 (None elsewhere)."""
+    main = torch_dist.get_rank() == 0
+    root = Path(run_dir) / checkpoint_lib.CHECKPOINTS_DIR
+    final = root / checkpoint_lib.step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-sharded"  # one name every rank knows
+    error = None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftover
+            (tmp / "dcp").mkdir(parents=True)
+        except OSError as failure:
+            error = failure
+    if dist.any_rank(error is not None):
+        raise CheckpointWriteError(f"cannot create {tmp} ({error}); check the disk and resume")
+    try:
+        dcp.save(_state(model, ema, optimizer), checkpoint_id=tmp / "dcp")
+        kill_point(f"checkpoint:{step}:dcp")
+        if main:
+            torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+            (tmp / "config.json").write_text(config_text)
+            checkpoint_lib.sync_and_rename(tmp, final)
+            kill_point(f"checkpoint:{step}:after-rename")
+    except (OSError, CheckpointException) as failure:  # DCP's: a write failed on some rank
+        error = failure
+    finally:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist.any_rank(error is not None):
+        raise CheckpointWriteError(
+            f"cannot save checkpoint {final.name} ({error or 'on another rank'}); the previous "
+            "checkpoints are intact: free space and resume with --resume"
+        )
+    return final if main else None
+
+
+def load_training_state(checkpoint: Path, model, ema, optimizer) -> dict[str, Any]:
+    """Every rank: model, EMA and optimizer states and the RNG of a sharded checkpoint,
+    resharded to this run's world size; state.json's contents."""
+    state = checkpoint_lib.read_state(checkpoint)
+    rng = checkpoint_lib.read_rng(Path(checkpoint) / "rng.pt")
+    saved = _state(model, ema, optimizer)
+    try:
+        dcp.load(saved, checkpoint_id=Path(checkpoint) / "dcp")
+    except CheckpointException as error:  # DCP wraps every reader failure in it
+        raise CheckpointError(
+            f"{checkpoint}/dcp is damaged ({checkpoint_lib.dcp_failure(error)}); delete the "
+            "folder to resume from the previous checkpoint"
+        ) from None
+    set_state_dict(
+        model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"]
+    )
+    set_model_state_dict(ema, saved["ema"])
+    torch.set_rng_state(rng["cpu"])
+    return state
+
+
+def nonfinite_names(model, ema) -> list[str]:
+    """This rank's shards of the model and the EMA with a non-finite element, by name (the
+    caller asks every rank: fastsp.dist.any_rank)."""
+    tensors = {
+        f"{prefix}.{name}": local(value)
+        for prefix, module in (("model", model), ("ema", ema))
+        for name, value in module.state_dict().items()
+        if value.is_floating_point()
+    }
+    finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).tolist()
+    return [name for name, ok in zip(tensors, finite, strict=True) if not ok]

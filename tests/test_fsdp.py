@@ -1,0 +1,110 @@
+"""FSDP2 (--parallel fsdp, fastsp.training.parallel) with CPU processes over gloo: the sharded
+run trains the weights a one-process run trains, for both objectives, through a kill -9 in the
+middle and resumes at another world size (2 -> 1, 1 -> 2) from torch.distributed.checkpoint
+folders; and what it refuses.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastsp import checkpoint as checkpoint_lib
+from fastsp import config_cli
+from fastsp.config import TrainConfig
+from fastsp.errors import ConfigError
+from fastsp.step import plan_graph
+from fastsp.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "fastsp" / "train.py")
+COMMON = ["--preset", "tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "8"]
+COMMON += ["--log-every", "2", "--checkpoint-every", "2", "--sample-every", "0"]
+
+
+def _launch(nproc: int | None, args: list[str], **env) -> subprocess.CompletedProcess:
+    """fastsp/train.py in one plain process (nproc None) or under torchrun with nproc ranks."""
+    launcher = [sys.executable]
+    if nproc is not None:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [*launcher, TRAIN, *args], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _weights(checkpoint: Path, which: str) -> dict[str, torch.Tensor]:
+    if checkpoint_lib.is_sharded(checkpoint):
+        return checkpoint_lib.load_model(checkpoint, which).model.state_dict()
+    return load_file(checkpoint / f"{which}.safetensors")
+
+
+def _assert_same_weights(sharded: Path, single: Path) -> None:
+    assert checkpoint_lib.is_sharded(sharded) and not checkpoint_lib.is_sharded(single)
+    for which in ("model", "ema"):
+        ours, theirs = _weights(sharded, which), _weights(single, which)
+        assert ours.keys() == theirs.keys()
+        for name, tensor in theirs.items():
+            # fused AdamW after a reduce-scatter in another summation order (as tests/test_train's
+            # DDP comparison)
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_mse_survives_kill_9_and_resumes_on_one_process(tmp_path):
+    # 2 ranks train to step 2 (a sharded checkpoint), are killed by SIGKILL after step 3, and
+    # one rank resumes from step 2 to 4: the weights are the one-process run's.
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    _ok(_launch(None, [*COMMON, "--steps", "4", "--out", str(single)]))
+    fsdp = [*COMMON, "--parallel", "fsdp", "--out", str(sharded)]
+    killed = _launch(2, [*fsdp, "--steps", "4"], FASTSP_KILL_AT="step:3")
+    assert killed.returncode != 0
+    assert [p.name for p in checkpoint_lib.list_checkpoints(sharded)] == ["step_00000002"]
+    resumed = _ok(_launch(1, [*fsdp, "--steps", "4", "--resume"]))
+    assert "resuming from" in resumed.stdout
+    final = sharded / "checkpoints" / "step_00000004"
+    assert checkpoint_lib.read_state(final)["world_size"] == 1
+    checkpoint_lib.verify_checkpoint(final)
+    _assert_same_weights(final, single / "checkpoints" / "step_00000004")
+
+
+@pytest.mark.slow
+def test_fsdp_self_perceptual_resumes_from_one_process_on_two(tmp_path):
+    # Stage 2 with its frozen perceptual network sharded too: one rank to step 2, two ranks
+    # from there to 4, against one plain process.
+    stage1 = tmp_path / "stage1"
+    _ok(_launch(None, [*COMMON, "--steps", "2", "--out", str(stage1)]))
+    stage2 = [*COMMON, "--objective", "self_perceptual", "--init", str(stage1)]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    _ok(_launch(None, [*stage2, "--steps", "4", "--out", str(single)]))
+    fsdp = [*stage2, "--parallel", "fsdp", "--out", str(sharded)]
+    _ok(_launch(1, [*fsdp, "--steps", "2"]))
+    _ok(_launch(2, [*fsdp, "--steps", "4", "--resume"]))
+    final = sharded / "checkpoints" / "step_00000004"
+    assert checkpoint_lib.read_state(final)["world_size"] == 2
+    assert "FSDP2 over 2 processes" in (sharded / "backends.json").read_text()
+    _assert_same_weights(final, single / "checkpoints" / "step_00000004")
+
+
+def test_fsdp_without_torchrun_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    cfg, model_cfg = config_cli.parse_args([*COMMON, "--parallel", "fsdp", "--out", str(out)])
+    with pytest.raises(ConfigError, match="--parallel fsdp .* torchrun"):
+        train(cfg, model_cfg)
+    assert not out.exists()
+
+
+def test_cuda_graph_capture_under_fsdp_is_refused_with_the_reason():
+    graph = plan_graph(TrainConfig(parallel="fsdp"), 8, "cuda")
+    assert not graph.captured and "FSDP2" in graph.describe()
+    assert plan_graph(TrainConfig(), 8, "cuda").captured
