@@ -288,7 +288,10 @@ def test_a_killed_rank_is_named_by_rank_0_with_the_intact_checkpoint(tmp_path):
     assert line, result.stderr[-3000:]
     assert f"the last checkpoint ({intact}) is intact. Rerun with --resume" in line.group(0)
     assert "[rank0]: Traceback" not in result.stderr  # no gloo traceback from rank 0
-    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: 75", result.stderr)
+    # Rank 0 exits 75 (preempted: resume), unless torchrun's agent, which stops the other
+    # workers as soon as one has failed, sends its SIGTERM first: a race outside the trainer.
+    exit_line = r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: (75|-15) "
+    assert re.search(exit_line, result.stderr), result.stderr
     checkpoint_lib.verify_checkpoint(intact)
 
 
