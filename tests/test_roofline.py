@@ -1,4 +1,8 @@
-"""fastsp.roofline: each op's FLOPs, bytes and roofline time against hand counts."""
+"""fastsp.roofline: each op's FLOPs, bytes and roofline time against hand counts; the table that
+sets its predictions beside measured step times (benchmarks/predicted_vs_measured.py)."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +50,41 @@ def test_fp32_matmul_uses_the_fp32_peak():
     for gpu in GPUS:
         expected = _seconds(flops, nbytes, gpu, "fp32_tflops")
         assert roofline.ops["mm"][gpu] == pytest.approx(expected)
+
+
+def _script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_predicted_vs_measured_table():
+    # run_gpu.sh's table: the prediction for the card's model beside bench_step.py's medians.
+    table = _script("predicted_vs_measured").table
+
+    def predicted_step(h100_s, h200_s):
+        gpus = {"H100 SXM": {"seconds": h100_s}, "H200 SXM": {"seconds": h200_s}}
+        return {"predicted": {"gpus": gpus}}
+
+    predicted = {"cases": {"sd21_64": {"batch_size": 16, "steps": {
+        "mse": predicted_step(0.1, 0.08), "self_perceptual": predicted_step(0.13, 0.11)}}}}  # fmt: skip
+    rows = [("sd21_64", "mse", "fast_graphed", 16, 250.0),
+            ("sd21_64", "mse", "reference", 16, 900),  # the naive step: not predicted
+            ("sd21_64", "self_perceptual", "fast_eager", 16, 390.0),
+            ("tiny", "mse", "fast_eager", 64, 1),  # no prediction for this model
+            ("sd21_64", "mse", "fast_eager", 32, 500.0)]  # another batch size  # fmt: skip
+    measured = {"device_name": "NVIDIA H200", "results": [
+        {"model": m, "objective": o, "variant": v, "batch": b, "step_ms": ms,
+         "memory_format": "channels_last"} for m, o, v, b, ms in rows]}  # fmt: skip
+    text, out = table(predicted, measured)
+    assert [(r["objective"], r["variant"]) for r in out] == [
+        ("mse", "fast_graphed"),
+        ("self_perceptual", "fast_eager"),
+    ]
+    assert out[0]["predicted_ms"] == pytest.approx(80.0) and out[0]["ratio"] == pytest.approx(3.125)
+    assert out[1]["ratio"] == pytest.approx(390.0 / 110.0)
+    assert "NVIDIA H200" in text and "| 80.0 | 250.0 | 3.12 |" in text
+    with pytest.raises(SystemExit, match="no prediction for NVIDIA A100"):
+        table(predicted, {**measured, "device_name": "NVIDIA A100-SXM4-80GB"})
