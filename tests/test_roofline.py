@@ -68,8 +68,8 @@ def test_predicted_vs_measured_table():
         gpus = {"H100 SXM": {"seconds": h100_s}, "H200 SXM": {"seconds": h200_s}}
         return {"predicted": {"gpus": gpus}}
 
-    predicted = {"cases": {"sd21_64": {"batch_size": 16, "steps": {
-        "mse": predicted_step(0.1, 0.08), "self_perceptual": predicted_step(0.13, 0.11)}}}}  # fmt: skip
+    steps = {"mse": predicted_step(0.1, 0.08), "self_perceptual": predicted_step(0.13, 0.11)}
+    predicted = {"cases": {"sd21_64": {"batch_size": 16, "steps": steps}}}
     rows = [("sd21_64", "mse", "fast_graphed", 16, 250.0),
             ("sd21_64", "mse", "reference", 16, 900),  # the naive step: not predicted
             ("sd21_64", "self_perceptual", "fast_eager", 16, 390.0),
