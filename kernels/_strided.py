@@ -15,8 +15,8 @@ routine per element and dimension (20-26 calls per kernel, 72-112 registers). In
   with its strides, in int64.
 
 The carries stay below 2^31 when every divided size is below 2^31 - BLOCK - 1: ``needs_copy``
-says when a layout breaks that, and ``prepare`` (the host side: merged layout, each operand's access, the
-launch's divisors) then copies the operands into one dense layout.
+says when a layout breaks that, and ``prepare`` (the host side: merged layout, each operand's
+access, the launch's divisors) then copies the operands into one dense layout.
 """
 
 from collections.abc import Sequence

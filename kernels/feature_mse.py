@@ -86,12 +86,20 @@ from fastsp.kernels._strided import empty_in_order, prepare, strides_args
 from torch import Tensor
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-# The dense forward's register cap. Left to itself ptxas fits the bf16 fused forward in 32
-# registers (100% occupancy) by loading the second half of a thread's tile only after the first
-# is consumed (32 B in flight); at 40 (75%) all four 128-bit loads are issued first (64 B per
-# thread, 96 KB per SM against 64 KB). Gathering forwards, and the scalar loads of N % 16 != 0,
-# need more registers and are not capped.
+# The fused forward's register cap where ptxas needs it. Left to itself it fits the forward of a
+# bf16 pair with one tile per program (up to 16.7 M elements) in 32 registers (100% occupancy) by
+# loading the second half of a thread's tile only after the first is consumed: 32 B in flight.
+# At 40 (75%) all four 128-bit loads are issued first: 64 B per thread, 96 KB per SM against 64.
+# Elsewhere (fp16, fp32, mixed, several tiles, gathers, N % 16 != 0) ptxas already keeps 64 B or
+# more in flight, and a cap of 40 would spill (python -m fastsp.kernels.compile_check shows both).
 _FWD_REGISTERS = 40
+
+
+def _fwd_register_cap(x: Tensor, y: Tensor, accesses: list[int], n: int, tiles: int):
+    bf16_pair = x.dtype == y.dtype == torch.bfloat16
+    return (
+        _FWD_REGISTERS if bf16_pair and accesses == [2, 2] and n % 16 == 0 and tiles == 1 else None
+    )
 
 
 # ---------------------------------------------------------------------------- launch rules
