@@ -450,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows) + "\n\n" + summary + "\n" + "\n".join(failures)
     print(text)
     if args.out:
+        date = time.strftime("%Y-%m-%d", time.gmtime())
+        command = " ".join(["python -m fastsp.kernels.compile_check", *(argv or sys.argv[1:])])
+        header = f"# Compile check, {date}: `{command}`, triton {triton.__version__}, no GPU\n\n"
         with open(args.out, "w") as f:
-            f.write(text + "\n")
+            f.write(header + text + "\n")
     return 1 if failures else 0
 
 
