@@ -312,9 +312,7 @@ def feature_mse_fwd(
         WRITE_GX=write_gx,
         WRITE_GY=write_gy,
         BLOCK=block,
-        **_launch_options(
-            block, _FWD_REGISTERS if x_access == y_access == 2 and n % 16 == 0 else None
-        ),
+        **_launch_options(block, _fwd_register_cap(x, y, [x_access, y_access], n, tiles)),
     )
     if reduce:
         _feature_mse_finalize_kernel[(1,)](

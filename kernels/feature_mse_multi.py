@@ -1,30 +1,26 @@
 """Grouped feature-space MSE: ``sum_i w_i * mean((x_i - y_i)^2)`` over T pairs in one launch.
 
-Math: loss_i = sum_j d_ij^2 / N_i with d_i = x_i - y_i, out = sum_i w_i loss_i (fp32 accumulation),
+Math: loss_i = sum_j d_ij^2 / N_i, d_i = x_i - y_i, out = sum_i w_i loss_i (fp32 accumulation),
 dL/dx_i = 2 w_i / N_i * d_i * g, dL/dy_i = -dL/dx_i, dL/dw_i = loss_i * g.
-
 One launch covers every pair: program p finds its pair i from ``starts`` (prefix sums of
-per-pair program counts, passed as a tuple of ints; the loop over pairs is unrolled at compile
-time) and owns ``tiles`` consecutive tiles of BLOCK elements of that pair. A pair's programs never
-share a tile with another pair, so each partial belongs to one pair; stage 2 (one program) sums each
-pair's partials in index order, stores the per-pair losses (saved for dL/dw) and the weighted total.
+per-pair program counts, a tuple of ints; the loop over pairs is unrolled at compile time) and
+owns ``tiles`` consecutive tiles of that pair, so each partial belongs to one pair; stage 2 (one
+program) sums each pair's partials in index order, stores the per-pair losses (saved for dL/dw)
+and the weighted total.
 No atomics: bit-identical run after run. Pointers travel as Triton tuples: no pointer table in
 device memory (its upload would not be capturable in a CUDA graph), for one compilation per
 distinct T, dtypes and size-divisibility flags, all fixed in a training run.
 
-The fused path, bytes moved and the no-sync backward are those of ``feature_mse`` (see
-kernels/feature_mse.py): with grad enabled, the forward writes 2 w_i / N_i * d_i for every input
-(and -that for every target) when any input (target) requires grad, and backward rewrites those
-buffers in place only when g != 1, decided on the device (bf16/fp16 ones recomputed from the pairs,
-fp32 ones scaled). Weights given as numbers are baked into the launch as fp32 arguments; a weight
-tensor is read on the device (no ``.item()``). A list of weight tensors is refused here (reading
-each with ``float()`` is a host sync per weight); ``fastsp.feature_mse_multi`` stacks it first.
+The fused path, bytes moved and the no-sync backward are those of ``feature_mse``: with grad
+enabled the forward writes 2 w_i / N_i * d_i for every input (and -that for every target), and
+backward rewrites those buffers only when g != 1, decided on the device. Weights given as numbers
+are fp32 launch arguments; a weight tensor is read on the device (no ``.item()``); a list of
+weight tensors is refused here (a host sync per weight): ``fastsp.feature_mse_multi`` stacks it.
 
-Layout: a pair whose input and target are dense with equal strides (contiguous, channels_last
-with channels_last) is read as flat memory, with no copy. Any other pair (sliced views, broadcast,
-mixed layouts) is made contiguous first by the caller-visible ``.contiguous()`` (2 N_i e more bytes
-per copied tensor); the single-pair op ``feature_mse`` gathers strided tensors without copies.
-Launch constants and the unmasked full tiles are those of ``feature_mse`` (kernels/_common.py).
+Layout: a pair dense with equal strides (contiguous, channels_last with channels_last) is read as
+flat memory; any other pair is made contiguous first (2 N_i e more bytes per copied tensor; the
+single-pair ``feature_mse`` gathers strided tensors without copies). Launch constants and the
+unmasked full tiles are those of ``feature_mse`` (kernels/_common.py).
 """
 
 import math
@@ -54,6 +50,9 @@ from fastsp.kernels._common import (
 )
 from torch import Tensor
 
+# Above any count used (<= 80, compile_check); without a ceiling ptxas spilled (fp16, sm_90a).
+_MULTI_REGISTERS = 96
+
 
 # ---------------------------------------------------------------------------- launch rules
 def launch_rule(numels: Sequence[int], launch: Sequence[int] = ()):
@@ -78,8 +77,7 @@ def is_flat_pair(x: Tensor, y: Tensor) -> bool:
 def _multi_tile(x_ptr, y_ptr, gx_ptr, gy_ptr, acc, start, n, grad_scale, g, REDUCE: tl.constexpr,
                 WRITE_GX: tl.constexpr, WRITE_GY: tl.constexpr, BLOCK: tl.constexpr,
                 MASKED: tl.constexpr):  # fmt: skip
-    # One tile of a pair: with REDUCE (the forward) acc += d^2 and the fused gradients for
-    # g == 1; without (the backward) the gradients times g.
+    # One tile: the forward (REDUCE) adds d^2 to acc and writes the g == 1 gradients; else times g.
     idx = start + tl.arange(0, BLOCK)
     mask = idx < n
     d = _load_f32(x_ptr + idx, mask, MASKED) - _load_f32(y_ptr + idx, mask, MASKED)
@@ -99,8 +97,7 @@ def _multi_tile(x_ptr, y_ptr, gx_ptr, gy_ptr, acc, start, n, grad_scale, g, REDU
 def _multi_tiles(x_ptr, y_ptr, gx_ptr, gy_ptr, start, n, tiles, grad_scale, g,
                  REDUCE: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GY: tl.constexpr,
                  BLOCK: tl.constexpr):  # fmt: skip
-    # `tiles` tiles of a pair from `start`: unmasked while they lie wholly below n (see
-    # kernels/_common.py), then masked; per lane the same order as one masked loop.
+    # `tiles` tiles from `start`: unmasked while wholly below n, then masked (kernels/_common.py).
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     full = _full_tiles(start, n, tiles, BLOCK)
     for _ in range(full):
@@ -316,7 +313,7 @@ def feature_mse_multi_fwd(
             WRITE_GX=write_gx,
             WRITE_GY=write_gy,
             BLOCK=block,
-            **_launch_options(block),
+            **_launch_options(block, _MULTI_REGISTERS),
         )
     _feature_mse_multi_finalize_kernel[(1,)](
         partials,
@@ -377,7 +374,7 @@ def feature_mse_multi_bwd(
         WRITE_GY=need_gy,
         SKIP_IF_ONE=into is not None,
         BLOCK=block,
-        **_launch_options(block),
+        **_launch_options(block, _MULTI_REGISTERS),
     )
     return gxs, gys
 
