@@ -25,7 +25,10 @@ def test_quick_set_compiles_without_spills_and_with_vector_loads(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:] if "|" in line]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("# Compile check") and "--quick" in lines[0]
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| kernel ")]
+    rows = [line.split("|")[1:-1] for line in table]
     by_case = {(r[0].strip(), r[1].strip(), r[2].strip()): r for r in rows}
     assert {arch for _, _, arch in by_case} == {"sm_80", "sm_90a"}
     for arch in ("sm_80", "sm_90a"):
