@@ -16,6 +16,9 @@
 # this torch; an xformers wheel built for another CUDA fails to load and `auto` attention falls
 # back to SDPA) and, per step case, the backends it reports (attention, feature MSE, optimizer,
 # precision, compile, CUDA graph).
+# 4. the dry run's predicted step times (the newest benchmarks/results/predicted_step_*.json,
+# benchmarks/predict_step.py) beside the step benchmark's measured ones: one table, predicted,
+# measured, ratio (OUT/predicted_vs_measured.md).
 # Exit status: non-zero if any part failed or a target was missed (the other parts still run).
 set -u
 cd "$(dirname "$0")/.."
@@ -50,6 +53,16 @@ grep -E '^(PASS|FAIL|--strict)' "$OUT/feature_mse.log" | sed 's/^/    /'
 start=$SECONDS
 python benchmarks/bench_step.py --out "$OUT" --seconds 1.5 > "$OUT/step.log" 2>&1 || status=1
 echo "step benchmark: $((SECONDS - start)) s"
+
+predicted=$(ls benchmarks/results/predicted_step_*.json 2>/dev/null | sort | tail -n 1)
+measured=$(ls "$OUT"/step_cuda_*.json 2>/dev/null | sort | tail -n 1)
+if [ -n "$predicted" ] && [ -n "$measured" ]; then
+    python benchmarks/predicted_vs_measured.py "$predicted" "$measured" \
+        --out "$OUT/predicted_vs_measured.md" || status=1
+else
+    echo "predicted vs measured: missing ${predicted:-a prediction} ${measured:-a step result}"
+    status=1
+fi
 
 python - "$OUT" "$status" <<'PY'
 import json, sys, datetime, platform

@@ -7,7 +7,11 @@ BMHK (batch, sequence, heads, head dim), which a `Linear` output reaches with a 
 SDPA path transposes to torch's [B, H, L, D] with free views too.
 
 Backends:
-- ``xformers``: ``xformers.ops.memory_efficient_attention``; its dispatcher picks flash or cutlass.
+- ``xformers``: ``xformers.ops.memory_efficient_attention``, and only where it runs xformers' own
+  kernels: its C++/CUDA extension must load (a wheel built for another torch or Python does not,
+  and its dispatcher then falls back to the flash and cutlass kernels bundled in PyTorch, named
+  ``...-pt``, which SDPA runs without the detour), and the operator its dispatcher picks for the
+  inputs must be one of its own (not a ``-pt`` one). Otherwise it is refused with that reason.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, which dispatches to flash,
   memory-efficient or math kernels itself; the CPU path and the fallback of ``auto``.
 - ``math``: explicit softmax in fp32 (fp64 for fp64 inputs); the reference the tests compare with.
@@ -38,6 +42,7 @@ their signature (varlen, cu_seqlens) changes between xformers versions.
 from __future__ import annotations
 
 import math
+import platform
 import sys
 
 import torch
@@ -89,8 +94,30 @@ def _input_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[st
     return reasons
 
 
+def _extension_error() -> str | None:
+    """Why xformers' own C++/CUDA extension did not load, from what xformers recorded at import
+    (xformers._cpp_lib); None if it loaded."""
+    xformers = sys.modules["xformers"]
+    error = getattr(sys.modules.get("xformers._cpp_lib"), "_cpp_library_load_exception", None)
+    if error is None and getattr(xformers, "_has_cpp_library", False):
+        return None
+    version = getattr(xformers, "__version__", "unknown version")
+    info = getattr(error, "build_info", None)
+    built = (
+        f"built for torch {info.torch_version} and Python {info.python_version}, this torch is "
+        f"{torch.__version__} and Python {platform.python_version()}"
+        if info is not None
+        else f"{type(error).__name__ if error else 'not built'}"
+    )
+    return (
+        f"xformers {version}'s C++/CUDA extension does not load ({built}): its dispatcher would "
+        "run PyTorch's own kernels, which SDPA runs directly; install an xformers built for "
+        "this torch (README, attention)"
+    )
+
+
 def _import_xformers():
-    """`xformers.ops`, or None with the reason recorded in `_xops_error`."""
+    """`xformers.ops` when its own extension loads, or None with the reason in `_xops_error`."""
     global _xops, _xops_error
     if _xops is None and _xops_error is None:
         try:
@@ -98,10 +125,17 @@ def _import_xformers():
 
             # Touch what we use so that a broken install fails here, not at call time.
             _ = (xops.memory_efficient_attention, xops.fmha.Inputs)
-            _xops = xops
+            _xops_error = _extension_error()
+            _xops = xops if _xops_error is None else None
         except Exception as e:  # any import failure is a reason, not a crash
             _xops_error = f"xformers cannot be imported: {type(e).__name__}: {e}"
     return _xops
+
+
+def _pytorch_kernel(op) -> bool:
+    # xformers names the operators that call PyTorch's bundled kernels "...-pt"
+    # (fa2F@2.5.7-pt, cutlassF-pt): SDPA runs those same kernels.
+    return op.NAME.endswith("-pt")
 
 
 def _xformers_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs_grad: bool) -> tuple:
@@ -137,12 +171,13 @@ def _ask_xformers(xops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs
     dispatch_fw = getattr(fmha, "_dispatch_fw", None)
     dispatch_bw = getattr(fmha, "_dispatch_bw", None)
     if dispatch_fw is not None and dispatch_bw is not None:
-        reasons = []
         try:
-            dispatch_fw(inp, needs_grad)
-            if needs_grad:
-                dispatch_bw(inp, None)
-            return reasons
+            ops = [dispatch_fw(inp, needs_grad)] + ([dispatch_bw(inp, None)] if needs_grad else [])
+            return [
+                f"xformers dispatches {op.NAME}, PyTorch's own kernel: SDPA runs it directly"
+                for op in ops
+                if _pytorch_kernel(op)
+            ]
         except NotImplementedError as e:
             return [f"xformers: {e}"]
         except (TypeError, AttributeError):
@@ -160,6 +195,7 @@ def _ask_xformers(xops, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, needs
             continue
         ops = pair if needs_grad else pair[:1]
         pair_reasons = [f"{op.NAME}: {r}" for op in ops for r in op.not_supported_reasons(inp)]
+        pair_reasons += [f"{op.NAME} is PyTorch's own kernel" for op in ops if _pytorch_kernel(op)]
         if not pair_reasons:
             return []
         reasons.extend(pair_reasons)
@@ -401,3 +437,58 @@ def describe_backend(backend: str, device: torch.device) -> str:
     if backend == "xformers":
         return f"xformers {version}"
     return f"xformers {version} (sdpa for inputs it does not support)"
+
+
+# xformers' CUDA dispatch order (xformers/ops/fmha/dispatch.py: `_dispatch_fw_priority_list` and
+# `_dispatch_bw` for inputs without an attention bias, dropout or split-KV): a CPU build of torch
+# has no `torch.version.cuda`, so its own dispatcher would list ROCm's operators instead.
+_CUDA_ORDER = {"forward": ("flash3.FwOp", "flash.FwOp", "cutlass.FwOp"),
+               "backward": ("flash3.BwOp", "flash.BwOp", "cutlass.BwOp")}  # fmt: skip
+
+
+def fmha_operators(q, k, v, needs_grad: bool, capability: tuple[int, int]) -> dict[str, str]:
+    """The xformers fmha operators its dispatcher picks for (q, k, v) on a GPU of `capability`,
+    found in its operator registry without running anything (q, k, v may be meta tensors).
+
+    Each operator's own `not_supported_reasons` decides, in xformers' CUDA order, with the
+    device checks (the inputs are not on that GPU) replaced by its capability bounds. Returns
+    {"forward": NAME, "backward": NAME (when needs_grad), "own_kernels": "yes"/"no",
+    "passed_over": why the operators before them were not picked}, or {"unavailable": reason}.
+    NAMEs ending in "-pt" are PyTorch's bundled kernels. Availability is the installed builds'
+    (a CPU torch has no flash kernel to bundle, so its answer can differ from a CUDA torch's).
+    """
+    try:
+        import xformers.ops.fmha as fmha
+    except Exception as e:  # an import failure is an answer, not a crash
+        return {"unavailable": f"xformers cannot be imported: {type(e).__name__}: {e}"}
+    inp = fmha.Inputs(query=q, key=k, value=v)
+    chosen: dict[str, str] = {}
+    passed_over = []
+    for direction, names in _CUDA_ORDER.items():
+        if direction == "backward" and not needs_grad:
+            continue
+        for name in names:
+            module, cls = name.split(".")
+            op = getattr(getattr(fmha, module), cls)
+            reasons = _fmha_reasons(op, inp, capability)
+            if not reasons:
+                chosen[direction] = op.NAME
+                break
+            passed_over.append(f"{op.NAME}: {reasons[0]}")
+        else:
+            return {"unavailable": f"no xformers {direction} operator supports these inputs"}
+    own = not any(n.endswith("-pt") for n in chosen.values())
+    return {**chosen, "own_kernels": "yes" if own else "no", "passed_over": "; ".join(passed_over)}
+
+
+def _fmha_reasons(op, inp, capability: tuple[int, int]) -> list[str]:
+    device_checks = ("device=", "bf16 is only supported on A100+")
+    reasons = [r for r in op.not_supported_reasons(inp) if not r.startswith(device_checks)]
+    if capability < op.CUDA_MINIMUM_COMPUTE_CAPABILITY:
+        reasons.append(f"needs capability >= {op.CUDA_MINIMUM_COMPUTE_CAPABILITY}")
+    maximum = getattr(op, "CUDA_MAXIMUM_COMPUTE_CAPABILITY", None)
+    if maximum is not None and capability > maximum:
+        reasons.append(f"needs capability <= {maximum}")
+    if inp.query.dtype == torch.bfloat16 and capability < (8, 0):
+        reasons.append("bf16 needs capability >= (8, 0)")
+    return reasons

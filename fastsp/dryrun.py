@@ -20,7 +20,9 @@ the other one for the ratio):
     attention; elementwise work, the MSE and the optimizer are not counted);
   - the peak of live tensor memory over the step (LiveMemory);
   - the self-perceptual / MSE FLOP ratio, and the images/s that 40% model FLOPs utilisation
-    would give on an H100 SXM and an H200 SXM (dense bf16 peaks from NVIDIA's datasheets).
+    would give on an H100 SXM and an H200 SXM (dense bf16 peaks from NVIDIA's datasheets);
+  - a predicted step time and images/s on both (fastsp.roofline: each op's FLOPs and bytes at
+    the datasheet's FLOP/s and HBM bandwidth, summed: a floor), with the ten costliest ops.
 An error of the dry run itself (a bug in fastsp, not an op the step's GPU would refuse) prints
 its traceback and exits EXIT_INTERNAL_ERROR, never as a fault.
 It cannot measure kernel time, numerics, the CUDA caching allocator's overhead above live
@@ -69,6 +71,7 @@ from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
 from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
+from fastsp.roofline import GPUS, Roofline, predict, report_lines  # noqa: E402
 from fastsp.run_folder import check_output_file  # noqa: E402
 from fastsp.step import TrainStep  # noqa: E402
 from fastsp.training.assembly import assemble  # noqa: E402
@@ -82,11 +85,6 @@ GIB = 2**30
 # Library code, left out of a fault's location: torch's package and the standard library.
 _LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(os.__file__).parent))
 MFU = 0.4
-# Dense bf16 tensor-core peaks (no sparsity) and memory, from NVIDIA's H100 and H200 datasheets.
-GPUS = {
-    "H100 SXM": {"bf16_tflops": 989.0, "memory_gb": 80},
-    "H200 SXM": {"bf16_tflops": 989.0, "memory_gb": 141},
-}
 OBJECTIVES = ("self_perceptual", "mse")
 # --init is required for self_perceptual (stage 2 starts from a stage-1 model); the dry run reads
 # no weights, so a placeholder stands in when none is given.
@@ -438,7 +436,7 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
             memory.reset_peak()
             state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
             checks.host_syncs = 0
-            with FlopCounterMode(display=False) as flops:
+            with FlopCounterMode(display=False) as flops, Roofline() as roofline:
                 step.load(batch, 1, lr, ema_weight)  # what TrainStep.run does: load, then the
                 checks.replayed = True  # step (replayed as a graph when captured)
                 step.compute()
@@ -456,6 +454,7 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
         "flops": flops.get_total_flops(),
         "flops_by_op": by_op,
         "peak_bytes": memory.peak,
+        "predicted": predict(roofline, cfg.batch_size),
         "state_bytes": state,
         "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
@@ -529,6 +528,7 @@ def report(result: dict) -> str:
             + "); its live tensors "
             + ("fit" if fits else "do NOT fit")
         )
+    lines.extend(report_lines(asked["predicted"]))
     graph = asked["graph"]
     lines.append(
         "  CUDA graph: would capture the step"
@@ -536,7 +536,8 @@ def report(result: dict) -> str:
         else f"  CUDA graph: off ({'; '.join(graph)}); host syncs per step: {asked['host_syncs']}"
     )
     lines.append(
-        "  not checked: kernel time, numerics, allocator overhead, DDP, torch.compile, xformers"
+        "  not checked: measured kernel time, numerics, allocator overhead, DDP, torch.compile, "
+        "xformers"
     )
     return "\n".join(lines)
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.attention import attention, choose_kernel, not_supported_reasons
+from fastsp.attention import attention, choose_kernel, fmha_operators, not_supported_reasons
 from fastsp.model_config import UNetConfig
 
 
@@ -503,3 +503,21 @@ def decide_attention(modules, device: torch.device, dtype: torch.dtype) -> str |
         reasons = not_supported_reasons("xformers", *fallback.probe(device, dtype))
         chosen += f"; xformers: {reasons[0] if reasons else 'no reason given'}"
     return f"{chosen} (chosen once before torch.compile, {dtype} on {device.type})"
+
+
+def record_fmha(modules, device: torch.device, dtype: torch.dtype) -> str | None:
+    """backends.json's attention_fmha: the xformers operators its dispatcher picks for each
+    distinct attention layer shape in `modules` (a training step in `dtype`), found in its
+    operator registry without running them (fastsp.attention.fmha_operators): on `device`'s GPU,
+    or on an H100 (sm_90) where this machine has none. None if there are no layers."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, Attention)]
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability(device) if on_gpu else (9, 0)
+    lines = {}
+    for layer in layers:
+        q, k, v = layer.probe(torch.device("meta"), dtype)
+        found = fmha_operators(q, k, v, True, capability)
+        shape = f"q [B, L, {q.shape[2]}, {q.shape[3]}], k [B, {k.shape[1]}, ...] {dtype}"
+        lines.setdefault(shape, ", ".join(f"{key} {value}" for key, value in found.items()))
+    target = f"sm_{capability[0]}{capability[1]}" + ("" if on_gpu else " (an H100; no GPU here)")
+    return f"{target}: " + " | ".join(f"{s}: {r}" for s, r in lines.items()) if layers else None

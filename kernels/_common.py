@@ -3,15 +3,24 @@
 One definition of each, imported by both op files, which never import each other:
 - ``INTERPRETED``: whether Triton runs these kernels in its interpreter (CPU tensors allowed).
 - The supported dtypes and the fixed launch constants: BLOCK 4096 elements per tile, at most 4096
-  programs (partial sums) per reduction, stage 2 summing 1024 partials a step; ``_num_warps`` maps
-  a BLOCK to its warps. The reasons for these numbers are in kernels/feature_mse.py.
+  programs (partial sums) per reduction, stage 2 summing 1024 partials a step; ``_launch_options``
+  maps a BLOCK to its warps and fixes the compiler's options. The reasons for these numbers are in
+  kernels/feature_mse.py.
+- fp fusion is off, chosen explicitly (Triton 3.9 defaults it on and warns that 3.10 flips the
+  default): these kernels are memory-bound, so contracting ``acc += d * d`` into an FMA saves
+  nothing measurable, and without it the GPU rounds the product and the sum separately, as torch's
+  own mse_loss and Triton's interpreter (the CPU tests) do. The bits no longer depend on the
+  Triton version's default.
 - Host layout rules: ``plan_layout`` merges dimensions as TensorIterator does, ``_is_flat`` says
   when the result is one flat run of memory shared by every operand.
 - Allocation: ``_empty`` (every output of both ops is allocated through it; tests replace it to
   poison outputs) and ``_dense_like``.
 - Device helpers called from the kernels: ``_cast_rtne`` (the one rounding to the output dtype),
-  ``_chunk_start`` (a program's first element, in int64), ``_scale_tiles`` (the in-place scale of
-  fused gradient buffers).
+  ``_chunk_start`` (a program's first element, in int64), ``_full_tiles`` with ``_load_f32`` and
+  ``_store_cast`` (tiles wholly inside N are read and written without a mask: a mask on ``idx < N``
+  with N not a multiple of 16 forbids vector loads, and a predicated load is scheduled behind the
+  arithmetic of the one before it, halving the bytes in flight; only a chunk's last tile is
+  masked), ``_scale_tiles`` (the in-place scale of fused gradient buffers).
 - ``_tracing``: whether a backward runs under torch.compile's tracing, where saved tensors may not
   be rewritten in place.
 """
@@ -40,6 +49,12 @@ _DEFAULT_LAUNCH = (_BLOCK, _MAX_PROGRAMS, _FINAL_BLOCK)
 # ---------------------------------------------------------------------------- launch rules
 def _num_warps(block: int) -> int:
     return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+
+
+def _launch_options(block: int, max_registers: int | None = None) -> dict:
+    # Every launch's compiler options: warps by BLOCK, fp fusion off (see the module docstring),
+    # and a register cap where a kernel sets one (feature_mse's fused forward: see its docstring).
+    return {"num_warps": _num_warps(block), "enable_fp_fusion": False, "maxnreg": max_registers}
 
 
 def plan_layout(shape: Sequence[int], *strides: Sequence[int], order: list[int] | None = None):
@@ -109,13 +124,44 @@ def _chunk_start(pid, tiles, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _full_tiles(start, N, tiles, BLOCK: tl.constexpr):
+    # How many of the `tiles` tiles from `start` lie wholly below N (read without a mask).
+    return tl.minimum(tl.maximum((N - start) // BLOCK, 0), tiles).to(tl.int32)
+
+
+@triton.jit
+def _load_f32(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        v = tl.load(ptr, mask=mask, other=0.0)
+    else:
+        v = tl.load(ptr)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _store_cast(ptr, v, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, _cast_rtne(v, ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr, _cast_rtne(v, ptr.dtype.element_ty))
+
+
+@triton.jit
+def _scale_tile(src_ptr, dst_ptr, g, start, N, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < N
+    _store_cast(dst_ptr + idx, _load_f32(src_ptr + idx, mask, MASKED) * g, mask, MASKED)
+
+
+@triton.jit
 def _scale_tiles(src_ptr, dst_ptr, g, start, N, tiles, BLOCK: tl.constexpr):
     # dst = src * g over `tiles` tiles from `start`: the fused backward of fp32 gradient buffers.
-    for _ in range(tiles):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < N
-        v = tl.load(src_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + idx, _cast_rtne(v * g, dst_ptr.dtype.element_ty), mask=mask)
+    full = _full_tiles(start, N, tiles, BLOCK)
+    for _ in range(full):
+        _scale_tile(src_ptr, dst_ptr, g, start, N, BLOCK, False)
+        start += BLOCK
+    for _ in range(full, tiles):
+        _scale_tile(src_ptr, dst_ptr, g, start, N, BLOCK, True)
         start += BLOCK
 
 

@@ -39,26 +39,24 @@ recompute) more than the eager fused path.
 
 Layout. The op sees tensors of one shape (callers broadcast first). Host code orders the dimensions
 by memory (largest stride first), drops size-1 dimensions and merges dimensions that are contiguous
-in every operand, as TensorIterator does. When that leaves one unit-stride dimension for all
-operands (contiguous, channels_last paired with channels_last, any dense pair with equal strides)
-the kernels index flat memory. Otherwise (sliced views, stride-0 broadcast, mismatched layouts)
-they take up to 4 sizes and per-operand strides and gather: no copies (a stride-0 operand re-reads
-the same addresses). Above 4 merged dimensions the operands are first copied into one dense layout
-(2 N e more bytes per copied operand). Outputs (``none`` and gradients) follow the pair's memory
-order (dimensions by the larger stride of x and y): a channels_last input, a channels_last gradient.
-
-64-bit offsets: every kernel turns ``tl.program_id(0)`` into int64 before multiplying
-(``_chunk_start``), and Triton types strides and sizes above int32 as int64: over 2^31 elements
-index correctly.
+in every operand, as TensorIterator does. An operand dense in that order (contiguous, channels_last
+beside channels_last) is indexed as flat memory (X_ACCESS 2, ...): vector loads. Any other (sliced
+views, stride-0 broadcast, the NCHW side of a channels_last pair) is gathered through up to 4 sizes
+and its strides, without copies and without per-element 64-bit division (kernels/_strided.py).
+Layouts those cannot index (over 4 merged dimensions) are first copied into one dense layout (2 N e
+more bytes per copied operand). Outputs (``none`` and gradients) follow the pair's memory order
+(dimensions by the larger stride of x and y): a channels_last input, a channels_last gradient.
+64-bit offsets: ``_chunk_start`` turns ``tl.program_id(0)`` into int64 before multiplying, and
+Triton types sizes and strides above int32 as int64: over 2^31 elements index correctly.
 
 Launch rule, fixed rather than autotuned (this is memory-bound, one tile is a pure stream):
-BLOCK = 4096 elements (8 KiB per bf16 operand, 16 elements per thread at 8 warps: enough bytes in
-flight per program for HBM while keeping registers low) and at most 4096 programs: up to 16.7 M
-elements each program owns one tile; above that each owns ``cdiv(tiles, 4096)`` consecutive tiles,
-which keeps the partials (and stage 2) small and the per-program work long. These constants come
-from the usual rule for streaming kernels, not yet measured on a GPU (benchmarks/feature_mse_gpu.py
-reports how close they get to the copy bandwidth); tests override them (``launch=``). They,
-``plan_layout`` and the device helpers shared with feature_mse_multi live in kernels/_common.py.
+BLOCK = 4096 elements (16 per thread at 8 warps: two 128-bit loads per bf16 operand, enough bytes
+in flight for HBM at low register counts) and at most 4096 programs: up to 16.7 M elements each
+program owns one tile; above that each owns ``cdiv(tiles, 4096)`` consecutive tiles, which keeps
+the partials (and stage 2) small. Not yet measured on a GPU (benchmarks/feature_mse_gpu.py reports
+the fraction of copy bandwidth); ``python -m fastsp.kernels.compile_check`` checks registers,
+spills and load widths of every specialisation for sm_80 and sm_90a. Tests override the constants
+(``launch=``). They and the helpers shared with feature_mse_multi live in kernels/_common.py.
 """
 
 import math
@@ -77,16 +75,32 @@ from fastsp.kernels._common import (
     _chunk_start,
     _dense_like,
     _empty,
-    _is_flat,
-    _num_warps,
+    _full_tiles,
+    _launch_options,
     _scale_tiles,
     _tracing,
     plan_layout,
 )
+from fastsp.kernels._feature_mse_tiles import _bwd_tile, _fwd_tile
+from fastsp.kernels._strided import empty_in_order, prepare, strides_args
 from torch import Tensor
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-_MAX_RANK = 4  # merged dimensions the strided kernels take
+# The fused forward's register cap where ptxas needs it. Left to itself it fits the forward of a
+# bf16 pair with one tile per program (up to 16.7 M elements) in 32 registers (100% occupancy) by
+# loading the second half of a thread's tile only after the first is consumed: 32 B in flight.
+# At 40 (75%) all four 128-bit loads are issued first: 64 B per thread, 96 KB per SM against 64.
+# Elsewhere (fp16, fp32, mixed, several tiles, gathers, N % 16 != 0) ptxas already keeps 64 B or
+# more in flight, and a cap of 40 would spill (python -m fastsp.kernels.compile_check shows both).
+_FWD_REGISTERS = 40
+_FWD_CEILING = 96  # above any count the forward uses (<= 80)
+
+
+def _fwd_register_cap(x: Tensor, y: Tensor, accesses: list[int], n: int, tiles: int):
+    if tiles > 1:  # the loop over tiles: a ceiling, since without one ptxas spilled (fp32, sm_80)
+        return _FWD_CEILING
+    bf16_pair = x.dtype == y.dtype == torch.bfloat16
+    return _FWD_REGISTERS if bf16_pair and accesses == [2, 2] and n % 16 == 0 else None
 
 
 # ---------------------------------------------------------------------------- launch rules
@@ -101,99 +115,47 @@ def launch_rule(numel: int, launch: Sequence[int] = ()) -> tuple[int, int, int, 
     return block, tiles, triton.cdiv(num_tiles, tiles), final_block
 
 
-def _pad(values: list[int], fill: int) -> list[int]:
-    return [fill] * (_MAX_RANK - len(values)) + values
-
-
-def _empty_in_order(shape: Sequence[int], order: list[int], dtype, device) -> Tensor:
-    """An uninitialised tensor of ``shape`` whose memory runs in dimension order ``order``."""
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return _empty([shape[d] for d in order], dtype, device).permute(inverse)
-
-
 def _output_order(x: Tensor, y: Tensor) -> list[int]:
     """Traversal and output order: dimensions by the larger stride of x and y, outermost first."""
     return plan_layout(x.shape, x.stride(), y.stride())[0]
 
 
-def _prepare(order: list[int], *tensors: Tensor):
-    """(operands, flat, sizes[4], strides[4] per operand) for a traversal in ``order``.
-
-    Operands whose merged layout needs more than 4 dimensions are copied into ``order`` first.
-    """
-    _, sizes, merged = plan_layout(tensors[0].shape, *(t.stride() for t in tensors), order=order)
-    if len(sizes) > _MAX_RANK:
-        tensors = tuple(
-            _empty_in_order(t.shape, order, t.dtype, t.device).copy_(t) for t in tensors
-        )
-        _, sizes, merged = plan_layout(
-            tensors[0].shape, *(t.stride() for t in tensors), order=order
-        )
-    return tensors, _is_flat(sizes, merged), _pad(sizes, 1), [_pad(m, 0) for m in merged]
-
-
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
-def _strided_offsets(idx, s1, s2, s3, st0, st1, st2, st3):
-    # Row-major index over sizes (s0, s1, s2, s3) -> element offset under strides (st0..st3).
-    i3 = idx % s3
-    rest = idx // s3
-    i2 = rest % s2
-    rest = rest // s2
-    return (rest // s1) * st0 + (rest % s1) * st1 + i2 * st2 + i3 * st3
-
-
-@triton.jit
 def _feature_mse_fwd_kernel(
-    x_ptr,  # [N] fp32/bf16/fp16, strided as (xs0..xs3) unless FLAT
-    y_ptr,  # [N] fp32/bf16/fp16, strided as (ys0..ys3) unless FLAT
-    out_ptr,  # [N] promoted dtype, memory order of x: d^2 (REDUCE == 0 only)
+    x_ptr,  # [N] fp32/bf16/fp16, strided as x_strides unless X_ACCESS == 2
+    y_ptr,  # [N] fp32/bf16/fp16, strided as y_strides unless Y_ACCESS == 2
+    out_ptr,  # [N] promoted dtype, traversal order: d^2 (REDUCE == 0 only)
     partial_ptr,  # [programs] fp32: sum of d^2 per program (REDUCE != 0 only)
-    gx_ptr,  # [N] dtype of x, memory order of x: 2 d s (WRITE_GX only)
-    gy_ptr,  # [N] dtype of y, memory order of x: -2 d s (WRITE_GY only)
+    gx_ptr,  # [N] dtype of x, traversal order: 2 d s (WRITE_GX only)
+    gy_ptr,  # [N] dtype of y, traversal order: -2 d s (WRITE_GY only)
     N,
     tiles,
     grad_scale,  # fp32: 2 s
-    s1,
-    s2,
-    s3,
-    xs0,
-    xs1,
-    xs2,
-    xs3,
-    ys0,
-    ys1,
-    ys2,
-    ys3,
+    layout,  # 9 ints: sizes s1..s3 and their divisors (kernels/_strided.py)
+    x_strides,  # 4 ints, outermost first
+    y_strides,  # 4 ints
     REDUCE: tl.constexpr,
-    FLAT: tl.constexpr,
+    X_ACCESS: tl.constexpr,  # how x is indexed: 2 flat, 1 gathered in 16-element runs, 0 gathered
+    Y_ACCESS: tl.constexpr,
     WRITE_GX: tl.constexpr,
     WRITE_GY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     start = _chunk_start(pid, tiles, BLOCK)
+    full = _full_tiles(start, N, tiles, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for _ in range(tiles):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < N
-        if FLAT:
-            x_off = idx
-            y_off = idx
-        else:
-            x_off = _strided_offsets(idx, s1, s2, s3, xs0, xs1, xs2, xs3)
-            y_off = _strided_offsets(idx, s1, s2, s3, ys0, ys1, ys2, ys3)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
-        d = x - y
-        if REDUCE:
-            acc += d * d
-        else:
-            tl.store(out_ptr + idx, _cast_rtne(d * d, out_ptr.dtype.element_ty), mask=mask)
-        if WRITE_GX:
-            tl.store(gx_ptr + idx, _cast_rtne(d * grad_scale, gx_ptr.dtype.element_ty), mask=mask)
-        if WRITE_GY:
-            tl.store(gy_ptr + idx, _cast_rtne(-d * grad_scale, gy_ptr.dtype.element_ty), mask=mask)
+    # Per lane, the same elements in the same order as one masked loop: bit-identical sums.
+    for _ in range(full):
+        acc = _fwd_tile(x_ptr, y_ptr, out_ptr, gx_ptr, gy_ptr, acc, start, N, grad_scale, layout,
+                        x_strides, y_strides, REDUCE, X_ACCESS, Y_ACCESS, WRITE_GX, WRITE_GY, BLOCK,
+                        False)  # fmt: skip
+        start += BLOCK
+    for _ in range(full, tiles):
+        acc = _fwd_tile(x_ptr, y_ptr, out_ptr, gx_ptr, gy_ptr, acc, start, N, grad_scale, layout,
+                        x_strides, y_strides, REDUCE, X_ACCESS, Y_ACCESS, WRITE_GX, WRITE_GY, BLOCK,
+                        True)  # fmt: skip
         start += BLOCK
     if REDUCE:
         tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
@@ -216,31 +178,22 @@ def _feature_mse_finalize_kernel(
 
 @triton.jit
 def _feature_mse_bwd_kernel(
-    x_ptr,  # [N] fp32/bf16/fp16, strided unless FLAT
-    y_ptr,  # [N] fp32/bf16/fp16, strided unless FLAT
-    g_ptr,  # [] (G_SCALAR) or [N] strided: grad of the output, promoted dtype
-    gx_ptr,  # [N] dtype of x, memory order of x (WRITE_GX only)
-    gy_ptr,  # [N] dtype of y, memory order of x (WRITE_GY only)
+    x_ptr,  # [N] fp32/bf16/fp16, strided unless X_ACCESS == 2
+    y_ptr,  # [N] fp32/bf16/fp16, strided unless Y_ACCESS == 2
+    g_ptr,  # [] (G_SCALAR) or [N] strided unless G_ACCESS == 2: grad of the output, promoted dtype
+    gx_ptr,  # [N] dtype of x, traversal order (WRITE_GX only)
+    gy_ptr,  # [N] dtype of y, traversal order (WRITE_GY only)
     N,
     tiles,
     grad_scale,  # fp32: 2 s
-    s1,
-    s2,
-    s3,
-    xs0,
-    xs1,
-    xs2,
-    xs3,
-    ys0,
-    ys1,
-    ys2,
-    ys3,
-    gs0,
-    gs1,
-    gs2,
-    gs3,
+    layout,  # 9 ints: sizes s1..s3 and their divisors (kernels/_strided.py)
+    x_strides,  # 4 ints, outermost first
+    y_strides,  # 4 ints
+    g_strides,  # 4 ints (unused when G_SCALAR)
     G_SCALAR: tl.constexpr,
-    FLAT: tl.constexpr,
+    X_ACCESS: tl.constexpr,  # how x is indexed: 2 flat, 1 gathered in 16-element runs, 0 gathered
+    Y_ACCESS: tl.constexpr,
+    G_ACCESS: tl.constexpr,
     WRITE_GX: tl.constexpr,
     WRITE_GY: tl.constexpr,
     SKIP_IF_ONE: tl.constexpr,  # gx/gy already hold the g == 1 gradient (fused forward)
@@ -254,28 +207,16 @@ def _feature_mse_bwd_kernel(
     if SKIP_IF_ONE:
         # Decided on the device, not by a host sync: with g == 1 the fused buffers are the answer.
         run_tiles = tl.where(g_scalar != 1.0, tiles, 0)
-    for _ in range(run_tiles):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < N
-        if FLAT:
-            x_off = idx
-            y_off = idx
-            g_off = idx
-        else:
-            x_off = _strided_offsets(idx, s1, s2, s3, xs0, xs1, xs2, xs3)
-            y_off = _strided_offsets(idx, s1, s2, s3, ys0, ys1, ys2, ys3)
-            g_off = _strided_offsets(idx, s1, s2, s3, gs0, gs1, gs2, gs3)
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
-        if G_SCALAR:
-            g = g_scalar
-        else:
-            g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
-        grad = (x - y) * grad_scale * g
-        if WRITE_GX:
-            tl.store(gx_ptr + idx, _cast_rtne(grad, gx_ptr.dtype.element_ty), mask=mask)
-        if WRITE_GY:
-            tl.store(gy_ptr + idx, _cast_rtne(-grad, gy_ptr.dtype.element_ty), mask=mask)
+    full = _full_tiles(start, N, run_tiles, BLOCK)
+    for _ in range(full):
+        _bwd_tile(x_ptr, y_ptr, g_ptr, gx_ptr, gy_ptr, g_scalar, start, N, grad_scale, layout,
+                  x_strides, y_strides, g_strides, G_SCALAR, X_ACCESS, Y_ACCESS, G_ACCESS, WRITE_GX,
+                  WRITE_GY, BLOCK, False)  # fmt: skip
+        start += BLOCK
+    for _ in range(full, run_tiles):
+        _bwd_tile(x_ptr, y_ptr, g_ptr, gx_ptr, gy_ptr, g_scalar, start, N, grad_scale, layout,
+                  x_strides, y_strides, g_strides, G_SCALAR, X_ACCESS, Y_ACCESS, G_ACCESS, WRITE_GX,
+                  WRITE_GY, BLOCK, True)  # fmt: skip
         start += BLOCK
 
 
@@ -322,11 +263,11 @@ def _fwd_outputs(x, y, reduction, write_gx, write_gy):
     order = _output_order(x, y)
     out_dtype = torch.promote_types(x.dtype, y.dtype)
     if reduction == REDUCTIONS["none"]:
-        out = _empty_in_order(x.shape, order, out_dtype, x.device)
+        out = empty_in_order(x.shape, order, out_dtype, x.device)
     else:
         out = _empty((), out_dtype, x.device)
-    gx = _empty_in_order(x.shape, order, x.dtype, x.device) if write_gx else x.new_empty(0)
-    gy = _empty_in_order(x.shape, order, y.dtype, x.device) if write_gy else y.new_empty(0)
+    gx = empty_in_order(x.shape, order, x.dtype, x.device) if write_gx else x.new_empty(0)
+    gy = empty_in_order(x.shape, order, y.dtype, x.device) if write_gy else y.new_empty(0)
     return out, gx, gy
 
 
@@ -349,8 +290,8 @@ def feature_mse_fwd(
         if reduce:  # torch: the mean of nothing is nan, the sum is 0
             out.fill_(math.nan if reduction == REDUCTIONS["mean"] else 0.0)
         return out, gx, gy
-    (x, y), flat, sizes, (xs, ys) = _prepare(order, x, y)
     block, tiles, programs, final_block = launch_rule(n, launch)
+    (x, y), layout, (xs, ys), (x_access, y_access) = prepare(order, block, x, y)
     scale = 1.0 / n if reduction == REDUCTIONS["mean"] else 1.0
     partials = _empty((programs,), torch.float32, x.device) if reduce else out
     _feature_mse_fwd_kernel[(programs,)](
@@ -363,19 +304,20 @@ def feature_mse_fwd(
         n,
         tiles,
         2.0 * scale,
-        *sizes[1:],
-        *xs,
-        *ys,
+        layout,
+        xs,
+        ys,
         REDUCE=reduce,
-        FLAT=flat,
+        X_ACCESS=x_access,
+        Y_ACCESS=y_access,
         WRITE_GX=write_gx,
         WRITE_GY=write_gy,
         BLOCK=block,
-        num_warps=_num_warps(block),
+        **_launch_options(block, _fwd_register_cap(x, y, [x_access, y_access], n, tiles)),
     )
     if reduce:
         _feature_mse_finalize_kernel[(1,)](
-            partials, out, programs, scale, BLOCK=final_block, num_warps=_num_warps(final_block)
+            partials, out, programs, scale, BLOCK=final_block, **_launch_options(final_block)
         )
     return out, gx, gy
 
@@ -399,18 +341,19 @@ def feature_mse_bwd(
     if into is not None:
         gx, gy = into
     else:
-        gx = _empty_in_order(x.shape, order, x.dtype, x.device) if need_gx else x.new_empty(0)
-        gy = _empty_in_order(x.shape, order, y.dtype, x.device) if need_gy else y.new_empty(0)
+        gx = empty_in_order(x.shape, order, x.dtype, x.device) if need_gx else x.new_empty(0)
+        gy = empty_in_order(x.shape, order, y.dtype, x.device) if need_gy else y.new_empty(0)
     n = x.numel()
     if n == 0 or not (need_gx or need_gy):
         return gx, gy
     g_scalar = reduction != REDUCTIONS["none"]
-    if g_scalar:
-        (x, y), flat, sizes, (xs, ys) = _prepare(order, x, y)
-        gs = [0] * _MAX_RANK
-    else:
-        (x, y, grad_out), flat, sizes, (xs, ys, gs) = _prepare(order, x, y, grad_out)
     block, tiles, programs, _ = launch_rule(n, launch)
+    if g_scalar:
+        (x, y), layout, (xs, ys), (x_access, y_access) = prepare(order, block, x, y)
+        gs, g_access = strides_args([]), 2
+    else:
+        prepared = prepare(order, block, x, y, grad_out)
+        (x, y, grad_out), layout, (xs, ys, gs), (x_access, y_access, g_access) = prepared
     scale = 1.0 / n if reduction == REDUCTIONS["mean"] else 1.0
     _feature_mse_bwd_kernel[(programs,)](
         x,
@@ -421,17 +364,19 @@ def feature_mse_bwd(
         n,
         tiles,
         2.0 * scale,
-        *sizes[1:],
-        *xs,
-        *ys,
-        *gs,
+        layout,
+        xs,
+        ys,
+        gs,
         G_SCALAR=g_scalar,
-        FLAT=flat,
+        X_ACCESS=x_access,
+        Y_ACCESS=y_access,
+        G_ACCESS=g_access,
         WRITE_GX=need_gx,
         WRITE_GY=need_gy,
         SKIP_IF_ONE=into is not None,
         BLOCK=block,
-        num_warps=_num_warps(block),
+        **_launch_options(block),
     )
     return gx, gy
 
@@ -466,7 +411,7 @@ def feature_mse_scale(
         SCALE_GY=scale_gy,
         IN_PLACE=in_place,
         BLOCK=block,
-        num_warps=_num_warps(block),
+        **_launch_options(block),
     )
     return out_gx, out_gy
 
@@ -510,8 +455,8 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _(input, target, grad_out, reduction, need_grad_input, need_grad_target, launch):
     order = _output_order(input, target)
-    gx = _empty_in_order(input.shape, order, input.dtype, input.device)
-    gy = _empty_in_order(input.shape, order, target.dtype, input.device)
+    gx = empty_in_order(input.shape, order, input.dtype, input.device)
+    gy = empty_in_order(input.shape, order, target.dtype, input.device)
     return gx if need_grad_input else input.new_empty(
         0
     ), gy if need_grad_target else target.new_empty(0)

@@ -1,33 +1,26 @@
 """Grouped feature-space MSE: ``sum_i w_i * mean((x_i - y_i)^2)`` over T pairs in one launch.
 
-Math: loss_i = sum_j d_ij^2 / N_i with d_i = x_i - y_i, out = sum_i w_i loss_i (fp32 accumulation),
+Math: loss_i = sum_j d_ij^2 / N_i, d_i = x_i - y_i, out = sum_i w_i loss_i (fp32 accumulation),
 dL/dx_i = 2 w_i / N_i * d_i * g, dL/dy_i = -dL/dx_i, dL/dw_i = loss_i * g.
-
 One launch covers every pair: program p finds its pair i from ``starts`` (prefix sums of
-per-pair program counts, passed as a tuple of ints; the loop over pairs is unrolled at compile
-time) and owns ``tiles`` consecutive tiles of BLOCK elements of that pair. A pair's programs never
-share a tile with another pair, so each partial belongs to one pair; stage 2 (one program) sums each
-pair's partials in index order, stores the per-pair losses (saved for dL/dw) and the weighted total.
-No atomics: results are bit-identical run after run. Pointers travel as Triton tuples, so the pairs
-need no pointer table in device memory (whose upload would not be capturable in a CUDA graph);
-the price is one compilation per distinct T, dtypes and integer specialisations (Triton's
-size-divisibility flags), all fixed in a training run.
+per-pair program counts, a tuple of ints; the loop over pairs is unrolled at compile time) and
+owns ``tiles`` consecutive tiles of that pair, so each partial belongs to one pair; stage 2 (one
+program) sums each pair's partials in index order, stores the per-pair losses (saved for dL/dw)
+and the weighted total.
+No atomics: bit-identical run after run. Pointers travel as Triton tuples: no pointer table in
+device memory (its upload would not be capturable in a CUDA graph), for one compilation per
+distinct T, dtypes and size-divisibility flags, all fixed in a training run.
 
-The fused path, bytes moved and the no-sync backward are those of ``feature_mse`` (see
-kernels/feature_mse.py): with grad enabled, the forward writes 2 w_i / N_i * d_i for every input
-(and -that for every target) when any input (target) requires grad, and backward rewrites those
-buffers in place only when g != 1, decided on the device (bf16/fp16 ones recomputed from the pairs,
-fp32 ones scaled). Weights given as numbers are baked into the launch as fp32 arguments; a weight
-tensor is read on the device (no ``.item()``). A list of weight tensors is refused here and
-stacked into one on the device by ``fastsp.feature_mse_multi``: reading each with ``float()`` would
-be a host sync per weight (and a graph break under torch.compile).
+The fused path, bytes moved and the no-sync backward are those of ``feature_mse``: with grad
+enabled the forward writes 2 w_i / N_i * d_i for every input (and -that for every target), and
+backward rewrites those buffers only when g != 1, decided on the device. Weights given as numbers
+are fp32 launch arguments; a weight tensor is read on the device (no ``.item()``); a list of
+weight tensors is refused here (a host sync per weight): ``fastsp.feature_mse_multi`` stacks it.
 
-Layout: a pair whose input and target are dense with equal strides (contiguous, channels_last
-with channels_last) is read as flat memory, with no copy. Any other pair (sliced views, broadcast,
-mixed layouts) is made contiguous first by the caller-visible ``.contiguous()`` (2 N_i e more bytes
-per copied tensor); the single-pair op ``feature_mse`` gathers strided tensors without copies.
-Launch constants are those of ``feature_mse`` (BLOCK 4096, at most about 4096 programs in total),
-defined once with the other shared helpers in kernels/_common.py.
+Layout: a pair dense with equal strides (contiguous, channels_last with channels_last) is read as
+flat memory; any other pair is made contiguous first (2 N_i e more bytes per copied tensor; the
+single-pair ``feature_mse`` gathers strided tensors without copies). Launch constants and the
+unmasked full tiles are those of ``feature_mse`` (kernels/_common.py).
 """
 
 import math
@@ -46,13 +39,19 @@ from fastsp.kernels._common import (
     _chunk_start,
     _dense_like,
     _empty,
+    _full_tiles,
     _is_flat,
-    _num_warps,
+    _launch_options,
+    _load_f32,
     _scale_tiles,
+    _store_cast,
     _tracing,
     plan_layout,
 )
 from torch import Tensor
+
+# Above any count used (<= 80, compile_check); without a ceiling ptxas spilled (fp16, sm_90a).
+_MULTI_REGISTERS = 96
 
 
 # ---------------------------------------------------------------------------- launch rules
@@ -74,6 +73,44 @@ def is_flat_pair(x: Tensor, y: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _multi_tile(x_ptr, y_ptr, gx_ptr, gy_ptr, acc, start, n, grad_scale, g, REDUCE: tl.constexpr,
+                WRITE_GX: tl.constexpr, WRITE_GY: tl.constexpr, BLOCK: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+    # One tile: the forward (REDUCE) adds d^2 to acc and writes the g == 1 gradients; else times g.
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < n
+    d = _load_f32(x_ptr + idx, mask, MASKED) - _load_f32(y_ptr + idx, mask, MASKED)
+    if REDUCE:
+        acc += d * d
+        grad = d * grad_scale
+    else:
+        grad = d * grad_scale * g
+    if WRITE_GX:
+        _store_cast(gx_ptr + idx, grad, mask, MASKED)
+    if WRITE_GY:
+        _store_cast(gy_ptr + idx, -grad, mask, MASKED)
+    return acc
+
+
+@triton.jit
+def _multi_tiles(x_ptr, y_ptr, gx_ptr, gy_ptr, start, n, tiles, grad_scale, g,
+                 REDUCE: tl.constexpr, WRITE_GX: tl.constexpr, WRITE_GY: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: skip
+    # `tiles` tiles from `start`: unmasked while wholly below n, then masked (kernels/_common.py).
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    full = _full_tiles(start, n, tiles, BLOCK)
+    for _ in range(full):
+        acc = _multi_tile(x_ptr, y_ptr, gx_ptr, gy_ptr, acc, start, n, grad_scale, g, REDUCE,
+                          WRITE_GX, WRITE_GY, BLOCK, False)  # fmt: skip
+        start += BLOCK
+    for _ in range(full, tiles):
+        acc = _multi_tile(x_ptr, y_ptr, gx_ptr, gy_ptr, acc, start, n, grad_scale, g, REDUCE,
+                          WRITE_GX, WRITE_GY, BLOCK, True)  # fmt: skip
+        start += BLOCK
+    return acc
+
+
 @triton.jit
 def _feature_mse_multi_fwd_kernel(
     xs,  # T pointers, [N_i] fp32/bf16/fp16, dense
@@ -100,27 +137,10 @@ def _feature_mse_multi_fwd_kernel(
                 w = tl.load(w_ptr + i).to(tl.float32)
             else:
                 w = weights[i]
-            grad_scale = 2.0 * w * inv_ns[i]
             start = _chunk_start(pid - starts[i], tiles, BLOCK)
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for _ in range(tiles):
-                idx = start + tl.arange(0, BLOCK)
-                mask = idx < ns[i]
-                x = tl.load(xs[i] + idx, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(ys[i] + idx, mask=mask, other=0.0).to(tl.float32)
-                d = x - y
-                acc += d * d
-                if WRITE_GX:
-                    tl.store(
-                        gxs[i] + idx, _cast_rtne(d * grad_scale, gxs[i].dtype.element_ty), mask=mask
-                    )
-                if WRITE_GY:
-                    tl.store(
-                        gys[i] + idx,
-                        _cast_rtne(-d * grad_scale, gys[i].dtype.element_ty),
-                        mask=mask,
-                    )
-                start += BLOCK
+            grad_scale = 2.0 * w * inv_ns[i]
+            acc = _multi_tiles(xs[i], ys[i], gxs[i], gys[i], start, ns[i], tiles, grad_scale,
+                               1.0, True, WRITE_GX, WRITE_GY, BLOCK)  # fmt: skip
             tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
@@ -185,19 +205,9 @@ def _feature_mse_multi_bwd_kernel(
                 w = tl.load(w_ptr + i).to(tl.float32)
             else:
                 w = weights[i]
-            grad_scale = 2.0 * w * inv_ns[i]
             start = _chunk_start(pid - starts[i], tiles, BLOCK)
-            for _ in range(run_tiles):
-                idx = start + tl.arange(0, BLOCK)
-                mask = idx < ns[i]
-                x = tl.load(xs[i] + idx, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(ys[i] + idx, mask=mask, other=0.0).to(tl.float32)
-                grad = (x - y) * grad_scale * g
-                if WRITE_GX:
-                    tl.store(gxs[i] + idx, _cast_rtne(grad, gxs[i].dtype.element_ty), mask=mask)
-                if WRITE_GY:
-                    tl.store(gys[i] + idx, _cast_rtne(-grad, gys[i].dtype.element_ty), mask=mask)
-                start += BLOCK
+            _multi_tiles(xs[i], ys[i], gxs[i], gys[i], start, ns[i], run_tiles,
+                         2.0 * w * inv_ns[i], g, False, WRITE_GX, WRITE_GY, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -303,7 +313,7 @@ def feature_mse_multi_fwd(
             WRITE_GX=write_gx,
             WRITE_GY=write_gy,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            **_launch_options(block, _MULTI_REGISTERS),
         )
     _feature_mse_multi_finalize_kernel[(1,)](
         partials,
@@ -316,7 +326,7 @@ def feature_mse_multi_fwd(
         T=len(xs),
         W_FROM_PTR=w_from_ptr,
         BLOCK=final_block,
-        num_warps=_num_warps(final_block),
+        **_launch_options(final_block),
     )
     return out, losses, gxs, gys
 
@@ -364,7 +374,7 @@ def feature_mse_multi_bwd(
         WRITE_GY=need_gy,
         SKIP_IF_ONE=into is not None,
         BLOCK=block,
-        num_warps=_num_warps(block),
+        **_launch_options(block, _MULTI_REGISTERS),
     )
     return gxs, gys
 
@@ -402,7 +412,7 @@ def feature_mse_multi_scale(
         SCALE_GY=bool(gys),
         IN_PLACE=in_place,
         BLOCK=block,
-        num_warps=_num_warps(block),
+        **_launch_options(block),
     )
     return out_gxs, out_gys
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import fastsp.attention as attention_lib
 from fastsp.attention import (
     ATTENTION_BACKENDS,
     AttentionBackendError,
@@ -147,3 +148,69 @@ def test_xformers_matches_sdpa_on_cuda(shape, dtype):
         grads[backend] = [x.grad.double() for x in leaves]
     for g_xf, g_sdpa, g_ref in zip(grads["xformers"], grads["sdpa"], grads["math"], strict=True):
         assert (g_xf - g_ref).abs().max() <= 2 * (g_sdpa - g_ref).abs().max() + 1e-2
+
+
+def _extension_loads() -> bool:
+    import xformers  # noqa: F401 (xformers records its extension's load at import)
+
+    return attention_lib._extension_error() is None
+
+
+def test_unloadable_xformers_extension_means_sdpa_with_the_reason(monkeypatch):
+    # The installed xformers wheel is built for another torch: its C++/CUDA extension does not
+    # load, so neither auto nor a forced xformers may use it, and the first lines say why.
+    if _extension_loads():
+        pytest.skip("xformers' extension loads here")
+    monkeypatch.setattr(attention_lib, "_xops", None)
+    monkeypatch.setattr(attention_lib, "_xops_error", None)
+    assert attention_lib._import_xformers() is None
+    reason = attention_lib._xops_error
+    assert "C++/CUDA extension does not load" in reason and torch.__version__ in reason
+    cuda = torch.device("cuda")
+    assert attention_lib.describe_backend("auto", cuda) == f"sdpa ({reason})"
+    assert reason in attention_lib.describe_backend("xformers", cuda)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fmha_operator_from_the_registry(capability, dtype):
+    # The operator xformers' dispatcher picks, found on meta tensors (nothing runs): the first
+    # of its CUDA order whose own checks pass; bf16 before an A100 finds none.
+    fmha = pytest.importorskip("xformers.ops.fmha")
+    q = torch.empty(2, 64, 5, 64, device="meta", dtype=dtype, requires_grad=True)
+    k = torch.empty(2, 77, 5, 64, device="meta", dtype=dtype)
+    found = attention_lib.fmha_operators(q, k, k, True, capability)
+    inp = fmha.Inputs(query=q, key=k, value=k)
+    for direction, names in attention_lib._CUDA_ORDER.items():
+        ops = [getattr(getattr(fmha, n.split(".")[0]), n.split(".")[1]) for n in names]
+        supported = [op for op in ops if not attention_lib._fmha_reasons(op, inp, capability)]
+        assert found[direction] == supported[0].NAME
+    if dtype == torch.float32:  # flash kernels take fp16/bf16 only: cutlass it is
+        assert found["forward"] == fmha.cutlass.FwOp.NAME
+    own = not any(found[d].endswith("-pt") for d in ("forward", "backward"))
+    assert found["own_kernels"] == ("yes" if own else "no")
+    if dtype == torch.bfloat16:  # bf16 needs an A100 or later
+        assert "unavailable" in attention_lib.fmha_operators(q, k, k, True, (7, 5))
+    wide = torch.empty(2, 64, 5, 512, device="meta", dtype=dtype)  # beyond flash's 256
+    found = attention_lib.fmha_operators(wide, wide, wide, False, capability)
+    assert found["forward"] == fmha.cutlass.FwOp.NAME and "> 256" in found["passed_over"]
+
+
+def test_backends_json_records_the_fmha_operators_of_the_model():
+    # What assembly writes to backends.json (attention_fmha) for a CUDA run: per distinct layer
+    # shape, the registry's answer for an H100 where this machine has no GPU.
+    pytest.importorskip("xformers.ops.fmha")
+    import dataclasses
+
+    from fastsp.model_config import UNET_PRESETS
+    from fastsp.unet import Attention, UNet, record_fmha
+
+    model = UNet(dataclasses.replace(UNET_PRESETS["tiny"], num_classes=0, context_dim=12))
+    record = record_fmha([model], torch.device("cuda"), torch.bfloat16)
+    assert record.startswith("sm_90 (an H100; no GPU here): ")
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        q, k, v = layer.probe(torch.device("meta"), torch.bfloat16)
+        found = attention_lib.fmha_operators(q, k, v, True, (9, 0))
+        assert f"forward {found['forward']}, backward {found['backward']}" in record
+    assert record.count("|") == len({(lay.heads, lay.is_cross) for lay in layers}) - 1

@@ -83,6 +83,21 @@ def test_tiny_dry_run_passes_for_both_objectives_with_independently_checked_flop
     assert figures["images_per_s"]["H200 SXM"] == pytest.approx(images_per_s)
     assert mse["graph"] == [] and sp["graph"] == []  # the fast step would be captured
 
+    # The predicted step (fastsp.roofline): the FLOPs FlopCounterMode counts, op by op, and a
+    # time no shorter than all of them at the dense bf16 peak, or all bytes at HBM bandwidth.
+    for step in (mse, sp):
+        predicted = step["predicted"]
+        assert predicted["flops"] == step["flops"]
+        for gpu, flops_s, bytes_s in (("H100 SXM", 989e12, 3.35e12), ("H200 SXM", 989e12, 4.8e12)):
+            seconds = predicted["gpus"][gpu]["seconds"]
+            floor = max(step["flops"] / flops_s, predicted["bytes"] / bytes_s)
+            assert seconds >= floor * (1 - 1e-12)  # a sum of per-op maxima, rounded
+            assert predicted["gpus"][gpu]["images_per_s"] == pytest.approx(
+                figures["batch_size"] / seconds
+            )
+        assert len(predicted["top_ops"]) == 10
+    assert "predicted step (roofline" in result.stdout
+
 
 def test_planted_faults_are_reported_naming_the_fault(tmp_path):
     out = tmp_path / "faults.json"

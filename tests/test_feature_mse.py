@@ -11,6 +11,7 @@ import math
 import warnings
 
 import fastsp.kernels._common as kcommon
+import fastsp.kernels._strided as kstrided
 import fastsp.kernels.feature_mse as kfm
 import fastsp.kernels.feature_mse_multi as kfmm
 import pytest
@@ -268,28 +269,77 @@ def test_launch_rule():
 
 
 @triton.jit
-def _offsets_probe_kernel(out_ptr, pid, tiles, s1, s2, s3, BLOCK: tl.constexpr):
+def _offsets_probe_kernel(out_ptr, pid, tiles, layout, BLOCK: tl.constexpr):
     start = kcommon._chunk_start(pid, tiles, BLOCK)
-    idx = start + tl.arange(0, BLOCK)
-    tl.store(out_ptr + tl.arange(0, BLOCK), idx)
-    tl.store(
-        out_ptr + BLOCK + tl.arange(0, BLOCK), kfm._strided_offsets(idx, s1, s2, s3, 1, 1, 1, 1)
-    )
+    local = tl.arange(0, BLOCK)
+    tl.store(out_ptr + local, start + local)
+    coords = kstrided._coordinates(start, local, layout)
+    tl.store(out_ptr + BLOCK + local, kstrided._offsets(coords, (1, 1, 1, 1), False))
 
 
-def test_offsets_are_64_bit():
-    # The kernels' offset helpers, fed an int32 program id whose first element lies past 2^32.
+# (s1, s2, s3): small sizes carry often; a size near the int32 limit of the divisors
+@pytest.mark.parametrize("sizes", [(7, 5, 3), (1, 65537, 2**31 - 5000), (1000003, 1, 12345)])
+def test_offsets_are_64_bit(sizes):
+    # The kernels' offset helpers, fed an int32 program id whose first element lies past 2^32:
+    # the coordinates (per-tile int64 split, per-element int32 carries through the divisors of
+    # kernels/_strided.py) against Python's integer division.
     # (A real tensor above 2^31 elements runs in test_more_than_2_31_elements_on_gpu.)
     pid, tiles, block = 2**20 + 3, 5, 1024
+    assert not kstrided.needs_copy([2, *sizes], block)
     out = torch.zeros(2 * block, dtype=torch.int64)
-    _offsets_probe_kernel[(1,)](out, pid, tiles, 7, 5, 3, BLOCK=block)
+    _offsets_probe_kernel[(1,)](out, pid, tiles, kstrided.layout_args([2, *sizes]), BLOCK=block)
     start = pid * tiles * block
     assert start > 2**32
     expected = torch.arange(start, start + block, dtype=torch.int64)
     assert torch.equal(out[:block], expected)
-    i3, r = expected % 3, expected // 3
-    i2, r = r % 5, r // 5
-    assert torch.equal(out[block:], r // 7 + r % 7 + i2 + i3)
+    s1, s2, s3 = sizes
+    i3, r = expected % s3, expected // s3
+    i2, r = r % s2, r // s2
+    assert torch.equal(out[block:], r // s1 + r % s1 + i2 + i3)
+
+
+# (shape, memory order of x's dimensions, x's last dimension cut from one 16 longer); y is
+# contiguous. Then the accesses of x and y (kernels/_strided.py: 2 flat, 1 runs, 0 gathered).
+_GATHERS = [
+    ((2, 32, 4, 48), (0, 2, 3, 1), None, (0, 1)),
+    ((3, 16, 5, 32), (0, 1, 2, 3), 16, (1, 2)),
+    ((2, 16, 3, 24), (0, 2, 3, 1), None, (0, 0)),
+    ((4, 5, 32), (0, 1, 2), 16, (1, 2)),
+    ((4, 5, 24), (0, 1, 2), 16, (0, 2)),
+]
+
+
+def _traversal_offsets(t, order):
+    # Each element's memory offset, in the kernels' traversal order, from torch's own strides.
+    memory = torch.as_strided(torch.arange(t.storage_offset() + t.numel() * 4), t.shape, t.stride())
+    return memory.permute(order).reshape(-1) - t.storage_offset()
+
+
+@pytest.mark.parametrize("shape, memory_order, cut, expected", _GATHERS)
+def test_gathered_runs_hint_holds(shape, memory_order, cut, expected):
+    # Where the host tells the compiler that a gathered operand comes in aligned runs of 16
+    # contiguous elements (access 1: the GPU then loads it 128-bit; the interpreter ignores the
+    # hint), every aligned group of 16 traversal indices must map to 16 consecutive offsets
+    # starting at a multiple of 16. Checked on every element.
+    full = [shape[d] for d in memory_order]
+    if cut is not None:
+        full[-1] += 16
+    inverse = sorted(range(len(memory_order)), key=memory_order.__getitem__)
+    x = torch.empty(full).permute(inverse)
+    if cut is not None:
+        x = x[..., 16:]
+    y = torch.empty(x.shape)
+    order = kfm._output_order(x, y)
+    _, _, _, accesses = kstrided.prepare(order, 4096, x, y)
+    assert tuple(accesses) == expected
+    for t, access in zip((x, y), accesses, strict=True):
+        memory = _traversal_offsets(t, order)
+        if access == 2:
+            assert torch.equal(memory, torch.arange(t.numel()))
+        if access == 1:
+            runs = memory.view(-1, 16)
+            assert (runs[:, 0] % 16 == 0).all()
+            assert torch.equal(runs - runs[:, :1], torch.arange(16).expand_as(runs))
 
 
 def test_errors_match_torch():

@@ -31,7 +31,7 @@ from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, fused_adamw
 from fastsp.training.plan import Plan
-from fastsp.unet import decide_attention
+from fastsp.unet import decide_attention, record_fmha
 
 
 @dataclasses.dataclass
@@ -131,11 +131,14 @@ def assemble(
     if ddp:
         online = wrap_ddp(model, device, stream)
     attention_backend = describe_attention(model_cfg.attention_backend, device)
+    networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
+    dtype = torch.bfloat16 if plan.bf16 else torch.float32  # what the attention layers see
+    attention_fmha = None
+    if device.type == "cuda" and model_cfg.attention_backend in ("auto", "xformers"):
+        attention_fmha = record_fmha(networks, device, dtype)
     if cfg.compile:
         # Dynamo must not trace xformers' support checks (fastsp.attention): each attention
         # layer's kernel is chosen here, once, outside compiled code.
-        networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
-        dtype = torch.bfloat16 if plan.bf16 else torch.float32  # what the layers see
         attention_backend = decide_attention(networks, device, dtype) or attention_backend
         online = torch.compile(online)
         if perceptual_loss is not None:
@@ -164,6 +167,7 @@ def assemble(
     )
     backends = {
         "attention": attention_backend,
+        **({"attention_fmha": attention_fmha} if attention_fmha else {}),
         "feature_mse": feature_mse_backend(device),
         "optimizer": describe_optimizer(optimizer, device),
         "precision": "bf16 autocast, fp32 master weights" if plan.bf16 else "fp32",
