@@ -3,6 +3,8 @@
     python benchmarks/quality/regime_map.py --quick --jobs 2   # 2 settings, 1 seed
     python benchmarks/quality/regime_map.py --jobs 2           # the full map (FULL)
     python benchmarks/quality/regime_map.py --flow --jobs 2    # one setting under rectified flow
+    python benchmarks/quality/regime_map.py --flow --stage2-without-real-gap --jobs 2 --resume
+        # stage 2 there too, though its gap is not real by the rule (labelled so)
 
 The paper's claim (PAPER.md; issue 16) lives where MSE without guidance is unrealistic and
 guidance fixes much of it. For each setting (data set x base channels x stage-1 length x
