@@ -124,3 +124,36 @@ def test_the_table_of_a_map_in_progress_marks_what_is_running():
     text = regime_map.table(results, regime_map.QUICK)
     assert text.count("| running |") == len(settings)
     assert "No setting has a real guidance gap" not in text  # not known yet
+
+
+def _held(fid: float) -> dict:
+    return dict(_sweep(fid, fid)["1"])
+
+
+def test_stage2_without_a_real_gap_runs_only_under_its_plan_option_and_is_labelled():
+    unreal = regime_map.guidance_gap([{"sweeps": {"0": _sweep(40 + d, 40)}} for d in (-5, 0, 8)])
+    assert not unreal["real"]
+    assert not regime_map.compared(unreal, regime_map.FLOW)  # the rule stays the rule
+    anyway = dict(regime_map.FLOW, stage2_without_real_gap=True)
+    assert regime_map.compared(unreal, anyway)
+    (setting,) = regime_map.settings(anyway)
+    stage2 = {
+        name: [{"train_fid": fid, "train_fid_curve": [[0, 60.0], [300, fid]]}]
+        for name, fid in (("mse", 50.0), ("sp", 45.0))
+    }
+    heldout = {
+        "MSE, no CFG": [_held(60.0)],
+        "MSE, best CFG": [_held(40.0)],
+        "self-perceptual, no CFG": [_held(55.0)],
+    }
+    done = dict(setting=setting, gap=unreal, stage1=[], compared=True, status="done", stage2=stage2)
+    text = regime_map.table([dict(done, best_sp_variant="sp", heldout=heldout)], anyway)
+    assert "| no (stage 2 run anyway) |" in text
+    assert "every setting: --stage2-without-real-gap" in text
+    assert "guidance gap not real by the rule, stage 2 run anyway" in text
+    # share = (60 - 55) / (60 - 40) on the held-out means
+    assert "| self-perceptual, no CFG | 55 | 0.5 | 0.5 | 0.5 | 0.25 |" in text
+    # the plain plan leaves such a setting out of stage 2, as before
+    plain = regime_map.table([dict(done, compared=False, status="done")], regime_map.FLOW)
+    assert "No setting has a real guidance gap, so no stage 2 was run." in plain
+    assert "run anyway" not in plain
