@@ -12,6 +12,21 @@ WORDS = ("a", "photo", "of", "cat", "dog", "digit", "zero", "one", "red", "blue"
 CONTEXT_DIM = 32
 MAX_LENGTH = 8
 
+# A tiny SD-1.x-layout diffusers UNet2DConditionModel over this module's context
+# (UNet2DConditionModel(**TINY_UNET_CONFIG)).
+TINY_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=CONTEXT_DIM,
+    attention_head_dim=4,
+    norm_num_groups=4,
+)
+
 # Stable Diffusion 2.1-base's scheduler/scheduler_config.json, as its pipeline folder holds it.
 SD21_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",

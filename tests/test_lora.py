@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from sd_tiny import CONTEXT_DIM
+from sd_tiny import CONTEXT_DIM, TINY_UNET_CONFIG
 from test_step import LR, RES, B, FailOnHostSync, _batch
 
 from fastsp import lora, reference
@@ -264,18 +264,7 @@ def _tiny_sd_unet(seed=0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CONTEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     _randomise(unet, 0.1, seed)
     return unet.eval()
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from sd_tiny import CONTEXT_DIM, MAX_LENGTH, save_pipeline_components  # noqa: I001
+from sd_tiny import CONTEXT_DIM, MAX_LENGTH, TINY_UNET_CONFIG, save_pipeline_components  # noqa: I001
 
 from fastsp import sd_components as sd
 from fastsp.errors import ConfigError
@@ -20,18 +20,7 @@ def pipeline_folder(tmp_path_factory):
 def _diffusers_pipeline(root):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CONTEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     tokenizer, text_encoder = sd.load_text_encoder(root)
     return StableDiffusionPipeline(
         vae=sd.load_vae(root),
