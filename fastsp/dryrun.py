@@ -143,7 +143,7 @@ class StepChecks(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.captured = True  # the plan's answer (fastsp.step.plan_graph)
+        self.captured = True  # the plan's answer (fastsp.training.graph_plan.plan_graph)
         self.replayed = False  # inside the measured step: what a captured graph would replay
         self.host_syncs = 0
 

@@ -27,10 +27,10 @@ of the frozen network with a forward hook, F.mse_loss): the same loop around the
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from fastsp import reference
 from fastsp.diffusion import NoiseSchedule
@@ -427,7 +427,7 @@ class TrainStep:
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self.params if p.grad is not None]
             )
-        if isinstance(grad_norm, DTensor):  # FSDP2: all-reduced already, read on every rank
+        if is_dtensor(grad_norm):  # FSDP2: all-reduced already, read on every rank
             grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(grad_norm) & ~self.force_skip
         if self.host_skip:
@@ -537,71 +537,18 @@ class TrainStep:
         return self.graph is not None
 
 
-# PyTorch's CUDA-graph notes ("Usage with torch.nn.parallel.DistributedDataParallel"): a DDP
-# backward can be captured only with NCCL's async error handling off, set before the process
-# group starts. torchrun's agent puts TORCH_NCCL_ASYNC_ERROR_HANDLING (default "1") into every
-# worker's environment, so the value is assigned, not set as a default.
-NCCL_GRAPH_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
-
-
-@dataclass(frozen=True)
-class GraphPlan:
-    """The one answer to "is the step captured as a CUDA graph, and why not" (`plan_graph`):
-    the trainer captures (`TrainStep.capture`), builds DDP on a side stream and assigns
-    `environment` before the process group starts exactly when `captured`."""
-
-    reasons: tuple[str, ...]  # why the step runs eagerly; empty: it is captured at the first step
-    environment: dict[str, str]  # to assign before init_process_group (NCCL_GRAPH_ENVIRONMENT)
-
-    @property
-    def captured(self) -> bool:
-        return not self.reasons
-
-    def describe(self) -> str:
-        """backends.json's cuda_graph line before the first step."""
-        if self.captured:
-            return "to be captured at the first step"
-        return "eager (" + "; ".join(self.reasons) + ")"
-
-    def describe_environment(self) -> str:
-        """backends.json's graph_environment line."""
-        if not self.environment:
-            return "unchanged (no CUDA-graph capture with DDP on CUDA)"
-        assigned = ", ".join(f"{name}={value}" for name, value in self.environment.items())
-        return f"{assigned} (assigned for CUDA-graph capture of DDP)"
-
-
-def fused_adamw(cfg) -> bool:
-    """Whether a run of `cfg` (a TrainConfig) steps with torch's fused AdamW, which takes
-    `found_inf` and the learning rate as device tensors (no host sync: capturable). The
-    reference step uses torch's default AdamW, as fastsp.reference does; apex FusedAdam has no
-    found_inf."""
-    return cfg.optimizer == "adamw" and cfg.train_step == "fast"
-
-
-def plan_graph(cfg, world_size: int, device_type: str) -> GraphPlan:
-    """Whether a run of `cfg` (a TrainConfig: cuda_graph, train_step, optimizer) with
-    `world_size` processes on `device_type` captures its step, the reasons it does not, and
-    the environment a captured DDP step needs (nothing for one process or the gloo/CPU path)."""
-    reasons = []
-    if device_type != "cuda":
-        reasons.append(f"the step runs on {device_type}, CUDA graphs need CUDA")
-    if not fused_adamw(cfg):
-        reasons.append("the optimizer is not torch's fused AdamW (no found_inf: a host sync)")
-    if cfg.train_step == "reference":
-        reasons.append("the reference step is the eager oracle")
-    if not cfg.cuda_graph:
-        reasons.append("--no-cuda-graph")
-    if cfg.parallel == "fsdp":  # its per-block all-gathers and frees run on its own streams
-        reasons.append("--parallel fsdp: torch does not capture FSDP2's all-gathers in a graph")
-    captured_ddp = not reasons and world_size > 1
-    return GraphPlan(tuple(reasons), dict(NCCL_GRAPH_ENVIRONMENT) if captured_ddp else {})
-
-
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 parameter (a view: in-place updates reach it), or the
     tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is an FSDP2 DTensor. The check never imports torch.distributed.tensor:
+    a DTensor exists only once FSDP2 has imported it, and that import pulls in sympy, a cost
+    every process start (the trainer, each test's subprocess) would otherwise pay."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -23,7 +23,8 @@ from fastsp.errors import (
     NumericalFault,
     Preempted,
 )
-from fastsp.step import StepConfig, plan_graph
+from fastsp.step import StepConfig
+from fastsp.training.graph_plan import plan_graph
 from fastsp.training.loop import build_run, run_loop
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import config_cli
 from fastsp.config import TrainConfig
 from fastsp.errors import ConfigError
-from fastsp.step import plan_graph
+from fastsp.training.graph_plan import plan_graph
 from fastsp.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -222,7 +222,7 @@ WORKER_ENVIRONMENT_SCRIPT = """
 import json, os, sys
 from fastsp import config as config_lib
 from fastsp import config_cli
-from fastsp.step import plan_graph
+from fastsp.training.graph_plan import plan_graph
 
 cfg, _ = config_lib.resolve("tiny", {"cuda_graph": True, "out": sys.argv[1]}, {})
 before = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")

@@ -29,7 +29,8 @@ from fastsp.errors import ConfigError
 from fastsp.feature_loss import feature_mse_backend
 from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
-from fastsp.step import StepConfig, TrainStep, fused_adamw
+from fastsp.step import StepConfig, TrainStep
+from fastsp.training.graph_plan import fused_adamw
 from fastsp.training.plan import Plan
 from fastsp.unet import decide_attention, record_fmha
 

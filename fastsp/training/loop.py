@@ -221,7 +221,7 @@ def run_loop(run: Run) -> Path:
 
 def capture_step(run: Run, batch: dict[str, torch.Tensor], log=print) -> None:
     """Capture the step as one CUDA graph on its first batch where the plan says so
-    (fastsp.step.plan_graph); backends.json then says what happened."""
+    (fastsp.training.graph_plan.plan_graph); backends.json then says what happened."""
     if not run.plan.graph.captured:
         return  # backends.json already says why the step runs eagerly
     # With DDP a failed capture stops the run (fastsp.errors.GraphCaptureError), on every rank: a

@@ -8,7 +8,7 @@ block, then the root). The frozen perceptual network is sharded the same way (un
 none: the perceptual pass is the online model with its adapters off), and so is the EMA, whose
 update then runs on the local shards (fastsp.step.local). On CUDA the blocks compute in bf16
 with fp32 master weights and fp32 gradient reduction (MixedPrecisionPolicy). The step is not
-captured as a CUDA graph (fastsp.step.plan_graph says why).
+captured as a CUDA graph (fastsp.training.graph_plan.plan_graph says why).
 
 A checkpoint of a sharded run is the same folder with `dcp/` (torch.distributed.checkpoint:
 every rank writes its shards, rank 0 the metadata) in place of model.safetensors, ema.safetensors

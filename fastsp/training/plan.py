@@ -2,10 +2,11 @@
 
 `plan_run(cfg, model_cfg)` refuses what cannot run (each refusal a ConfigError or CheckpointError
 naming the problem and the fix), builds the data set and completes both configs from it, and
-answers once whether the step is captured as a CUDA graph (fastsp.step.plan_graph: the reasons
-and the environment it needs), its precision and memory format, and where the weights come from
-(the checkpoint resumed from, the --init source, the frozen perceptual network). The assembly
-(fastsp.training.assembly) and the loop take the plan as it is.
+answers once whether the step is captured as a CUDA graph
+(fastsp.training.graph_plan.plan_graph: the reasons and the environment it needs), its precision
+and memory format, and where the weights come from (the checkpoint resumed from, the --init
+source, the frozen perceptual network). The assembly (fastsp.training.assembly) and the loop take
+the plan as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
 from fastsp.flow import FlowProcess, process_from_config
 from fastsp.latent_shards import LatentsDataset
-from fastsp.step import GraphPlan, memory_format, plan_graph, uses_bf16
+from fastsp.step import memory_format, uses_bf16
+from fastsp.training.graph_plan import GraphPlan, plan_graph
 from fastsp.training.resume import check_resume, check_same_process, check_same_shape
 
 
