@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -152,13 +153,8 @@ def test_sampling_a_damaged_checkpoint_exits_2_and_writes_nothing(checkpoint, tm
     out = tmp_path / "x.png"
     run_dir = checkpoint.parent.parent  # a run folder: its latest checkpoint
     command = [sys.executable, "-m", "fastsp.sample", "--checkpoint", str(run_dir)]
-    result = subprocess.run(
-        [*command, "--num", "1", "--steps", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=ENV,
-        timeout=120,
+    result = prefork.run(
+        [*command, "--num", "1", "--steps", "1", "--out", str(out)], cwd=REPO, env=ENV, timeout=120
     )
     assert result.returncode == 2, result.stderr
     assert str(checkpoint / "ema.safetensors") in result.stderr, result.stderr

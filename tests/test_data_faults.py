@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import prefork
 import pytest
 import torch
 from PIL import Image
@@ -457,9 +458,7 @@ def _train_cli(data: Path, out: Path, *extra: str) -> subprocess.CompletedProces
     args = ["--preset", "tiny", "--data", str(data), "--cond", "none", "--channels", "1"]
     args += ["--resolution", "8", "--steps", "2", "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, TRAIN_SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    return prefork.run([sys.executable, TRAIN_SCRIPT, *args], env=env, timeout=300)
 
 
 @pytest.fixture

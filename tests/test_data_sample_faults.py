@@ -11,11 +11,11 @@ The training and sampling commands run through their `main` (what `python fastsp
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import prefork
 import pytest
 import torch
 from PIL import Image
@@ -277,13 +277,8 @@ def test_sample_grid_in_a_real_process_equals_the_batches_drawn_in_memory(run_di
     argv = ["--checkpoint", str(run_dir), "--num", "37", "--batch-size", "5", "--steps", "2"]
     argv += ["--label", "3", "--seed", "7", "--out", str(png)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "fastsp.sample", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    result = prefork.run(
+        [sys.executable, "-m", "fastsp.sample", *argv], env=env, cwd=REPO, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "37/37" in result.stderr and f"wrote 37 samples to {png}" in result.stdout

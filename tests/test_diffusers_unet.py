@@ -3,10 +3,10 @@
 diffusers' own model in float64 on tiny random UNets of both Stable Diffusion families."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 
@@ -270,7 +270,7 @@ TINY_RUN = [
 
 
 def _run(args, cwd):
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return prefork.run(args, cwd=cwd, timeout=300)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,9 +32,7 @@ pytestmark = [
 
 
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
-    )
+    return prefork.run([sys.executable, *args], cwd=REPO, timeout=timeout)
 
 
 def _reference_flops(model_cfg: dict, batch: int, resolution: int) -> dict[str, int]:

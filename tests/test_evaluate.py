@@ -4,12 +4,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import prefork
 import pytest
 import scipy.linalg
 import torch
@@ -255,11 +255,9 @@ def _finite_numbers(value):
 
 def test_cli_end_to_end(tiny_runs, cache_env):
     env = {**os.environ, "FASTSP_CACHE": str(cache_env)}
-    result = subprocess.run(
+    result = prefork.run(
         [sys.executable, "-m", "fastsp.evaluate", "--checkpoint", str(tiny_runs["class"])]
         + ["--num", "20", "--steps", "2"],
-        capture_output=True,
-        text=True,
         env=env,
         cwd=REPO,
         timeout=300,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import prefork
 import pytest
 import torch
 from PIL import Image
@@ -292,14 +293,13 @@ def test_the_trainer_takes_the_scaling_factor_and_null_context_from_the_metadata
 def test_a_short_text_conditioned_run_trains_on_prepared_shards(prepared, tmp_path):
     _, out = prepared
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = prefork.run(
         [
             sys.executable, "fastsp/train.py", "--preset", "tiny", "--data", str(out),
             "--cond", "context", "--context-dim", "32", "--channels", "4", "--resolution", "16",
             "--steps", "2", "--label-dropout", "0.5", "--out", str(run_dir),
         ],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step_00000002").is_dir()

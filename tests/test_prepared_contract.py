@@ -15,10 +15,10 @@ files, the prepare command and the trainer's reader (issue 27, cases 1-4, 9 and 
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,13 +75,13 @@ def test_the_trainer_refuses_an_unfinished_preparation_and_the_advised_rerun_fin
     images, reference = prepared
     (latents / "metadata.json").unlink()  # prepare killed before its completion mark
     (latents / "shard_00002.safetensors").unlink()
-    result = subprocess.run(
+    result = prefork.run(
         [
             sys.executable, "fastsp/train.py", "--preset", "tiny", "--data", str(latents),
             "--cond", "context", "--resolution", "16", "--steps", "1",
             "--out", str(tmp_path / "run"),
         ],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        cwd=REPO, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import prefork
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,13 +57,7 @@ def _env(**extra):
 
 
 def _train(args, **env):
-    return subprocess.run(
-        [sys.executable, TRAIN, *COMMON, *args],
-        capture_output=True,
-        text=True,
-        env=_env(**env),
-        timeout=300,
-    )
+    return prefork.run([sys.executable, TRAIN, *COMMON, *args], env=_env(**env), timeout=300)
 
 
 def _start(cmd, **env):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import prefork
 import pytest
 from PIL import Image
 from test_reliability import (
@@ -85,7 +86,7 @@ def _unprivileged(cmd: list[str]) -> list[str]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    return prefork.run(cmd, env=_env(), timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,7 +31,7 @@ def _train(argv):
 
 def _run(cmd, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    return prefork.run(cmd, env=env, timeout=300, **kwargs)
 
 
 def _torchrun(nproc, args):
