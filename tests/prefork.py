@@ -2,15 +2,15 @@
 
 A `python fastsp/train.py` of a few tiny steps spends most of its CPU time importing torch,
 torch._dynamo (torch.optim's constructor imports it) and fastsp; the fault tests start dozens of
-them. `run` hands such a run to a server (tests/prefork_server.py, one per test worker, started
+them. `run` hands such a run to a server (tests/prefork_server.py, started in each test worker
 at first use) that has done those imports once and forks a child per run. The child is a real
 process, with its own pid, files and signal handlers (kill -9 kills it; `FASTSP_KILL_AT` works as
 in a fresh one), running the same `fastsp/train.py` as `__main__` with the run's argv,
 environment and working directory; `run` returns what `subprocess.run(..., capture_output=True,
 text=True)` would. Python reads some variables only at import (TRITON_INTERPRET,
-OMP_NUM_THREADS, PYTHONPATH, ...), so a forked child cannot change them: a run whose environment
-differs from the server's in anything but fastsp's runtime switches (FASTSP_*) runs in a fresh
-interpreter instead, as does every run where fork is not available.
+OMP_NUM_THREADS, PYTHONPATH, ...), so a forked child cannot change them: runs whose environments
+differ in anything but fastsp's runtime switches (FASTSP_*) go to different servers, and past
+`MAX_SERVERS` of those, or where fork is not available, to a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -29,42 +29,46 @@ from pathlib import Path
 SERVER = Path(__file__).with_name("prefork_server.py")
 REPO = SERVER.parent.parent
 
-_server: subprocess.Popen | None = None
-_server_env: dict[str, str] | None = None
+# One server per environment (what its imports read), a few at most: each holds an imported torch.
+MAX_SERVERS = 3
+_servers: dict[tuple[tuple[str, str], ...], subprocess.Popen] = {}
 
 
-def _start(env: dict[str, str]) -> subprocess.Popen:
-    global _server, _server_env
-    _server = subprocess.Popen(
+def _import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The part of `env` a server's imports may have read: all of it but fastsp's runtime
+    switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), which fastsp reads when it acts."""
+    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith("FASTSP_")))
+
+
+def _server_for(env: dict[str, str]) -> subprocess.Popen | None:
+    """The running server for `env`'s import environment, started if there is room; None: run a
+    fresh interpreter."""
+    key = _import_environment(env)
+    server = _servers.get(key)
+    if server is not None and server.poll() is None:
+        return server
+    if not hasattr(os, "fork") or (server is None and len(_servers) >= MAX_SERVERS):
+        return None
+    server = subprocess.Popen(
         [sys.executable, str(SERVER)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
+        env=dict(key),
         cwd=REPO,
         text=True,
     )
-    _server_env = dict(env)
-    if json.loads(_server.stdout.readline() or "{}").get("ready") is not True:
+    if json.loads(server.stdout.readline() or "{}").get("ready") is not True:
         raise RuntimeError("the prefork server did not start (its stderr says why)")
-    atexit.register(_stop)
-    return _server
+    _servers[key] = server
+    return server
 
 
+@atexit.register
 def _stop() -> None:
-    if _server is not None and _server.poll() is None:
-        _server.stdin.close()
-        _server.wait(timeout=30)
-
-
-def _forkable(env: dict[str, str]) -> bool:
-    if not hasattr(os, "fork") or _server_env is None:
-        return hasattr(os, "fork")
-    keys = set(env) | set(_server_env)
-    return all(k.startswith("FASTSP_") or env.get(k) == _server_env.get(k) for k in keys)
-
-
-def _base_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if not k.startswith("FASTSP_")}
+    for server in _servers.values():
+        if server.poll() is None:
+            server.stdin.close()
+            server.wait(timeout=30)
 
 
 def _answer(server: subprocess.Popen, deadline: float) -> dict:
@@ -95,13 +99,11 @@ def run(
         target = {"script": os.path.join(cwd, cmd[1]), "argv": cmd[2:]}
     else:
         target = None
-    if target is None or not _forkable(env):
+    server = _server_for(env) if target is not None else None
+    if server is None:
         return subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
         )
-    server = _server if _server is not None and _server.poll() is None else None
-    if server is None:
-        server = _start(_base_env(env))
     with tempfile.TemporaryDirectory(prefix="prefork_") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         request = {**target, "env": env, "cwd": cwd, "stdout": str(out), "stderr": str(err)}

@@ -8,10 +8,10 @@ import copy
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from test_step import FailOnHostSync
@@ -317,9 +317,7 @@ def test_fused_feature_mse_takes_token_features(shape):
 def _run(*argv):
     # torch's feature MSE in the subprocesses: the kernels' interpreter is tested above
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
-    result = subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
-    )
+    result = prefork.run([sys.executable, *argv], env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -1,0 +1,58 @@
+"""The forked runs many tests use (tests/prefork.py) are the runs a fresh interpreter makes."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import prefork
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "fastsp" / "train.py")
+ARGS = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--steps", "2"]
+ARGS += ["--log-every", "1", "--sample-every", "0", "--deterministic"]
+
+
+def _fresh(cmd, env):
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_forked_run_writes_what_a_fresh_interpreter_writes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, run in (("fresh", _fresh), ("forked", prefork.run)):
+        out = tmp_path / name
+        result = run([sys.executable, TRAIN, *ARGS, "--out", str(out)], env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = (result, out / "checkpoints" / "step_00000002")
+    (fresh, fresh_dir), (forked, forked_dir) = runs["fresh"], runs["forked"]
+    for file in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(fresh_dir / file), load_file(forked_dir / file)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+    # the same lines, losses included, but for the run folder and the measured speed
+    def _same(text):
+        return re.sub(r"[\d.]+ images/s", "", text.replace(str(tmp_path / "forked"), "RUN"))
+
+    assert _same(forked.stdout) == _same(fresh.stdout.replace(str(tmp_path / "fresh"), "RUN"))
+
+
+@pytest.mark.slow
+def test_exit_statuses_and_messages_are_a_fresh_interpreters(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = [sys.executable, TRAIN, "--preset", "nope"]
+    fresh, forked = _fresh(bad, env), prefork.run(bad, env=env, cwd=REPO)
+    assert forked.returncode == fresh.returncode == 2
+    assert forked.stderr == fresh.stderr
+    module = [sys.executable, "-m", "fastsp.train", "--help"]  # `python -m`: the module as main
+    assert prefork.run(module, env=env, cwd=REPO).stdout == _fresh(module, env).stdout
+    killed = prefork.run(
+        [sys.executable, TRAIN, *ARGS, "--out", str(tmp_path / "k")],
+        env={**env, "FASTSP_KILL_AT": "step:1"},  # a runtime switch: the same server serves it
+        cwd=REPO,
+    )
+    assert killed.returncode == -9
