@@ -71,6 +71,11 @@ def _stop() -> None:
             server.wait(timeout=30)
 
 
+def _ours(module: str) -> bool:
+    """fastsp's commands are forked; other modules (torchrun's agent) start fresh."""
+    return module.split(".")[0] == "fastsp"
+
+
 def _answer(server: subprocess.Popen, deadline: float) -> dict:
     while True:
         left = deadline - time.monotonic()
@@ -88,12 +93,12 @@ def run(
     cmd: list[str], *, env: dict[str, str] | None = None, cwd=None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)`
-    for `cmd` = [sys.executable, script.py, ...] or [sys.executable, "-m", module, ...], forked
+    for `cmd` = [sys.executable, script.py, ...] or [sys.executable, "-m", "fastsp...", ...], forked
     from the server when the environment allows; any other command runs as subprocess.run."""
     env = dict(os.environ if env is None else env)
     cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
     cmd = [os.fspath(part) for part in cmd]
-    if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m":
+    if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _ours(cmd[2]):
         target = {"module": cmd[2], "argv": cmd[3:]}
     elif cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py"):
         target = {"script": os.path.join(cwd, cmd[1]), "argv": cmd[2:]}

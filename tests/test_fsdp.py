@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,9 +33,8 @@ def _launch(nproc: int | None, args: list[str], **env) -> subprocess.CompletedPr
     if nproc is not None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(
-        [*launcher, TRAIN, *args], capture_output=True, text=True, env=environment, timeout=300
-    )
+    # torchrun's runs start fresh; a plain process is forked from a server (tests/prefork.py)
+    return prefork.run([*launcher, TRAIN, *args], env=environment, timeout=300)
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
