@@ -9,7 +9,8 @@ in a fresh one), running the same `fastsp/train.py` as `__main__` with the run's
 environment and working directory; `run` returns what `subprocess.run(..., capture_output=True,
 text=True)` would. Python reads some variables only at import (TRITON_INTERPRET,
 OMP_NUM_THREADS, PYTHONPATH, ...), so a forked child cannot change them: runs whose environments
-differ in anything but fastsp's runtime switches (FASTSP_*) go to different servers, and past
+differ in anything but fastsp's runtime switches (FASTSP_*) and pytest's current test name go to
+different servers, and past
 `MAX_SERVERS` of those, or where fork is not available, to a fresh interpreter.
 """
 
@@ -36,8 +37,10 @@ _servers: dict[tuple[tuple[str, str], ...], subprocess.Popen] = {}
 
 def _import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The part of `env` a server's imports may have read: all of it but fastsp's runtime
-    switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), which fastsp reads when it acts."""
-    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith("FASTSP_")))
+    switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), which fastsp reads when it acts, and the name
+    of the test pytest is running (PYTEST_CURRENT_TEST, another in every test)."""
+    runtime = ("FASTSP_", "PYTEST_CURRENT_TEST")
+    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith(runtime)))
 
 
 def _server_for(env: dict[str, str]) -> subprocess.Popen | None:
