@@ -138,7 +138,8 @@ def load_pipeline(
 ):
     """The family's diffusers pipeline from a local folder with `denoiser` in its denoiser
     slot, `components` (name -> module, or None to leave one out) in theirs, and every other
-    component loaded from the folder in `dtype`."""
+    component loaded from the folder and cast to `dtype` (after loading: the keyword that
+    sets it differs between diffusers versions)."""
     family = pipeline_family(folder, option)
     if denoiser is not None:
         _check_denoiser(denoiser, family, folder)
@@ -146,11 +147,8 @@ def load_pipeline(
     diffusers = require("diffusers", option)
     pipeline_class = getattr(diffusers, family.pipeline_class)
     try:
-        return pipeline_class.from_pretrained(
-            folder,
-            local_files_only=True,
-            torch_dtype=dtype,
-            **{**components, family.denoiser: denoiser},
+        pipeline = pipeline_class.from_pretrained(
+            folder, local_files_only=True, **{**components, family.denoiser: denoiser}
         )
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -158,6 +156,10 @@ def load_pipeline(
             f"{option} {folder}: diffusers cannot load this {family.pipeline_class} ({reason}); "
             f"pass a complete pipeline folder"
         ) from None
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and name != family.denoiser:
+            component.to(dtype)
+    return pipeline
 
 
 @torch.no_grad()

@@ -526,8 +526,12 @@ def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) 
         f"prepared {metadata['num_images']} images ({metadata['num_skipped']} skipped) in "
         f"{len(names)} shards ({written} written by rank 0 in {seconds:.1f}s) into {out}: "
         f"latents {list(latent_shape)}, context {list(empty['context'].shape)}, scaling factor "
-        f"{metadata['scaling_factor']}; train with --data {out} --cond context --resolution "
-        f"{latent_shape[1]}"
+        f"{metadata['scaling_factor']}; train with --data {out} "
+        + (
+            f"--model diffusers --init {metadata['pipeline_folder']}"
+            if "family" in metadata
+            else f"--cond context --resolution {latent_shape[1]}"
+        )
     )
 
 
