@@ -5,7 +5,8 @@ own encoders, on tiny random SD, SDXL, SD3 and Flux pipelines (tests/pipeline_ti
   class's own encode_prompt outputs (context, pooled), SDXL's time ids (original size, crop,
   target size) per image; the empty prompt is encode_prompt(""); metadata.json names the family.
 - An SD pipeline through --pipeline writes the same shards as the --vae/--text-encoder path.
-- A rerun rewrites nothing; two torchrun processes write the same shards as one.
+- A rerun rewrites nothing (the shard writing, resume and torchrun split are prepare's own,
+  shared with the --vae path and tested in test_prepare.py).
 - An unsupported pipeline class, a pipeline missing a part, contradictory options: one line, exit
   2, nothing written.
 """
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from pipeline_tiny import T5_LENGTH, save_pipeline
 from safetensors.torch import load_file
-from test_prepare import _command, _mtimes, _shards
+from test_prepare import _mtimes, _shards
 
 from fastsp import prepare
 from fastsp.image_folder import load_image
@@ -204,16 +205,3 @@ def test_bad_pipelines_and_options_are_refused_before_anything_is_written(
     again[again.index("--max-sequence-length") + 1] = str(T5_LENGTH + 1)
     assert prepare.main(again) == 2
     assert f"max_sequence_length {T5_LENGTH} (now {T5_LENGTH + 1})" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_two_torchrun_processes_write_the_same_pipeline_shards_as_one(build_once, images, tmp_path):
-    sdxl = pipeline_folder(build_once, "sdxl")
-    one, two = tmp_path / "one", tmp_path / "two"
-    sampled = ("--sample-latents", "--seed", "3", "--shard-size", "1")
-    _command([], _args(images, sdxl, one, "sdxl", *sampled))
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    _command(torchrun, _args(images, sdxl, two, "sdxl", *sampled))
-    for a, b in zip(_shards(one), _shards(two), strict=True):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert read_metadata(one) == read_metadata(two)
