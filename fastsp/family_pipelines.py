@@ -158,7 +158,8 @@ def load_pipeline(
         ) from None
     for name, component in pipeline.components.items():
         if isinstance(component, torch.nn.Module) and name != family.denoiser:
-            component.to(dtype)
+            if any(p.dtype != dtype for p in component.parameters()):  # diffusers warns on any
+                component.to(dtype)
     return pipeline
 
 
@@ -186,16 +187,27 @@ def sample_with_pipeline(
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     options = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
-    images = pipeline(
-        prompt=list(prompts),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="pt",
-        **options,
-    ).images  # [N, 3, H, W] in [0, 1]
+    try:
+        images = pipeline(
+            prompt=list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+            **options,
+        ).images  # [N, 3, H, W] in [0, 1]
+    except ValueError as error:  # the pipeline's check_inputs: a size it cannot draw, ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{type(pipeline).__name__} refuses this request: {reason}; change the option it names"
+        ) from None
+    if tuple(images.shape[-2:]) != (height, width):  # Flux rounds a size down, with a warning
+        raise ConfigError(
+            f"{type(pipeline).__name__} draws {images.shape[-2]}x{images.shape[-1]} images, not "
+            f"the {height}x{width} asked for; pass a height and width it draws as asked"
+        )
     return images.float() * 2 - 1
 
 
@@ -224,6 +236,11 @@ def export_denoiser(
         _check_denoiser(denoiser, family, pipeline_folder)
         check_parts(pipeline_folder, skip=(family.denoiser,))
         slot = family.denoiser
+        if out.resolve().is_relative_to(Path(pipeline_folder).resolve()):
+            raise ConfigError(
+                f"{out} is inside the pipeline folder {pipeline_folder}, which the export "
+                f"copies; pass a folder outside it"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     try:

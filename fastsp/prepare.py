@@ -442,7 +442,7 @@ def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) 
     # {"context": [L, D], and "pooled": [P] where the family has one}
     empty = {k: v[0].float().cpu() for k, v in encoders.encode_prompts([""]).items()}
     for key, value in empty.items():
-        what = f"the empty prompt's {key}"
+        what = f"the empty prompt's {key} embedding"
         _check_finite(value[None], ["the empty prompt"], what, encoders.text_option)
     os.makedirs(out, exist_ok=True)
 

@@ -124,6 +124,19 @@ def test_refusals_name_the_problem_and_write_nothing(build_once, tmp_path):
         export_denoiser(unet, tmp_path / "out", pipeline_folder=flux)
     with pytest.raises(ConfigError, match="but the denoiser given is a UNet2DConditionModel"):
         _sample(flux, unet, "flux")
+    with pytest.raises(ConfigError, match="is inside the pipeline folder"):
+        export_denoiser(transformer, flux / "exported", pipeline_folder=flux)
+    assert not (flux / "exported").exists()
+    sdxl = build_once("pipeline_sdxl", lambda f: save_pipeline("sdxl", f))
+    for folder, denoiser, message in (
+        (sdxl, unet, "StableDiffusionXLPipeline refuses this request: .*divisible by 8"),
+        (flux, transformer, "FluxPipeline draws 28x32 images, not the 30x32 asked for"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            sample_with_pipeline(
+                folder, denoiser, PROMPTS[:1], steps=1, guidance=3.5, seed=0, height=30,
+                width=32, device="cpu",
+            )  # fmt: skip
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
