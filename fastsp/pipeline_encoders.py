@@ -9,14 +9,14 @@ batch of images and captions becomes tensors, and what metadata.json says about 
     context, pooled = Pipeline.encode_prompt(caption)    # the pipeline class's own
 
 shift_factor is the VAE config's (SD3 and Flux; 0 where it has none), exactly what the
-pipeline's decode inverts (`latents / scaling_factor + shift_factor`). The prompt embeddings are
-`encode_prompt`'s, unchanged: SD's context [L, 768]; SDXL's penultimate-layer context of both
-CLIP encoders [77, 2048] and the second's pooled projection [1280]; SD3's two CLIP contexts
-beside T5's [77 + T, 4096] and both pooled projections [2048]; Flux's T5 context [T, 4096] and
-CLIP's pooled output [768] (T: --max-sequence-length, default the pipeline's own: SD3 256, Flux
-512). SDXL also conditions on each image's size and crop: its time ids are (original height,
-width, crop top, left, target height, width), the order SDXL's pipeline builds `add_time_ids`
-in, from the image before and after fastsp.image_folder's resize and center crop.
+pipeline's decode inverts (`latents / scaling_factor + shift_factor`). The prompt embeddings
+are `encode_prompt`'s, unchanged: SD's context [77, 768 or 1024]; SDXL's penultimate-layer
+context of both CLIP encoders [77, 2048] and the second's pooled projection [1280]; SD3's two
+CLIP contexts beside T5's [77 + T, 4096] and both pooled projections [2048]; Flux's T5 context
+[T, 4096] and CLIP's pooled output [768] (T: --max-sequence-length, default the pipeline's own:
+SD3 256, Flux 512). SDXL also conditions on each image's size and crop: its time ids are
+(original height, width, crop top, left, target height, width), the order SDXL's pipeline builds
+`add_time_ids` in, from the image before and after fastsp.image_folder's resize and center crop.
 
 The pipeline is loaded without its denoiser's weights: the denoiser is built on the meta device
 from its config (SD3's `encode_prompt` reads the transformer's `joint_attention_dim` for a

@@ -406,12 +406,11 @@ def prepare(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; use cpu")
-    # The encoders' folders, checked before the images: a wrong folder is named first.
-    sources = encoder_options(
-        args.pipeline, args.max_sequence_length, args.vae, args.text_encoder, args.tokenizer
-    )
     uncaptioned: list = []  # (path, reason) of the files find_captioned_images skipped
     images = find_captioned_images(args.images, args.on_bad_data, uncaptioned)
+    sources = encoder_options(  # the encoders' folders, checked before any model is loaded
+        args.pipeline, args.max_sequence_length, args.vae, args.text_encoder, args.tokenizer
+    )
     # What a shard's bytes depend on besides its images: a rerun must match all of it. Not
     # --batch-size: the encoders treat each image alone (mean latents; samples are seeded per
     # shard), so a smaller batch after an out-of-memory kill finishes the same folder.
