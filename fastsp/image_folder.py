@@ -21,6 +21,7 @@ import os
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -186,8 +187,8 @@ def _convert_mode(img, channels: int):
 
 def _decode_image(
     path: str, resolution: int, channels: int, max_image_pixels: int | None
-) -> torch.Tensor:
-    """Decode, convert, resize the short side, center-crop: -> [C, R, R] float32 in [-1, 1].
+) -> CroppedImage:
+    """Decode, convert, resize the short side, center-crop (see `CroppedImage`).
 
     Raises `_BadImage` (the reason) when the file cannot be decoded."""
     from PIL import Image, ImageOps
@@ -216,7 +217,35 @@ def _decode_image(
     img = img.crop((left, top, left + r, top + r))
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [R, R, C] or [R, R]
     pixels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-    return pixels.float().div_(127.5).sub_(1.0).contiguous()
+    return CroppedImage(
+        pixels.float().div_(127.5).sub_(1.0).contiguous(), (height, width), (top, left)
+    )
+
+
+class CroppedImage(NamedTuple):
+    """An image as the readers prepare it, and where it came from: what SDXL's micro-conditioning
+    (its added time ids) describes."""
+
+    pixels: torch.Tensor  # [C, R, R] float32 in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) of the decoded image, before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
+def load_cropped_image(
+    path: str,
+    resolution: int,
+    channels: int = 3,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> CroppedImage:
+    """`load_image`'s pixels with the image's original size and crop offset; the same
+    `DataError` for a file PIL cannot decode."""
+    try:
+        return _decode_image(path, resolution, channels, max_image_pixels)
+    except _BadImage as e:
+        raise DataError(
+            f"cannot read image '{path}' ({e}); remove the file or replace it with a valid "
+            f"image, or pass --on-bad-data skip to go on without it"
+        ) from e
 
 
 def load_image(
@@ -230,13 +259,7 @@ def load_image(
 
     Raises `DataError` naming the file when PIL cannot decode it or it is above
     `max_image_pixels` (fastsp.prepare reads its captioned images through this)."""
-    try:
-        return _decode_image(path, resolution, channels, max_image_pixels)
-    except _BadImage as e:
-        raise DataError(
-            f"cannot read image '{path}' ({e}); remove the file or replace it with a valid "
-            f"image, or pass --on-bad-data skip to go on without it"
-        ) from e
+    return load_cropped_image(path, resolution, channels, max_image_pixels).pixels
 
 
 class ImageFolderDataset(Dataset):
@@ -384,7 +407,7 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, path: str) -> torch.Tensor:
         """-> [C, R, R] float32 in [-1, 1]; raises `_BadImage` (the reason) if it cannot decode."""
-        return _decode_image(path, self.resolution, self.channels, self.max_image_pixels)
+        return _decode_image(path, self.resolution, self.channels, self.max_image_pixels).pixels
 
     def _load_or_substitute(self, index: int) -> tuple[int, torch.Tensor]:
         """(the index read, its pixels): `index` itself or, under "skip", the first of

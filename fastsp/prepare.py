@@ -1,10 +1,20 @@
 """Captioned images -> the latent shards the trainer reads (Stable Diffusion's VAE and CLIP text
-encoder, from local folders).
+encoder, or a diffusers pipeline's own encoders, from local folders).
 
 python -m fastsp.prepare --images DIR --vae SD/vae --text-encoder SD/text_encoder \
         --resolution 512 --out LATENTS
+python -m fastsp.prepare --images DIR --pipeline FLUX --resolution 1024 --out LATENTS
 torchrun --nproc_per_node=8 -m fastsp.prepare ...            # the shards split across ranks
 python fastsp/train.py --data LATENTS --cond context --resolution 64 ...   # the latent side
+
+--pipeline takes a diffusers pipeline folder (StableDiffusionPipeline, StableDiffusionXLPipeline,
+StableDiffusion3Pipeline or FluxPipeline, read from its model_index.json): its VAE and text
+encoders, and its class's own `encode_prompt` (fastsp.pipeline_encoders). Its shards add
+"pooled" [N, P] (SDXL, SD3, Flux) and, for SDXL, "time_ids" [N, 6] (each image's original size,
+crop and target size); latents are (VAE mean - shift_factor) * scaling_factor; the empty prompt
+gains "pooled" [P]; metadata.json adds "family", "pipeline_class", "pipeline_folder",
+"shift_factor", "pooled_shape", "time_ids". --max-sequence-length sets SD3's and Flux's T5
+prompt length (default the pipeline's: 256 and 512).
 
 Captions: `NAME.txt` beside each image `NAME.png` (any of fastsp.image_folder.IMAGE_EXTENSIONS,
 found recursively), or one `metadata.jsonl` in DIR with a {"file_name": ..., "text": ...} line per
@@ -64,7 +74,7 @@ from fastsp.cli import run_command
 from fastsp.config_fields import ON_BAD_DATA
 from fastsp.data_policy import skip_bad_file
 from fastsp.errors import CheckpointWriteError, ConfigError, DataError
-from fastsp.image_folder import IMAGE_EXTENSIONS, find_images, load_image
+from fastsp.image_folder import IMAGE_EXTENSIONS, find_images, load_cropped_image
 from fastsp.latent_shards import (
     EMPTY_PROMPT_FILE,
     MANIFEST_KEY,
@@ -72,15 +82,8 @@ from fastsp.latent_shards import (
     METADATA_FORMAT,
     read_metadata,
 )
+from fastsp.pipeline_encoders import encoder_options, load_encoders, time_ids
 from fastsp.run_folder import check_out_folder, claimed
-from fastsp.sd_components import (
-    component_folder,
-    encode_images,
-    encode_text,
-    load_text_encoder,
-    load_vae,
-    tokenizer_folder,
-)
 
 __all__ = ["CaptionedImage", "find_captioned_images", "main", "plan_shards", "prepare"]
 
@@ -282,23 +285,23 @@ def _check_out_folder(out: str, planned: set[str]) -> None:
 
 def _encode_shard(
     images: list[CaptionedImage],
-    vae,
-    tokenizer,
-    text_encoder,
+    encoders,
     args: argparse.Namespace,
     generator: torch.Generator | None,
     bad_files: list,
     progress,
-) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(latents [N, C, h, w], context [N, L, D], skipped [[name, reason]]) of one shard's images,
-    encoded in batches of --batch-size."""
-    latents, contexts, skipped = [], [], []
+) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """({"latents": [[n, C, h, w], ...], "context": [[n, L, D], ...], and "pooled" / "time_ids"
+    where the encoders give them}, skipped [[name, reason]]) of one shard's images, encoded in
+    batches of --batch-size (fastsp.pipeline_encoders)."""
+    tensors: dict[str, list[torch.Tensor]] = {}
+    skipped = []
     for start in range(0, len(images), args.batch_size):
-        batch, pixels = [], []
+        batch, loaded = [], []
         chunk = images[start : start + args.batch_size]
         for image in chunk:
             try:
-                pixels.append(load_image(image.path, args.resolution, channels=3))
+                loaded.append(load_cropped_image(image.path, args.resolution, channels=3))
                 batch.append(image)
             except DataError as e:
                 if args.on_bad_data == "stop":
@@ -308,14 +311,21 @@ def _encode_shard(
                 skipped.append([image.path, reason])
         if batch:
             names = [image.path for image in batch]
-            latent = encode_images(vae, torch.stack(pixels), generator).float().cpu()
-            _check_finite(latent, names, "latents", "--vae")
-            context = encode_text(tokenizer, text_encoder, [image.caption for image in batch])
-            _check_finite(context.float().cpu(), names, "text context", "--text-encoder")
-            latents.append(latent)
-            contexts.append(context.float().cpu())
+            pixels = torch.stack([image.pixels for image in loaded])
+            encoded = {"latents": encoders.encode_images(pixels, generator).float().cpu()}
+            _check_finite(encoded["latents"], names, "latents", encoders.image_option)
+            prompts = encoders.encode_prompts([image.caption for image in batch])
+            for key, value in prompts.items():
+                encoded[key] = value.float().cpu()
+                _check_finite(encoded[key], names, f"text {key}", encoders.text_option)
+            if encoders.time_ids:
+                encoded["time_ids"] = torch.stack(
+                    [time_ids(i.original_size, i.crop_top_left, args.resolution) for i in loaded]
+                )
+            for key, value in encoded.items():
+                tensors.setdefault(key, []).append(value)
         progress.update(len(chunk))
-    return latents, contexts, skipped
+    return tensors, skipped
 
 
 def _check_finite(values: torch.Tensor, names: list[str], what: str, option: str) -> None:
@@ -331,27 +341,11 @@ def _check_finite(values: torch.Tensor, names: list[str], what: str, option: str
         )
 
 
-def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
-    """[C, h, w] of one latent; refuses a resolution the VAE cannot halve evenly."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ConfigError(
-            f"--resolution {resolution} must be divisible by {factor} (the VAE's downsampling "
-            f"factor); pick a multiple of {factor}"
-        )
-    side = resolution // factor
-    return (vae.config.latent_channels, side, side)
-
-
-def _json_config(config) -> dict:
-    return json.loads(json.dumps(dict(config), default=str))
-
-
-def _write_shard(path: str, latents, context, manifest: dict) -> None:
+def _write_shard(path: str, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
     from safetensors.torch import save
 
     data = save(
-        {"latents": latents.contiguous(), "context": context.contiguous()},
+        {key: value.contiguous() for key, value in tensors.items()},
         metadata={MANIFEST_KEY: json.dumps(manifest)},
     )
     try:
@@ -414,9 +408,8 @@ def prepare(args: argparse.Namespace) -> None:
         raise ConfigError("--device cuda was requested but torch sees no CUDA device; use cpu")
     uncaptioned: list = []  # (path, reason) of the files find_captioned_images skipped
     images = find_captioned_images(args.images, args.on_bad_data, uncaptioned)
-    vae_folder = component_folder(args.vae, "vae", "diffusers AutoencoderKL", "--vae")
-    encoder_folder = component_folder(
-        args.text_encoder, "text_encoder", "transformers CLIPTextModel", "--text-encoder"
+    sources = encoder_options(  # the encoders' folders, checked before any model is loaded
+        args.pipeline, args.max_sequence_length, args.vae, args.text_encoder, args.tokenizer
     )
     # What a shard's bytes depend on besides its images: a rerun must match all of it. Not
     # --batch-size: the encoders treat each image alone (mean latents; samples are seeded per
@@ -426,9 +419,7 @@ def prepare(args: argparse.Namespace) -> None:
         "sample_latents": args.sample_latents,
         "seed": args.seed,
         "shard_size": args.shard_size,
-        "vae": os.path.abspath(vae_folder),
-        "text_encoder": os.path.abspath(encoder_folder),
-        "tokenizer": os.path.abspath(tokenizer_folder(args.text_encoder, args.tokenizer)),
+        **sources,
     }
     shards = plan_shards(images, args.shard_size)
     names = [shard_name(i) for i in range(len(shards))]
@@ -442,15 +433,16 @@ def prepare(args: argparse.Namespace) -> None:
 def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) -> None:
     """The work of `prepare`, once --out is checked and locked."""
     bad_files: list = []
-    vae = load_vae(args.vae, device=info.device)
-    tokenizer, text_encoder = load_text_encoder(
-        args.text_encoder, args.tokenizer, device=info.device
-    )
-    latent_shape = _latent_shape(vae, args.resolution)
-    empty = encode_text(tokenizer, text_encoder, [""])[0].float().cpu()  # [L, D]
-    _check_finite(
-        empty[None], ["the empty prompt"], "the empty prompt's embedding", "--text-encoder"
-    )
+    encoders = load_encoders(
+        args.pipeline, args.max_sequence_length, args.vae, args.text_encoder, args.tokenizer,
+        info.device,
+    )  # fmt: skip
+    latent_shape = encoders.latent_shape(args.resolution)
+    # {"context": [L, D], and "pooled": [P] where the family has one}
+    empty = {k: v[0].float().cpu() for k, v in encoders.encode_prompts([""]).items()}
+    for key, value in empty.items():
+        what = f"the empty prompt's {key} embedding"
+        _check_finite(value[None], ["the empty prompt"], what, encoders.text_option)
     os.makedirs(out, exist_ok=True)
 
     mine = list(range(info.rank, len(shards), info.world_size))
@@ -476,15 +468,18 @@ def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) 
                 if args.sample_latents
                 else None
             )
-            latents, contexts, skipped = _encode_shard(
-                shards[index], vae, tokenizer, text_encoder, args, generator, bad_files, progress
+            tensors, skipped = _encode_shard(
+                shards[index], encoders, args, generator, bad_files, progress
             )
-            _write_shard(
+            shapes = {"latents": latent_shape, **{k: v.shape for k, v in empty.items()}}
+            if encoders.time_ids:
+                shapes["time_ids"] = (6,)
+            _write_shard(  # a shard whose images were all skipped holds empty tensors
                 path,
-                torch.cat(latents) if latents else torch.zeros((0, *latent_shape)),
-                torch.cat(contexts) if contexts else torch.zeros((0, *empty.shape)),
+                {k: torch.cat(tensors[k]) if k in tensors else torch.zeros((0, *shapes[k]))
+                 for k in shapes},
                 {"options": options, "images": _digest(shards[index]), "skipped": skipped},
-            )
+            )  # fmt: skip
             written += 1
     dist.barrier()  # every shard is on disk before rank 0 describes them
     if not info.is_main:
@@ -505,29 +500,22 @@ def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) 
     metadata = {
         "format": METADATA_FORMAT,
         "version": METADATA_VERSION,
-        "scaling_factor": float(vae.config.scaling_factor),
         "resolution": args.resolution,
         "latent_shape": list(latent_shape),
-        "context_shape": list(empty.shape),
+        "context_shape": list(empty["context"].shape),
+        **({"pooled_shape": list(empty["pooled"].shape)} if "pooled" in empty else {}),
         "num_images": sum(entry["num_images"] for entry in manifest),
         "num_skipped": len(skipped),
         "skipped": skipped,
         "empty_prompt": EMPTY_PROMPT_FILE,
         "images_folder": os.path.abspath(args.images),
-        "vae": {"folder": options["vae"], "config": _json_config(vae.config)},
-        "text_encoder": {
-            "folder": options["text_encoder"],
-            "config": _json_config(text_encoder.config.to_dict()),
-        },
-        "tokenizer": {
-            "folder": options["tokenizer"],
-            "model_max_length": tokenizer.model_max_length,
-        },
+        **encoders.metadata(),  # the scaling factor, the encoders' folders and configs
         "options": options,
         "shards": manifest,
     }
     # The empty prompt first: metadata.json, the completion mark, is written last.
-    _write_if_changed(Path(out) / EMPTY_PROMPT_FILE, save({"context": empty.contiguous()}))
+    empty_prompt = save({k: v.contiguous() for k, v in empty.items()})
+    _write_if_changed(Path(out) / EMPTY_PROMPT_FILE, empty_prompt)
     if metadata != read_metadata(out):
         _write_if_changed(
             Path(out) / METADATA_FILE, (json.dumps(metadata, indent=1) + "\n").encode("utf-8")
@@ -536,9 +524,13 @@ def _prepare_into(out, args, info, images, uncaptioned, options, shards, names) 
     print(
         f"prepared {metadata['num_images']} images ({metadata['num_skipped']} skipped) in "
         f"{len(names)} shards ({written} written by rank 0 in {seconds:.1f}s) into {out}: "
-        f"latents {list(latent_shape)}, context {list(empty.shape)}, scaling factor "
-        f"{metadata['scaling_factor']}; train with --data {out} --cond context --resolution "
-        f"{latent_shape[1]}"
+        f"latents {list(latent_shape)}, context {list(empty['context'].shape)}, scaling factor "
+        f"{metadata['scaling_factor']}; train with --data {out} "
+        + (
+            f"--model diffusers --init {metadata['pipeline_folder']}"
+            if "family" in metadata
+            else f"--cond context --resolution {latent_shape[1]}"
+        )
     )
 
 
@@ -547,9 +539,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastsp.prepare", description=__doc__.split("\n")[0], allow_abbrev=False
     )
     parser.add_argument("--images", required=True, help="folder of captioned images")
-    parser.add_argument("--vae", required=True, help="local AutoencoderKL (or pipeline) folder")
     parser.add_argument(
-        "--text-encoder", required=True, help="local CLIPTextModel (or pipeline) folder"
+        "--pipeline",
+        default=None,
+        help="local diffusers pipeline folder (SD, SDXL, SD3, Flux): its VAE, text encoders "
+        "and encode_prompt",
+    )
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="T5 prompt length of an SD3 or Flux --pipeline (default its own: 256, 512)",
+    )
+    parser.add_argument("--vae", default=None, help="local AutoencoderKL (or pipeline) folder")
+    parser.add_argument(
+        "--text-encoder", default=None, help="local CLIPTextModel (or pipeline) folder"
     )
     parser.add_argument(
         "--tokenizer",

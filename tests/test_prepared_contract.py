@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from sd_tiny import save_pipeline_components
 from test_prepare import CAPTIONS, REPO, _args, _write_images
 
-from fastsp import prepare
+from fastsp import prepare, sd_components
 from fastsp.errors import DataError
 from fastsp.latent_shards import LatentsDataset, read_metadata, read_null_context
 
@@ -219,7 +219,7 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_keeps_the_finished_shar
 ):
     images, reference = prepared
     out = tmp_path / "latents"
-    real_encode, calls = prepare.encode_images, []
+    real_encode, calls = sd_components.encode_images, []
 
     def interrupted_on_the_second_batch(*args, **kwargs):
         calls.append(1)
@@ -227,7 +227,7 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_keeps_the_finished_shar
             raise KeyboardInterrupt  # where Ctrl-C lands: inside the VAE's group_norm
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "encode_images", interrupted_on_the_second_batch)
+    monkeypatch.setattr(sd_components, "encode_images", interrupted_on_the_second_batch)
     assert prepare.main(_args(images, sd, out)) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
@@ -235,7 +235,7 @@ def test_ctrl_c_during_prepare_is_one_line_and_the_rerun_keeps_the_finished_shar
         "it skips them"
     )
     assert sorted(os.listdir(out)) == ["shard_00000.safetensors"]  # no lock, no temporary file
-    monkeypatch.setattr(prepare, "encode_images", real_encode)
+    monkeypatch.setattr(sd_components, "encode_images", real_encode)
     assert prepare.main(_args(images, sd, out)) == 0
     _same_as(out, reference)
 

@@ -1,0 +1,279 @@
+"""The diffusers pipelines whose denoiser fastsp trains (SD 1/2, SDXL, SD3/3.5, Flux.1): which
+family a pipeline folder is, the pipeline assembled from the folder with a given denoiser,
+sampling through it, and the denoiser exported as a diffusers folder or a whole pipeline folder.
+
+    images = sample_with_pipeline("FLUX", transformer, ["a photo of a cat"], steps=28,
+                                  guidance=3.5, seed=0, height=1024, width=1024, device="cuda")
+    export_denoiser(transformer, "out/transformer")              # FluxTransformer2DModel folder
+    export_denoiser(transformer, "out/flux", pipeline_folder="FLUX")  # FluxPipeline folder
+
+A family is read from the pipeline folder's model_index.json ("_class_name"), never guessed from
+weights. Everything a pipeline does (prompt encoding, the scheduler, guidance, the VAE's scaling
+and shift, Flux's latent packing) stays the pipeline's own: this module assembles and calls it.
+`guidance` is the pipeline's `guidance_scale`: classifier-free guidance for SD, SDXL and SD3; for
+Flux the guidance value the guidance-distilled transformer is conditioned on (Flux.1-dev).
+diffusers and transformers come with the `sd` extra; without them a ConfigError names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from fastsp.errors import CheckpointWriteError, ConfigError
+from fastsp.sd_components import require
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "export_denoiser",
+    "load_pipeline",
+    "pipeline_family",
+    "sample_with_pipeline",
+]
+
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # fastsp's name of the family, as metadata.json's "family" holds it
+    pipeline_class: str  # the diffusers pipeline class model_index.json's "_class_name" names
+    denoiser: str  # the pipeline's slot of the trained module (its subfolder)
+    denoiser_class: str  # the diffusers class of that module
+
+
+FAMILIES = {
+    family.pipeline_class: family
+    for family in (
+        Family("sd", "StableDiffusionPipeline", "unet", "UNet2DConditionModel"),
+        Family("sdxl", "StableDiffusionXLPipeline", "unet", "UNet2DConditionModel"),
+        Family("sd3", "StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel"),
+        Family("flux", "FluxPipeline", "transformer", "FluxTransformer2DModel"),
+    )
+}
+SUPPORTED = ", ".join(f"{cls} ({family.name})" for cls, family in FAMILIES.items())
+
+
+def read_model_index(folder: str | Path, option: str = "--pipeline") -> dict:
+    """A pipeline folder's model_index.json; a one-line ConfigError when there is none."""
+    root = Path(folder)
+    if not root.is_dir():
+        problem = "does not exist" if not root.exists() else "is a file, not a folder"
+        raise ConfigError(f"{option} {root} {problem}; pass a local diffusers pipeline folder")
+    try:
+        index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{option} {root} has no {MODEL_INDEX}; pass a diffusers pipeline folder (what a "
+            f"pipeline's save_pretrained writes: {MODEL_INDEX}, vae/, text_encoder/, ...)"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{option} {root / MODEL_INDEX} cannot be read ({error}); restore the pipeline's "
+            f"{MODEL_INDEX}"
+        ) from None
+    if not isinstance(index, dict):
+        raise ConfigError(f"{option} {root / MODEL_INDEX} is not a JSON object; restore it")
+    return index
+
+
+def pipeline_family(folder: str | Path, option: str = "--pipeline") -> Family:
+    """The family of a pipeline folder, from its model_index.json's class; a one-line
+    ConfigError naming the supported classes for any other."""
+    index = read_model_index(folder, option)
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise ConfigError(
+            f"{option} {folder} holds a {name or 'pipeline without a _class_name'} "
+            f"({MODEL_INDEX}); supported pipelines: {SUPPORTED}"
+        )
+    return FAMILIES[name]
+
+
+def check_parts(folder: str | Path, skip: Sequence[str] = (), option: str = "--pipeline") -> None:
+    """Refuse a pipeline folder missing a component its model_index.json lists (each
+    non-null [library, class] entry is a subfolder), naming every missing one."""
+    index = read_model_index(folder, option)
+    missing = [
+        name
+        for name, entry in index.items()
+        if not name.startswith("_")
+        and name not in skip
+        and isinstance(entry, list)
+        and entry[0] is not None
+        and not (Path(folder) / name).is_dir()
+    ]
+    if missing:
+        listed = ", ".join(f"{name}/" for name in missing)
+        raise ConfigError(
+            f"{option} {folder} lacks {listed} that its {MODEL_INDEX} lists; copy the complete "
+            f"pipeline folder (every component its {MODEL_INDEX} names)"
+        )
+
+
+def _check_denoiser(denoiser: torch.nn.Module, family: Family, folder: str | Path) -> None:
+    if type(denoiser).__name__ != family.denoiser_class:
+        raise ConfigError(
+            f"{folder} is a {family.pipeline_class}, whose {family.denoiser} is a "
+            f"{family.denoiser_class}, but the denoiser given is a {type(denoiser).__name__}; "
+            f"pass the pipeline folder of the model that was trained"
+        )
+
+
+def load_pipeline(
+    folder: str | Path,
+    denoiser: torch.nn.Module | None,
+    dtype: torch.dtype = torch.float32,
+    option: str = "--pipeline",
+    **components,
+):
+    """The family's diffusers pipeline from a local folder with `denoiser` in its denoiser
+    slot, `components` (name -> module, or None to leave one out) in theirs, and every other
+    component loaded from the folder and cast to `dtype` (after loading: the keyword that
+    sets it differs between diffusers versions)."""
+    family = pipeline_family(folder, option)
+    if denoiser is not None:
+        _check_denoiser(denoiser, family, folder)
+    check_parts(folder, skip=(family.denoiser, *components), option=option)
+    diffusers = require("diffusers", option)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    try:
+        pipeline = pipeline_class.from_pretrained(
+            folder, local_files_only=True, **{**components, family.denoiser: denoiser}
+        )
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{option} {folder}: diffusers cannot load this {family.pipeline_class} ({reason}); "
+            f"pass a complete pipeline folder"
+        ) from None
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and name != family.denoiser:
+            if any(p.dtype != dtype for p in component.parameters()):  # diffusers warns on any
+                component.to(dtype)
+    return pipeline
+
+
+@torch.no_grad()
+def sample_with_pipeline(
+    pipeline_folder: str | Path,
+    denoiser: torch.nn.Module,
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    height: int,
+    width: int,
+    device: torch.device | str,
+    negative_prompt: str | None = None,
+) -> torch.Tensor:
+    """Images [N, 3, height, width] in [-1, 1] of `prompts`, one each, drawn by the folder's
+    pipeline (its scheduler, text encoders and VAE, in the denoiser's dtype) with `denoiser` as
+    its unet or transformer (moved to `device`). The initial noise comes from a CPU generator
+    seeded by `seed`, so a seed draws the same images on any device. `negative_prompt`: what
+    classifier-free guidance steers away from (SD, SDXL, SD3; default the pipeline's)."""
+    dtype = next(denoiser.parameters()).dtype
+    pipeline = load_pipeline(pipeline_folder, denoiser, dtype=dtype)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    options = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    try:
+        images = pipeline(
+            prompt=list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+            **options,
+        ).images  # [N, 3, H, W] in [0, 1]
+    except ValueError as error:  # the pipeline's check_inputs: a size it cannot draw, ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{type(pipeline).__name__} refuses this request: {reason}; change the option it names"
+        ) from None
+    if tuple(images.shape[-2:]) != (height, width):  # Flux rounds a size down, with a warning
+        raise ConfigError(
+            f"{type(pipeline).__name__} draws {images.shape[-2]}x{images.shape[-1]} images, not "
+            f"the {height}x{width} asked for; pass a height and width it draws as asked"
+        )
+    return images.float() * 2 - 1
+
+
+def export_denoiser(
+    denoiser: torch.nn.Module,
+    out_dir: str | Path,
+    pipeline_folder: str | Path | None = None,
+    scheduler_config: dict | None = None,
+) -> Path:
+    """Write `denoiser` as a diffusers model folder (its own `save_pretrained`), or, with
+    `pipeline_folder`, a complete pipeline folder: that folder's other components copied and
+    its denoiser subfolder replaced, which the family's pipeline class loads with
+    `from_pretrained(out_dir)`. With `scheduler_config` (fastsp.flow.scheduler_config: the
+    process the run trained with), it replaces the pipeline's scheduler/ config (or is written
+    as scheduler_config.json beside a model folder, as fastsp.export does).
+
+    out_dir must not exist or be empty; it is assembled in a temporary folder beside it and
+    renamed into place, so a failed write leaves nothing of it (a CheckpointWriteError)."""
+    from fastsp.diffusers_unet import check_export_folder
+
+    out = Path(out_dir)
+    check_export_folder(out)
+    slot = None
+    if pipeline_folder is not None:
+        family = pipeline_family(pipeline_folder)
+        _check_denoiser(denoiser, family, pipeline_folder)
+        check_parts(pipeline_folder, skip=(family.denoiser,))
+        slot = family.denoiser
+        if out.resolve().is_relative_to(Path(pipeline_folder).resolve()):
+            raise ConfigError(
+                f"{out} is inside the pipeline folder {pipeline_folder}, which the export "
+                f"copies; pass a folder outside it"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        if pipeline_folder is None:
+            denoiser.save_pretrained(tmp)
+            scheduler_path = tmp / "scheduler_config.json"
+        else:
+            root = Path(pipeline_folder)
+            shutil.copytree(
+                root, tmp, ignore=lambda d, names: [slot] if Path(d) == root else [], symlinks=False
+            )
+            denoiser.save_pretrained(tmp / slot)
+            scheduler_path = tmp / "scheduler" / "scheduler_config.json"
+        if scheduler_config is not None:
+            scheduler_path.parent.mkdir(exist_ok=True)
+            diffusers = require("diffusers", "export")
+            config = {**scheduler_config, "_diffusers_version": diffusers.__version__}
+            scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own type
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CheckpointWriteError(
+            f"cannot write {out}: {reason}; nothing of it was written (it is assembled beside "
+            "it and renamed into place): free space (or fix the cause) and rerun"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
