@@ -32,6 +32,9 @@ SAMPLERS = ("ddim", "euler")
 PERCEPTUAL_T = ("uniform", "same")  # or a (low, high) range of timesteps, inclusive
 PREDICTED_NOISE = ("eps_hat", "eps")
 DISTANCES = ("l2", "l1")
+# none (the paper) | channel (LPL's per-channel "shared" normalisation) | energy (per example)
+FEATURE_NORMS = ("none", "channel", "energy")
+FEATURE_NORM_EPS = 1e-6  # added to the real features' variance (channel) or energy (energy)
 # fastsp.attention
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 # fastsp.data
@@ -44,7 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "apex_fused_adam")
 TRAIN_STEPS = ("fast", "reference")
-OBJECTIVES = ("mse", "self_perceptual")
+OBJECTIVES = ("mse", "self_perceptual", "model_guidance")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 PARALLELS = ("ddp", "fsdp")  # fastsp.training.parallel
 
