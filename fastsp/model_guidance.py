@@ -94,5 +94,5 @@ class ModelGuidance:
             both = self.guide(torch.cat([x_t, x_t]), torch.cat([t, t]), **both_cond)
             difference = (both[:batch] - both[batch:]).to(target.dtype)
             on = guided & (t <= self.t_max * self.num_timesteps)
-            w = torch.where(on, self.scale, 0.0).to(target.dtype)
+            w = self.scale * on.to(target.dtype)  # in the target's dtype (a float64 w in tests)
             return target + w.reshape((-1,) + (1,) * (target.ndim - 1)) * difference
