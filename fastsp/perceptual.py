@@ -288,15 +288,13 @@ class SelfPerceptualLoss:
         self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         names = list(self.layers)
-        if self.feature_norm != "none":  # a rescaling of the features: the same kernels follow
-            normalised = {
-                n: normalise_features(predicted[n], real[n], self.feature_norm) for n in names
-            }
-            predicted = {n: pair[0] for n, pair in normalised.items()}
-            real = {n: pair[1] for n, pair in normalised.items()}
-            weights = {n: self.layers[n] * normalised[n][2] for n in names}
-        else:
-            weights = self.layers
+        # --perceptual-norm rescales the features (none: as they are), then the same kernels
+        normalised = {
+            n: normalise_features(predicted[n], real[n], self.feature_norm) for n in names
+        }
+        predicted = {n: pair[0] for n, pair in normalised.items()}
+        real = {n: pair[1] for n, pair in normalised.items()}
+        weights = {n: self.layers[n] * pair[2] for n, pair in normalised.items()}
         if self.distance == "l1":
             loss = sum(weights[n] * F.l1_loss(predicted[n], real[n]) for n in names)
         elif len(names) == 1:  # the paper's case: one fused kernel over the mid-block features
