@@ -272,7 +272,7 @@ class TrainConfig:
         resume=SAME,
     )
     perceptual_norm: str = added_option(
-        "none", "features normalised by the real branch's: per channel or energy", FEATURE_NORMS
+        "none", "features scaled by the real branch's: channel (LPL) or energy", FEATURE_NORMS
     )
     # model guidance (fastsp.model_guidance, arXiv 2502.12154)
     mg_scale: float = added_option(0.45, "model guidance's w in [0, 1) (the authors' 0.45)")
