@@ -29,6 +29,7 @@ from fastsp.config_fields import (
     DEVICES,
     DIFFUSIONS,
     DISTANCES,
+    FEATURE_NORMS,
     FLOW_T_SAMPLING,
     MAY_CHANGE,
     OBJECTIVES,
@@ -44,6 +45,7 @@ from fastsp.config_fields import (
     SAMPLERS,
     TRAIN_STEPS,
     added_option,
+    check_objective_options,
     check_process_options,
     option,
     parse_layers,
@@ -218,7 +220,7 @@ class TrainConfig:
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
     objective: str = option(
         "mse",
-        "the loss: mse (stage 1) or self_perceptual (stage 2, needs --init)",
+        "the loss: mse (stage 1), self_perceptual (stage 2, needs --init) or model_guidance",
         OBJECTIVES,
         resume=SAME,
     )
@@ -269,6 +271,12 @@ class TrainConfig:
         "(inclusive); each example outside the range gets the MSE loss instead",
         resume=SAME,
     )
+    perceptual_norm: str = added_option(
+        "none", "features scaled by the real branch's: channel (LPL) or energy", FEATURE_NORMS
+    )
+    # model guidance (fastsp.model_guidance, arXiv 2502.12154)
+    mg_scale: float = added_option(0.45, "model guidance's w in [0, 1) (the authors' 0.45)")
+    mg_t_max: float = added_option(0.75, "model guidance only where t / T <= this (1: all t)")
     # LoRA (fastsp.lora): adapters on the frozen --init weights
     lora_rank: int = added_option(0, "LoRA adapter rank (0: off, every weight trains)")
     lora_alpha: float = added_option(0.0, "LoRA scale alpha: W + alpha/rank B A (0: the rank)")
@@ -441,6 +449,7 @@ class TrainConfig:
         require_choice("predicted_noise", self.predicted_noise, PREDICTED_NOISE)
         require_choice("distance", self.distance, DISTANCES)
         require_number(self, "mse_weight", 0)
+        check_objective_options(self)
         require_int(self, "lora_rank", 0, note=" (0: no adapters)")
         require_number(self, "lora_alpha", 0, note=" (0: the rank)")
         require_str(self, "lora_targets", "comma-separated layer names", empty_ok=True)
@@ -532,11 +541,6 @@ class TrainConfig:
             parse_perceptual_on_t(self.perceptual_on_t, count)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if self.perceptual_on_t != "all" and self.objective != "self_perceptual":
-            raise ConfigError(
-                f"--perceptual-on-t {self.perceptual_on_t} gates the self-perceptual loss, but "
-                f"--objective is {self.objective}; pass --objective self_perceptual or drop it"
-            )
         if self.objective == "self_perceptual" and not self.init:
             # PAPER.md: stage 2 fine-tunes a stage-1 model; from random weights the perceptual
             # loss alone does not train a usable model.

@@ -32,6 +32,9 @@ SAMPLERS = ("ddim", "euler")
 PERCEPTUAL_T = ("uniform", "same")  # or a (low, high) range of timesteps, inclusive
 PREDICTED_NOISE = ("eps_hat", "eps")
 DISTANCES = ("l2", "l1")
+# none (the paper) | channel (LPL's per-channel "shared" normalisation) | energy (per example)
+FEATURE_NORMS = ("none", "channel", "energy")
+FEATURE_NORM_EPS = 1e-6  # added to the real features' variance (channel) or energy (energy)
 # fastsp.attention
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 # fastsp.data
@@ -44,7 +47,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "apex_fused_adam")
 TRAIN_STEPS = ("fast", "reference")
-OBJECTIVES = ("mse", "self_perceptual")
+OBJECTIVES = ("mse", "self_perceptual", "model_guidance")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 PARALLELS = ("ddp", "fsdp")  # fastsp.training.parallel
 
@@ -246,6 +249,51 @@ def check_process_options(config: Any) -> None:
             f"--flow-dynamic-shift sets the shift from the resolution (Flux); drop --flow-shift "
             f"{show_value(config.flow_shift)}"
         )
+
+
+# The options of one objective: set off their defaults with another objective they would be
+# ignored, so a config refuses them (check_objective_options) and the dry run's comparison steps
+# reset them (with_objective).
+OBJECTIVE_OPTIONS = {
+    "perceptual_on_t": "self_perceptual",
+    "perceptual_norm": "self_perceptual",
+    "mg_scale": "model_guidance",
+    "mg_t_max": "model_guidance",
+}
+
+
+def check_objective_options(config: Any) -> None:
+    """The options of --perceptual-norm and model guidance on a TrainConfig `config`, then a
+    ConfigError for an option of one objective (OBJECTIVE_OPTIONS) set off its default with
+    another, and for model guidance without what it guides with: a condition and CFG dropout."""
+    require_choice("perceptual_norm", config.perceptual_norm, FEATURE_NORMS)
+    require_number(config, "mg_scale", 0, 1, high_open=True, note=" (w >= 1 has no fixed point)")
+    require_number(config, "mg_t_max", 0, 1)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, objective in OBJECTIVE_OPTIONS.items():
+        value = getattr(config, name)
+        if value != defaults[name] and config.objective != objective:
+            raise ConfigError(
+                f"{option_flag(name)} {show_value(value)} is an option of --objective "
+                f"{objective}, but --objective is {config.objective}; drop it, or pass "
+                f"--objective {objective}"
+            )
+    if config.objective == "model_guidance" and (
+        config.cond == "none" or config.label_dropout == 0
+    ):
+        raise ConfigError(
+            f"--objective model_guidance guides with the null condition CFG dropout trains, but "
+            f"this run has --cond {config.cond} and --label-dropout {config.label_dropout}; pass "
+            "--cond class or --cond context and a --label-dropout above 0 (e.g. 0.1)"
+        )
+
+
+def with_objective(config: Any, objective: str) -> Any:
+    """`config` (a TrainConfig) with `objective`, the other objectives' options at their
+    defaults (the dry run's steps of the other objectives)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    reset = {n: defaults[n] for n, owner in OBJECTIVE_OPTIONS.items() if owner != objective}
+    return dataclasses.replace(config, objective=objective, **reset)
 
 
 def parse_layers(spec: str | Sequence[str] | Mapping[str, float]) -> dict[str, float]:

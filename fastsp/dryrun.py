@@ -69,6 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from fastsp import config_cli, dist  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
+from fastsp.config_fields import with_objective  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
 from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
 from fastsp.roofline import GPUS, Roofline, predict, report_lines  # noqa: E402
@@ -476,9 +477,7 @@ def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
     """The dry run of `cfg`'s step and of the other objective's (for the ratio): its figures."""
     runs = {}
     for objective in (cfg.objective, *(o for o in OBJECTIVES if o != cfg.objective)):
-        runs[objective] = dry_step(
-            dataclasses.replace(cfg, objective=objective), model_cfg, step_class
-        )
+        runs[objective] = dry_step(with_objective(cfg, objective), model_cfg, step_class)
     asked = runs[cfg.objective]
     return {
         "torch": torch.__version__,

@@ -33,6 +33,8 @@ from torch import nn
 
 from fastsp.config_fields import (
     DISTANCES,
+    FEATURE_NORM_EPS,
+    FEATURE_NORMS,
     PREDICTED_NOISE,
     parse_layers,
     parse_perceptual_on_t,
@@ -52,6 +54,43 @@ _PREDICTION_ALIASES = {
     "eps": "eps",
     "x0": "x0",
 }
+
+
+def normalise_features(
+    predicted: torch.Tensor, real: torch.Tensor, norm: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Both branches' features rescaled by statistics of the real branch alone (it carries no
+    gradient), and the factor that turns the mean over an example's features into its loss.
+
+    channel (LPL's "shared" normalisation): f -> (f - mu_real) / sigma_real per example and
+        channel, over the spatial axes of [B, C, H, W] or the tokens of [B, L, D]. The mean
+        cancels in f_pred - f_real, so both are only divided by sigma_real = sqrt(var_real +
+        eps); factor 1.
+    energy: ||f_pred - f_real||^2 / (||f_real||^2 + eps) per example, which is the squared
+        distance of f / sqrt(||f_real||^2 + eps): both are scaled, and the mean over the
+        example's N features times N (the factor) is the ratio.
+    eps = FEATURE_NORM_EPS keeps a layer whose real features are all zero finite (no 0 / 0).
+    A per-example scale keeps both cases on the fused kernels (feature_mse, feature_mse_multi),
+    which reduce to one number or not at all: no per-example sum is needed. The features are
+    scaled in fp32 (float64 stays float64): rounding each scaled bf16 feature on its own would
+    lose the small differences the loss measures.
+    """
+    if norm == "none":
+        return predicted, real, 1
+    dtype = torch.promote_types(real.dtype, torch.float32)
+    real = real.detach().to(dtype)
+    if norm == "channel":
+        if real.ndim not in (3, 4):
+            raise ValueError(
+                f"perceptual_norm 'channel' needs [B, C, H, W] or [B, L, D] features, got "
+                f"{list(real.shape)}"
+            )
+        axes = (2, 3) if real.ndim == 4 else (1,)
+        scale = (real.var(dim=axes, unbiased=False, keepdim=True) + FEATURE_NORM_EPS).rsqrt()
+        return predicted.to(dtype) * scale, real * scale, 1
+    energy = real.square().flatten(1).sum(1)
+    scale = (energy + FEATURE_NORM_EPS).rsqrt().reshape((-1,) + (1,) * (real.ndim - 1))
+    return predicted.to(dtype) * scale, real * scale, real[0].numel()
 
 
 class _StopForward(Exception):
@@ -142,6 +181,10 @@ class SelfPerceptualLoss:
         predicted_noise: "eps_hat" (the paper) re-noises x0_hat with the predicted noise, "eps"
             with the true noise (the paper's ablation).
         distance: "l2" (mean squared error, the paper) | "l1".
+        feature_norm: "none" (the paper) | "channel" | "energy": both branches' features
+            normalised by the real branch's statistics before the distance
+            (`normalise_features`); with "energy" and l2 each example's loss is
+            ||f_pred - f_real||^2 / ||f_real||^2 per layer, then weighted and averaged.
         batched_branches: run the real and predicted branches as one forward of batch 2B (fewer,
             larger kernels; but backward then runs over all 2B rows) instead of two of batch B.
         perceptual_on_t: "all" (the paper) | (low, high) inclusive range of the ONLINE timestep
@@ -166,6 +209,7 @@ class SelfPerceptualLoss:
         batched_branches: bool = False,
         perceptual_on_t: str | tuple[int, int] | None = "all",
         perceptual_context: Callable[[], AbstractContextManager] | None = None,
+        feature_norm: str = "none",
     ):
         if prediction_type is not None and prediction_type not in _PREDICTION_ALIASES:
             raise ValueError(
@@ -177,6 +221,9 @@ class SelfPerceptualLoss:
             )
         if distance not in DISTANCES:
             raise ValueError(f"distance {distance!r} must be one of {DISTANCES}")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm {feature_norm!r} must be one of {FEATURE_NORMS}")
+        self.feature_norm = feature_norm
         prediction_type = _PREDICTION_ALIASES[prediction_type] if prediction_type else None
         if isinstance(process, torch.Tensor):
             # the eps-at-zero-terminal-SNR rule is checked here once, on the host
@@ -214,15 +261,20 @@ class SelfPerceptualLoss:
     def _distance_per_example(
         self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """[B]: sum over layers of weight x mean over one example's features of the distance; its
-        batch mean is `_distance`'s value (every example has as many features)."""
+        """[B]: sum over layers of weight x mean over one example's (normalised) features of the
+        distance (x N for energy); its batch mean is `_distance`'s value (every example has as
+        many features)."""
         per_element = F.l1_loss if self.distance == "l1" else feature_mse
         # bf16 features (autocast) are averaged in fp32; float64 stays float64
         dtype = torch.promote_types(predicted[next(iter(self.layers))].dtype, torch.float32)
-        return sum(
-            w * per_element(predicted[n], real[n], reduction="none").flatten(1).to(dtype).mean(1)
-            for n, w in self.layers.items()
-        )
+        total = 0
+        for name, weight in self.layers.items():
+            pred, real_n, factor = normalise_features(
+                predicted[name], real[name], self.feature_norm
+            )
+            mean = per_element(pred, real_n, reduction="none").flatten(1).to(dtype).mean(1)
+            total = total + weight * factor * mean
+        return total
 
     # Timestep-gated loss (issue 16): per example, the self-perceptual loss where LOW <= t <= HIGH,
     # the MSE loss |f(x_t, t, c) - target|^2 (mean over the example) elsewhere; then the mean.
@@ -236,14 +288,20 @@ class SelfPerceptualLoss:
         self, predicted: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         names = list(self.layers)
+        # --perceptual-norm rescales the features (none: as they are), then the same kernels
+        normalised = {
+            n: normalise_features(predicted[n], real[n], self.feature_norm) for n in names
+        }
+        predicted = {n: pair[0] for n, pair in normalised.items()}
+        real = {n: pair[1] for n, pair in normalised.items()}
+        weights = {n: self.layers[n] * pair[2] for n, pair in normalised.items()}
         if self.distance == "l1":
-            loss = sum(self.layers[n] * F.l1_loss(predicted[n], real[n]) for n in names)
+            loss = sum(weights[n] * F.l1_loss(predicted[n], real[n]) for n in names)
         elif len(names) == 1:  # the paper's case: one fused kernel over the mid-block features
-            loss = self.layers[names[0]] * feature_mse(predicted[names[0]], real[names[0]])
+            loss = weights[names[0]] * feature_mse(predicted[names[0]], real[names[0]])
         else:
-            weights = [self.layers[n] for n in names]
             loss = feature_mse_multi(
-                [predicted[n] for n in names], [real[n] for n in names], weights
+                [predicted[n] for n in names], [real[n] for n in names], [weights[n] for n in names]
             )
         # features may be bf16 under autocast; the loss is at least fp32 (float64 stays float64)
         return loss.to(torch.promote_types(loss.dtype, torch.float32))

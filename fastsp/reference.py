@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastsp.config_fields import PREDICTION_TYPES, refuse_eps_at_zero_terminal_snr
+from fastsp.config_fields import (
+    FEATURE_NORM_EPS,
+    PREDICTION_TYPES,
+    refuse_eps_at_zero_terminal_snr,
+)
 
 
 def coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int = 4):
@@ -57,13 +61,64 @@ def reference_mse_loss(
 
 def mid_features(perceptual, x, t, labels=None, context=None) -> torch.Tensor:
     """Full forward of `perceptual`; returns what a forward hook on `perceptual.mid` saw."""
-    stored = []
-    handle = perceptual.mid.register_forward_hook(lambda module, args, out: stored.append(out))
+    return tapped_features(perceptual, x, t, ["mid"], labels, context)["mid"]
+
+
+def tapped_features(perceptual, x, t, names, labels=None, context=None) -> dict:
+    """Full forward of the UNet `perceptual`; {name: what a forward hook on that level saw}, for
+    the names of its taps: "mid" is `perceptual.mid`, "down1" `perceptual.down[1]`, "up0"
+    `perceptual.up[0]`."""
+    stored = {}
+    handles = []
+    for name in names:
+        level = name.rstrip("0123456789")
+        module = getattr(perceptual, level)
+        if level != name:
+            module = module[int(name[len(level) :])]
+        hook = (lambda key: lambda module, args, out: stored.setdefault(key, out))(name)
+        handles.append(module.register_forward_hook(hook))
     try:
         perceptual(x, t, labels=labels, context=context)  # the full output is discarded
     finally:
-        handle.remove()
-    return stored[0]
+        for handle in handles:
+            handle.remove()
+    return stored
+
+
+def feature_loss_per_example(h_pred, h_real, norm="none") -> torch.Tensor:
+    """[B]: one layer's squared feature distance per example, the features normalised by the
+    real branch's statistics (norm: none, the paper; channel; energy), written out."""
+    if norm == "channel":  # (f - mu_real) / sigma_real per example and channel
+        axes = (2, 3) if h_real.ndim == 4 else (1,)
+        mu = h_real.mean(dim=axes, keepdim=True)
+        sigma = (((h_real - mu) ** 2).mean(dim=axes, keepdim=True) + FEATURE_NORM_EPS).sqrt()
+        h_pred, h_real = (h_pred - mu) / sigma, (h_real - mu) / sigma
+    squared = ((h_pred - h_real) ** 2).flatten(1)
+    if norm == "energy":  # ||f_pred - f_real||^2 / (||f_real||^2 + eps)
+        return squared.sum(1) / ((h_real**2).flatten(1).sum(1) + FEATURE_NORM_EPS)
+    return squared.mean(1)
+
+
+def _perceptual_loss(
+    perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse_per_example
+):
+    """Steps 5-6 of Algorithm 1 on the two re-noised inputs: the real branch without gradient,
+    the feature loss per example summed over `layers` {name: weight} (None: the mid block, the
+    paper), then its mean; or, with on_t (low, high), per example this loss where
+    low <= t <= high and `mse_per_example` elsewhere (--perceptual-on-t)."""
+    layers = layers or {"mid": 1.0}
+    with torch.no_grad():
+        h_real = tapped_features(perceptual, x_real, t_prime, list(layers), labels, context)
+    h_pred = tapped_features(perceptual, x_pred, t_prime, list(layers), labels, context)
+    if on_t is None and norm == "none" and list(layers) == ["mid"]:
+        return layers["mid"] * F.mse_loss(h_pred["mid"], h_real["mid"])  # mean((h_pred - h_real)^2)
+    per_example = sum(
+        w * feature_loss_per_example(h_pred[n], h_real[n], norm) for n, w in layers.items()
+    )
+    if on_t is None:
+        return per_example.mean()
+    inside = (t >= on_t[0]) & (t <= on_t[1])
+    return torch.where(inside, per_example, mse_per_example).mean()
 
 
 def reference_self_perceptual_loss(
@@ -78,11 +133,14 @@ def reference_self_perceptual_loss(
     context=None,
     prediction_type="v",
     on_t=None,
+    layers=None,
+    norm="none",
 ) -> torch.Tensor:
     """Stage 2, PAPER.md Algorithm 1, literally. `perceptual` is frozen by the caller.
 
     on_t (low, high): per example, this loss where low <= t <= high and the MSE loss elsewhere
-    (--perceptual-on-t); None: this loss everywhere (the paper)."""
+    (--perceptual-on-t); None: this loss everywhere (the paper). layers {name: weight} (None: the
+    mid block) and norm (--perceptual-norm): see `_perceptual_loss`."""
     _check_prediction_type(prediction_type)
     a, s = coefficients(alphas_cumprod, t, x0.ndim)
     x_t = a * x0 + s * noise  # step 1: x_t = a_t x0 + s_t eps
@@ -97,18 +155,13 @@ def reference_self_perceptual_loss(
             raise ValueError("x0-prediction divides by s_t = 0")
         x0_hat, eps_hat = out, (x_t - a * out) / s
     a2, s2 = coefficients(alphas_cumprod, t_prime, x0.ndim)  # step 3: t' drawn by the caller
-    with torch.no_grad():  # step 4-5, real branch: x_t'_real = a_t' x0 + s_t' eps
-        h_real = mid_features(perceptual, a2 * x0 + s2 * noise, t_prime, labels, context)
-    # step 4-5, predicted branch (with grad): x_t'_pred = a_t' x0_hat + s_t' eps_hat
-    h_pred = mid_features(perceptual, a2 * x0_hat + s2 * eps_hat, t_prime, labels, context)
-    if on_t is None:
-        return F.mse_loss(h_pred, h_real)  # step 6: mean((h_pred - h_real)^2)
-    # per example: the feature loss inside [low, high], the MSE loss against the target outside
-    per_example_sp = F.mse_loss(h_pred, h_real, reduction="none").flatten(1).mean(1)
+    # step 4: x_t'_real = a_t' x0 + s_t' eps, x_t'_pred = a_t' x0_hat + s_t' eps_hat
     target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]
-    per_example_mse = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
-    inside = (t >= on_t[0]) & (t <= on_t[1])
-    return torch.where(inside, per_example_sp, per_example_mse).mean()
+    mse = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
+    x_real, x_pred = a2 * x0 + s2 * noise, a2 * x0_hat + s2 * eps_hat
+    return _perceptual_loss(
+        perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse
+    )
 
 
 # Rectified flow (fastsp.flow), written out: the model sees t = sigma * T, sigma = t / T.
@@ -137,6 +190,8 @@ def reference_flow_self_perceptual_loss(
     labels=None,
     context=None,
     on_t=None,
+    layers=None,
+    norm="none",
 ) -> torch.Tensor:
     """Stage 2 under flow (Algorithm 1 with the flow process), literally; t, t' are sigma * T."""
     sigma = flow_sigma(t, num_timesteps, x0)
@@ -145,20 +200,51 @@ def reference_flow_self_perceptual_loss(
     # x0_hat = x_t - sigma v_hat, eps_hat = x_t + (1 - sigma) v_hat
     x0_hat, eps_hat = x_t - sigma * v_hat, x_t + (1 - sigma) * v_hat
     sigma2 = flow_sigma(t_prime, num_timesteps, x0)
-    with torch.no_grad():  # x_t'_real = (1 - sigma') x0 + sigma' eps
-        h_real = mid_features(
-            perceptual, (1 - sigma2) * x0 + sigma2 * noise, t_prime, labels, context
-        )
-    # x_t'_pred = (1 - sigma') x0_hat + sigma' eps_hat
-    h_pred = mid_features(
-        perceptual, (1 - sigma2) * x0_hat + sigma2 * eps_hat, t_prime, labels, context
+    # x_t'_real = (1 - sigma') x0 + sigma' eps, x_t'_pred = (1 - sigma') x0_hat + sigma' eps_hat
+    x_real, x_pred = (1 - sigma2) * x0 + sigma2 * noise, (1 - sigma2) * x0_hat + sigma2 * eps_hat
+    mse = F.mse_loss(v_hat, noise - x0, reduction="none").flatten(1).mean(1)
+    return _perceptual_loss(
+        perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse
     )
-    if on_t is None:
-        return F.mse_loss(h_pred, h_real)
-    per_example_sp = F.mse_loss(h_pred, h_real, reduction="none").flatten(1).mean(1)
-    per_example_mse = F.mse_loss(v_hat, noise - x0, reduction="none").flatten(1).mean(1)
-    inside = (t >= on_t[0]) & (t <= on_t[1])
-    return torch.where(inside, per_example_sp, per_example_mse).mean()
+
+
+# Model guidance (fastsp.model_guidance), written out in the model's output space.
+def reference_model_guidance_loss(
+    model,
+    guide,
+    x0,
+    noise,
+    t,
+    cond,
+    null_cond,
+    guided,
+    scale,
+    t_max,
+    alphas_cumprod=None,
+    num_timesteps=1000,
+    prediction_type="v",
+) -> torch.Tensor:
+    """mean((f(x_t, t, c) - target')^2), target' = target + w (guide(x_t, c) - guide(x_t, null))
+    without gradient, w = scale where `guided` [B] and t / T <= t_max, else 0 (arXiv 2502.12154's
+    eps' = eps + w sg(eps_hat_c - eps_hat_null), in v, eps or x0: fastsp.model_guidance).
+    cond, null_cond: {"labels": ..., "context": ...}. DDPM with alphas_cumprod, rectified flow
+    (t = sigma T, T = num_timesteps) without."""
+    if alphas_cumprod is None:  # flow: x_t = (1 - sigma) x0 + sigma eps, target v = eps - x0
+        sigma = flow_sigma(t, num_timesteps, x0)
+        x_t, target = (1 - sigma) * x0 + sigma * noise, noise - x0
+    else:
+        _check_prediction_type(prediction_type)
+        num_timesteps = alphas_cumprod.shape[0]
+        a, s = coefficients(alphas_cumprod, t, x0.ndim)
+        x_t = a * x0 + s * noise
+        target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]
+    with torch.no_grad():
+        f_cond = guide(x_t, t, **cond)
+        f_null = guide(x_t, t, **null_cond)
+    on = guided & (t <= t_max * num_timesteps)
+    w = (scale * on.to(x0.dtype)).reshape((-1,) + (1,) * (x0.ndim - 1))
+    guided_target = target + w * (f_cond - f_null)
+    return F.mse_loss(model(x_t, t, **cond), guided_target)
 
 
 def reference_mse_step(

@@ -37,6 +37,7 @@ from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import GraphCaptureError
 from fastsp.feature_loss import feature_mse
 from fastsp.flow import FlowProcess
+from fastsp.model_guidance import ModelGuidance
 from fastsp.perceptual import SelfPerceptualLoss
 
 # Eager iterations on a side stream before capture. DDP needs at least 11 (PyTorch's CUDA-graph
@@ -55,9 +56,14 @@ def training_loss(
     perceptual_loss: SelfPerceptualLoss | None = None,
     t_prime: torch.Tensor | None = None,
     mse_weight: float = 0.0,
+    model_guidance: ModelGuidance | None = None,
+    null_cond: dict[str, torch.Tensor | None] | None = None,
+    guided: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stage 1 (perceptual_loss None): mean((f(x_t, t, c) - target)^2), target v = a eps - s x0
-    (flow: v = eps - x0); `schedule` is the process, a NoiseSchedule or a FlowProcess.
+    (flow: v = eps - x0); `schedule` is the process, a NoiseSchedule or a FlowProcess. With
+    `model_guidance`, the target is its guided one (fastsp.model_guidance), from the null
+    condition `null_cond` and the rows CFG dropout kept, `guided` [B].
 
     Stage 2: PAPER.md Algorithm 1 through `perceptual_loss`, plus mse_weight x the MSE loss.
     Both squared errors go through `fastsp.feature_mse` (one fused pass on CUDA); the loss is
@@ -67,8 +73,10 @@ def training_loss(
     prediction = model(x_t, t, **cond)
     loss_dtype = torch.promote_types(prediction.dtype, torch.float32)  # bf16 -> fp32
     if perceptual_loss is None:
-        target = schedule.training_target(x0, noise, t).to(prediction.dtype)
-        return feature_mse(prediction, target).to(loss_dtype)
+        target = schedule.training_target(x0, noise, t)
+        if model_guidance is not None:
+            target = model_guidance.guided_target(target, x_t, t, cond, null_cond, guided)
+        return feature_mse(prediction, target.to(prediction.dtype)).to(loss_dtype)
     target = None  # the MSE target, when an MSE term needs it (a static choice, not the data's)
     if mse_weight > 0 or perceptual_loss.on_t is not None:
         target = schedule.training_target(x0, noise, t).to(prediction.dtype)
@@ -88,18 +96,28 @@ def reference_training_loss(
     perceptual_loss: SelfPerceptualLoss | None = None,
     t_prime: torch.Tensor | None = None,
     prediction_type: str = "v",
+    model_guidance: ModelGuidance | None = None,
+    null_cond: dict[str, torch.Tensor | None] | None = None,
+    guided: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The naive oracle's loss (fastsp.reference) on the same inputs as `training_loss`."""
+    flow, T = schedule.name == "flow", schedule.num_timesteps
+    alphas = None if flow else schedule.alphas_cumprod.to(x0.device, x0.dtype)
+    if model_guidance is not None:
+        args = (model_guidance.guide, x0, noise, t, cond, null_cond, guided)
+        return reference.reference_model_guidance_loss(
+            model, *args, model_guidance.scale, model_guidance.t_max, alphas, T, prediction_type
+        )
     on_t = perceptual_loss.on_t if perceptual_loss is not None else None
-    if schedule.name == "flow":
-        T = schedule.num_timesteps
+    if perceptual_loss is not None:  # the taps and normalisation of the fast loss
+        options = {"layers": perceptual_loss.layers, "norm": perceptual_loss.feature_norm}
+    if flow:
         if perceptual_loss is None:
             return reference.reference_flow_mse_loss(model, x0, noise, t, T, **cond)
         perceptual = perceptual_loss.perceptual
         return reference.reference_flow_self_perceptual_loss(
-            model, perceptual, x0, noise, t, t_prime, T, on_t=on_t, **cond
+            model, perceptual, x0, noise, t, t_prime, T, on_t=on_t, **options, **cond
         )
-    alphas = schedule.alphas_cumprod.to(x0.device, x0.dtype)
     if perceptual_loss is None:
         return reference.reference_mse_loss(
             model, x0, noise, t, alphas, prediction_type=prediction_type, **cond
@@ -114,6 +132,7 @@ def reference_training_loss(
         alphas,
         prediction_type=prediction_type,
         on_t=on_t,
+        **options,
         **cond,
     )
 
@@ -242,6 +261,8 @@ class TrainStep:
         ema, optimizer: the EMA copy and the optimizer over the model's parameters that require
             gradients (all of them, or the LoRA adapters).
         perceptual_loss: stage 2's loss, None for stage 1.
+        model_guidance: the guided target of --objective model_guidance (its guide is `ema`),
+            None for the others.
         null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
             empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
             the data set's `null_context`), zeros when None.
@@ -264,8 +285,10 @@ class TrainStep:
         device: torch.device,
         null_context: torch.Tensor | None = None,
         stream: torch.cuda.Stream | None = None,
+        model_guidance: ModelGuidance | None = None,
     ):
         self.config = config
+        self.model_guidance = model_guidance
         # The one side stream of the capture: warm-up and capture run on it, and DDP must have
         # been built on it (`fastsp.training.assembly.assemble` does). None: `capture` makes one.
         self.stream = stream
@@ -384,6 +407,9 @@ class TrainStep:
                 "labels": labels[part] if labels is not None else None,
                 "context": context[part] if context is not None else None,
             }
+            guidance = {}  # model guidance: the null condition and the rows dropout kept
+            if self.model_guidance is not None:
+                guidance = {"null_cond": self.null_condition(micro_batch), "guided": ~drop[part]}
             # cache_enabled=False: autocast's cache of cast weights must not outlive a captured
             # region (PyTorch's CUDA-graph notes); each weight is cast once per step anyway.
             autocast = torch.autocast(
@@ -402,6 +428,8 @@ class TrainStep:
                         self.perceptual_loss,
                         micro_t_prime,
                         self.config.prediction_type,
+                        self.model_guidance,
+                        **guidance,
                     )
                 else:
                     loss = training_loss(
@@ -414,6 +442,8 @@ class TrainStep:
                         self.perceptual_loss,
                         micro_t_prime,
                         self.config.mse_weight,
+                        self.model_guidance,
+                        **guidance,
                     )
                 (loss / self.config.grad_accum).backward()
             step_loss += loss.detach().to(self.metric_dtype) / self.config.grad_accum
@@ -446,6 +476,15 @@ class TrainStep:
         self.good_steps += finite
         self.bad_in_a_row.copy_(torch.where(finite, 0, self.bad_in_a_row + 1))
         torch.maximum(self.worst_bad_in_a_row, self.bad_in_a_row, out=self.worst_bad_in_a_row)
+
+    def null_condition(self, batch: int) -> dict[str, torch.Tensor | None]:
+        """The condition CFG dropout gives `batch` dropped rows: null labels, null context."""
+        labels = context = None
+        if self.labels is not None:
+            labels = torch.full_like(self.labels[:batch], self.config.num_classes)
+        if self.context is not None:
+            context = self.null_context.expand(batch, *self.null_context.shape)
+        return {"labels": labels, "context": context}
 
     def update_ema(self) -> None:
         """ema <- ema + ema_step_weight (model - ema), on the fused foreach path (see __init__).

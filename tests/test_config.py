@@ -212,7 +212,11 @@ TRAIN_BAD: dict[str, list[dict]] = {
         {"diffusion": "flow", "flow_logit_std": -1.0},
         {"flow_logit_std": 2.0},
     ],
-    "objective": [{"objective": "lpips"}],
+    "objective": [
+        {"objective": "lpips"},
+        {"objective": "model_guidance", "cond": "none"},  # guides with the null condition
+        {"objective": "model_guidance", "label_dropout": 0.0},  # which CFG dropout trains
+    ],
     "init": [{"init": None}, {"objective": "self_perceptual", "init": ""}],
     "perceptual_checkpoint": [
         {"perceptual_checkpoint": 3},
@@ -243,6 +247,16 @@ TRAIN_BAD: dict[str, list[dict]] = {
         {"train_step": "reference", "predicted_noise": "eps"},
     ],
     "distance": [{"distance": "cosine"}],
+    "perceptual_norm": [
+        {"perceptual_norm": "layer"},
+        {"perceptual_norm": "energy"},  # normalises a loss that --objective mse does not have
+    ],
+    "mg_scale": [
+        {"objective": "model_guidance", "mg_scale": 1.0},  # w >= 1: no fixed point
+        {"objective": "model_guidance", "mg_scale": NAN},
+        {"mg_scale": 0.3},  # an option of model guidance, given to an MSE run
+    ],
+    "mg_t_max": [{"objective": "model_guidance", "mg_t_max": 1.5}, {"mg_t_max": 1.0}],
     "mse_weight": [{"mse_weight": -0.1}, {"mse_weight": INF}],
     "lora_rank": [{"lora_rank": -1}, {"lora_rank": 2.0}],
     "lora_alpha": [{"lora_alpha": -1.0}, {"lora_alpha": NAN}],
@@ -360,6 +374,9 @@ def test_the_exempt_fields_are_exactly_those_without_a_case():
         {"perceptual_layers": "mid:1,down1:0.5", "init": "runs/a", "objective": "self_perceptual"},
         {"perceptual_on_t": "0,999", "init": "runs/a", "objective": "self_perceptual"},
         {"perceptual_on_t": "500,500", "init": "runs/a", "objective": "self_perceptual"},
+        {"perceptual_norm": "energy", "init": "runs/a", "objective": "self_perceptual"},
+        {"objective": "model_guidance", "mg_scale": 0.0, "mg_t_max": 0.0},
+        {"objective": "model_guidance", "mg_scale": 0.99, "mg_t_max": 1.0, "cond": "context"},
     ],
 )
 def test_boundary_values_are_accepted(overrides):

@@ -207,3 +207,26 @@ def test_a_lora_dry_run_holds_no_frozen_copy_and_no_full_optimizer_state(tmp_pat
     for objective in ("self_perceptual", "mse"):
         state = figures["steps"][objective]["state_bytes"]
         assert 4 * weights < state < 1.2 * 4 * weights, objective
+
+
+@pytest.mark.slow
+def test_model_guidance_and_a_normalised_loss_dry_run_beside_the_other_objectives(tmp_path):
+    # Model guidance adds one forward of batch 2B without gradient (the EMA's conditional and
+    # unconditional predictions): three times the MSE step's forward convolutions, the same
+    # backward. Each objective's own options (--mg-scale, --perceptual-norm, --perceptual-on-t)
+    # are reset for the other objectives' steps, which would refuse them.
+    out = tmp_path / "mg.json"
+    args = ["-m", "fastsp.dryrun", "--preset", "tiny", "--diffusion", "flow"]
+    result = _run([*args, "--objective", "model_guidance", "--mg-scale", "0.3", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    mg, mse = figures["steps"]["model_guidance"], figures["steps"]["mse"]
+    assert mg["flops_by_op"]["convolution"] == 3 * mse["flops_by_op"]["convolution"]
+    assert mg["flops_by_op"]["convolution_backward"] == mse["flops_by_op"]["convolution_backward"]
+    assert mg["graph"] == [] and mg["host_syncs"] == 0  # the guided step would be captured
+
+    sp_options = ["--perceptual-norm", "energy", "--perceptual-on-t", "0,699", "--init", "x"]
+    result = _run(["-m", "fastsp.dryrun", "--preset", "tiny", "--objective", "self_perceptual"]
+                  + sp_options + ["--json", str(out)])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["steps"]["self_perceptual"]["graph"] == []

@@ -27,6 +27,7 @@ from fastsp.attention import describe_backend as describe_attention
 from fastsp.config import DiTConfig, TrainConfig, UNetConfig
 from fastsp.errors import ConfigError
 from fastsp.feature_loss import feature_mse_backend
+from fastsp.model_guidance import ModelGuidance
 from fastsp.models import build_model
 from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep
@@ -165,6 +166,7 @@ def assemble(
         # CFG dropout's context: the empty prompt's embedding of fastsp.prepare's shards
         null_context=getattr(dataset, "null_context", None),
         stream=stream,
+        model_guidance=build_model_guidance(plan, ema),
     )
     backends = {
         "attention": attention_backend,
@@ -234,9 +236,19 @@ def build_perceptual_loss(
             batched_branches=cfg.batched_branches,
             perceptual_on_t=cfg.perceptual_on_t,
             perceptual_context=context,
+            feature_norm=cfg.perceptual_norm,
         )
     except ValueError as error:  # e.g. a tap name the model does not have
         raise ConfigError(f"--perceptual-layers: {error}") from None
+
+
+def build_model_guidance(plan: Plan, ema: torch.nn.Module) -> ModelGuidance | None:
+    """Model guidance's guided target (--objective model_guidance), guided by the online
+    model's EMA as the authors' code is (fastsp.model_guidance)."""
+    cfg = plan.cfg
+    if cfg.objective != "model_guidance":
+        return None
+    return ModelGuidance(ema, plan.schedule.num_timesteps, cfg.mg_scale, cfg.mg_t_max)
 
 
 def build_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:

@@ -44,8 +44,15 @@ def start_outputs(run: Run, config_text: str) -> MetricsWriter | None:
             if cfg.perceptual_source == "ema"
             else (cfg.perceptual_checkpoint or cfg.init)
         )
+        norm = "" if cfg.perceptual_norm == "none" else f" ({cfg.perceptual_norm}-normalised)"
         print(
-            f"objective: self-perceptual at {cfg.perceptual_layers}, perceptual network: {source}"
+            f"objective: self-perceptual at {cfg.perceptual_layers}{norm}, perceptual network: "
+            f"{source}"
+        )
+    if cfg.objective == "model_guidance":
+        print(
+            f"objective: model guidance, w = {cfg.mg_scale} where t / T <= {cfg.mg_t_max}, "
+            "guided by the EMA"
         )
     params = sum(p.numel() for p in run.model.parameters())
     print(
