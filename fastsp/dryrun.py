@@ -62,7 +62,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch._prims_common import is_non_overlapping_and_dense_or_false  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import (  # noqa: E402
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+)
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -70,6 +73,12 @@ from fastsp import config_cli, dist  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
+from fastsp.dryrun_parallel import (  # noqa: E402
+    check_world_size,
+    fake_ranks,
+    pop_world_size,
+    storage_resizes,
+)
 from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
 from fastsp.roofline import GPUS, Roofline, predict, report_lines  # noqa: E402
 from fastsp.run_folder import check_output_file  # noqa: E402
@@ -320,31 +329,46 @@ class FlashSDPA(TorchFunctionMode):
 
 class LiveMemory(TorchDispatchMode):
     """The bytes of CUDA tensor storages alive, and their peak: every op's outputs are counted
-    once per storage (views share theirs) until the storage is freed."""
+    once per storage (views share theirs) until the storage is freed or resized (`resized`).
+    A tensor subclass (FSDP2's DTensor) counts the storages of the tensors it wraps: its own
+    ops on them run below this mode, unseen."""
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._counted: set[int] = set()
+        self._bytes: dict[int, int] = {}  # each counted storage's size
 
     def reset_peak(self) -> None:
         self.peak = self.live
 
-    def _freed(self, key: int, nbytes: int) -> None:
-        self._counted.discard(key)
-        self.live -= nbytes
+    def _freed(self, key: int) -> None:
+        self.live -= self._bytes.pop(key)
+
+    def resized(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        if storage._cdata in self._bytes:
+            self.live += nbytes - self._bytes[storage._cdata]
+            self._bytes[storage._cdata] = nbytes
+            self.peak = max(self.peak, self.live)
+
+    def _count(self, t) -> None:
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                self._count(getattr(t, name))
+        elif (
+            isinstance(t, torch.Tensor)
+            and t.is_cuda
+            and t.untyped_storage()._cdata not in self._bytes
+        ):
+            storage = t.untyped_storage()
+            self._bytes[storage._cdata] = storage.nbytes()
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._freed, storage._cdata)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self._counted:
-                    self._counted.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+            self._count(t)
         self.peak = max(self.peak, self.live)
         return out
 
@@ -378,12 +402,14 @@ def dry_configs(argv: list[str] | None):
     return config_cli.parse_args(argv, command)
 
 
-def dry_plan(cfg, model_cfg) -> Plan:
-    """The plan of one process on CUDA (fastsp.training.plan.plan_run, every refusal of a run)
-    with one synthetic data set of the configured shape (--channels, --resolution,
+def dry_plan(cfg, model_cfg, world_size: int = 1) -> Plan:
+    """The plan of rank 0 of `world_size` on CUDA (fastsp.training.plan.plan_run, every refusal
+    of a run) with one synthetic data set of the configured shape (--channels, --resolution,
     --context-len), and no weights, checkpoints or run folder read."""
     synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto", device="auto")
-    return plan_run(synthetic, model_cfg, world_size=1, device_type="cuda", read_sources=False)
+    return plan_run(
+        synthetic, model_cfg, world_size=world_size, device_type="cuda", read_sources=False
+    )
 
 
 def build_step(plan: Plan, step_class: type[TrainStep] = TrainStep):
@@ -391,10 +417,12 @@ def build_step(plan: Plan, step_class: type[TrainStep] = TrainStep):
     (fastsp.training.assembly.assemble), its networks built on the meta device and materialised
     on fake CUDA with random weights, and the data set's first batch. Call inside
     FakeTensorMode."""
-    run = assemble(plan, dist.DistInfo(0, 1, 0, DEVICE), on_meta=True, step_class=step_class)
+    info = dist.DistInfo(0, plan.world_size, 0, DEVICE)
+    run = assemble(plan, info, on_meta=True, step_class=step_class)
     with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real CPU tensors, as loaded
         cfg = plan.cfg
-        batch = next(iter(make_loader(plan.dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
+        loader = make_loader(plan.dataset, cfg.batch_size, 0, plan.world_size, cfg.seed)
+        batch = next(iter(loader))  # rank 0's
     return run, batch
 
 
@@ -413,21 +441,25 @@ def _fault_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}{where}"
 
 
-def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
+def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size: int = 1) -> dict:
     """Build the step of (cfg, model_cfg) on fake CUDA and run it twice, as a run does before
     capture (the first step fills the schedule's device tables and creates the optimizer's
-    state); the second is measured. Returns its figures.
+    state); the second is measured, as rank 0 of `world_size` (fastsp.dryrun_parallel: the
+    caller's fake process group). Returns its figures.
 
     What the step's ops raise on fake CUDA (a RuntimeError: a device or dtype mismatch, a host
     read) is a fault a GPU would raise: DryRunFault. Anything else (building the step, or an
     exception of another kind) is a bug of fastsp and propagates as it is."""
-    plan = dry_plan(cfg, model_cfg)  # outside the fake mode: the schedule branches on values
+    plan = dry_plan(
+        cfg, model_cfg, world_size
+    )  # outside the fake mode: the schedule branches on values
     memory = LiveMemory()
     checks = StepChecks()
     checks.captured = plan.graph.captured
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
     started = time.perf_counter()
-    with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
+    resizes = storage_resizes(memory.resized)  # FSDP2 frees unsharded blocks by resizing
+    with cuda_autocast_on(), fake, memory, resizes, checks, FlashSDPA():
         run, batch = build_step(plan, step_class)
         step = run.step
         lr, ema_weight = learning_rate(plan.cfg, 0), 1.0 - ema_decay(plan.cfg, 0)
@@ -451,10 +483,11 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
     }
     return {
         "objective": cfg.objective,
+        "world_size": world_size,
         "flops": flops.get_total_flops(),
         "flops_by_op": by_op,
         "peak_bytes": memory.peak,
-        "predicted": predict(roofline, cfg.batch_size),
+        "predicted": predict(roofline, cfg.batch_size // world_size),  # per GPU
         "state_bytes": state,
         "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
@@ -472,12 +505,13 @@ def at_mfu(flops_per_step: float, batch: int) -> dict[str, float]:
     }
 
 
-def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
-    """The dry run of `cfg`'s step and of the other objective's (for the ratio): its figures."""
+def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size: int = 1) -> dict:
+    """The dry run of `cfg`'s step and of the other objective's (for the ratio), as rank 0 of
+    `world_size`: its figures."""
     runs = {}
     for objective in (cfg.objective, *(o for o in OBJECTIVES if o != cfg.objective)):
         runs[objective] = dry_step(
-            dataclasses.replace(cfg, objective=objective), model_cfg, step_class
+            dataclasses.replace(cfg, objective=objective), model_cfg, step_class, world_size
         )
     asked = runs[cfg.objective]
     return {
@@ -485,13 +519,15 @@ def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
         "preset": cfg.preset,
         "objective": cfg.objective,
         "batch_size": cfg.batch_size,
+        "world_size": world_size,
+        "parallel": cfg.parallel,
         "resolution": cfg.resolution,
         "channels": asked["model"]["in_channels"],
         "steps": runs,
         "sp_mse_flop_ratio": runs["self_perceptual"]["flops"] / runs["mse"]["flops"],
         "mfu": MFU,
         "gpus": GPUS,
-        "images_per_s": at_mfu(asked["flops"], cfg.batch_size),
+        "images_per_s": at_mfu(asked["flops"], cfg.batch_size // world_size),  # per GPU
     }
 
 
@@ -510,6 +546,11 @@ def report(result: dict) -> str:
         f"dry run (fake CUDA, torch {result['torch']}): --preset {result['preset']}, batch "
         f"{result['batch_size']} of {result['channels']}x{side}x{side}, "
         + ("bf16 autocast" if asked["bf16"] else "fp32")
+        + (
+            f"; rank 0 of {result['world_size']} under FSDP2"
+            if result["parallel"] == "fsdp"
+            else ""
+        )
     ]
     for objective, step in result["steps"].items():
         lines.append(
@@ -552,7 +593,8 @@ def check_torch() -> None:
         )
 
 
-def run(cfg, model_cfg, json_path: str | None = None) -> None:
+def run(cfg, model_cfg, json_path: str | None = None, dry_world_size: str | None = None) -> None:
+    world_size = check_world_size(cfg.parallel, dry_world_size)
     if json_path:
         check_output_file(json_path, "--json")  # before the step is traced
     check_torch()
@@ -567,7 +609,8 @@ def run(cfg, model_cfg, json_path: str | None = None) -> None:
         if model_cfg.attention_backend in ("auto", "xformers")
         else model_cfg.attention_backend,
     )
-    result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg)
+    with fake_ranks(world_size) if cfg.parallel == "fsdp" else contextlib.nullcontext():
+        result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg, world_size=world_size)
     print(report(result))
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
@@ -583,9 +626,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         json_path = argv[at + 1]
         del argv[at : at + 2]
+    world_size = pop_world_size(argv)  # the dry run's own option too
     train_config, model_config = dry_configs(argv)
     try:
-        return run_command(run, train_config, model_config, json_path, rerun="rerun the dry run")
+        return run_command(
+            run, train_config, model_config, json_path, world_size, rerun="rerun the dry run"
+        )
     except Exception:  # noqa: BLE001 (not an expected stop, so not a fault of the step: a bug)
         traceback.print_exc()
         print(
