@@ -25,9 +25,10 @@ the other one for the ratio):
     the datasheet's FLOP/s and HBM bandwidth, summed: a floor), with the ten costliest ops.
 An error of the dry run itself (a bug in fastsp, not an op the step's GPU would refuse) prints
 its traceback and exits EXIT_INTERNAL_ERROR, never as a fault.
+With --parallel fsdp --dry-world-size N it runs rank 0 of N under FSDP2 (fastsp.dryrun_parallel).
 It cannot measure kernel time, numerics, the CUDA caching allocator's overhead above live
-tensors, DDP (it runs one process), torch.compile (the eager step runs) or xformers (SDPA's
-flash-attention op stands in: same FLOPs).
+tensors, communication, DDP (a DDP rank holds what one process does), torch.compile (the eager
+step runs) or xformers (SDPA's flash-attention op stands in: same FLOPs).
 
 How: fastsp.fake_cuda registers fake CUDA before torch is imported, which is why importing this
 module registers it in the whole process (run it as its own process; the tests do). The step is
@@ -55,17 +56,13 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-import weakref  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch._prims_common import is_non_overlapping_and_dense_or_false  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
-from torch.utils._python_dispatch import (  # noqa: E402
-    TorchDispatchMode,
-    is_traceable_wrapper_subclass,
-)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -73,12 +70,8 @@ from fastsp import config_cli, dist  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
-from fastsp.dryrun_parallel import (  # noqa: E402
-    check_world_size,
-    fake_ranks,
-    pop_world_size,
-    storage_resizes,
-)
+from fastsp.dryrun_memory import LiveMemory, storage_resizes  # noqa: E402
+from fastsp.dryrun_parallel import check_world_size, fake_ranks, pop_world_size  # noqa: E402
 from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
 from fastsp.roofline import GPUS, Roofline, predict, report_lines  # noqa: E402
 from fastsp.run_folder import check_output_file  # noqa: E402
@@ -327,52 +320,6 @@ class FlashSDPA(TorchFunctionMode):
         )[0]
 
 
-class LiveMemory(TorchDispatchMode):
-    """The bytes of CUDA tensor storages alive, and their peak: every op's outputs are counted
-    once per storage (views share theirs) until the storage is freed or resized (`resized`).
-    A tensor subclass (FSDP2's DTensor) counts the storages of the tensors it wraps: its own
-    ops on them run below this mode, unseen."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._bytes: dict[int, int] = {}  # each counted storage's size
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def _freed(self, key: int) -> None:
-        self.live -= self._bytes.pop(key)
-
-    def resized(self, storage: torch.UntypedStorage, nbytes: int) -> None:
-        if storage._cdata in self._bytes:
-            self.live += nbytes - self._bytes[storage._cdata]
-            self._bytes[storage._cdata] = nbytes
-            self.peak = max(self.peak, self.live)
-
-    def _count(self, t) -> None:
-        if is_traceable_wrapper_subclass(t):
-            for name in t.__tensor_flatten__()[0]:
-                self._count(getattr(t, name))
-        elif (
-            isinstance(t, torch.Tensor)
-            and t.is_cuda
-            and t.untyped_storage()._cdata not in self._bytes
-        ):
-            storage = t.untyped_storage()
-            self._bytes[storage._cdata] = storage.nbytes()
-            self.live += storage.nbytes()
-            weakref.finalize(storage, self._freed, storage._cdata)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            self._count(t)
-        self.peak = max(self.peak, self.live)
-        return out
-
-
 @contextlib.contextmanager
 def cuda_autocast_on():
     """torch.autocast("cuda") disables itself where torch.cuda.is_available() is False
@@ -450,9 +397,8 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size
     What the step's ops raise on fake CUDA (a RuntimeError: a device or dtype mismatch, a host
     read) is a fault a GPU would raise: DryRunFault. Anything else (building the step, or an
     exception of another kind) is a bug of fastsp and propagates as it is."""
-    plan = dry_plan(
-        cfg, model_cfg, world_size
-    )  # outside the fake mode: the schedule branches on values
+    # outside the fake mode: the schedule branches on values
+    plan = dry_plan(cfg, model_cfg, world_size)
     memory = LiveMemory()
     checks = StepChecks()
     checks.captured = plan.graph.captured
@@ -577,8 +523,8 @@ def report(result: dict) -> str:
         else f"  CUDA graph: off ({'; '.join(graph)}); host syncs per step: {asked['host_syncs']}"
     )
     lines.append(
-        "  not checked: measured kernel time, numerics, allocator overhead, DDP, torch.compile, "
-        "xformers"
+        "  not checked: measured kernel time, numerics, allocator overhead, communication, DDP, "
+        "torch.compile, xformers"
     )
     return "\n".join(lines)
 

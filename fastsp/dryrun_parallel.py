@@ -14,7 +14,7 @@ What FSDP2 needs of torch.cuda that a CPU-only torch lacks is given here (`cuda_
 streams and events order kernels on a GPU; fake tensors have no kernels to order, so they do
 nothing. When FSDP2 frees an unsharded block it keeps the buffer for the next all-gather
 (free_storage / alloc_storage in torch.distributed.fsdp._fully_shard._fsdp_param resize its
-storage to 0 bytes and back), which fastsp.dryrun.LiveMemory counts through `storage_resizes`.
+storage to 0 bytes and back), which fastsp.dryrun_memory.LiveMemory counts.
 Not counted: the bytes NCCL holds for its collectives, and the caching allocator's per-stream
 pools (memory a side stream frees is reused by the compute stream only later), which on a GPU
 raise the peak above the live tensors counted here.
@@ -23,7 +23,7 @@ raise the peak above the live tensors counted here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -128,23 +128,6 @@ def cuda_streams() -> Iterator[None]:
     finally:
         for name, original in saved.items():
             setattr(torch.cuda, name, original)
-
-
-@contextlib.contextmanager
-def storage_resizes(resized: Callable[[torch.UntypedStorage, int], None]) -> Iterator[None]:
-    """Call `resized(storage, nbytes)` before every UntypedStorage.resize_ (FSDP2 frees and
-    re-allocates its unsharded parameters that way, not through an op a dispatch mode sees)."""
-    original = torch.UntypedStorage.resize_
-
-    def resize_(storage, nbytes):
-        resized(storage, int(nbytes))
-        return original(storage, nbytes)
-
-    torch.UntypedStorage.resize_ = resize_
-    try:
-        yield
-    finally:
-        torch.UntypedStorage.resize_ = original
 
 
 @contextlib.contextmanager
