@@ -63,6 +63,16 @@ def check_launch(parallel: str) -> None:
         )
 
 
+def check_memory_format(channels_last: bool) -> None:
+    """FSDP2 shards contiguous parameters only: fully_shard raises NotImplementedError for a
+    channels_last convolution weight (torch.distributed.fsdp._fully_shard._fsdp_param)."""
+    if channels_last:
+        raise ConfigError(
+            "--parallel fsdp cannot shard channels_last weights (torch's fully_shard takes "
+            "contiguous parameters only); add --no-channels-last"
+        )
+
+
 def shard(network: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
     """`network` sharded in place over the default process group: each block, then the root,
     on a mesh of `device`'s type (FSDP2's default mesh takes torch's accelerator instead, which

@@ -81,10 +81,12 @@ def plan_run(
         raise ConfigError(
             "--device cuda was requested but torch sees no CUDA device; use --device cpu"
         )
-    if cfg.parallel == "fsdp" and world_size is None:  # the dry run's ranks are fake ones
-        from fastsp.training.parallel import check_launch
+    if cfg.parallel == "fsdp":
+        from fastsp.training.parallel import check_launch, check_memory_format
 
-        check_launch(cfg.parallel)
+        check_memory_format(cfg.channels_last)
+        if world_size is None:  # the dry run's ranks are fake ones (fastsp.dryrun_parallel)
+            check_launch(cfg.parallel)
     world_size = dist.launched_world_size() if world_size is None else world_size
     device_type = device_type or dist.pick_device(cfg.device).type
     schedule = process_from_config(cfg)
