@@ -110,24 +110,26 @@ class _Stream:
 @contextlib.contextmanager
 def cuda_streams() -> Iterator[None]:
     """The torch.cuda calls FSDP2 makes (torch.distributed.fsdp._fully_shard: its streams,
-    events and current device), which a CPU-only torch refuses, for the dry run's one fake GPU."""
+    events and current device, and torch.accelerator's current stream), which a CPU-only torch
+    refuses, for the dry run's one fake GPU."""
     default = _Stream()
-    fakes = {
-        "Stream": _Stream,
-        "Event": _Event,
-        "current_device": lambda: 0,
-        "current_stream": lambda device=None: default,
-        "stream": lambda stream: contextlib.nullcontext(),
-        "synchronize": lambda device=None: None,
-    }
-    saved = {name: getattr(torch.cuda, name) for name in fakes}
-    for name, fake in fakes.items():
-        setattr(torch.cuda, name, fake)
+    fakes = [
+        (torch.cuda, "Stream", _Stream),
+        (torch.cuda, "Event", _Event),
+        (torch.cuda, "current_device", lambda: 0),
+        (torch.cuda, "current_stream", lambda device=None: default),
+        (torch.cuda, "stream", lambda stream: contextlib.nullcontext()),
+        (torch.cuda, "synchronize", lambda device=None: None),
+        (torch.accelerator, "current_stream", lambda device=None: default),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in fakes]
+    for module, name, fake in fakes:
+        setattr(module, name, fake)
     try:
         yield
     finally:
-        for name, original in saved.items():
-            setattr(torch.cuda, name, original)
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 @contextlib.contextmanager

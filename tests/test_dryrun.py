@@ -217,7 +217,9 @@ import fastsp.dryrun as dryrun  # first: before torch
 
 tiny = ["--preset", "tiny", "--json"]
 one = dryrun.main([*tiny, sys.argv[1], "--batch-size", "2"])
-sys.exit(one or dryrun.main([*tiny, sys.argv[2], "--batch-size", "8", *sys.argv[3:]]))
+fsdp = one or dryrun.main([*tiny, sys.argv[2], "--batch-size", "8", *sys.argv[4:]])
+lora = ["--lora-rank", "4", "--objective", "self_perceptual"]
+sys.exit(fsdp or dryrun.main([*tiny, sys.argv[3], "--batch-size", "8", *lora, *sys.argv[4:]]))
 """
 
 
@@ -235,10 +237,11 @@ def test_an_fsdp2_rank_holds_its_shards_of_the_state_and_a_lower_peak(tmp_path):
     # process, each training on 2 items: what outlives a step is the state of one process with
     # every parameter of the model, the EMA, Adam's two moments (4 x 4 bytes per weight) and the
     # bf16 frozen copy (2 bytes) cut to its padded Shard(0) chunk; the rest (the step's buffers,
-    # Adam's step counts) is replicated. The peak falls: one block is gathered at a time.
-    one, sharded = tmp_path / "one.json", tmp_path / "fsdp4.json"
+    # Adam's step counts) is replicated. The peak falls: one block is gathered at a time. LoRA
+    # under FSDP2 (its adapters-off perceptual pass) runs too, holding less.
+    one, sharded, lora = tmp_path / "one.json", tmp_path / "fsdp4.json", tmp_path / "lora.json"
     fsdp = ["--parallel", "fsdp", "--dry-world-size", "4"]
-    result = _run(["-c", FSDP_SCRIPT, str(one), str(sharded), *fsdp])
+    result = _run(["-c", FSDP_SCRIPT, str(one), str(sharded), str(lora), *fsdp])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 4 under FSDP2" in result.stdout
     figures = {n: json.loads(p.read_text())["steps"] for n, p in ((1, one), (4, sharded))}
@@ -252,6 +255,8 @@ def test_an_fsdp2_rank_holds_its_shards_of_the_state_and_a_lower_peak(tmp_path):
         shards = state_bytes_per_weight * _sharded_elements(model, 4)
         assert rank0["state_bytes"] == shards + replicated, objective
         assert rank0["peak_bytes"] < 0.5 * alone["peak_bytes"], objective
+        lora_rank0 = json.loads(lora.read_text())["steps"][objective]
+        assert lora_rank0["state_bytes"] < 0.6 * rank0["state_bytes"], objective
 
 
 @pytest.mark.parametrize(
