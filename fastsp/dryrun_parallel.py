@@ -17,7 +17,8 @@ nothing. When FSDP2 frees an unsharded block it keeps the buffer for the next al
 storage to 0 bytes and back), which fastsp.dryrun_memory.LiveMemory counts.
 Not counted: the bytes NCCL holds for its collectives, and the caching allocator's per-stream
 pools (memory a side stream frees is reused by the compute stream only later), which on a GPU
-raise the peak above the live tensors counted here.
+raise the peak above the live tensors counted here. The dry run's checks (fastsp.dryrun
+StepChecks) see a DTensor's ops, not the ops it runs on its local tensors below them.
 """
 
 from __future__ import annotations
