@@ -25,9 +25,10 @@ the other one for the ratio):
     the datasheet's FLOP/s and HBM bandwidth, summed: a floor), with the ten costliest ops.
 An error of the dry run itself (a bug in fastsp, not an op the step's GPU would refuse) prints
 its traceback and exits EXIT_INTERNAL_ERROR, never as a fault.
+With --parallel fsdp --dry-world-size N it runs rank 0 of N under FSDP2 (fastsp.dryrun_parallel).
 It cannot measure kernel time, numerics, the CUDA caching allocator's overhead above live
-tensors, DDP (it runs one process), torch.compile (the eager step runs) or xformers (SDPA's
-flash-attention op stands in: same FLOPs).
+tensors, communication, DDP (a DDP rank holds what one process does), torch.compile (the eager
+step runs) or xformers (SDPA's flash-attention op stands in: same FLOPs).
 
 How: fastsp.fake_cuda registers fake CUDA before torch is imported, which is why importing this
 module registers it in the whole process (run it as its own process; the tests do). The step is
@@ -55,7 +56,6 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-import weakref  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -71,6 +71,8 @@ from fastsp.checkpoint import atomic_write_text  # noqa: E402
 from fastsp.cli import run_command  # noqa: E402
 from fastsp.config_fields import with_objective  # noqa: E402
 from fastsp.data_stream import make_loader  # noqa: E402
+from fastsp.dryrun_memory import LiveMemory, storage_resizes  # noqa: E402
+from fastsp.dryrun_parallel import check_world_size, fake_ranks, pop_world_size  # noqa: E402
 from fastsp.errors import ConfigError, DryRunFault, ExpectedStop  # noqa: E402
 from fastsp.roofline import GPUS, Roofline, predict, report_lines  # noqa: E402
 from fastsp.run_folder import check_output_file  # noqa: E402
@@ -319,37 +321,6 @@ class FlashSDPA(TorchFunctionMode):
         )[0]
 
 
-class LiveMemory(TorchDispatchMode):
-    """The bytes of CUDA tensor storages alive, and their peak: every op's outputs are counted
-    once per storage (views share theirs) until the storage is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._counted: set[int] = set()
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self._counted.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self._counted:
-                    self._counted.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._freed, key, storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
 @contextlib.contextmanager
 def cuda_autocast_on():
     """torch.autocast("cuda") disables itself where torch.cuda.is_available() is False
@@ -379,12 +350,14 @@ def dry_configs(argv: list[str] | None):
     return config_cli.parse_args(argv, command)
 
 
-def dry_plan(cfg, model_cfg) -> Plan:
-    """The plan of one process on CUDA (fastsp.training.plan.plan_run, every refusal of a run)
-    with one synthetic data set of the configured shape (--channels, --resolution,
+def dry_plan(cfg, model_cfg, world_size: int = 1) -> Plan:
+    """The plan of rank 0 of `world_size` on CUDA (fastsp.training.plan.plan_run, every refusal
+    of a run) with one synthetic data set of the configured shape (--channels, --resolution,
     --context-len), and no weights, checkpoints or run folder read."""
     synthetic = dataclasses.replace(cfg, data="synthetic", data_format="auto", device="auto")
-    return plan_run(synthetic, model_cfg, world_size=1, device_type="cuda", read_sources=False)
+    return plan_run(
+        synthetic, model_cfg, world_size=world_size, device_type="cuda", read_sources=False
+    )
 
 
 def build_step(plan: Plan, step_class: type[TrainStep] = TrainStep):
@@ -392,10 +365,12 @@ def build_step(plan: Plan, step_class: type[TrainStep] = TrainStep):
     (fastsp.training.assembly.assemble), its networks built on the meta device and materialised
     on fake CUDA with random weights, and the data set's first batch. Call inside
     FakeTensorMode."""
-    run = assemble(plan, dist.DistInfo(0, 1, 0, DEVICE), on_meta=True, step_class=step_class)
+    info = dist.DistInfo(0, plan.world_size, 0, DEVICE)
+    run = assemble(plan, info, on_meta=True, step_class=step_class)
     with torch._subclasses.fake_tensor.unset_fake_temporarily():  # real CPU tensors, as loaded
         cfg = plan.cfg
-        batch = next(iter(make_loader(plan.dataset, cfg.batch_size, 0, 1, cfg.seed, 0, 0)))
+        loader = make_loader(plan.dataset, cfg.batch_size, 0, plan.world_size, cfg.seed)
+        batch = next(iter(loader))  # rank 0's
     return run, batch
 
 
@@ -414,21 +389,24 @@ def _fault_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}{where}"
 
 
-def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
+def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size: int = 1) -> dict:
     """Build the step of (cfg, model_cfg) on fake CUDA and run it twice, as a run does before
     capture (the first step fills the schedule's device tables and creates the optimizer's
-    state); the second is measured. Returns its figures.
+    state); the second is measured, as rank 0 of `world_size` (fastsp.dryrun_parallel: the
+    caller's fake process group). Returns its figures.
 
     What the step's ops raise on fake CUDA (a RuntimeError: a device or dtype mismatch, a host
     read) is a fault a GPU would raise: DryRunFault. Anything else (building the step, or an
     exception of another kind) is a bug of fastsp and propagates as it is."""
-    plan = dry_plan(cfg, model_cfg)  # outside the fake mode: the schedule branches on values
+    # outside the fake mode: the schedule branches on values
+    plan = dry_plan(cfg, model_cfg, world_size)
     memory = LiveMemory()
     checks = StepChecks()
     checks.captured = plan.graph.captured
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
     started = time.perf_counter()
-    with cuda_autocast_on(), fake, memory, checks, FlashSDPA():
+    resizes = storage_resizes(memory.resized)  # FSDP2 frees unsharded blocks by resizing
+    with cuda_autocast_on(), fake, memory, resizes, checks, FlashSDPA():
         run, batch = build_step(plan, step_class)
         step = run.step
         lr, ema_weight = learning_rate(plan.cfg, 0), 1.0 - ema_decay(plan.cfg, 0)
@@ -452,10 +430,11 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
     }
     return {
         "objective": cfg.objective,
+        "world_size": world_size,
         "flops": flops.get_total_flops(),
         "flops_by_op": by_op,
         "peak_bytes": memory.peak,
-        "predicted": predict(roofline, cfg.batch_size),
+        "predicted": predict(roofline, cfg.batch_size // world_size),  # per GPU
         "state_bytes": state,
         "parameters": sum(p.numel() for p in step.params),
         "cpu_seconds": time.perf_counter() - started,
@@ -473,24 +452,29 @@ def at_mfu(flops_per_step: float, batch: int) -> dict[str, float]:
     }
 
 
-def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep) -> dict:
-    """The dry run of `cfg`'s step and of the other objective's (for the ratio): its figures."""
+def dry_run(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size: int = 1) -> dict:
+    """The dry run of `cfg`'s step and of the other objective's (for the ratio), as rank 0 of
+    `world_size`: its figures."""
     runs = {}
     for objective in (cfg.objective, *(o for o in OBJECTIVES if o != cfg.objective)):
-        runs[objective] = dry_step(with_objective(cfg, objective), model_cfg, step_class)
+        runs[objective] = dry_step(
+            with_objective(cfg, objective), model_cfg, step_class, world_size
+        )
     asked = runs[cfg.objective]
     return {
         "torch": torch.__version__,
         "preset": cfg.preset,
         "objective": cfg.objective,
         "batch_size": cfg.batch_size,
+        "world_size": world_size,
+        "parallel": cfg.parallel,
         "resolution": cfg.resolution,
         "channels": asked["model"]["in_channels"],
         "steps": runs,
         "sp_mse_flop_ratio": runs["self_perceptual"]["flops"] / runs["mse"]["flops"],
         "mfu": MFU,
         "gpus": GPUS,
-        "images_per_s": at_mfu(asked["flops"], cfg.batch_size),
+        "images_per_s": at_mfu(asked["flops"], cfg.batch_size // world_size),  # per GPU
     }
 
 
@@ -509,6 +493,11 @@ def report(result: dict) -> str:
         f"dry run (fake CUDA, torch {result['torch']}): --preset {result['preset']}, batch "
         f"{result['batch_size']} of {result['channels']}x{side}x{side}, "
         + ("bf16 autocast" if asked["bf16"] else "fp32")
+        + (
+            f"; rank 0 of {result['world_size']} under FSDP2"
+            if result["parallel"] == "fsdp"
+            else ""
+        )
     ]
     for objective, step in result["steps"].items():
         lines.append(
@@ -535,8 +524,8 @@ def report(result: dict) -> str:
         else f"  CUDA graph: off ({'; '.join(graph)}); host syncs per step: {asked['host_syncs']}"
     )
     lines.append(
-        "  not checked: measured kernel time, numerics, allocator overhead, DDP, torch.compile, "
-        "xformers"
+        "  not checked: measured kernel time, numerics, allocator overhead, communication, DDP, "
+        "torch.compile, xformers"
     )
     return "\n".join(lines)
 
@@ -551,7 +540,8 @@ def check_torch() -> None:
         )
 
 
-def run(cfg, model_cfg, json_path: str | None = None) -> None:
+def run(cfg, model_cfg, json_path: str | None = None, dry_world_size: str | None = None) -> None:
+    world_size = check_world_size(cfg.parallel, dry_world_size)
     if json_path:
         check_output_file(json_path, "--json")  # before the step is traced
     check_torch()
@@ -566,7 +556,8 @@ def run(cfg, model_cfg, json_path: str | None = None) -> None:
         if model_cfg.attention_backend in ("auto", "xformers")
         else model_cfg.attention_backend,
     )
-    result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg)
+    with fake_ranks(world_size) if cfg.parallel == "fsdp" else contextlib.nullcontext():
+        result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg, world_size=world_size)
     print(report(result))
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2, default=str) + "\n")
@@ -582,9 +573,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         json_path = argv[at + 1]
         del argv[at : at + 2]
+    world_size = pop_world_size(argv)  # the dry run's own option too
     train_config, model_config = dry_configs(argv)
     try:
-        return run_command(run, train_config, model_config, json_path, rerun="rerun the dry run")
+        return run_command(
+            run, train_config, model_config, json_path, world_size, rerun="rerun the dry run"
+        )
     except Exception:  # noqa: BLE001 (not an expected stop, so not a fault of the step: a bug)
         traceback.print_exc()
         print(

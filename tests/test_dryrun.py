@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import prefork
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastsp.dryrun_parallel import check_world_size, pop_world_size
+from fastsp.errors import ConfigError
 from fastsp.model_config import UNetConfig
 from fastsp.unet import UNet
 
@@ -32,7 +33,11 @@ pytestmark = [
 
 
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return prefork.run([sys.executable, *args], cwd=REPO, timeout=timeout)
+    # A fresh interpreter, not tests/prefork.py's fork: the dry run registers fake CUDA before
+    # torch is imported, and the prefork server has imported torch.
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
 
 
 def _reference_flops(model_cfg: dict, batch: int, resolution: int) -> dict[str, int]:
@@ -230,3 +235,73 @@ def test_model_guidance_and_a_normalised_loss_dry_run_beside_the_other_objective
                   + sp_options + ["--json", str(out)])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.read_text())["steps"]["self_perceptual"]["graph"] == []
+
+
+FSDP_SCRIPT = """
+import sys
+import fastsp.dryrun as dryrun  # first: before torch
+
+tiny = ["--preset", "tiny", "--json"]
+one = dryrun.main([*tiny, sys.argv[1], "--batch-size", "2"])
+fsdp = one or dryrun.main([*tiny, sys.argv[2], "--batch-size", "8", *sys.argv[4:]])
+lora = ["--lora-rank", "4", "--objective", "self_perceptual"]
+sys.exit(fsdp or dryrun.main([*tiny, sys.argv[3], "--batch-size", "8", *lora, *sys.argv[4:]]))
+"""
+
+
+def _sharded_elements(model: torch.nn.Module, world_size: int) -> int:
+    """Rank 0's elements of `model`'s parameters under FSDP2: each split along dim 0 into
+    world_size equal chunks, the last padded (torch's fully_shard, Shard(0))."""
+    return sum(
+        -(-p.shape[0] // world_size) * p[0].numel() if p.dim() else 1 for p in model.parameters()
+    )
+
+
+@pytest.mark.slow
+def test_an_fsdp2_rank_holds_its_shards_of_the_state_and_a_lower_peak(tmp_path):
+    # Rank 0 of 4 under FSDP2 (a fake process group, fastsp.dryrun_parallel) against one
+    # process, each training on 2 items: what outlives a step is the state of one process with
+    # every parameter of the model, the EMA, Adam's two moments (4 x 4 bytes per weight) and the
+    # bf16 frozen copy (2 bytes) cut to its padded Shard(0) chunk; the rest (the step's buffers,
+    # Adam's step counts) is replicated. The peak falls: one block is gathered at a time. LoRA
+    # under FSDP2 (its adapters-off perceptual pass) runs too, holding less.
+    one, sharded, lora = tmp_path / "one.json", tmp_path / "fsdp4.json", tmp_path / "lora.json"
+    fsdp = ["--parallel", "fsdp", "--dry-world-size", "4"]
+    result = _run(["-c", FSDP_SCRIPT, str(one), str(sharded), str(lora), *fsdp])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 4 under FSDP2" in result.stdout
+    figures = {n: json.loads(p.read_text())["steps"] for n, p in ((1, one), (4, sharded))}
+    model = UNet(UNetConfig(**figures[1]["mse"]["model"]))
+    weights = sum(p.numel() for p in model.parameters())
+    for objective, state_bytes_per_weight in (("mse", 16), ("self_perceptual", 18)):
+        alone, rank0 = figures[1][objective], figures[4][objective]
+        assert rank0["world_size"] == 4 and alone["parameters"] == rank0["parameters"]
+        replicated = alone["state_bytes"] - state_bytes_per_weight * weights
+        assert 0 < replicated < 0.01 * alone["state_bytes"], objective
+        shards = state_bytes_per_weight * _sharded_elements(model, 4)
+        assert rank0["state_bytes"] == shards + replicated, objective
+        assert rank0["peak_bytes"] < 0.5 * alone["peak_bytes"], objective
+        lora_rank0 = json.loads(lora.read_text())["steps"][objective]
+        assert lora_rank0["state_bytes"] < 0.6 * rank0["state_bytes"], objective
+
+
+@pytest.mark.parametrize(
+    "parallel, value, refusal",
+    [
+        ("ddp", "8", "--dry-world-size is the number of GPUs FSDP2 shards over"),
+        ("fsdp", None, "--parallel fsdp in the dry run needs the number of GPUs"),
+        ("fsdp", "0", "--dry-world-size '0' must be a number of GPUs, 1 or more"),
+        ("fsdp", "eight", "--dry-world-size 'eight' must be a number of GPUs"),
+    ],
+)
+def test_a_dry_world_size_that_makes_no_sense_is_refused_in_one_line(parallel, value, refusal):
+    with pytest.raises(ConfigError, match=refusal) as error:
+        check_world_size(parallel, value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_dry_world_size_is_the_dry_runs_own_option():
+    argv = ["--preset", "tiny", "--dry-world-size", "8", "--parallel", "fsdp"]
+    assert pop_world_size(argv) == "8" and argv == ["--preset", "tiny", "--parallel", "fsdp"]
+    assert pop_world_size(argv) is None
+    assert check_world_size("ddp", None) == 1 and check_world_size("fsdp", "8") == 8

@@ -20,6 +20,7 @@ from fastsp.config import TrainConfig
 from fastsp.errors import ConfigError
 from fastsp.training.graph_plan import plan_graph
 from fastsp.training.loop import train
+from fastsp.training.plan import plan_run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "fastsp" / "train.py")
@@ -77,12 +78,20 @@ def test_fsdp_mse_survives_kill_9_and_resumes_on_one_process(tmp_path):
     _assert_same_weights(final, single / "checkpoints" / "step_00000004")
 
 
+@pytest.fixture
+def stage1(build_once) -> Path:
+    """A stage-1 run of two steps, shared by the stage-2 tests (tests/conftest.py build_once)."""
+    run = build_once(
+        "fsdp_stage1",
+        lambda folder: _ok(_launch(None, [*COMMON, "--steps", "2", "--out", str(folder / "run")])),
+    )
+    return run / "run"
+
+
 @pytest.mark.slow
-def test_fsdp_self_perceptual_resumes_from_one_process_on_two(tmp_path):
+def test_fsdp_self_perceptual_resumes_from_one_process_on_two(tmp_path, stage1):
     # Stage 2 with its frozen perceptual network sharded too: one rank to step 2, two ranks
     # from there to 4, against one plain process.
-    stage1 = tmp_path / "stage1"
-    _ok(_launch(None, [*COMMON, "--steps", "2", "--out", str(stage1)]))
     stage2 = [*COMMON, "--objective", "self_perceptual", "--init", str(stage1)]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     _ok(_launch(None, [*stage2, "--steps", "4", "--out", str(single)]))
@@ -108,3 +117,35 @@ def test_cuda_graph_capture_under_fsdp_is_refused_with_the_reason():
     graph = plan_graph(TrainConfig(parallel="fsdp"), 8, "cuda")
     assert not graph.captured and "FSDP2" in graph.describe()
     assert plan_graph(TrainConfig(), 8, "cuda").captured
+
+
+@pytest.mark.slow
+def test_fsdp_lora_trains_the_adapters_one_process_trains(tmp_path, stage1):
+    # LoRA under FSDP2, self-perceptual: no frozen network to shard, the perceptual pass is the
+    # sharded online model with its adapters off (fastsp.lora.adapters_off). Two ranks train
+    # the adapters (and their EMA) one plain process trains; the base stays --init's weights.
+    lora = [*COMMON, "--objective", "self_perceptual", "--init", str(stage1), "--steps", "4"]
+    lora += ["--lora-rank", "4"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    _ok(_launch(None, [*lora, "--out", str(single)]))
+    _ok(_launch(2, [*lora, "--parallel", "fsdp", "--out", str(sharded)]))
+    backends = (sharded / "backends.json").read_text()
+    assert "FSDP2 over 2 processes" in backends and "adapters off" in backends
+    final = sharded / "checkpoints" / "step_00000004"
+    _assert_same_weights(final, single / "checkpoints" / "step_00000004")
+    init = load_file(checkpoint_lib.list_checkpoints(stage1)[-1] / "ema.safetensors")
+    for name, tensor in _weights(final, "model").items():
+        if "lora_B" in name:  # peft starts B at zero: trained, it is not
+            assert tensor.abs().max() > 0, name
+        elif "lora_" not in name:
+            assert torch.equal(tensor, init[name.replace(".base_layer.", ".")]), name
+
+
+def test_fsdp_refuses_channels_last_weights_before_anything_is_written(tmp_path):
+    # torch's fully_shard takes contiguous parameters only (the sd21 preset sets channels_last)
+    cfg, model_cfg = config_cli.parse_args(
+        [*COMMON, "--parallel", "fsdp", "--channels-last", "--out", str(tmp_path / "run")]
+    )
+    with pytest.raises(ConfigError, match="channels_last .* add --no-channels-last"):
+        plan_run(cfg, model_cfg, world_size=2, device_type="cuda", read_sources=False)
+    assert not (tmp_path / "run").exists()

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from fastsp import checkpoint as checkpoint_lib
@@ -62,15 +63,30 @@ def check_launch(parallel: str) -> None:
         )
 
 
+def check_memory_format(channels_last: bool) -> None:
+    """FSDP2 shards contiguous parameters only: fully_shard raises NotImplementedError for a
+    channels_last convolution weight (torch.distributed.fsdp._fully_shard._fsdp_param)."""
+    if channels_last:
+        raise ConfigError(
+            "--parallel fsdp cannot shard channels_last weights (torch's fully_shard takes "
+            "contiguous parameters only); add --no-channels-last"
+        )
+
+
 def shard(network: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """`network` sharded in place over the default process group: each block, then the root."""
+    """`network` sharded in place over the default process group: each block, then the root,
+    on a mesh of `device`'s type (FSDP2's default mesh takes torch's accelerator instead, which
+    is CUDA for a --device cpu run on a GPU machine)."""
+    # The mesh's table of ranks is a real tensor, also in the dry run's fake-tensor mode.
+    with torch._subclasses.fake_tensor.unset_fake_temporarily():
+        mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
     if bf16 and device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in network.modules():
         if isinstance(module, _BLOCKS):
-            fully_shard(module, mp_policy=policy)
-    return fully_shard(network, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    return fully_shard(network, mesh=mesh, mp_policy=policy)
 
 
 def _state(model, ema, optimizer) -> dict[str, Any]:

@@ -81,6 +81,12 @@ def plan_run(
         raise ConfigError(
             "--device cuda was requested but torch sees no CUDA device; use --device cpu"
         )
+    if cfg.parallel == "fsdp":
+        from fastsp.training.parallel import check_launch, check_memory_format
+
+        check_memory_format(cfg.channels_last)
+        if world_size is None:  # the dry run's ranks are fake ones (fastsp.dryrun_parallel)
+            check_launch(cfg.parallel)
     world_size = dist.launched_world_size() if world_size is None else world_size
     device_type = device_type or dist.pick_device(cfg.device).type
     schedule = process_from_config(cfg)
@@ -90,10 +96,6 @@ def plan_run(
     check_batch(cfg, world_size)
     check_optimizer(cfg, device_type)
     check_lora(cfg, model_cfg)
-    if cfg.parallel == "fsdp":
-        from fastsp.training.parallel import check_launch
-
-        check_launch(cfg.parallel)
     run_dir = Path(cfg.out)
     resume_from = init_from = perceptual_from = lora_init_from = None
     resume_lines: list[str] = []
