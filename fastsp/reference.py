@@ -45,22 +45,35 @@ def _check_prediction_type(prediction_type: str) -> None:
 
 
 def reference_mse_loss(
-    model, x0, noise, t, alphas_cumprod, labels=None, context=None, prediction_type="v"
+    model,
+    x0,
+    noise,
+    t,
+    alphas_cumprod,
+    labels=None,
+    context=None,
+    prediction_type="v",
+    **conditions,
 ) -> torch.Tensor:
-    """Stage 1 (PAPER.md): mean((f(x_t, t, c) - target)^2)."""
+    """Stage 1 (PAPER.md): mean((f(x_t, t, c) - target)^2). `conditions`: a diffusers family's
+    other inputs (pooled, time_ids), passed to every call of a network."""
     _check_prediction_type(prediction_type)
     a, s = coefficients(alphas_cumprod, t, x0.ndim)
     x_t = a * x0 + s * noise  # x_t = a_t x0 + s_t eps
     target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]  # v = a eps - s x0
-    return F.mse_loss(model(x_t, t, labels=labels, context=context), target)
+    return F.mse_loss(model(x_t, t, labels=labels, context=context, **conditions), target)
 
 
-def mid_features(perceptual, x, t, labels=None, context=None) -> torch.Tensor:
-    """Full forward of `perceptual`; returns what a forward hook on `perceptual.mid` saw."""
+def mid_features(perceptual, x, t, labels=None, context=None, **conditions) -> torch.Tensor:
+    """Full forward of `perceptual`; returns what a forward hook on `perceptual.mid` saw (a
+    diffusers family's `mid_tap`: its module and which output holds the image tokens)."""
     stored = []
-    handle = perceptual.mid.register_forward_hook(lambda module, args, out: stored.append(out))
+    module, index = perceptual.mid_tap if hasattr(perceptual, "mid_tap") else (perceptual.mid, None)
+    handle = module.register_forward_hook(
+        lambda module, args, out: stored.append(out if index is None else out[index])
+    )
     try:
-        perceptual(x, t, labels=labels, context=context)  # the full output is discarded
+        perceptual(x, t, labels=labels, context=context, **conditions)  # the output is discarded
     finally:
         handle.remove()
     return stored[0]
@@ -78,6 +91,7 @@ def reference_self_perceptual_loss(
     context=None,
     prediction_type="v",
     on_t=None,
+    **conditions,
 ) -> torch.Tensor:
     """Stage 2, PAPER.md Algorithm 1, literally. `perceptual` is frozen by the caller.
 
@@ -86,7 +100,7 @@ def reference_self_perceptual_loss(
     _check_prediction_type(prediction_type)
     a, s = coefficients(alphas_cumprod, t, x0.ndim)
     x_t = a * x0 + s * noise  # step 1: x_t = a_t x0 + s_t eps
-    out = model(x_t, t, labels=labels, context=context)  # step 2
+    out = model(x_t, t, labels=labels, context=context, **conditions)  # step 2
     if prediction_type == "v":  # x0_hat = a x_t - s v_hat, eps_hat = s x_t + a v_hat
         x0_hat, eps_hat = a * x_t - s * out, s * x_t + a * out
     elif prediction_type == "eps":  # x0_hat = (x_t - s eps_hat) / a
@@ -98,9 +112,11 @@ def reference_self_perceptual_loss(
         x0_hat, eps_hat = out, (x_t - a * out) / s
     a2, s2 = coefficients(alphas_cumprod, t_prime, x0.ndim)  # step 3: t' drawn by the caller
     with torch.no_grad():  # step 4-5, real branch: x_t'_real = a_t' x0 + s_t' eps
-        h_real = mid_features(perceptual, a2 * x0 + s2 * noise, t_prime, labels, context)
+        x_real = a2 * x0 + s2 * noise
+        h_real = mid_features(perceptual, x_real, t_prime, labels, context, **conditions)
     # step 4-5, predicted branch (with grad): x_t'_pred = a_t' x0_hat + s_t' eps_hat
-    h_pred = mid_features(perceptual, a2 * x0_hat + s2 * eps_hat, t_prime, labels, context)
+    x_pred = a2 * x0_hat + s2 * eps_hat
+    h_pred = mid_features(perceptual, x_pred, t_prime, labels, context, **conditions)
     if on_t is None:
         return F.mse_loss(h_pred, h_real)  # step 6: mean((h_pred - h_real)^2)
     # per example: the feature loss inside [low, high], the MSE loss against the target outside
@@ -118,12 +134,12 @@ def flow_sigma(t: torch.Tensor, num_timesteps: int, like: torch.Tensor) -> torch
 
 
 def reference_flow_mse_loss(
-    model, x0, noise, t, num_timesteps=1000, labels=None, context=None
+    model, x0, noise, t, num_timesteps=1000, labels=None, context=None, **conditions
 ) -> torch.Tensor:
     """Stage 1 under flow: mean((f(x_t, t, c) - (eps - x0))^2), x_t = (1 - sigma) x0 + sigma eps."""
     sigma = flow_sigma(t, num_timesteps, x0)
     x_t = (1 - sigma) * x0 + sigma * noise
-    return F.mse_loss(model(x_t, t, labels=labels, context=context), noise - x0)
+    return F.mse_loss(model(x_t, t, labels=labels, context=context, **conditions), noise - x0)
 
 
 def reference_flow_self_perceptual_loss(
@@ -137,22 +153,21 @@ def reference_flow_self_perceptual_loss(
     labels=None,
     context=None,
     on_t=None,
+    **conditions,
 ) -> torch.Tensor:
     """Stage 2 under flow (Algorithm 1 with the flow process), literally; t, t' are sigma * T."""
     sigma = flow_sigma(t, num_timesteps, x0)
     x_t = (1 - sigma) * x0 + sigma * noise
-    v_hat = model(x_t, t, labels=labels, context=context)
+    v_hat = model(x_t, t, labels=labels, context=context, **conditions)
     # x0_hat = x_t - sigma v_hat, eps_hat = x_t + (1 - sigma) v_hat
     x0_hat, eps_hat = x_t - sigma * v_hat, x_t + (1 - sigma) * v_hat
     sigma2 = flow_sigma(t_prime, num_timesteps, x0)
     with torch.no_grad():  # x_t'_real = (1 - sigma') x0 + sigma' eps
-        h_real = mid_features(
-            perceptual, (1 - sigma2) * x0 + sigma2 * noise, t_prime, labels, context
-        )
+        x_real = (1 - sigma2) * x0 + sigma2 * noise
+        h_real = mid_features(perceptual, x_real, t_prime, labels, context, **conditions)
     # x_t'_pred = (1 - sigma') x0_hat + sigma' eps_hat
-    h_pred = mid_features(
-        perceptual, (1 - sigma2) * x0_hat + sigma2 * eps_hat, t_prime, labels, context
-    )
+    x_pred = (1 - sigma2) * x0_hat + sigma2 * eps_hat
+    h_pred = mid_features(perceptual, x_pred, t_prime, labels, context, **conditions)
     if on_t is None:
         return F.mse_loss(h_pred, h_real)
     per_example_sp = F.mse_loss(h_pred, h_real, reduction="none").flatten(1).mean(1)
