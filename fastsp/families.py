@@ -43,6 +43,7 @@ from fastsp.family_config import DiffusersConfig
 _PREFIX = "denoiser."
 # A transformer block, whose output is (text tokens, image tokens)
 _BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.\d+")
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
 def denoiser_class(config: DiffusersConfig) -> type[nn.Module]:
@@ -134,6 +135,12 @@ class DiffusersDenoiser(nn.Module):
             raise ValueError(
                 f"unknown perceptual layer(s) {unknown} of the {self.config.class_name}; valid: "
                 f"mid ({self.mid_name}), or a module path such as {', '.join(blocks[:40])}"
+            )
+        containers = [n for n, p in paths.items() if isinstance(modules[p], _CONTAINERS)]
+        if containers:
+            raise ValueError(
+                f"perceptual layer(s) {containers}: a module list, which never runs itself; "
+                "tap one of its modules (e.g. transformer_blocks.3)"
             )
         return {name: (modules[path], self.output_index(path)) for name, path in paths.items()}
 
