@@ -133,6 +133,8 @@ def assemble(
     if ddp:
         online = wrap_ddp(model, device, stream)
     attention_backend = describe_attention(model_cfg.attention_backend, device)
+    if isinstance(model_cfg, DiffusersConfig):  # the module's own attention, not fastsp's
+        attention_backend = families.describe_attention(model)
     networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
     dtype = torch.bfloat16 if plan.bf16 else torch.float32  # what the attention layers see
     attention_fmha = None
