@@ -407,3 +407,18 @@ def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr.strip().splitlines()[-2 if "help" in done.stderr else -1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_bf16_step_with_a_bf16_frozen_network_is_capture_safe(family):
+    # The trainer's fast step on a GPU: bf16 autocast of the forwards, the frozen network held
+    # in bf16, the fused AdamW update; no host read anywhere, a finite loss and a real update.
+    model = _wrapped(family, dtype=torch.float32)
+    perceptual = _wrapped(family, seed=1, dtype=torch.bfloat16).eval().requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = _step(family, model, perceptual, "self_perceptual", bf16=True, label_dropout=0.2)
+    step.load({k: v.float() for k, v in _batch(family).items()}, 1, LR, 0.1)
+    with FailOnHostSync():
+        step.compute()
+    assert torch.isfinite(step.loss_sum) and step.good_steps.item() == 1
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
