@@ -422,3 +422,23 @@ def test_the_bf16_step_with_a_bf16_frozen_network_is_capture_safe(family):
         step.compute()
     assert torch.isfinite(step.loss_sum) and step.good_steps.item() == 1
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_shards_give_pooled_and_time_ids_and_refuse_a_shard_without_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fastsp.errors import DataError
+    from fastsp.latent_shards import LatentsDataset
+
+    data = write_shards("sdxl", tmp_path / "data")
+    dataset = LatentsDataset(data)
+    assert (dataset.pooled_dim, dataset.has_time_ids, dataset.family) == (8, True, None)
+    item = dataset[(1, False)]
+    shard = load_file(str(data / "00000.safetensors"))
+    assert torch.equal(item["pooled"], shard["pooled"][1])
+    assert torch.equal(item["time_ids"], shard["time_ids"][1])
+    del shard["time_ids"]
+    save_file(shard, str(data / "00000.safetensors"))
+    wrong = r"00001.safetensors' has conditions pooled \[4, 8\], time_ids \[4, 6\] but .*00000"
+    with pytest.raises(DataError, match=wrong):
+        LatentsDataset(data)
