@@ -10,11 +10,13 @@ models of each family built here (tests/family_tiny.py):
   reads nothing on the host; CFG dropout gives dropped rows the empty prompt's context AND pooled
   embedding, and keeps the time ids;
 - the trainer end to end on hand-written shards (train, checkpoint with diffusers' key names,
-  stage 2 from it), and its refusals (exit 2, nothing written).
+  stage 2 from it), DDP over two processes equal to one, and the refusals (exit 2, nothing
+  written).
 """
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -442,3 +444,34 @@ def test_shards_give_pooled_and_time_ids_and_refuse_a_shard_without_them(tmp_pat
     wrong = r"00001.safetensors' has conditions pooled \[4, 8\], time_ids \[4, 6\] but .*00000"
     with pytest.raises(DataError, match=wrong):
         LatentsDataset(data)
+
+
+@pytest.mark.slow
+def test_ddp_over_two_processes_trains_the_weights_one_process_does(tmp_path):
+    # The self-perceptual step of SD3 under DDP (gloo, 2 ranks of half the batch each) updates
+    # the diffusers module as one process on the whole batch does.
+    from safetensors.torch import load_file
+
+    pipeline = write_pipeline_folder("sd3", tmp_path / "pipeline")
+    data = write_shards("sd3", tmp_path / "data")
+    options = [*_run_options("sd3", data, "OUT"), "--init", pipeline, "--device", "cpu"]
+    options += ["--objective", "self_perceptual", "--log-every", "1"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        argv = [str(a) if a != "OUT" else str(out) for a in options]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        done = subprocess.run(
+            [sys.executable, *launcher, str(ROOT / "fastsp" / "train.py"), *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = load_file(
+            str(out / "checkpoints" / "step_00000002" / "model.safetensors")
+        )
+    assert runs[1].keys() == runs[2].keys()
+    for name in runs[1]:
+        torch.testing.assert_close(runs[2][name], runs[1][name], rtol=1e-4, atol=1e-5, msg=name)
