@@ -372,6 +372,9 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
     stage1 = tmp_path / "stage1"
     _train(*_run_options(family, data, stage1), "--init", pipeline)
     from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fastsp.checkpoint import load_model
 
     saved = json.loads((stage1 / "config.json").read_text())["model"]
     assert (saved["kind"], saved["family"]) == ("diffusers", family)
@@ -379,6 +382,10 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert keys == set(tiny_denoiser(family).state_dict())  # diffusers' own names
+    loaded = load_model(stage1)  # rebuilt from config.json: from_config + the state dict
+    assert isinstance(loaded.model, DiffusersDenoiser) and loaded.model.family == family
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    assert all(torch.equal(v, ema[k]) for k, v in loaded.model.state_dict().items())
     stage2 = tmp_path / "stage2"
     _train(*_run_options(family, data, stage2), "--init", stage1, "--objective", "self_perceptual")
     metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
