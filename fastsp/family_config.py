@@ -165,6 +165,13 @@ def diffusers_model_config(train: Any, model_overrides: dict[str, Any]) -> Diffu
         model = {k: v for k, v in saved["model"].items() if k != "kind"}
         return DiffusersConfig(**{**model, **run})
     folder = find_denoiser_folder(init) if init else None
+    index = (_read_json(Path(init) / "model_index.json") if init else None) or {}
+    parts = [part for part in _PIPELINE_SUBFOLDERS if part in index]
+    if folder is None and parts:
+        raise ConfigError(
+            f"{init} is a pipeline folder whose model_index.json lists {parts[0]}/, but "
+            f"{Path(init) / parts[0] / 'config.json'} is missing or unreadable: download that part"
+        )
     if folder is None:
         raise ConfigError(
             f"--model diffusers needs --init a diffusers model folder (config.json), a pipeline "

@@ -398,6 +398,8 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
         ("wrong process", "is a sd3 model, trained under --diffusion flow"),
         pytest.param("missing tap", "unknown perceptual layer", marks=pytest.mark.slow),
         ("unsupported class", "is not a denoiser fastsp trains"),
+        ("a pipeline missing its part", "lists transformer/, but"),
+        ("without --model diffusers", "holds a SD3Transformer2DModel: train it with --model"),
     ],
 )
 def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
@@ -408,6 +410,11 @@ def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
         options[options.index("--diffusion") + 1] = "ddpm"
     elif case == "missing tap":
         options += ["--objective", "self_perceptual", "--perceptual-layers", "down2"]
+    elif case == "a pipeline missing its part":
+        (pipeline / "transformer" / "config.json").unlink()
+    elif case == "without --model diffusers":
+        options.remove("--model")
+        options.remove("diffusers")
     else:
         config = json.loads((pipeline / "transformer" / "config.json").read_text())
         config["_class_name"] = "HunyuanDiT2DModel"

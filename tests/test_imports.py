@@ -37,7 +37,11 @@ _CONFIG_LEAVES = {
     "fastsp.config_fields": set(),
     "fastsp.family_config": {"fastsp.config_fields"},
     "fastsp.model_config": {"fastsp.config_fields", "fastsp.family_config"},
-    "fastsp.diffusers_unet_config": {"fastsp.config_fields", "fastsp.model_config"},
+    "fastsp.diffusers_unet_config": {
+        "fastsp.config_fields",
+        "fastsp.model_config",
+        "fastsp.family_config",
+    },
     "fastsp.config": {
         "fastsp.config_fields",
         "fastsp.model_config",
