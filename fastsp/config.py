@@ -32,6 +32,7 @@ from fastsp.config_fields import (
     FEATURE_NORMS,
     FLOW_T_SAMPLING,
     MAY_CHANGE,
+    MODEL_SOURCES,
     OBJECTIVES,
     ON_BAD_DATA,
     OPTIMIZERS,
@@ -61,6 +62,7 @@ from fastsp.config_fields import (
 )
 from fastsp.diffusers_unet_config import init_model_config
 from fastsp.errors import ConfigError
+from fastsp.family_config import diffusers_model_config
 from fastsp.model_config import MODEL_PRESETS, DiTConfig, UNetConfig, check_model_options
 
 # The bounds of --resolution and --seed (the reasons are at their checks in TrainConfig)
@@ -217,6 +219,8 @@ class TrainConfig:
     flow_t_sampling: str = added_option("uniform", "flow: the draw of t", FLOW_T_SAMPLING)
     flow_logit_mean: float = added_option(0.0, "flow: the logit-normal's mean")
     flow_logit_std: float = added_option(1.0, "flow: the logit-normal's std")
+    model: str = added_option("fastsp", "fastsp: the preset's; diffusers: --init's", MODEL_SOURCES)
+    guidance: float = added_option(1.0, "Flux's guidance value (dev: 3.5)")
     # objective (PAPER.md: stage 1 trains with mse, stage 2 with self_perceptual)
     objective: str = option(
         "mse",
@@ -450,6 +454,8 @@ class TrainConfig:
         require_choice("distance", self.distance, DISTANCES)
         require_number(self, "mse_weight", 0)
         check_objective_options(self)
+        require_choice("model", self.model, MODEL_SOURCES)
+        require_number(self, "guidance", 0)
         require_int(self, "lora_rank", 0, note=" (0: no adapters)")
         require_number(self, "lora_alpha", 0, note=" (0: the rank)")
         require_str(self, "lora_targets", "comma-separated layer names", empty_ok=True)
@@ -587,6 +593,8 @@ def resolve(
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     try:
         train = TrainConfig(**{**PRESETS[preset], **train_overrides, "preset": preset})
+        if train.model == "diffusers":  # the folder's config.json is the architecture
+            return train, diffusers_model_config(train, model_overrides)
         base = init_model_config(train.init, model_overrides) or MODEL_PRESETS[preset]
         check_model_options(preset, base, model_overrides)
         model = dataclasses.replace(base, **model_overrides)

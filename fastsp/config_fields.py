@@ -50,6 +50,7 @@ TRAIN_STEPS = ("fast", "reference")
 OBJECTIVES = ("mse", "self_perceptual", "model_guidance")
 PERCEPTUAL_SOURCES = ("frozen", "ema")
 PARALLELS = ("ddp", "fsdp")  # fastsp.training.parallel
+MODEL_SOURCES = ("fastsp", "diffusers")  # fastsp.models, fastsp.families
 
 
 # What a resume may change, declared on each TrainConfig field (`option(..., resume=...)`; a test

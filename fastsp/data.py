@@ -138,6 +138,8 @@ class SyntheticDataset(Dataset):
         context_len: int = 0,
         context_dim: int = 0,
         seed: int = 0,
+        pooled_dim: int = 0,
+        time_ids: bool = False,
     ):
         if num_items < 1 or channels < 1 or resolution < 1 or num_classes < 0:
             raise ValueError(
@@ -155,6 +157,9 @@ class SyntheticDataset(Dataset):
         self.num_classes = num_classes
         self.has_context = context_len > 0
         self.context_shape = (context_len, context_dim) if self.has_context else None
+        # a diffusers family's other conditions (fastsp.families): random pooled embeddings, and
+        # SDXL's time ids of an uncropped square image 8x the latent side
+        self.pooled_dim, self.has_time_ids = pooled_dim, time_ids
         self.seed = seed
 
     def __len__(self) -> int:
@@ -177,6 +182,10 @@ class SyntheticDataset(Dataset):
         }
         if self.has_context:
             item["context"] = torch.randn(self.context_shape, generator=g)
+        if self.pooled_dim:
+            item["pooled"] = torch.randn(self.pooled_dim, generator=g)
+        if self.has_time_ids:
+            item["time_ids"] = torch.tensor([8.0 * r, 8.0 * r, 0, 0, 8.0 * r, 8.0 * r])
         return item
 
 
@@ -240,6 +249,8 @@ def build_dataset(
     context_len: int = 0,
     context_dim: int = 0,
     seed: int = 0,
+    pooled_dim: int = 0,
+    time_ids: bool = False,
 ) -> Dataset:
     """The data set that `--data` names: "digits", "letters", "synthetic" or a folder.
 
@@ -247,7 +258,8 @@ def build_dataset(
     `data_format` forces one. `split` applies to digits and letters only (give a folder of
     held-out images or latents as its own `--data`); `random_flip` and `max_image_pixels` apply
     to image folders (latents never flip here); `on_bad_data` ("stop" or "skip") to folders.
-    `num_classes`, `context_len`, `context_dim` and `seed` apply to synthetic only (see
+    `num_classes`, `context_len`, `context_dim`, `seed`, `pooled_dim` and `time_ids` (a diffusers
+    family's conditions) apply to synthetic only (see
     `SyntheticDataset`): the other data sets get their classes and context from their files.
     """
     if data_format not in DATA_FORMATS:
@@ -274,6 +286,8 @@ def build_dataset(
             context_len=context_len,
             context_dim=context_dim,
             seed=seed,
+            pooled_dim=pooled_dim,
+            time_ids=time_ids,
         )
 
     path = os.fspath(data)

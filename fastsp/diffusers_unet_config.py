@@ -17,6 +17,7 @@ from typing import Any
 
 from fastsp.config_fields import is_int, is_sequence, option_flag, show_value
 from fastsp.errors import ConfigError
+from fastsp.family_config import find_denoiser_folder
 from fastsp.model_config import UNetConfig
 
 DIFFUSERS_UNET_CLASS = "UNet2DConditionModel"
@@ -256,9 +257,18 @@ def init_model_config(init: str, model_overrides: dict[str, Any]) -> UNetConfig 
     """With --init of a diffusers UNet (or pipeline) folder, the architecture is that folder's,
     and a model option that says otherwise is refused; None for any other --init."""
     folder = diffusers_unet_folder(init) if init else None
+    other = find_denoiser_folder(init) if init and folder is None else None
+    if other is not None:  # a diffusers module fastsp's own models do not hold
+        name = read_diffusers_config(other).get("_class_name")
+        raise ConfigError(f"--init {init} holds a {name}: train it with --model diffusers")
     if folder is None:
         return None
-    model = unet_config_from_diffusers(read_diffusers_config(folder))
+    try:
+        model = unet_config_from_diffusers(read_diffusers_config(folder))
+    except ConfigError as error:
+        raise ConfigError(
+            f"{error}; or train diffusers' own module with --model diffusers"
+        ) from None
     differ = {k: v for k, v in model_overrides.items() if getattr(model, k) != v}
     if differ:
         details = ", ".join(

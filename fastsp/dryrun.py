@@ -303,13 +303,14 @@ class FlashSDPA(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        q, k, v = args[:3]
-        options = dict(zip(("attn_mask", "dropout_p", "is_causal"), args[3:], strict=False))
-        options.update(kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        options = {**dict(zip(names, args, strict=False)), **kwargs}  # diffusers: keywords
+        q, k, v = options["query"], options["key"], options["value"]
+        if torch.is_autocast_enabled("cuda"):  # what autocast does to SDPA's inputs on a GPU
+            q, k, v = (x.to(torch.get_autocast_dtype("cuda")) for x in (q, k, v))
         if options.get("attn_mask") is not None or options.get("dropout_p", 0.0) != 0.0:
             return func(*args, **kwargs)
-        scale = options.get("scale")
-        causal = bool(options.get("is_causal", False))
+        scale, causal = options.get("scale"), bool(options.get("is_causal", False))
         head_dim = q.shape[-1]  # flash attention's kernels: fp16/bf16, D a multiple of 8 to 256
         if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
             return torch.ops.aten._scaled_dot_product_flash_attention(
@@ -549,13 +550,9 @@ def run(cfg, model_cfg, json_path: str | None = None, dry_world_size: str | None
         print("note: --compile is not traced by the dry run; it runs the eager step")
     if cfg.device == "cpu":
         print("note: the dry run checks the CUDA step; --device cpu is ignored")
-    model_cfg = dataclasses.replace(
-        model_cfg,
-        # xformers cannot run fake tensors; SDPA's flash op stands in (the same FLOPs)
-        attention_backend="sdpa"
-        if model_cfg.attention_backend in ("auto", "xformers")
-        else model_cfg.attention_backend,
-    )
+    backend = model_cfg.attention_backend  # xformers cannot run fake tensors; SDPA's flash op
+    backend = "sdpa" if backend in ("auto", "xformers") else backend  # stands in (same FLOPs)
+    model_cfg = dataclasses.replace(model_cfg, attention_backend=backend)
     with fake_ranks(world_size) if cfg.parallel == "fsdp" else contextlib.nullcontext():
         result = dry_run(dataclasses.replace(cfg, compile=False), model_cfg, world_size=world_size)
     print(report(result))

@@ -44,6 +44,7 @@ from fastsp.data_policy import (
     split_key,
 )
 from fastsp.errors import DataError
+from fastsp.shard_conditions import CONDITION_KEYS, read_family_conditions
 
 __all__ = [
     "EMPTY_PROMPT_FILE",
@@ -513,6 +514,14 @@ class LatentsDataset(Dataset):
                 f"{list(self.null_context.shape)} but its shards' context is "
                 f"{self.context_shape}; run python -m fastsp.prepare again into a new folder"
             )
+        # a diffusers family's conditions (fastsp.shard_conditions): pooled [P], time_ids [6]
+        found = read_family_conditions(root, self.metadata, self.shards, EMPTY_PROMPT_FILE)
+        self.family, self.pooled_dim, self.null_pooled = (
+            found.family,
+            found.pooled_dim,
+            found.null_pooled,
+        )
+        self.has_time_ids, self.conditions = found.has_time_ids, found.keys
         self._open: dict[str, dict] = {}  # per process, never pickled to workers
 
     @property
@@ -552,7 +561,8 @@ class LatentsDataset(Dataset):
                 from safetensors import safe_open
 
                 f = safe_open(path, framework="pt")
-                h = {k: f.get_slice(k) for k in ("latents", "labels", "context") if k in f.keys()}
+                names = ("latents", "labels", "context", *CONDITION_KEYS)
+                h = {k: f.get_slice(k) for k in names if k in f.keys()}
                 h["_file"] = f
             self._open[path] = h
         return h
@@ -579,4 +589,6 @@ class LatentsDataset(Dataset):
         item = {"x": x.contiguous(), "label": label.reshape(()), "bad": torch.tensor(0)}
         if self.has_context:
             item["context"] = read("context").float().contiguous()
+        for name in self.conditions:
+            item[name] = read(name).float().contiguous()
         return item

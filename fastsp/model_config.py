@@ -26,6 +26,7 @@ from fastsp.config_fields import (
     require_number,
 )
 from fastsp.errors import ConfigError
+from fastsp.family_config import DiffusersConfig
 
 
 @dataclass
@@ -282,7 +283,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 MODEL_PRESETS: dict[str, UNetConfig | DiTConfig] = {**UNET_PRESETS, **DIT_PRESETS}
 # The model kind recorded in config.json's model section ("kind"); a section without one is a UNet
 # (config.json files written before the DiT).
-MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig}
+# "diffusers": a diffusers denoiser trained in place (fastsp.family_config, fastsp.families).
+MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig, "diffusers": DiffusersConfig}
 
 
 def model_kind(model: UNetConfig | DiTConfig) -> str:

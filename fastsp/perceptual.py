@@ -108,7 +108,9 @@ class FeatureExtractor:
     """Outputs of named layers of a network, computed by a forward that stops after the deepest.
 
     `network(x, t, **cond)` must be its call. A fastsp `UNet` or `DiT` uses its tap names ("mid",
-    "down0", "block3", ...); any other module uses submodule names from `named_modules()`.
+    "down0", "block3", ...); a network with `feature_taps(layers)` (fastsp.families) says which
+    module and which of its outputs each tap is; any other module uses submodule names from
+    `named_modules()`.
     """
 
     def __init__(
@@ -121,6 +123,13 @@ class FeatureExtractor:
         self.layers = list(layers)
         self.context = context  # entered around every forward (see SelfPerceptualLoss)
         self.native = is_native(network)
+        # Which output of each hooked module is the feature: None for its first (_tensor_of)
+        self.output_index: dict[str, int | None] = dict.fromkeys(self.layers)
+        if hasattr(network, "feature_taps"):  # a diffusers family (fastsp.families) names its own
+            taps = network.feature_taps(self.layers)
+            self.modules = {name: module for name, (module, _) in taps.items()}
+            self.output_index = {name: index for name, (_, index) in taps.items()}
+            return
         valid = (
             network.tap_names if self.native else tuple(n for n, _ in network.named_modules() if n)
         )
@@ -146,8 +155,10 @@ class FeatureExtractor:
         captured: dict[str, torch.Tensor] = {}
 
         def hook_for(name):
+            index = self.output_index[name]
+
             def hook(module, inputs, output):
-                captured[name] = _tensor_of(output)
+                captured[name] = _tensor_of(output) if index is None else output[index]
                 if len(captured) == len(self.layers):  # the deepest requested layer has run
                     raise _StopForward
 

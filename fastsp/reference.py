@@ -49,36 +49,54 @@ def _check_prediction_type(prediction_type: str) -> None:
 
 
 def reference_mse_loss(
-    model, x0, noise, t, alphas_cumprod, labels=None, context=None, prediction_type="v"
+    model,
+    x0,
+    noise,
+    t,
+    alphas_cumprod,
+    labels=None,
+    context=None,
+    prediction_type="v",
+    **conditions,
 ) -> torch.Tensor:
-    """Stage 1 (PAPER.md): mean((f(x_t, t, c) - target)^2)."""
+    """Stage 1 (PAPER.md): mean((f(x_t, t, c) - target)^2). `conditions`: a diffusers family's
+    pooled embeddings and time ids (fastsp.families), passed to the model as they are."""
     _check_prediction_type(prediction_type)
     a, s = coefficients(alphas_cumprod, t, x0.ndim)
     x_t = a * x0 + s * noise  # x_t = a_t x0 + s_t eps
     target = {"v": a * noise - s * x0, "eps": noise, "x0": x0}[prediction_type]  # v = a eps - s x0
-    return F.mse_loss(model(x_t, t, labels=labels, context=context), target)
+    return F.mse_loss(model(x_t, t, labels=labels, context=context, **conditions), target)
 
 
-def mid_features(perceptual, x, t, labels=None, context=None) -> torch.Tensor:
+def mid_features(perceptual, x, t, labels=None, context=None, **conditions) -> torch.Tensor:
     """Full forward of `perceptual`; returns what a forward hook on `perceptual.mid` saw."""
-    return tapped_features(perceptual, x, t, ["mid"], labels, context)["mid"]
+    return tapped_features(perceptual, x, t, ["mid"], labels, context, **conditions)["mid"]
 
 
-def tapped_features(perceptual, x, t, names, labels=None, context=None) -> dict:
+def tapped_features(perceptual, x, t, names, labels=None, context=None, **conditions) -> dict:
     """Full forward of the UNet `perceptual`; {name: what a forward hook on that level saw}, for
     the names of its taps: "mid" is `perceptual.mid`, "down1" `perceptual.down[1]`, "up0"
-    `perceptual.up[0]`."""
+    `perceptual.up[0]`. A diffusers family's "mid" is its `mid_tap`: the module and which of its
+    outputs holds the image tokens (fastsp.families)."""
     stored = {}
     handles = []
     for name in names:
-        level = name.rstrip("0123456789")
-        module = getattr(perceptual, level)
-        if level != name:
-            module = module[int(name[len(level) :])]
-        hook = (lambda key: lambda module, args, out: stored.setdefault(key, out))(name)
+        index = None
+        if name == "mid" and hasattr(perceptual, "mid_tap"):
+            module, index = perceptual.mid_tap
+        else:
+            level = name.rstrip("0123456789")
+            module = getattr(perceptual, level)
+            if level != name:
+                module = module[int(name[len(level) :])]
+        hook = (
+            lambda key, i: (
+                lambda module, args, out: stored.setdefault(key, out if i is None else out[i])
+            )
+        )(name, index)
         handles.append(module.register_forward_hook(hook))
     try:
-        perceptual(x, t, labels=labels, context=context)  # the full output is discarded
+        perceptual(x, t, labels=labels, context=context, **conditions)  # the output is discarded
     finally:
         for handle in handles:
             handle.remove()
@@ -100,7 +118,18 @@ def feature_loss_per_example(h_pred, h_real, norm="none") -> torch.Tensor:
 
 
 def _perceptual_loss(
-    perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse_per_example
+    perceptual,
+    x_real,
+    x_pred,
+    t_prime,
+    labels,
+    context,
+    layers,
+    norm,
+    on_t,
+    t,
+    mse_per_example,
+    conditions,
 ):
     """Steps 5-6 of Algorithm 1 on the two re-noised inputs: the real branch without gradient,
     the feature loss per example summed over `layers` {name: weight} (None: the mid block, the
@@ -108,8 +137,12 @@ def _perceptual_loss(
     low <= t <= high and `mse_per_example` elsewhere (--perceptual-on-t)."""
     layers = layers or {"mid": 1.0}
     with torch.no_grad():
-        h_real = tapped_features(perceptual, x_real, t_prime, list(layers), labels, context)
-    h_pred = tapped_features(perceptual, x_pred, t_prime, list(layers), labels, context)
+        h_real = tapped_features(
+            perceptual, x_real, t_prime, list(layers), labels, context, **conditions
+        )
+    h_pred = tapped_features(
+        perceptual, x_pred, t_prime, list(layers), labels, context, **conditions
+    )
     if on_t is None and norm == "none" and list(layers) == ["mid"]:
         return layers["mid"] * F.mse_loss(h_pred["mid"], h_real["mid"])  # mean((h_pred - h_real)^2)
     per_example = sum(
@@ -135,6 +168,7 @@ def reference_self_perceptual_loss(
     on_t=None,
     layers=None,
     norm="none",
+    **conditions,
 ) -> torch.Tensor:
     """Stage 2, PAPER.md Algorithm 1, literally. `perceptual` is frozen by the caller.
 
@@ -144,7 +178,7 @@ def reference_self_perceptual_loss(
     _check_prediction_type(prediction_type)
     a, s = coefficients(alphas_cumprod, t, x0.ndim)
     x_t = a * x0 + s * noise  # step 1: x_t = a_t x0 + s_t eps
-    out = model(x_t, t, labels=labels, context=context)  # step 2
+    out = model(x_t, t, labels=labels, context=context, **conditions)  # step 2
     if prediction_type == "v":  # x0_hat = a x_t - s v_hat, eps_hat = s x_t + a v_hat
         x0_hat, eps_hat = a * x_t - s * out, s * x_t + a * out
     elif prediction_type == "eps":  # x0_hat = (x_t - s eps_hat) / a
@@ -160,7 +194,7 @@ def reference_self_perceptual_loss(
     mse = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
     x_real, x_pred = a2 * x0 + s2 * noise, a2 * x0_hat + s2 * eps_hat
     return _perceptual_loss(
-        perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse
+        perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse, conditions
     )
 
 
@@ -171,12 +205,12 @@ def flow_sigma(t: torch.Tensor, num_timesteps: int, like: torch.Tensor) -> torch
 
 
 def reference_flow_mse_loss(
-    model, x0, noise, t, num_timesteps=1000, labels=None, context=None
+    model, x0, noise, t, num_timesteps=1000, labels=None, context=None, **conditions
 ) -> torch.Tensor:
     """Stage 1 under flow: mean((f(x_t, t, c) - (eps - x0))^2), x_t = (1 - sigma) x0 + sigma eps."""
     sigma = flow_sigma(t, num_timesteps, x0)
     x_t = (1 - sigma) * x0 + sigma * noise
-    return F.mse_loss(model(x_t, t, labels=labels, context=context), noise - x0)
+    return F.mse_loss(model(x_t, t, labels=labels, context=context, **conditions), noise - x0)
 
 
 def reference_flow_self_perceptual_loss(
@@ -192,11 +226,12 @@ def reference_flow_self_perceptual_loss(
     on_t=None,
     layers=None,
     norm="none",
+    **conditions,
 ) -> torch.Tensor:
     """Stage 2 under flow (Algorithm 1 with the flow process), literally; t, t' are sigma * T."""
     sigma = flow_sigma(t, num_timesteps, x0)
     x_t = (1 - sigma) * x0 + sigma * noise
-    v_hat = model(x_t, t, labels=labels, context=context)
+    v_hat = model(x_t, t, labels=labels, context=context, **conditions)
     # x0_hat = x_t - sigma v_hat, eps_hat = x_t + (1 - sigma) v_hat
     x0_hat, eps_hat = x_t - sigma * v_hat, x_t + (1 - sigma) * v_hat
     sigma2 = flow_sigma(t_prime, num_timesteps, x0)
@@ -204,7 +239,7 @@ def reference_flow_self_perceptual_loss(
     x_real, x_pred = (1 - sigma2) * x0 + sigma2 * noise, (1 - sigma2) * x0_hat + sigma2 * eps_hat
     mse = F.mse_loss(v_hat, noise - x0, reduction="none").flatten(1).mean(1)
     return _perceptual_loss(
-        perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse
+        perceptual, x_real, x_pred, t_prime, labels, context, layers, norm, on_t, t, mse, conditions
     )
 
 

@@ -54,13 +54,16 @@ def generate(
     seed: int = 0,
     device: torch.device | str = "cpu",
     null_context: torch.Tensor | None = None,
+    conditions: dict[str, torch.Tensor] | None = None,
+    null_pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`num` samples [num, *shape] in [-1, 1], for `labels` [num] and/or `context` [num, L, D].
+    """`num` samples [num, *shape] in [-1, 1], for `labels` [num] and/or `context` [num, L, D]
+    (and a diffusers family's `conditions`: pooled [num, P], time_ids [num, 6]).
 
     Guidance (guidance_scale != 1) contrasts the given labels / context with the null label /
     `null_context` ([L, D], [1, L, D] or [num, L, D]: the empty or negative prompt's embedding;
-    default a zero context). The starting noise comes from a CPU generator seeded with `seed`, so
-    a grid is the same on every device.
+    default a zero context; `null_pooled` [P] likewise). The starting noise comes from a CPU
+    generator seeded with `seed`, so a grid is the same on every device.
     """
     check_guidance(guidance_scale, conditional=labels is not None or context is not None)
     noise = torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -72,11 +75,21 @@ def generate(
     elif context is not None:
         null_context = torch.zeros_like(context)
 
+    conditions = {name: value.to(device) for name, value in (conditions or {}).items()}
+    null_conditions = dict(conditions)  # time ids stay; the pooled embedding is the null one's
+    if "pooled" in conditions:
+        pooled = conditions["pooled"]
+        null_conditions["pooled"] = (
+            torch.zeros_like(pooled)
+            if null_pooled is None
+            else null_pooled.to(device, pooled.dtype).expand_as(pooled)
+        )
+
     def model_fn(x, t):
-        return model(x, t, labels=labels, context=context).float()
+        return model(x, t, labels=labels, context=context, **conditions).float()
 
     def uncond_model_fn(x, t):
-        return model(x, t, labels=null_labels, context=null_context).float()
+        return model(x, t, labels=null_labels, context=null_context, **null_conditions).float()
 
     images = schedule.sample(  # the process's sampler: DDIM/Euler, or flow's Euler
         model_fn,

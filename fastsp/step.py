@@ -192,6 +192,8 @@ class StepConfig:
     num_classes: int = 0  # class labels of the model (0: unconditional or context)
     context_shape: tuple[int, int] | None = None  # [L, D] of the cross-attention context
     label_dropout: float = 0.0  # CFG dropout: the null label (or the null context) this often
+    pooled_dim: int = 0  # P of a pooled prompt embedding [P] (SDXL, SD3, Flux; 0: none)
+    time_ids: bool = False  # SDXL's added time ids [6] (never dropped)
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 0.0  # max global gradient norm (0: not clipped)
     mse_weight: float = 0.0  # weight of the MSE loss added to the self-perceptual one
@@ -219,9 +221,12 @@ class StepConfig:
         rank: int,
         bf16: bool,
         context_shape: tuple[int, int] | None = None,
+        pooled_dim: int = 0,
+        time_ids: bool = False,
     ) -> StepConfig:
         """The step of a run of `cfg` (a TrainConfig) and `model_cfg` (completed from the data);
-        `context_shape` is the data set's [L, D] (None without cross-attention)."""
+        `context_shape` is the data set's [L, D] (None without cross-attention), `pooled_dim`
+        and `time_ids` its other conditions."""
         return cls(
             seed=cfg.seed,
             global_batch=cfg.batch_size,
@@ -231,6 +236,8 @@ class StepConfig:
             num_classes=model_cfg.num_classes,
             context_shape=tuple(context_shape) if context_shape else None,
             label_dropout=cfg.label_dropout,
+            pooled_dim=pooled_dim,
+            time_ids=time_ids,
             grad_accum=cfg.grad_accum,
             grad_clip=cfg.grad_clip,
             mse_weight=cfg.mse_weight,
@@ -266,6 +273,7 @@ class TrainStep:
         null_context: [L, D], what CFG dropout puts in place of a dropped item's context: the
             empty prompt's embedding for text-conditioned data (as Stable Diffusion is trained;
             the data set's `null_context`), zeros when None.
+        null_pooled: [P], the same for the pooled embedding (the data set's `null_pooled`).
         stream: the CUDA side stream of a step that will be captured (`plan_graph`), the one
             DDP was constructed on when there is DDP; warm-up and capture run on it (see
             `capture`). None for a step that runs eagerly: it runs on the current stream, and
@@ -284,6 +292,7 @@ class TrainStep:
         perceptual_loss: SelfPerceptualLoss | None,
         device: torch.device,
         null_context: torch.Tensor | None = None,
+        null_pooled: torch.Tensor | None = None,
         stream: torch.cuda.Stream | None = None,
         model_guidance: ModelGuidance | None = None,
     ):
@@ -330,6 +339,16 @@ class TrainStep:
                         f"is {list(config.context_shape)} ([L, D])"
                     )
                 self.null_context.copy_(null_context)
+        # A diffusers family's other conditions (fastsp.families), static buffers alike
+        self.pooled = self.null_pooled = self.time_ids = None
+        if config.pooled_dim:
+            pooled_shape = (local_batch, config.pooled_dim)
+            self.pooled = torch.zeros(pooled_shape, device=device, dtype=self.dtype)
+            self.null_pooled = torch.zeros(pooled_shape[1:], device=device, dtype=self.dtype)
+            if null_pooled is not None:
+                self.null_pooled.copy_(null_pooled)
+        if config.time_ids:
+            self.time_ids = torch.zeros((local_batch, 6), device=device, dtype=self.dtype)
         # Device scalars the host fills before each step: a captured graph reads them in place.
         self.lr = torch.zeros((), device=device)
         self.ema_weight = torch.zeros((), device=device, dtype=self.dtype)
@@ -392,6 +411,11 @@ class TrainStep:
             labels = torch.where(drop, self.config.num_classes, labels)
         if context is not None:  # a dropped item's context is the null context, row for row
             context = torch.where(drop[:, None, None], self.null_context, context)
+        extra = {}  # a diffusers family's: the pooled embedding dropped with the context
+        if self.pooled is not None:
+            extra["pooled"] = torch.where(drop[:, None], self.null_pooled, self.pooled)
+        if self.time_ids is not None:
+            extra["time_ids"] = self.time_ids
 
         micro_batch = self.config.local_batch // self.config.grad_accum
         step_loss = torch.zeros((), device=self.device, dtype=self.metric_dtype)
@@ -406,10 +430,12 @@ class TrainStep:
             cond = {
                 "labels": labels[part] if labels is not None else None,
                 "context": context[part] if context is not None else None,
+                **{name: value[part] for name, value in extra.items()},
             }
             guidance = {}  # model guidance: the null condition and the rows dropout kept
             if self.model_guidance is not None:
-                guidance = {"null_cond": self.null_condition(micro_batch), "guided": ~drop[part]}
+                null_cond = self.null_condition(micro_batch, cond)
+                guidance = {"null_cond": null_cond, "guided": ~drop[part]}
             # cache_enabled=False: autocast's cache of cast weights must not outlive a captured
             # region (PyTorch's CUDA-graph notes); each weight is cast once per step anyway.
             autocast = torch.autocast(
@@ -477,14 +503,17 @@ class TrainStep:
         self.bad_in_a_row.copy_(torch.where(finite, 0, self.bad_in_a_row + 1))
         torch.maximum(self.worst_bad_in_a_row, self.bad_in_a_row, out=self.worst_bad_in_a_row)
 
-    def null_condition(self, batch: int) -> dict[str, torch.Tensor | None]:
-        """The condition CFG dropout gives `batch` dropped rows: null labels, null context."""
-        labels = context = None
+    def null_condition(self, batch: int, cond: dict) -> dict[str, torch.Tensor | None]:
+        """The condition CFG dropout gives `batch` dropped rows of `cond`: null labels, null
+        context, the null pooled embedding; SDXL's time ids are never dropped."""
+        null = dict(cond, labels=None, context=None)
         if self.labels is not None:
-            labels = torch.full_like(self.labels[:batch], self.config.num_classes)
+            null["labels"] = torch.full_like(self.labels[:batch], self.config.num_classes)
         if self.context is not None:
-            context = self.null_context.expand(batch, *self.null_context.shape)
-        return {"labels": labels, "context": context}
+            null["context"] = self.null_context.expand(batch, *self.null_context.shape)
+        if self.pooled is not None:
+            null["pooled"] = self.null_pooled.expand(batch, *self.null_pooled.shape)
+        return null
 
     def update_ema(self) -> None:
         """ema <- ema + ema_step_weight (model - ema), on the fused foreach path (see __init__).
@@ -501,6 +530,9 @@ class TrainStep:
             self.labels.copy_(batch["label"], non_blocking=True)
         if self.context is not None:
             self.context.copy_(batch["context"], non_blocking=True)
+        for name, buffer in (("pooled", self.pooled), ("time_ids", self.time_ids)):
+            if buffer is not None:
+                buffer.copy_(batch[name], non_blocking=True)
         self.generator.manual_seed(step_seed(self.config.seed, step))
         if self.host_skip:
             for group in self.optimizer.param_groups:

@@ -259,6 +259,8 @@ TRAIN_BAD: dict[str, list[dict]] = {
     "mg_t_max": [{"objective": "model_guidance", "mg_t_max": 1.5}, {"mg_t_max": 1.0}],
     "mse_weight": [{"mse_weight": -0.1}, {"mse_weight": INF}],
     "lora_rank": [{"lora_rank": -1}, {"lora_rank": 2.0}],
+    "model": [{"model": "transformers"}],
+    "guidance": [{"guidance": -1.0}, {"guidance": NAN}],
     "lora_alpha": [{"lora_alpha": -1.0}, {"lora_alpha": NAN}],
     "lora_targets": [{"lora_targets": 3}],
     "lora_dropout": [{"lora_dropout": 1.0}, {"lora_dropout": -0.1}],

@@ -305,3 +305,30 @@ def test_the_dry_world_size_is_the_dry_runs_own_option():
     assert pop_world_size(argv) == "8" and argv == ["--preset", "tiny", "--parallel", "fsdp"]
     assert pop_world_size(argv) is None
     assert check_world_size("ddp", None) == 1 and check_world_size("fsdp", "8") == 8
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_diffusers_family_dry_runs_from_its_config_alone(family, tmp_path):
+    # --model diffusers on a folder with only config.json (no weight is read): the step of the
+    # module itself, capturable, holding weights, EMA and Adam's moments (16 bytes per weight)
+    # plus, for self-perceptual, the bf16 frozen copy (2 bytes per weight)
+    from family_tiny import PROCESS, TINY, conditions, tiny_denoiser
+
+    model = tiny_denoiser(family)
+    model.save_config(tmp_path / "denoiser")
+    parameters = sum(p.numel() for p in model.parameters())
+    out = tmp_path / "dryrun.json"
+    context_len = conditions(family, 1)["context"].shape[1]
+    args = ["-m", "fastsp.dryrun", "--preset", "tiny", "--model", "diffusers", "--init"]
+    args += [str(tmp_path / "denoiser"), "--diffusion", PROCESS[family], "--cond", "context"]
+    args += ["--channels", "4", "--resolution", "8", "--context-len", str(context_len)]
+    result = _run([*args, "--objective", "self_perceptual", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    mse, sp = figures["steps"]["mse"], figures["steps"]["self_perceptual"]
+    assert mse["model"]["family"] == family and mse["model"]["class_name"] == TINY[family]["cls"]
+    assert mse["parameters"] == sp["parameters"] == parameters
+    assert mse["state_bytes"] >= 16 * parameters
+    assert sp["state_bytes"] - mse["state_bytes"] >= 2 * parameters
+    assert 1.0 < figures["sp_mse_flop_ratio"] < 3.0
+    assert mse["graph"] == [] and sp["graph"] == [] and sp["host_syncs"] == 0

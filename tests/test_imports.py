@@ -35,12 +35,18 @@ _OBJECTIVE = ("fastsp.perceptual", "fastsp.feature_loss", "fastsp.kernels", "tri
 # and nothing else of fastsp but the ground floor, fastsp.errors.
 _CONFIG_LEAVES = {
     "fastsp.config_fields": set(),
-    "fastsp.model_config": {"fastsp.config_fields"},
-    "fastsp.diffusers_unet_config": {"fastsp.config_fields", "fastsp.model_config"},
+    "fastsp.family_config": {"fastsp.config_fields"},
+    "fastsp.model_config": {"fastsp.config_fields", "fastsp.family_config"},
+    "fastsp.diffusers_unet_config": {
+        "fastsp.config_fields",
+        "fastsp.model_config",
+        "fastsp.family_config",
+    },
     "fastsp.config": {
         "fastsp.config_fields",
         "fastsp.model_config",
         "fastsp.diffusers_unet_config",
+        "fastsp.family_config",
     },
     "fastsp.config_file": {"fastsp.model_config", "fastsp.config"},
     "fastsp.config_cli": {"fastsp.config_fields", "fastsp.model_config", "fastsp.config"},

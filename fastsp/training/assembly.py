@@ -22,10 +22,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from fastsp import checkpoint as checkpoint_lib
-from fastsp import diffusers_unet, dist
+from fastsp import diffusers_unet, dist, families
 from fastsp.attention import describe_backend as describe_attention
 from fastsp.config import DiTConfig, TrainConfig, UNetConfig
 from fastsp.errors import ConfigError
+from fastsp.family_config import DiffusersConfig, find_denoiser_folder
 from fastsp.feature_loss import feature_mse_backend
 from fastsp.model_guidance import ModelGuidance
 from fastsp.models import build_model
@@ -133,6 +134,8 @@ def assemble(
     if ddp:
         online = wrap_ddp(model, device, stream)
     attention_backend = describe_attention(model_cfg.attention_backend, device)
+    if isinstance(model_cfg, DiffusersConfig):  # the module's own attention, not fastsp's
+        attention_backend = families.describe_attention(model)
     networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
     dtype = torch.bfloat16 if plan.bf16 else torch.float32  # what the attention layers see
     attention_fmha = None
@@ -155,6 +158,8 @@ def assemble(
             rank=info.rank,
             bf16=plan.bf16,
             context_shape=dataset.context_shape if model_cfg.context_dim else None,
+            pooled_dim=getattr(dataset, "pooled_dim", 0),
+            time_ids=getattr(dataset, "has_time_ids", False),
         ),
         model=model,
         online=online,
@@ -165,6 +170,7 @@ def assemble(
         device=device,
         # CFG dropout's context: the empty prompt's embedding of fastsp.prepare's shards
         null_context=getattr(dataset, "null_context", None),
+        null_pooled=getattr(dataset, "null_pooled", None),
         stream=stream,
         model_guidance=build_model_guidance(plan, ema),
     )
@@ -196,9 +202,13 @@ def new_network(
     if on_meta:
         with torch.device("meta"):
             return build_model(plan.model_cfg).to(dtype, memory_format=plan.memory_format)
-    network = build_model(plan.model_cfg)
-    if source is not None:
-        diffusers_unet.load_state_into(network, source)
+    diffusers_folder = isinstance(plan.model_cfg, DiffusersConfig) and source is not None
+    if diffusers_folder and find_denoiser_folder(source) == source:
+        network = families.from_pretrained(plan.model_cfg, source)  # diffusers' own loading
+    else:
+        network = build_model(plan.model_cfg)
+        if source is not None:
+            diffusers_unet.load_state_into(network, source)
     return network.to(device, dtype, memory_format=plan.memory_format)
 
 

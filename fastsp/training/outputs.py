@@ -229,6 +229,12 @@ def write_samples(run: Run, done: int) -> None:
         if ema.config.context_dim > 0
         else None
     )
+    first = dataset[(0, False)]  # a diffusers family's other conditions, from the data too
+    conditions = {
+        name: torch.stack([dataset[(i % len(dataset), False)][name] for i in range(num)])
+        for name in ("pooled", "time_ids")
+        if name in first
+    }
     images = generate(
         ema,
         run.plan.schedule,
@@ -237,6 +243,8 @@ def write_samples(run: Run, done: int) -> None:
         labels=labels,
         context=context,
         null_context=getattr(dataset, "null_context", None),
+        conditions=conditions,
+        null_pooled=getattr(dataset, "null_pooled", None),
         num_steps=cfg.sample_steps,
         sampler=cfg.sample_sampler,
         guidance_scale=cfg.sample_cfg,

@@ -24,6 +24,13 @@ from fastsp.config import BUILTIN_DATA, DiTConfig, TrainConfig, UNetConfig
 from fastsp.data import build_dataset, describe_data
 from fastsp.diffusion import NoiseSchedule
 from fastsp.errors import ConfigError
+from fastsp.family_config import (
+    DiffusersConfig,
+    check_data,
+    check_run,
+    check_source,
+    find_denoiser_folder,
+)
 from fastsp.flow import FlowProcess, process_from_config
 from fastsp.latent_shards import LatentsDataset
 from fastsp.step import memory_format, uses_bf16
@@ -36,7 +43,8 @@ class Plan:
     """A run decided, not yet built: `plan_run` makes it, the assembly and the loop read it."""
 
     cfg: TrainConfig  # completed from the data set (its channels, its context length)
-    model_cfg: UNetConfig | DiTConfig  # completed from the data set (channels, classes, context)
+    # completed from the data set (channels, classes, context)
+    model_cfg: UNetConfig | DiTConfig | DiffusersConfig
     dataset: Any
     data_lines: tuple[str, ...]  # what the data holds, and which values are the data's own
     schedule: NoiseSchedule | FlowProcess  # the process (--diffusion)
@@ -92,6 +100,9 @@ def plan_run(
     schedule = process_from_config(cfg)
     dataset = build_data(cfg, model_cfg)
     cfg, model_cfg, data_lines = complete_from_data(cfg, model_cfg, dataset)
+    if isinstance(model_cfg, DiffusersConfig):
+        check_run(cfg, model_cfg, cfg.resolution)
+        check_data(model_cfg, getattr(dataset, "family", None), data_conditions(dataset))
     check_resolution(cfg, model_cfg)
     check_batch(cfg, world_size)
     check_optimizer(cfg, device_type)
@@ -105,20 +116,17 @@ def plan_run(
         if resume_from is not None:
             resume_lines = check_resume(resume_from, cfg, model_cfg)
         if cfg.init:
-            init_from = diffusers_unet.resolve_source(cfg.init)
-            check_same_shape(
-                init_from, model_cfg, "pass --init a checkpoint trained with these model options"
-            )
-            check_same_process(init_from, cfg, "--init")
+            fix = "pass --init a checkpoint trained with these model options"
+            init_from = resolve_source(cfg.init, cfg, model_cfg, "--init", fix)
         if cfg.objective == "self_perceptual" and cfg.perceptual_source == "frozen":
-            perceptual_from = diffusers_unet.resolve_source(cfg.perceptual_checkpoint or cfg.init)
-            check_same_shape(
-                perceptual_from,
+            perceptual_from = resolve_source(
+                cfg.perceptual_checkpoint or cfg.init,
+                cfg,
                 model_cfg,
+                "the perceptual network",
                 "the perceptual network must have the online model's shape: pass a checkpoint "
                 "of it",
             )
-            check_same_process(perceptual_from, cfg, "the perceptual network")
         if cfg.lora_init:
             lora_init_from = Path(cfg.lora_init)
             if not lora_init_from.exists():
@@ -153,6 +161,30 @@ def plan_run(
     )
 
 
+def resolve_source(path: str, cfg: TrainConfig, model_cfg, what: str, fix: str) -> Path:
+    """An --init / --perceptual-checkpoint path resolved (fastsp.diffusers_unet.resolve_source; a
+    diffusers denoiser's model or pipeline folder with --model diffusers), refused when it holds
+    a model of another shape or process."""
+    if isinstance(model_cfg, DiffusersConfig) and find_denoiser_folder(path) is not None:
+        folder = find_denoiser_folder(path)
+        check_source(folder, model_cfg)
+        return folder
+    source = diffusers_unet.resolve_source(path)
+    check_same_shape(source, model_cfg, fix)
+    check_same_process(source, cfg, what)
+    return source
+
+
+def data_conditions(dataset) -> dict[str, Any]:
+    """What a diffusers family checks the data set holds (fastsp.family_config.check_data)."""
+    return {
+        "channels": dataset.channels,
+        "context_dim": dataset.context_shape[-1] if dataset.context_shape else 0,
+        "pooled_dim": getattr(dataset, "pooled_dim", 0),
+        "time_ids": getattr(dataset, "has_time_ids", False),
+    }
+
+
 def find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue: the run folder's latest with --resume, None for a new run. A
     run folder's config.json goes through the one reader too: a hand-edited one, or one of
@@ -171,7 +203,10 @@ def find_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
 def build_data(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig):
     """The training data set, refused where it cannot feed the configured conditioning."""
     synthetic = cfg.data == "synthetic" and cfg.data_format in ("auto", "synthetic")
+    family = isinstance(model_cfg, DiffusersConfig)  # synthetic data holds what the module takes
     context_dim = model_cfg.context_dim if cfg.cond == "context" else 0
+    if family and cfg.cond == "context":
+        context_dim = model_cfg.context_width
     if synthetic and cfg.cond == "context" and context_dim == 0:
         raise ConfigError(
             "--cond context with --data synthetic needs --context-dim > 0 (e.g. 1024)"
@@ -189,6 +224,8 @@ def build_data(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig):
         context_len=cfg.context_len if context_dim else 0,
         context_dim=context_dim,
         seed=cfg.seed,
+        pooled_dim=model_cfg.pooled_dim if family else 0,
+        time_ids=family and model_cfg.uses_time_ids,
     )
     if cfg.cond == "class" and dataset.num_classes == 0:
         raise ConfigError(
@@ -279,6 +316,8 @@ def check_batch(cfg: TrainConfig, world_size: int) -> None:
 
 
 def check_resolution(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig) -> None:
+    if isinstance(model_cfg, DiffusersConfig):  # fastsp.family_config.check_run
+        return
     if isinstance(model_cfg, DiTConfig):
         if cfg.resolution % model_cfg.patch_size != 0:
             raise ConfigError(

@@ -53,8 +53,10 @@ def check_resume(
     else:
         for field in dataclasses.fields(model_cfg):
             ours, theirs = getattr(model_cfg, field.name), getattr(saved_model, field.name)
+            line = f"{config_fields.option_flag(field.name)} {show_pair(ours, theirs)}"
+            # a diffusers model's guidance and T are the run's options, said once above
             if field.name not in MODEL_MAY_CHANGE and not same_value(ours, theirs):
-                differ.append(f"{config_fields.option_flag(field.name)} {show_pair(ours, theirs)}")
+                differ += [line] if line not in differ else []
     if differ:
         raise CheckpointError(
             f"{checkpoint} cannot be resumed with other settings than it was trained with: "
