@@ -48,6 +48,7 @@ from fastsp.config_fields import (
     added_option,
     check_objective_options,
     check_process_options,
+    check_reference_step,
     option,
     parse_layers,
     parse_perceptual_on_t,
@@ -562,27 +563,8 @@ class TrainConfig:
                 "--perceptual-source frozen; drop it, or pass --perceptual-source frozen"
             )
         if self.train_step == "reference":
-            self._check_reference_step()
+            check_reference_step(self)
         refuse_eps_at_zero_terminal_snr(self.prediction_type, self.zero_terminal_snr, cli=True)
-
-    def _check_reference_step(self) -> None:
-        """The naive reference step implements only the paper's defaults (PAPER.md Algorithm 1)."""
-        paper = {
-            "perceptual_layers": "mid",
-            "predicted_noise": "eps_hat",
-            "distance": "l2",
-            "mse_weight": 0.0,
-            "precision": ("auto", "fp32"),
-            "optimizer": "adamw",
-        }
-        for name, allowed in paper.items():
-            allowed = allowed if isinstance(allowed, tuple) else (allowed,)
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"--train-step reference runs the paper's defaults in fp32 only; "
-                    f"--{name.replace('_', '-')} {getattr(self, name)!r} needs --train-step fast "
-                    f"(or pass --{name.replace('_', '-')} {allowed[-1]})"
-                )
 
 
 def resolve(

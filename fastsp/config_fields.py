@@ -356,3 +356,24 @@ def parse_perceptual_t(spec: str | tuple[int, int], num_timesteps: int) -> str |
             f"perceptual_t range {spec!r} must satisfy 0 <= LOW <= HIGH < {num_timesteps}"
         )
     return low, high
+
+
+def check_reference_step(cfg) -> None:
+    """The naive reference step (--train-step reference) implements only the paper's defaults
+    (PAPER.md Algorithm 1): any other value of `cfg` (a TrainConfig) is refused, naming it."""
+    paper = {
+        "perceptual_layers": "mid",
+        "predicted_noise": "eps_hat",
+        "distance": "l2",
+        "mse_weight": 0.0,
+        "precision": ("auto", "fp32"),
+        "optimizer": "adamw",
+    }
+    for name, allowed in paper.items():
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(
+                f"--train-step reference runs the paper's defaults in fp32 only; "
+                f"--{name.replace('_', '-')} {getattr(cfg, name)!r} needs --train-step fast "
+                f"(or pass --{name.replace('_', '-')} {allowed[-1]})"
+            )

@@ -89,11 +89,10 @@ def tapped_features(perceptual, x, t, names, labels=None, context=None, **condit
             module = getattr(perceptual, level)
             if level != name:
                 module = module[int(name[len(level) :])]
-        hook = (
-            lambda key, i: (
-                lambda module, args, out: stored.setdefault(key, out if i is None else out[i])
-            )
-        )(name, index)
+
+        def hook(module, args, out, key=name, index=index) -> None:  # None: output unchanged
+            stored.setdefault(key, out if index is None else out[index])
+
         handles.append(module.register_forward_hook(hook))
     try:
         perceptual(x, t, labels=labels, context=context, **conditions)  # the output is discarded

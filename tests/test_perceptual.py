@@ -15,8 +15,8 @@ from fastsp import config, reference
 from fastsp import train as train_cli
 from fastsp.diffusion import NoiseSchedule
 from fastsp.model_config import UNET_PRESETS
+from fastsp.objectives import training_loss
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss, parse_layers
-from fastsp.step import training_loss
 from fastsp.training.assembly import build_perceptual_loss
 from fastsp.training.plan import plan_run
 from fastsp.unet import UNet

@@ -285,7 +285,7 @@ def test_the_longest_run_of_bad_steps_is_kept_until_the_next_log():
 def test_training_loss_compiles_without_graph_breaks(objective):
     # What --compile traces: the online forward, the perceptual pass cut at the tap and the fused
     # feature loss, as one graph (fullgraph=True fails on any break), forward and backward.
-    from fastsp.step import training_loss
+    from fastsp.objectives import training_loss
 
     model, perceptual = _models()
     schedule = NoiseSchedule()
