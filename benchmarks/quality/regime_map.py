@@ -85,14 +85,34 @@ VARIANTS = (
     ("sp_down1_mid", "self_perceptual", ["--perceptual-layers", "down1:1,mid:1"]),
     # PixelGen (2026) switches perceptual losses off for the noisiest 30% of timesteps
     ("sp_on_t_0_699", "self_perceptual", ["--perceptual-on-t", "0,699"]),
+    # issue 28: features scaled by the real branch's, per channel (LPL) or by its energy
+    ("sp_norm_channel", "self_perceptual", ["--perceptual-norm", "channel"]),
+    ("sp_norm_energy", "self_perceptual", ["--perceptual-norm", "energy"]),
+    # the perceptual network of a stronger MSE model of the same architecture (the run's longest
+    # stage-1 length, `teacher_row`): its --perceptual-checkpoint is added per seed
+    ("sp_strong_teacher", "self_perceptual", []),
+    # model guidance (arXiv 2502.12154), the guidance-free competitor, scored without CFG
+    ("mg_w0_3", "model_guidance", ["--mg-scale", "0.3"]),
+    ("mg_w0_45", "model_guidance", ["--mg-scale", "0.45"]),
+    ("mg_w0_6", "model_guidance", ["--mg-scale", "0.6"]),
 )
+STRONG_TEACHER = "sp_strong_teacher"
+# Families of variants whose best (lowest mean final training-split FID) the held-out split scores,
+# each beside the best of the others (the published map's `best_sp_variant`, as before).
+FAMILIES = {
+    "normalised": ("sp_norm_channel", "sp_norm_energy"),
+    "strong teacher": (STRONG_TEACHER,),
+    "model guidance": ("mg_w0_3", "mg_w0_45", "mg_w0_6"),
+}
 METRICS = ("fid", "precision", "recall", "inception_score_analogue", "class_accuracy")
 
 # Sized by per-step rates measured with two one-thread workers on the idle 2-core CPU (batch 64,
 # 16x16: base 8 about 0.26 s per step, base 16 about 0.56 s; base 32 costs 1.4 s and 32x32 letters
 # 4x, both out of this budget) and by sampling at about 2.8 ms per image and DDIM step (base 16).
 # Letters and digits at 16x16; capacity (base 8, 16) and stage-1 length (300, 600) on letters;
-# the unconditional twin of one setting. Measured: 69.8 min with --jobs 2 (2026-12-02).
+# the unconditional twin of one setting. Measured: 69.8 min with --jobs 2 (2026-12-02), before
+# issue 28 added the normalised, strong-teacher and model-guidance variants and the 1200-step
+# teacher of base 8 (not measured since).
 FULL = dict(
     data=("digits", "letters"),
     resolution={"digits": 16, "letters": 16},
@@ -100,11 +120,17 @@ FULL = dict(
     stage1={"digits": (600,), "letters": (600,)},
     extra_stage1=(("letters", 16, 300),),  # (data, channels, stage-1 steps): more lengths
     unconditional=(("letters", 16, 300),),  # (data, channels, stage-1 steps)
+    # (data, channels, stage-1 steps, cond): lengths trained only as strong teachers (no sweep,
+    # no stage 2 of their own)
+    teachers=(("letters", 8, 1200, "class"),),
     seeds=(0, 1, 2),
     sampling_seeds=(0,),
     scales=(1.0, 1.5, 2.0, 3.0),
-    variants=("mse", "sp", "sp_plus_mse", "sp_on_t_0_699"),  # the setting of the widest gap
-    paper_variants=("mse", "sp"),  # every other setting with a real gap
+    variants=(  # the setting of the widest gap
+        *("mse", "sp", "sp_plus_mse", "sp_on_t_0_699", "sp_norm_channel", "sp_norm_energy"),
+        *(STRONG_TEACHER, "mg_w0_3", "mg_w0_45", "mg_w0_6"),
+    ),
+    paper_variants=("mse", "sp", STRONG_TEACHER),  # every other setting with a real gap
     curve_points=2,
     num=300,
     heldout_num=500,
@@ -229,8 +255,23 @@ FLOW = dict(
     stage1={"letters": (300,)},
     extra_stage1=(),
     unconditional=(),
+    teachers=(),
     variants=("mse", "sp"),
     diffusion="flow",
+)
+# Issue 28's strong-teacher test: the FULL map's setting of the widest guidance gap (letters, base
+# 8, 600 steps), one seed; stage 2 with the paper's loss and with the perceptual network of the
+# same run trained on to 1200 steps, beside MSE continued.
+STRONG_TEACHER_TEST = dict(
+    FULL,
+    data=("letters",),
+    channels={"letters": (8,)},
+    extra_stage1=(),
+    unconditional=(),
+    teachers=(("letters", 8, 1200, "class"),),
+    seeds=(0,),
+    variants=("mse", "sp", STRONG_TEACHER),
+    paper_variants=("mse", "sp", STRONG_TEACHER),
 )
 
 
@@ -394,6 +435,50 @@ def stage2_row(rows: Path, work: Path, setting: dict, seed: int, variant, stage1
     return obtain(rows / "stage2" / f"{setting['name']}_{name}_seed{seed}.json", compute)
 
 
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two settings share one stage-1 run (they differ at most in its length)."""
+    return all(a[k] == b[k] for k in ("data", "resolution", "channels", "cond"))
+
+
+def teacher_row(rows: Path, work: Path, setting: dict, seed: int, plan: dict) -> dict | None:
+    """The strong teacher of `setting` for one seed: the final checkpoint (its EMA is the
+    perceptual network) of the longest length of the same stage-1 run, a longer setting's stage-1
+    row or a length of plan['teachers'], trained on once every setting of the run is done.
+    {"absent": why} where the run is no longer than `setting`; None while pending."""
+    longer = [o for o in settings(plan) if same_run(o, setting) and o["stage1"] > setting["stage1"]]
+    lengths = [
+        steps
+        for data, channels, steps, cond in plan.get("teachers", ())
+        if (data, channels, cond) == (setting["data"], setting["channels"], setting["cond"])
+        and steps > max([setting["stage1"], *(o["stage1"] for o in longer)])
+    ]
+    if not lengths:
+        if not longer:
+            return {"absent": "no longer stage-1 run of this setting"}
+        return stage1_row(rows, work, max(longer, key=lambda o: o["stage1"]), seed, plan)
+    run = [setting, *longer]
+    if any(read_row(rows / "stage1" / f"{o['name']}_seed{seed}.json") is None for o in run):
+        return None  # the run passes through their lengths first
+    s, steps = setting, max(lengths)
+    name = setting_name(s["data"], s["channels"], steps, s["cond"], s["resolution"])
+
+    def compute() -> dict:
+        start = time.perf_counter()
+        argv = [
+            *common(s["data"], s["resolution"], s["channels"], s["cond"], seed, plan),
+            *("--steps", str(steps), "--checkpoint-every", "0"),
+            *("--out", str(stage1_run_dir(work, s, seed))),
+        ]
+        return {
+            "teacher": name,
+            "seed": seed,
+            "checkpoint": str(train_run(argv)),
+            "train_seconds": round(time.perf_counter() - start, 1),  # from the longest setting
+        }
+
+    return obtain(rows / "teacher" / f"{name}_seed{seed}.json", compute)
+
+
 def heldout_row(rows: Path, setting: dict, seed: int, label: str, checkpoint: str, plan, **opts):
     """One final row, scored once on the held-out split."""
     tag = label.replace(", ", "_").replace(" ", "_")
@@ -462,18 +547,30 @@ def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gap: dict, na
         return dict(out, status="pending")
     if not out["compared"]:
         return dict(out, status="done")
-    variants = [v for v in VARIANTS if v[0] in names]
+    variants, out["notes"] = stage2_variants(rows, work, setting, plan, names)
+    if variants is None:
+        return dict(out, status="pending")
     stage2 = {
-        v[0]: [
-            stage2_row(rows, work, setting, seed, v, row, plan)
+        name: [
+            stage2_row(rows, work, setting, seed, (name, objective, extra[seed]), row, plan)
             for seed, row in zip(plan["seeds"], stage1, strict=True)
         ]
-        for v in variants
+        for name, objective, extra in variants
     }
     if any(None in runs for runs in stage2.values()):
         return dict(out, status="pending")
-    sp_names = [name for name in stage2 if name != "mse"]
-    best_sp = min(sp_names, key=lambda n: statistics.mean(r["train_fid"] for r in stage2[n]))
+
+    def best(candidates) -> str | None:
+        present = [n for n in candidates if n in stage2]
+        return min(
+            present, key=lambda n: statistics.mean(r["train_fid"] for r in stage2[n]), default=None
+        )
+
+    in_family = {name for members in FAMILIES.values() for name in members}
+    best_sp = best(name for name in stage2 if name != "mse" and name not in in_family)
+    best_of = {family: best(members) for family, members in FAMILIES.items()}
+    best_of = {family: name for family, name in best_of.items() if name is not None}
+    scored = [name for name in dict.fromkeys((best_sp, *best_of.values())) if name != "sp"]
     final, pending = {}, False
     for i, seed in enumerate(plan["seeds"]):
         mse = stage2["mse"][i]["checkpoint"]
@@ -481,14 +578,41 @@ def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gap: dict, na
         if setting["cond"] == "class":
             entries["MSE, best CFG"] = (mse, {"cfg": gap["best_cfg"], "cfg_rescale": CFG_RESCALE})
         entries["self-perceptual, no CFG"] = (stage2["sp"][i]["checkpoint"], {})
-        if best_sp != "sp":
-            entries[f"{best_sp}, no CFG"] = (stage2[best_sp][i]["checkpoint"], {})
+        for name in scored:
+            entries[f"{name}, no CFG"] = (stage2[name][i]["checkpoint"], {})
         for label, (checkpoint, opts) in entries.items():
             row = heldout_row(rows, setting, seed, label, checkpoint, plan, **opts)
             pending |= row is None
             final.setdefault(label, []).append(row["heldout"] if row else None)
-    out.update(stage2=stage2, best_sp_variant=best_sp, heldout=final)
+    out.update(stage2=stage2, best_sp_variant=best_sp, best_of_family=best_of, heldout=final)
     return dict(out, status="pending" if pending else "done")
+
+
+def stage2_variants(rows: Path, work: Path, setting: dict, plan: dict, names):
+    """The variants of `names` that apply to `setting`, each with its extra options per seed
+    (the strong teacher's --perceptual-checkpoint), and the table's note on each variant that is
+    absent or has a teacher; (None, notes) while a teacher is pending."""
+    variants, notes = [], {}
+    for name, objective, extra in (v for v in VARIANTS if v[0] in names):
+        per_seed = {seed: extra for seed in plan["seeds"]}
+        if objective == "model_guidance" and setting["cond"] != "class":
+            notes["model guidance"] = "absent: it needs a condition"
+            continue
+        if name == STRONG_TEACHER:
+            teachers = [teacher_row(rows, work, setting, seed, plan) for seed in plan["seeds"]]
+            if None in teachers:
+                return None, notes
+            if "absent" in teachers[0]:
+                notes["strong teacher"] = "absent: " + teachers[0]["absent"]
+                continue
+            teacher = teachers[0].get("teacher") or teachers[0]["setting"]["name"]
+            notes["strong teacher"] = f"the perceptual network is the final EMA of `{teacher}`"
+            per_seed = {
+                seed: [*extra, "--perceptual-checkpoint", row["checkpoint"]]
+                for seed, row in zip(plan["seeds"], teachers, strict=True)
+            }
+        variants.append((name, objective, per_seed))
+    return variants, notes
 
 
 def one_pass(rows: Path, work: Path, plan: dict) -> tuple[list[dict], bool]:
@@ -571,6 +695,13 @@ def heldout_lines(r: dict) -> list[str]:
         + ", ".join(f"`{name}` {value}" for name, value in curves.items())
         + ".",
         "",
+    ]
+    best_of = r.get("best_of_family", {})  # absent from the rows of maps before issue 28
+    families = [f"{family} `{name}`" for family, name in best_of.items()]
+    families += [f"{family}: {note}" for family, note in r.get("notes", {}).items()]
+    if families:
+        lines += ["Best of each family on the training split: " + "; ".join(families) + ".", ""]
+    lines += [
         "| row | FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ | share of the guidance gap "
         "recovered |",
         "|---|---|---|---|---|---|",
@@ -655,7 +786,8 @@ def figure(results: list[dict], results_dir: Path) -> bool:
     if widest["gap"] is not None:
         runs["MSE, best CFG"] = runs["MSE, no CFG"]
         guidance["MSE, best CFG"] = (widest["gap"]["best_cfg"], CFG_RESCALE)
-    for name in dict.fromkeys(("sp", widest["best_sp_variant"])):
+    best_of = widest.get("best_of_family", {}).values()
+    for name in dict.fromkeys(("sp", widest["best_sp_variant"], *best_of)):
         runs[f"{name}, no CFG"] = Path(widest["stage2"][name][0]["checkpoint"])
     num = 40 if widest["setting"]["data"] == "letters" else 50  # labels 0, 1, ... in order
     write_comparison(
@@ -669,6 +801,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 settings, 1 seed")
     parser.add_argument(
         "--flow", action="store_true", help="letters16_c16_s300_class under --diffusion flow"
+    )
+    parser.add_argument(
+        "--strong-teacher",
+        action="store_true",
+        help="issue 28's strong-teacher test: letters16_c8_s600_class, one seed",
     )
     parser.add_argument(
         "--stage2-without-real-gap",
@@ -694,10 +831,19 @@ def main() -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     torch.set_num_threads(1)
-    plan = QUICK if args.quick else FLOW if args.flow else FULL
+    if args.quick + args.flow + args.strong_teacher > 1:
+        parser.error("pass at most one of --quick, --flow and --strong-teacher")
+    plan, suffix = (
+        (QUICK, "_quick")
+        if args.quick
+        else (FLOW, "_flow")
+        if args.flow
+        else (STRONG_TEACHER_TEST, "_strong_teacher")
+        if args.strong_teacher
+        else (FULL, "")
+    )
     if args.stage2_without_real_gap:
         plan = dict(plan, stage2_without_real_gap=True)
-    suffix = "_quick" if args.quick else "_flow" if args.flow else ""
     work = Path(args.out or f"runs/regime_map{suffix}")
     results_dir = results_folder(args, suffix) if not args.worker else Path(args.results)
     rows = results_dir / "rows"
