@@ -5,6 +5,9 @@
     python benchmarks/quality/regime_map.py --flow --jobs 2    # one setting under rectified flow
     python benchmarks/quality/regime_map.py --flow --stage2-without-real-gap --jobs 2 --resume
         # stage 2 there too, though its gap is not real by the rule (labelled so)
+    python benchmarks/quality/regime_map.py --strong-teacher --stage2-without-real-gap --resume
+        # issue 28's strong-teacher test: the widest gap's setting, one seed (one seed's gap
+        # cannot be real by the rule: the 3-seed map found it real)
 
 The paper's claim (PAPER.md; issue 16) lives where MSE without guidance is unrealistic and
 guidance fixes much of it. For each setting (data set x base channels x stage-1 length x
@@ -21,34 +24,40 @@ conditioning) and each seed:
    its mean exceeds 2 standard deviations of those gaps (and 0);
 3. where the gap is real (an unconditional setting runs only where its class-conditional twin's
    gap is real), stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed,
-   data and noise: MSE continued and self-perceptual with the paper's defaults in every such
-   setting, and every other variant of `variants` too in the class-conditional setting of the
-   widest mean gap. `curve_points` checkpoints of each run are scored without CFG on the
-   training split (the FID-against-steps curve);
-4. the best self-perceptual variant is the one of lowest mean final training-split FID; then the
-   held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with the
-   best scale of step 2, the paper's self-perceptual and the best variant, without CFG. The share
-   of the guidance gap recovered is (FID_MSE - FID_SP) / (FID_MSE - FID_MSE,bestCFG) on the
-   held-out means.
+   data and noise: the variants of `paper_variants` in every such setting, those of `variants`
+   in the class-conditional setting of the widest mean gap. Besides MSE continued and the
+   paper's self-perceptual loss: its variants (timesteps, layers, MSE added), the normalised
+   features (--perceptual-norm channel, energy), the strong teacher (the perceptual network is
+   the final EMA of the longest stage-1 length of the same run and seed: a longer setting's,
+   or a length of `teachers` trained on only for this; absent, and said so, where the run has
+   none) and model guidance at three scales (class-conditional settings only). `curve_points`
+   checkpoints of each run are scored without CFG on the training split (the FID-against-steps
+   curve);
+4. the best of each family (the normalised ones, the strong teacher, model guidance, and the
+   rest: the paper's variants) is the one of lowest mean final training-split FID; then the
+   held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with
+   the best scale of step 2, the paper's self-perceptual and each family's best, without CFG.
+   The share of the guidance gap recovered is (FID_MSE - FID_row) / (FID_MSE - FID_MSE,bestCFG)
+   on the held-out means.
 
-Nothing on the held-out split chooses anything. Every result is a file of its own under
-RESULTS/rows/ written atomically (a JSON per stage-1 seed, per stage-2 run, per held-out row);
-a row whose file exists is read back, and training runs resume from their checkpoints, so an
+Nothing on the held-out split chooses anything. Every result is a file of its own (regime_rows.py)
+under RESULTS/rows/ written atomically (a JSON per stage-1 seed, teacher, stage-2 run, held-out
+row); a row whose file exists is read back, and training runs resume from their checkpoints, so an
 interrupted map continues where it stopped: rerun it with --resume. RESULTS is this map's own
-folder (default runs/regime_map[_quick]/results): a folder that already holds rows is continued
-only with --resume, and one whose files git tracks (the published results under
-benchmarks/results/) is refused, so a fresh clone computes its own map and never rewrites the
-committed one. `--jobs N` runs N one-thread workers that share the rows: a worker claims a row
-with the kernel lock of a claim file beside it (fastsp.run_folder.RunLock, the trainer's run
-lock), which goes with its worker however and wherever it ends, so a dead worker's rows are
-taken over on the next pass; a worker waiting on rows says which and whose (pid). RESULTS/table.md
-is rewritten from the row files after every pass; RESULTS/results.json holds them all at the end.
+folder (default runs/regime_map[_plan]/results, _plan: _quick, _flow, _strong_teacher): a folder
+that already holds rows is continued only with --resume, and one whose files git tracks (the
+published results under benchmarks/results/) is refused, so a fresh clone computes its own map and
+never rewrites the committed one. `--jobs N` runs N one-thread workers that share the rows: a
+worker claims a row with the kernel lock of a claim file beside it (fastsp.run_folder.RunLock, the
+trainer's run lock), which goes with its worker however and wherever it ends, so a dead worker's
+rows are taken over on the next pass; a worker waiting on rows says which and whose (pid).
+RESULTS/table.md is rewritten from the row files after every pass; RESULTS/results.json holds them
+all at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -63,13 +72,16 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastsp import checkpoint as checkpoint_lib
-from fastsp import config_cli
-from fastsp.evaluation import evaluate_checkpoint
-from fastsp.pipeline import write_comparison
-from fastsp.quality import format_gap_share, guidance_gap_share
-from fastsp.run_folder import RunLock
-from fastsp.training.loop import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # regime_rows.py, beside this file
+
+from regime_rows import obtain, read_row, results_folder, waiting_for, write_row  # noqa: E402
+
+from fastsp import checkpoint as checkpoint_lib  # noqa: E402
+from fastsp import config_cli  # noqa: E402
+from fastsp.evaluation import evaluate_checkpoint  # noqa: E402
+from fastsp.pipeline import write_comparison  # noqa: E402
+from fastsp.quality import format_gap_share, guidance_gap_share  # noqa: E402
+from fastsp.training.loop import train  # noqa: E402
 
 CFG_RESCALE = 0.7  # as benchmarks/quality/reproduce.py
 STAGE2_LR = 2e-4  # as benchmarks/quality/reproduce.py
@@ -158,92 +170,6 @@ QUICK = dict(
 
 def setting_name(data: str, channels: int, stage1: int, cond: str, resolution: int) -> str:
     return f"{data}{resolution}_c{channels}_s{stage1}_{cond}"
-
-
-def write_row(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint_lib.atomic_write_text(path, json.dumps(row, indent=2) + "\n")
-
-
-def read_row(path: Path) -> dict | None:
-    """The row's contents, or None when it is not done (missing, or unreadable: done again)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _lock_of(path: Path) -> Path:
-    return path.with_name(path.name + ".claim")
-
-
-# row -> "pid N" of the worker holding it, for rows this pass needed and could not take
-waiting_for: dict[Path, str] = {}
-
-
-def claim(path: Path) -> RunLock | None:
-    """Take the row at `path` for this worker: the kernel lock of its claim file (the trainer's
-    RunLock), which goes with its worker however it ends, on whatever host; None while another
-    worker holds it (recorded in `waiting_for`)."""
-    lock_path = _lock_of(path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock, holder = RunLock.try_acquire(lock_path)
-    if lock is None:
-        waiting_for[path] = holder
-    return lock
-
-
-def obtain(path: Path, compute) -> dict | None:
-    """The row at `path`: read back if done, else computed and written if this worker can claim
-    it (a dead worker's claim is free); None while another worker computes it."""
-    done = read_row(path)
-    if done is not None and not Path(done.get("checkpoint", ".")).exists():
-        print(f"{path} names {done['checkpoint']}, which is gone: computing the row again")
-        done = None
-    if done is not None:
-        return done
-    lock = claim(path)
-    if lock is None:
-        return None
-    try:
-        done = read_row(path)  # written between the first read and the claim
-        if done is None or not Path(done.get("checkpoint", ".")).exists():
-            done = compute()
-            write_row(path, done)
-        return done
-    finally:
-        lock.path.unlink(missing_ok=True)  # before the release: a waiter locks a new file
-        lock.release()
-
-
-def results_folder(args: argparse.Namespace, suffix: str) -> Path:
-    """Where this invocation writes its rows, table and figures: --results, by default
-    runs/regime_map[_quick]/results (never the committed benchmarks/results). A folder that
-    holds rows already is continued only with --resume (its rows are read back as this map's);
-    a folder of files git tracks (published results) is refused: the map writes into its own
-    folder, and publishing is a copy of the finished table."""
-    results = Path(args.results or f"runs/regime_map{suffix}/results")
-    try:
-        tracked = subprocess.run(
-            ["git", "ls-files", "--", str(results.resolve())],
-            capture_output=True,
-            text=True,
-            cwd=results.resolve().parent if results.parent.exists() else None,
-        )
-    except FileNotFoundError:  # no git: nothing can be tracked
-        tracked = None
-    if tracked is not None and tracked.returncode == 0 and tracked.stdout.strip():
-        raise SystemExit(
-            f"error: --results {results} holds results committed to git "
-            f"({tracked.stdout.split()[0]}, ...); the map never rewrites them: pass a new "
-            "--results (or none: runs/regime_map*/results) and copy the finished files over"
-        )
-    if (results / "rows").is_dir() and any((results / "rows").rglob("*.json")) and not args.resume:
-        raise SystemExit(
-            f"error: --results {results} holds the rows of an earlier map; pass --resume to "
-            "continue it (its rows are read back, not computed again), or another --results"
-        )
-    return results
 
 
 # Rectified flow (issue 23): the FULL map's cheapest setting with a real guidance gap under DDPM,
@@ -813,12 +739,12 @@ def main() -> int:
         help="run stage 2 and the held-out rows where the gap is not real too (labelled so)",
     )
     parser.add_argument(
-        "--out", default=None, help="training runs (default runs/regime_map[_quick])"
+        "--out", default=None, help="training runs (default runs/regime_map[_plan])"
     )
     parser.add_argument(
         "--results",
         default=None,
-        help="row files, table and figures (default runs/regime_map[_quick]/results)",
+        help="row files, table and figures (default runs/regime_map[_plan]/results)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the map whose rows --results holds"
