@@ -180,6 +180,7 @@ class FakeTraining:
         return sorted((Path(run_dir) / "checkpoints").glob("step_*"))
 
     def train(self, argv):
+        regime_map.config_cli.parse_args(argv)  # the trainer's options, values and their checks
         self.trained.append(argv)
         value = dict(zip(argv[::1], argv[1:], strict=False))
         every, steps = int(value.get("--checkpoint-every", 0)), int(value["--steps"])
