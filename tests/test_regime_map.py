@@ -271,7 +271,10 @@ def test_the_strong_teacher_is_the_same_run_trained_on_and_each_family_sends_its
         ("mg_w0_45", {}),
     ]
     text = regime_map.table([result], plan)
-    assert "the perceptual network is the final EMA of `letters16_c8_s1200_class`" in text
+    assert (
+        "the perceptual network is the final EMA of `letters16_c8_s1200_class` (training-split "
+        "FID 100 without CFG)" in text
+    )
     # share = (70 - 55) / (70 - 50) on the held-out means
     assert "| mg_w0_45, no CFG | 55 | 0.5 | 0.5 | 0.5 | 0.75 |" in text
     assert "| sp_strong_teacher, no CFG | 65 | 0.5 | 0.5 | 0.5 | 0.25 |" in text

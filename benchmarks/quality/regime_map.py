@@ -315,16 +315,19 @@ def guidance_gap(stage1: list[dict]) -> dict:
     }
 
 
+def no_cfg_fid(stage1: dict, plan: dict) -> float:
+    """A stage-1 (or teacher) row's training-split FID without CFG (sampling seed 0 of a sweep)."""
+    if "sweeps" in stage1:
+        return stage1["sweeps"][str(plan["sampling_seeds"][0])]["1"]["fid"]
+    return stage1["no_cfg"]["fid"]
+
+
 def stage2_row(rows: Path, work: Path, setting: dict, seed: int, variant, stage1: dict, plan):
     """One continuation from stage 1's EMA and its training-split FID curve (no CFG)."""
     name, objective, extra = variant
 
     def compute() -> dict:
-        start_fid = (
-            stage1["sweeps"][str(plan["sampling_seeds"][0])]["1"]["fid"]
-            if "sweeps" in stage1
-            else stage1["no_cfg"]["fid"]
-        )
+        start_fid = no_cfg_fid(stage1, plan)
         start = time.perf_counter()
         run_dir = work / setting["name"] / f"seed{seed}" / name
         every = setting["stage1"] // plan["curve_points"]
@@ -395,11 +398,13 @@ def teacher_row(rows: Path, work: Path, setting: dict, seed: int, plan: dict) ->
             *("--steps", str(steps), "--checkpoint-every", "0"),
             *("--out", str(stage1_run_dir(work, s, seed))),
         ]
+        checkpoint = train_run(argv)
         return {
             "teacher": name,
             "seed": seed,
-            "checkpoint": str(train_run(argv)),
+            "checkpoint": str(checkpoint),
             "train_seconds": round(time.perf_counter() - start, 1),  # from the longest setting
+            "no_cfg": scores(checkpoint, plan, "train", plan["num"]),  # how strong it is
         }
 
     return obtain(rows / "teacher" / f"{name}_seed{seed}.json", compute)
@@ -532,7 +537,11 @@ def stage2_variants(rows: Path, work: Path, setting: dict, plan: dict, names):
                 notes["strong teacher"] = "absent: " + teachers[0]["absent"]
                 continue
             teacher = teachers[0].get("teacher") or teachers[0]["setting"]["name"]
-            notes["strong teacher"] = f"the perceptual network is the final EMA of `{teacher}`"
+            fids = mean_std([no_cfg_fid(row, plan) for row in teachers])
+            notes["strong teacher"] = (
+                f"the perceptual network is the final EMA of `{teacher}` (training-split FID "
+                f"{fids} without CFG)"
+            )
             per_seed = {
                 seed: [*extra, "--perceptual-checkpoint", row["checkpoint"]]
                 for seed, row in zip(plan["seeds"], teachers, strict=True)
@@ -752,6 +761,12 @@ def main() -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="one-thread workers sharing the rows (default 1)"
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="training seeds, comma-separated (default: the plan's; a resumed map with more "
+        "seeds reads the rows of those it has back)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --jobs child
     args = parser.parse_args()
     if args.jobs < 1:
@@ -770,6 +785,12 @@ def main() -> int:
     )
     if args.stage2_without_real_gap:
         plan = dict(plan, stage2_without_real_gap=True)
+    if args.seeds is not None:
+        try:
+            seeds = tuple(dict.fromkeys(int(seed) for seed in args.seeds.split(",")))
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers (0,1,2), got {args.seeds!r}")
+        plan = dict(plan, seeds=seeds)
     work = Path(args.out or f"runs/regime_map{suffix}")
     results_dir = results_folder(args, suffix) if not args.worker else Path(args.results)
     rows = results_dir / "rows"
