@@ -272,8 +272,9 @@ def test_the_strong_teacher_is_the_same_run_trained_on_and_each_family_sends_its
     ]
     text = regime_map.table([result], plan)
     assert (
-        "the perceptual network is the final EMA of `letters16_c8_s1200_class` (training-split "
-        "FID 100 without CFG)" in text
+        "Best of each family on the training split: normalised `sp_norm_energy`, model guidance "
+        "`mg_w0_45`. Strong teacher: the perceptual network is the final EMA of "
+        "`letters16_c8_s1200_class` (training-split FID 100 without CFG)." in text
     )
     # share = (70 - 55) / (70 - 50) on the held-out means
     assert "| mg_w0_45, no CFG | 55 | 0.5 | 0.5 | 0.5 | 0.75 |" in text
@@ -308,7 +309,7 @@ def test_without_a_longer_run_or_a_condition_those_variants_are_absent_and_said_
     assert list(uncond["heldout"]) == ["MSE, no CFG", "self-perceptual, no CFG"]
     assert list(cond["heldout"])[-1] == "mg_w0_45, no CFG"
     text = regime_map.table([cond, uncond], plan)
-    assert "model guidance: absent: it needs a condition" in text
+    assert "Model guidance: absent: it needs a condition." in text
 
 
 def test_a_longer_setting_of_the_same_run_is_the_teacher_and_nothing_trains_for_it(tmp_path):

@@ -631,11 +631,12 @@ def heldout_lines(r: dict) -> list[str]:
         + ".",
         "",
     ]
-    best_of = r.get("best_of_family", {})  # absent from the rows of maps before issue 28
-    families = [f"{family} `{name}`" for family, name in best_of.items()]
-    families += [f"{family}: {note}" for family, note in r.get("notes", {}).items()]
-    if families:
-        lines += ["Best of each family on the training split: " + "; ".join(families) + ".", ""]
+    best_of = r.get("best_of_family", {})  # absent from the results of maps before issue 28
+    chosen = [f"{family} `{name}`" for family, name in best_of.items() if len(FAMILIES[family]) > 1]
+    notes = [f"{family.capitalize()}: {note}." for family, note in r.get("notes", {}).items()]
+    if chosen or notes:
+        best = "Best of each family on the training split: " + ", ".join(chosen) + ". "
+        lines += [(best if chosen else "") + " ".join(notes), ""]
     lines += [
         "| row | FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ | share of the guidance gap "
         "recovered |",
