@@ -1,6 +1,7 @@
-"""The regime map's bookkeeping (benchmarks/quality/regime_map.py): row claims shared by
---jobs workers, settings that share one stage-1 run, and the table of a map in progress. No
-training here: the map itself is a benchmark, not part of the test run."""
+"""The regime map's bookkeeping (benchmarks/quality/regime_map.py, regime_rows.py): row claims
+shared by --jobs workers, settings that share one stage-1 run, the table of a map in progress, the
+issue-28 variants (strong teacher, families chosen on the training split) on faked training, and
+the published rows read back unchanged. No real training: the map itself is a benchmark."""
 
 import importlib.util
 import subprocess
