@@ -5,6 +5,9 @@
     python benchmarks/quality/regime_map.py --flow --jobs 2    # one setting under rectified flow
     python benchmarks/quality/regime_map.py --flow --stage2-without-real-gap --jobs 2 --resume
         # stage 2 there too, though its gap is not real by the rule (labelled so)
+    python benchmarks/quality/regime_map.py --strong-teacher --stage2-without-real-gap --resume
+        # issue 28's strong-teacher test: the widest gap's setting, one seed (one seed's gap
+        # cannot be real by the rule: the 3-seed map found it real)
 
 The paper's claim (PAPER.md; issue 16) lives where MSE without guidance is unrealistic and
 guidance fixes much of it. For each setting (data set x base channels x stage-1 length x
@@ -21,34 +24,40 @@ conditioning) and each seed:
    its mean exceeds 2 standard deviations of those gaps (and 0);
 3. where the gap is real (an unconditional setting runs only where its class-conditional twin's
    gap is real), stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed,
-   data and noise: MSE continued and self-perceptual with the paper's defaults in every such
-   setting, and every other variant of `variants` too in the class-conditional setting of the
-   widest mean gap. `curve_points` checkpoints of each run are scored without CFG on the
-   training split (the FID-against-steps curve);
-4. the best self-perceptual variant is the one of lowest mean final training-split FID; then the
-   held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with the
-   best scale of step 2, the paper's self-perceptual and the best variant, without CFG. The share
-   of the guidance gap recovered is (FID_MSE - FID_SP) / (FID_MSE - FID_MSE,bestCFG) on the
-   held-out means.
+   data and noise: the variants of `paper_variants` in every such setting, those of `variants`
+   in the class-conditional setting of the widest mean gap. Besides MSE continued and the
+   paper's self-perceptual loss: its variants (timesteps, layers, MSE added), the normalised
+   features (--perceptual-norm channel, energy), the strong teacher (the perceptual network is
+   the final EMA of the longest stage-1 length of the same run and seed: a longer setting's,
+   or a length of `teachers` trained on only for this; absent, and said so, where the run has
+   none) and model guidance at three scales (class-conditional settings only). `curve_points`
+   checkpoints of each run are scored without CFG on the training split (the FID-against-steps
+   curve);
+4. the best of each family (the normalised ones, the strong teacher, model guidance, and the
+   rest: the paper's variants) is the one of lowest mean final training-split FID; then the
+   held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with
+   the best scale of step 2, the paper's self-perceptual and each family's best, without CFG.
+   The share of the guidance gap recovered is (FID_MSE - FID_row) / (FID_MSE - FID_MSE,bestCFG)
+   on the held-out means.
 
-Nothing on the held-out split chooses anything. Every result is a file of its own under
-RESULTS/rows/ written atomically (a JSON per stage-1 seed, per stage-2 run, per held-out row);
-a row whose file exists is read back, and training runs resume from their checkpoints, so an
+Nothing on the held-out split chooses anything. Every result is a file of its own (regime_rows.py)
+under RESULTS/rows/ written atomically (a JSON per stage-1 seed, teacher, stage-2 run, held-out
+row); a row whose file exists is read back, and training runs resume from their checkpoints, so an
 interrupted map continues where it stopped: rerun it with --resume. RESULTS is this map's own
-folder (default runs/regime_map[_quick]/results): a folder that already holds rows is continued
-only with --resume, and one whose files git tracks (the published results under
-benchmarks/results/) is refused, so a fresh clone computes its own map and never rewrites the
-committed one. `--jobs N` runs N one-thread workers that share the rows: a worker claims a row
-with the kernel lock of a claim file beside it (fastsp.run_folder.RunLock, the trainer's run
-lock), which goes with its worker however and wherever it ends, so a dead worker's rows are
-taken over on the next pass; a worker waiting on rows says which and whose (pid). RESULTS/table.md
-is rewritten from the row files after every pass; RESULTS/results.json holds them all at the end.
+folder (default runs/regime_map[_plan]/results, _plan: _quick, _flow, _strong_teacher): a folder
+that already holds rows is continued only with --resume, and one whose files git tracks (the
+published results under benchmarks/results/) is refused, so a fresh clone computes its own map and
+never rewrites the committed one. `--jobs N` runs N one-thread workers that share the rows: a
+worker claims a row with the kernel lock of a claim file beside it (fastsp.run_folder.RunLock, the
+trainer's run lock), which goes with its worker however and wherever it ends, so a dead worker's
+rows are taken over on the next pass; a worker waiting on rows says which and whose (pid).
+RESULTS/table.md is rewritten from the row files after every pass; RESULTS/results.json holds them
+all at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -63,13 +72,16 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fastsp import checkpoint as checkpoint_lib
-from fastsp import config_cli
-from fastsp.evaluation import evaluate_checkpoint
-from fastsp.pipeline import write_comparison
-from fastsp.quality import format_gap_share, guidance_gap_share
-from fastsp.run_folder import RunLock
-from fastsp.training.loop import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # regime_rows.py, beside this file
+
+from regime_rows import obtain, read_row, results_folder, waiting_for, write_row  # noqa: E402
+
+from fastsp import checkpoint as checkpoint_lib  # noqa: E402
+from fastsp import config_cli  # noqa: E402
+from fastsp.evaluation import evaluate_checkpoint  # noqa: E402
+from fastsp.pipeline import write_comparison  # noqa: E402
+from fastsp.quality import format_gap_share, guidance_gap_share  # noqa: E402
+from fastsp.training.loop import train  # noqa: E402
 
 CFG_RESCALE = 0.7  # as benchmarks/quality/reproduce.py
 STAGE2_LR = 2e-4  # as benchmarks/quality/reproduce.py
@@ -85,14 +97,34 @@ VARIANTS = (
     ("sp_down1_mid", "self_perceptual", ["--perceptual-layers", "down1:1,mid:1"]),
     # PixelGen (2026) switches perceptual losses off for the noisiest 30% of timesteps
     ("sp_on_t_0_699", "self_perceptual", ["--perceptual-on-t", "0,699"]),
+    # issue 28: features scaled by the real branch's, per channel (LPL) or by its energy
+    ("sp_norm_channel", "self_perceptual", ["--perceptual-norm", "channel"]),
+    ("sp_norm_energy", "self_perceptual", ["--perceptual-norm", "energy"]),
+    # the perceptual network of a stronger MSE model of the same architecture (the run's longest
+    # stage-1 length, `teacher_row`): its --perceptual-checkpoint is added per seed
+    ("sp_strong_teacher", "self_perceptual", []),
+    # model guidance (arXiv 2502.12154), the guidance-free competitor, scored without CFG
+    ("mg_w0_3", "model_guidance", ["--mg-scale", "0.3"]),
+    ("mg_w0_45", "model_guidance", ["--mg-scale", "0.45"]),
+    ("mg_w0_6", "model_guidance", ["--mg-scale", "0.6"]),
 )
+STRONG_TEACHER = "sp_strong_teacher"
+# Families of variants whose best (lowest mean final training-split FID) the held-out split scores,
+# each beside the best of the others (the published map's `best_sp_variant`, as before).
+FAMILIES = {
+    "normalised": ("sp_norm_channel", "sp_norm_energy"),
+    "strong teacher": (STRONG_TEACHER,),
+    "model guidance": ("mg_w0_3", "mg_w0_45", "mg_w0_6"),
+}
 METRICS = ("fid", "precision", "recall", "inception_score_analogue", "class_accuracy")
 
 # Sized by per-step rates measured with two one-thread workers on the idle 2-core CPU (batch 64,
 # 16x16: base 8 about 0.26 s per step, base 16 about 0.56 s; base 32 costs 1.4 s and 32x32 letters
 # 4x, both out of this budget) and by sampling at about 2.8 ms per image and DDIM step (base 16).
 # Letters and digits at 16x16; capacity (base 8, 16) and stage-1 length (300, 600) on letters;
-# the unconditional twin of one setting. Measured: 69.8 min with --jobs 2 (2026-12-02).
+# the unconditional twin of one setting. Measured: 69.8 min with --jobs 2 (2026-12-02), before
+# issue 28 added the normalised, strong-teacher and model-guidance variants and the 1200-step
+# teacher of base 8 (not measured since).
 FULL = dict(
     data=("digits", "letters"),
     resolution={"digits": 16, "letters": 16},
@@ -100,11 +132,17 @@ FULL = dict(
     stage1={"digits": (600,), "letters": (600,)},
     extra_stage1=(("letters", 16, 300),),  # (data, channels, stage-1 steps): more lengths
     unconditional=(("letters", 16, 300),),  # (data, channels, stage-1 steps)
+    # (data, channels, stage-1 steps, cond): lengths trained only as strong teachers (no sweep,
+    # no stage 2 of their own)
+    teachers=(("letters", 8, 1200, "class"),),
     seeds=(0, 1, 2),
     sampling_seeds=(0,),
     scales=(1.0, 1.5, 2.0, 3.0),
-    variants=("mse", "sp", "sp_plus_mse", "sp_on_t_0_699"),  # the setting of the widest gap
-    paper_variants=("mse", "sp"),  # every other setting with a real gap
+    variants=(  # the setting of the widest gap
+        *("mse", "sp", "sp_plus_mse", "sp_on_t_0_699", "sp_norm_channel", "sp_norm_energy"),
+        *(STRONG_TEACHER, "mg_w0_3", "mg_w0_45", "mg_w0_6"),
+    ),
+    paper_variants=("mse", "sp", STRONG_TEACHER),  # every other setting with a real gap
     curve_points=2,
     num=300,
     heldout_num=500,
@@ -134,92 +172,6 @@ def setting_name(data: str, channels: int, stage1: int, cond: str, resolution: i
     return f"{data}{resolution}_c{channels}_s{stage1}_{cond}"
 
 
-def write_row(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint_lib.atomic_write_text(path, json.dumps(row, indent=2) + "\n")
-
-
-def read_row(path: Path) -> dict | None:
-    """The row's contents, or None when it is not done (missing, or unreadable: done again)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _lock_of(path: Path) -> Path:
-    return path.with_name(path.name + ".claim")
-
-
-# row -> "pid N" of the worker holding it, for rows this pass needed and could not take
-waiting_for: dict[Path, str] = {}
-
-
-def claim(path: Path) -> RunLock | None:
-    """Take the row at `path` for this worker: the kernel lock of its claim file (the trainer's
-    RunLock), which goes with its worker however it ends, on whatever host; None while another
-    worker holds it (recorded in `waiting_for`)."""
-    lock_path = _lock_of(path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock, holder = RunLock.try_acquire(lock_path)
-    if lock is None:
-        waiting_for[path] = holder
-    return lock
-
-
-def obtain(path: Path, compute) -> dict | None:
-    """The row at `path`: read back if done, else computed and written if this worker can claim
-    it (a dead worker's claim is free); None while another worker computes it."""
-    done = read_row(path)
-    if done is not None and not Path(done.get("checkpoint", ".")).exists():
-        print(f"{path} names {done['checkpoint']}, which is gone: computing the row again")
-        done = None
-    if done is not None:
-        return done
-    lock = claim(path)
-    if lock is None:
-        return None
-    try:
-        done = read_row(path)  # written between the first read and the claim
-        if done is None or not Path(done.get("checkpoint", ".")).exists():
-            done = compute()
-            write_row(path, done)
-        return done
-    finally:
-        lock.path.unlink(missing_ok=True)  # before the release: a waiter locks a new file
-        lock.release()
-
-
-def results_folder(args: argparse.Namespace, suffix: str) -> Path:
-    """Where this invocation writes its rows, table and figures: --results, by default
-    runs/regime_map[_quick]/results (never the committed benchmarks/results). A folder that
-    holds rows already is continued only with --resume (its rows are read back as this map's);
-    a folder of files git tracks (published results) is refused: the map writes into its own
-    folder, and publishing is a copy of the finished table."""
-    results = Path(args.results or f"runs/regime_map{suffix}/results")
-    try:
-        tracked = subprocess.run(
-            ["git", "ls-files", "--", str(results.resolve())],
-            capture_output=True,
-            text=True,
-            cwd=results.resolve().parent if results.parent.exists() else None,
-        )
-    except FileNotFoundError:  # no git: nothing can be tracked
-        tracked = None
-    if tracked is not None and tracked.returncode == 0 and tracked.stdout.strip():
-        raise SystemExit(
-            f"error: --results {results} holds results committed to git "
-            f"({tracked.stdout.split()[0]}, ...); the map never rewrites them: pass a new "
-            "--results (or none: runs/regime_map*/results) and copy the finished files over"
-        )
-    if (results / "rows").is_dir() and any((results / "rows").rglob("*.json")) and not args.resume:
-        raise SystemExit(
-            f"error: --results {results} holds the rows of an earlier map; pass --resume to "
-            "continue it (its rows are read back, not computed again), or another --results"
-        )
-    return results
-
-
 # Rectified flow (issue 23): the FULL map's cheapest setting with a real guidance gap under DDPM,
 # its 3 seeds and sampling, trained and sampled with --diffusion flow (beside regime_map/'s rows).
 FLOW = dict(
@@ -229,8 +181,23 @@ FLOW = dict(
     stage1={"letters": (300,)},
     extra_stage1=(),
     unconditional=(),
+    teachers=(),
     variants=("mse", "sp"),
     diffusion="flow",
+)
+# Issue 28's strong-teacher test: the FULL map's setting of the widest guidance gap (letters, base
+# 8, 600 steps), one seed; stage 2 with the paper's loss and with the perceptual network of the
+# same run trained on to 1200 steps, beside MSE continued.
+STRONG_TEACHER_TEST = dict(
+    FULL,
+    data=("letters",),
+    channels={"letters": (8,)},
+    extra_stage1=(),
+    unconditional=(),
+    teachers=(("letters", 8, 1200, "class"),),
+    seeds=(0,),
+    variants=("mse", "sp", STRONG_TEACHER),
+    paper_variants=("mse", "sp", STRONG_TEACHER),
 )
 
 
@@ -348,16 +315,19 @@ def guidance_gap(stage1: list[dict]) -> dict:
     }
 
 
+def no_cfg_fid(stage1: dict, plan: dict) -> float:
+    """A stage-1 (or teacher) row's training-split FID without CFG (sampling seed 0 of a sweep)."""
+    if "sweeps" in stage1:
+        return stage1["sweeps"][str(plan["sampling_seeds"][0])]["1"]["fid"]
+    return stage1["no_cfg"]["fid"]
+
+
 def stage2_row(rows: Path, work: Path, setting: dict, seed: int, variant, stage1: dict, plan):
     """One continuation from stage 1's EMA and its training-split FID curve (no CFG)."""
     name, objective, extra = variant
 
     def compute() -> dict:
-        start_fid = (
-            stage1["sweeps"][str(plan["sampling_seeds"][0])]["1"]["fid"]
-            if "sweeps" in stage1
-            else stage1["no_cfg"]["fid"]
-        )
+        start_fid = no_cfg_fid(stage1, plan)
         start = time.perf_counter()
         run_dir = work / setting["name"] / f"seed{seed}" / name
         every = setting["stage1"] // plan["curve_points"]
@@ -392,6 +362,52 @@ def stage2_row(rows: Path, work: Path, setting: dict, seed: int, variant, stage1
         }
 
     return obtain(rows / "stage2" / f"{setting['name']}_{name}_seed{seed}.json", compute)
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two settings share one stage-1 run (they differ at most in its length)."""
+    return all(a[k] == b[k] for k in ("data", "resolution", "channels", "cond"))
+
+
+def teacher_row(rows: Path, work: Path, setting: dict, seed: int, plan: dict) -> dict | None:
+    """The strong teacher of `setting` for one seed: the final checkpoint (its EMA is the
+    perceptual network) of the longest length of the same stage-1 run, a longer setting's stage-1
+    row or a length of plan['teachers'], trained on once every setting of the run is done.
+    {"absent": why} where the run is no longer than `setting`; None while pending."""
+    longer = [o for o in settings(plan) if same_run(o, setting) and o["stage1"] > setting["stage1"]]
+    lengths = [
+        steps
+        for data, channels, steps, cond in plan.get("teachers", ())
+        if (data, channels, cond) == (setting["data"], setting["channels"], setting["cond"])
+        and steps > max([setting["stage1"], *(o["stage1"] for o in longer)])
+    ]
+    if not lengths:
+        if not longer:
+            return {"absent": "no longer stage-1 run of this setting"}
+        return stage1_row(rows, work, max(longer, key=lambda o: o["stage1"]), seed, plan)
+    run = [setting, *longer]
+    if any(read_row(rows / "stage1" / f"{o['name']}_seed{seed}.json") is None for o in run):
+        return None  # the run passes through their lengths first
+    s, steps = setting, max(lengths)
+    name = setting_name(s["data"], s["channels"], steps, s["cond"], s["resolution"])
+
+    def compute() -> dict:
+        start = time.perf_counter()
+        argv = [
+            *common(s["data"], s["resolution"], s["channels"], s["cond"], seed, plan),
+            *("--steps", str(steps), "--checkpoint-every", "0"),
+            *("--out", str(stage1_run_dir(work, s, seed))),
+        ]
+        checkpoint = train_run(argv)
+        return {
+            "teacher": name,
+            "seed": seed,
+            "checkpoint": str(checkpoint),
+            "train_seconds": round(time.perf_counter() - start, 1),  # from the longest setting
+            "no_cfg": scores(checkpoint, plan, "train", plan["num"]),  # how strong it is
+        }
+
+    return obtain(rows / "teacher" / f"{name}_seed{seed}.json", compute)
 
 
 def heldout_row(rows: Path, setting: dict, seed: int, label: str, checkpoint: str, plan, **opts):
@@ -462,18 +478,30 @@ def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gap: dict, na
         return dict(out, status="pending")
     if not out["compared"]:
         return dict(out, status="done")
-    variants = [v for v in VARIANTS if v[0] in names]
+    variants, out["notes"] = stage2_variants(rows, work, setting, plan, names)
+    if variants is None:
+        return dict(out, status="pending")
     stage2 = {
-        v[0]: [
-            stage2_row(rows, work, setting, seed, v, row, plan)
+        name: [
+            stage2_row(rows, work, setting, seed, (name, objective, extra[seed]), row, plan)
             for seed, row in zip(plan["seeds"], stage1, strict=True)
         ]
-        for v in variants
+        for name, objective, extra in variants
     }
     if any(None in runs for runs in stage2.values()):
         return dict(out, status="pending")
-    sp_names = [name for name in stage2 if name != "mse"]
-    best_sp = min(sp_names, key=lambda n: statistics.mean(r["train_fid"] for r in stage2[n]))
+
+    def best(candidates) -> str | None:
+        present = [n for n in candidates if n in stage2]
+        return min(
+            present, key=lambda n: statistics.mean(r["train_fid"] for r in stage2[n]), default=None
+        )
+
+    in_family = {name for members in FAMILIES.values() for name in members}
+    best_sp = best(name for name in stage2 if name != "mse" and name not in in_family)
+    best_of = {family: best(members) for family, members in FAMILIES.items()}
+    best_of = {family: name for family, name in best_of.items() if name is not None}
+    scored = [name for name in dict.fromkeys((best_sp, *best_of.values())) if name != "sp"]
     final, pending = {}, False
     for i, seed in enumerate(plan["seeds"]):
         mse = stage2["mse"][i]["checkpoint"]
@@ -481,14 +509,45 @@ def run_setting(rows: Path, work: Path, setting: dict, plan: dict, gap: dict, na
         if setting["cond"] == "class":
             entries["MSE, best CFG"] = (mse, {"cfg": gap["best_cfg"], "cfg_rescale": CFG_RESCALE})
         entries["self-perceptual, no CFG"] = (stage2["sp"][i]["checkpoint"], {})
-        if best_sp != "sp":
-            entries[f"{best_sp}, no CFG"] = (stage2[best_sp][i]["checkpoint"], {})
+        for name in scored:
+            entries[f"{name}, no CFG"] = (stage2[name][i]["checkpoint"], {})
         for label, (checkpoint, opts) in entries.items():
             row = heldout_row(rows, setting, seed, label, checkpoint, plan, **opts)
             pending |= row is None
             final.setdefault(label, []).append(row["heldout"] if row else None)
-    out.update(stage2=stage2, best_sp_variant=best_sp, heldout=final)
+    out.update(stage2=stage2, best_sp_variant=best_sp, best_of_family=best_of, heldout=final)
     return dict(out, status="pending" if pending else "done")
+
+
+def stage2_variants(rows: Path, work: Path, setting: dict, plan: dict, names):
+    """The variants of `names` that apply to `setting`, each with its extra options per seed
+    (the strong teacher's --perceptual-checkpoint), and the table's note on each variant that is
+    absent or has a teacher; (None, notes) while a teacher is pending."""
+    variants, notes = [], {}
+    for name, objective, extra in (v for v in VARIANTS if v[0] in names):
+        per_seed = {seed: extra for seed in plan["seeds"]}
+        if objective == "model_guidance" and setting["cond"] != "class":
+            notes["model guidance"] = "absent: it needs a condition"
+            continue
+        if name == STRONG_TEACHER:
+            teachers = [teacher_row(rows, work, setting, seed, plan) for seed in plan["seeds"]]
+            if None in teachers:
+                return None, notes
+            if "absent" in teachers[0]:
+                notes["strong teacher"] = "absent: " + teachers[0]["absent"]
+                continue
+            teacher = teachers[0].get("teacher") or teachers[0]["setting"]["name"]
+            fids = mean_std([no_cfg_fid(row, plan) for row in teachers])
+            notes["strong teacher"] = (
+                f"the perceptual network is the final EMA of `{teacher}` (training-split FID "
+                f"{fids} without CFG)"
+            )
+            per_seed = {
+                seed: [*extra, "--perceptual-checkpoint", row["checkpoint"]]
+                for seed, row in zip(plan["seeds"], teachers, strict=True)
+            }
+        variants.append((name, objective, per_seed))
+    return variants, notes
 
 
 def one_pass(rows: Path, work: Path, plan: dict) -> tuple[list[dict], bool]:
@@ -571,6 +630,14 @@ def heldout_lines(r: dict) -> list[str]:
         + ", ".join(f"`{name}` {value}" for name, value in curves.items())
         + ".",
         "",
+    ]
+    best_of = r.get("best_of_family", {})  # absent from the results of maps before issue 28
+    chosen = [f"{family} `{name}`" for family, name in best_of.items() if len(FAMILIES[family]) > 1]
+    notes = [f"{family.capitalize()}: {note}." for family, note in r.get("notes", {}).items()]
+    if chosen or notes:
+        best = "Best of each family on the training split: " + ", ".join(chosen) + ". "
+        lines += [(best if chosen else "") + " ".join(notes), ""]
+    lines += [
         "| row | FID ↓ | precision ↑ | recall ↑ | class accuracy ↑ | share of the guidance gap "
         "recovered |",
         "|---|---|---|---|---|---|",
@@ -655,7 +722,8 @@ def figure(results: list[dict], results_dir: Path) -> bool:
     if widest["gap"] is not None:
         runs["MSE, best CFG"] = runs["MSE, no CFG"]
         guidance["MSE, best CFG"] = (widest["gap"]["best_cfg"], CFG_RESCALE)
-    for name in dict.fromkeys(("sp", widest["best_sp_variant"])):
+    best_of = widest.get("best_of_family", {}).values()
+    for name in dict.fromkeys(("sp", widest["best_sp_variant"], *best_of)):
         runs[f"{name}, no CFG"] = Path(widest["stage2"][name][0]["checkpoint"])
     num = 40 if widest["setting"]["data"] == "letters" else 50  # labels 0, 1, ... in order
     write_comparison(
@@ -671,17 +739,22 @@ def main() -> int:
         "--flow", action="store_true", help="letters16_c16_s300_class under --diffusion flow"
     )
     parser.add_argument(
+        "--strong-teacher",
+        action="store_true",
+        help="issue 28's strong-teacher test: letters16_c8_s600_class, one seed",
+    )
+    parser.add_argument(
         "--stage2-without-real-gap",
         action="store_true",
         help="run stage 2 and the held-out rows where the gap is not real too (labelled so)",
     )
     parser.add_argument(
-        "--out", default=None, help="training runs (default runs/regime_map[_quick])"
+        "--out", default=None, help="training runs (default runs/regime_map[_plan])"
     )
     parser.add_argument(
         "--results",
         default=None,
-        help="row files, table and figures (default runs/regime_map[_quick]/results)",
+        help="row files, table and figures (default runs/regime_map[_plan]/results)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the map whose rows --results holds"
@@ -689,15 +762,36 @@ def main() -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="one-thread workers sharing the rows (default 1)"
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="training seeds, comma-separated (default: the plan's; a resumed map with more "
+        "seeds reads the rows of those it has back)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --jobs child
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     torch.set_num_threads(1)
-    plan = QUICK if args.quick else FLOW if args.flow else FULL
+    if args.quick + args.flow + args.strong_teacher > 1:
+        parser.error("pass at most one of --quick, --flow and --strong-teacher")
+    plan, suffix = (
+        (QUICK, "_quick")
+        if args.quick
+        else (FLOW, "_flow")
+        if args.flow
+        else (STRONG_TEACHER_TEST, "_strong_teacher")
+        if args.strong_teacher
+        else (FULL, "")
+    )
     if args.stage2_without_real_gap:
         plan = dict(plan, stage2_without_real_gap=True)
-    suffix = "_quick" if args.quick else "_flow" if args.flow else ""
+    if args.seeds is not None:
+        try:
+            seeds = tuple(dict.fromkeys(int(seed) for seed in args.seeds.split(",")))
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers (0,1,2), got {args.seeds!r}")
+        plan = dict(plan, seeds=seeds)
     work = Path(args.out or f"runs/regime_map{suffix}")
     results_dir = results_folder(args, suffix) if not args.worker else Path(args.results)
     rows = results_dir / "rows"
