@@ -328,12 +328,12 @@ def run_pipeline_folder(init: str) -> Path | None:
     return None
 
 
-def _run_pipeline(loaded, pipeline: str | None, use: str) -> tuple[Path | None, Family | None]:
-    """(the pipeline folder of a run, its family): `pipeline` (--pipeline) or the run's own
-    (run_pipeline_folder), checked to be of the run's family; (None, None) when neither."""
+def _run_pipeline(loaded, pipeline: str | None, use: str) -> Path | None:
+    """The pipeline folder of a run: `pipeline` (--pipeline) or the run's own
+    (run_pipeline_folder), checked to be of the run's family; None when neither."""
     folder = Path(pipeline) if pipeline else run_pipeline_folder(loaded.train_config.init)
     if folder is None:
-        return None, None
+        return None
     option = "--pipeline" if pipeline else f"the pipeline folder {loaded.checkpoint} started from"
     family = pipeline_family(folder, option)
     trained = loaded.model_config
@@ -343,7 +343,7 @@ def _run_pipeline(loaded, pipeline: str | None, use: str) -> tuple[Path | None, 
             f"{loaded.checkpoint} trained a {trained.family} {trained.class_name}; pass the "
             f"{trained.family} pipeline folder to {use} it with"
         )
-    return folder, family
+    return folder
 
 
 def sample_run(
@@ -372,13 +372,6 @@ def sample_run(
     from fastsp.flow import scheduler_config
 
     trained = loaded.model_config
-    folder, family = _run_pipeline(loaded, pipeline, "sample")
-    if folder is None:
-        raise ConfigError(
-            f"{loaded.checkpoint} did not start from a pipeline folder (its --init chain ends at "
-            f"a model folder or a folder no longer there); pass --pipeline FOLDER, the "
-            f"{trained.family} pipeline whose text encoders, VAE and tokenizers sample it"
-        )
     flux = trained.family == "flux"
     guidance_embeds = flux and trained.diffusers.get("guidance_embeds", False)
     if guidance is not None and not guidance_embeds:
@@ -386,9 +379,14 @@ def sample_run(
             f"--guidance is the guidance value a guidance-distilled Flux transformer takes; this "
             f"{trained.family} {trained.class_name} takes none: drop it (--cfg is its guidance)"
         )
-    if cfg_rescale and family.name in ("sd3", "flux"):
+    if cfg_rescale and trained.family in ("sd3", "flux"):
+        raise ConfigError(f"--cfg-rescale: the {trained.family} pipeline has no guidance rescale")
+    folder = _run_pipeline(loaded, pipeline, "sample")
+    if folder is None:
         raise ConfigError(
-            f"--cfg-rescale: {family.pipeline_class} has no guidance rescale; drop it"
+            f"{loaded.checkpoint} did not start from a pipeline folder (its --init chain ends at "
+            f"a model folder or a folder no longer there); pass --pipeline FOLDER, the "
+            f"{trained.family} pipeline whose text encoders, VAE and tokenizers sample it"
         )
     if cfg != 1 and negative_prompt is None:
         negative_prompt = ""  # the null condition CFG dropout trains
@@ -419,7 +417,7 @@ def export_run(
 
     if model_only and pipeline:
         raise ConfigError("--model-only writes the denoiser alone: drop --pipeline or it")
-    folder = None if model_only else _run_pipeline(loaded, pipeline, "export")[0]
+    folder = None if model_only else _run_pipeline(loaded, pipeline, "export")
     return export_denoiser(
         loaded.model.denoiser,
         out_dir,

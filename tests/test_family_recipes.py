@@ -141,3 +141,76 @@ def test_the_familys_recipe_end_to_end(family, build_once, tmp_path):
     assert png.shape == drawn.shape == (17 + 1, 2 * 17 + 1, 3)  # 2 images of 16 x 16
     # the same computation in another process: at most a rounding step apart
     assert np.abs(png.astype(int) - drawn.astype(int)).max() <= 1
+
+
+# ---- refusals of sample and export for a --model diffusers run ---------------------------------
+@pytest.fixture(scope="module")
+def sd3_run(build_once):
+    """A tiny SD3 run (1 step) whose --init is a model folder, not a pipeline folder."""
+    from family_tiny import write_pipeline_folder, write_shards
+
+    from fastsp import train as train_cli
+
+    def make(folder: Path) -> None:
+        write_pipeline_folder("sd3", folder / "pipeline")
+        options = ["--preset", "tiny", "--model", "diffusers", "--diffusion", "flow"]
+        options += ["--data", str(write_shards("sd3", folder / "data")), "--cond", "context"]
+        options += ["--resolution", "8", "--batch-size", "4", "--steps", "1"]
+        options += ["--init", str(folder / "pipeline" / "transformer")]
+        assert train_cli.main([*options, "--out", str(folder / "run")]) == 0
+
+    return build_once("family_recipes_sd3_run", make) / "run"
+
+
+def _index_only(folder: Path, pipeline_class: str) -> Path:
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    return folder
+
+
+@pytest.mark.slow
+def test_sample_and_export_refusals_name_the_fix_exit_2_and_write_nothing(
+    sd3_run, tmp_path, capsys
+):
+    from fastsp import export, sample
+
+    flux = _index_only(tmp_path / "flux", "FluxPipeline")
+    sd3 = _index_only(tmp_path / "sd3", "StableDiffusion3Pipeline")
+    png = str(tmp_path / "out.png")
+    base = ["--checkpoint", str(sd3_run), "--out", png]
+    prompt = [*base, "--prompt", "a cat"]
+    cases = [
+        (prompt, "did not start from a pipeline folder (its --init chain ends at a model"),
+        ([*prompt, "--pipeline", str(flux)], "is a FluxPipeline (flux) but"),
+        ([*prompt, "--guidance", "3"], "--guidance is the guidance value a guidance-distilled"),
+        (
+            [*prompt, "--pipeline", str(sd3), "--cfg-rescale", "0.5"],
+            "the sd3 pipeline has no guidance rescale",
+        ),
+        ([*prompt, "--vae", str(sd3)], "--vae: a sd3 run is drawn by its diffusers pipeline"),
+        ([*prompt, "--sampler", "euler"], "--sampler: a sd3 run is drawn by its diffusers"),
+        (base, "is a sd3 model, sampled from a prompt: pass --prompt"),
+    ]
+    for argv, message in cases:
+        assert sample.main(argv) == 2, argv
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("error: ") and message in line, line
+    out = tmp_path / "export"
+    exports = [
+        (["--pipeline", str(flux)], "is a FluxPipeline (flux) but"),
+        (["--pipeline", str(sd3), "--model-only"], "--model-only writes the denoiser alone"),
+    ]
+    for extra, message in exports:
+        argv = ["--checkpoint", str(sd3_run), "--to-diffusers", str(out), *extra]
+        assert export.main(argv) == 2, argv
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux", "sd3"]
+
+    # a run that did not start from a pipeline folder exports its model folder
+    assert export.main(["--checkpoint", str(sd3_run), "--to-diffusers", str(out)]) == 0
+    model = diffusers.SD3Transformer2DModel.from_pretrained(out)
+    ema = load_model(sd3_run).model.denoiser.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(out)
+    assert scheduler.config.shift == load_model(sd3_run).train_config.flow_shift
