@@ -284,7 +284,8 @@ def export_denoiser(
             diffusers = require("diffusers", "export")
             config = {**scheduler_config, "_diffusers_version": diffusers.__version__}
             scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if pipeline_folder is not None:  # from_pretrained builds the class model_index names
+            if pipeline_folder is not None and "_class_name" in scheduler_config:
+                # the pipeline's from_pretrained builds the class its model_index.json names
                 index = read_model_index(tmp)
                 index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
                 (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
