@@ -195,6 +195,8 @@ def sample_with_pipeline(
     (fastsp.flow.scheduler_config: the run's process) replaces the folder's scheduler.
     `true_cfg_scale`: Flux's classifier-free guidance against `negative_prompt` (FluxPipeline's
     own, separate from the guidance value); `guidance_rescale`: SD and SDXL's CFG rescale."""
+    if (latent_size is None) == (height is None or width is None):
+        raise ValueError("sample_with_pipeline takes height and width, or latent_size")
     dtype = next(denoiser.parameters()).dtype
     scheduler = {}
     if scheduler_config is not None:
