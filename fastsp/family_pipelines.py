@@ -208,7 +208,9 @@ def sample_with_pipeline(
     pipeline.set_progress_bar_config(disable=True)
     if latent_size is not None:
         height = width = latent_size * pipeline.vae_scale_factor
-    options = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    options = {}
+    if negative_prompt is not None:  # StableDiffusionPipeline takes it only of prompt's type
+        options["negative_prompt"] = [negative_prompt] * len(prompts)
     if true_cfg_scale != 1:
         options["true_cfg_scale"] = true_cfg_scale
     if guidance_rescale:
@@ -242,6 +244,7 @@ def export_denoiser(
     out_dir: str | Path,
     pipeline_folder: str | Path | None = None,
     scheduler_config: dict | None = None,
+    pipeline_config: dict | None = None,
 ) -> Path:
     """Write `denoiser` as a diffusers model folder (its own `save_pretrained`), or, with
     `pipeline_folder`, a complete pipeline folder: that folder's other components copied and
@@ -249,7 +252,8 @@ def export_denoiser(
     `from_pretrained(out_dir)`. With `scheduler_config` (fastsp.flow.scheduler_config: the
     process the run trained with), it replaces the pipeline's scheduler/ config and its class in
     model_index.json (or is written as scheduler_config.json beside a model folder, as
-    fastsp.export does).
+    fastsp.export does). `pipeline_config`: entries of the pipeline's own registered config
+    (model_index.json) to set, e.g. SDXL's force_zeros_for_empty_prompt.
 
     out_dir must not exist or be empty; it is assembled in a temporary folder beside it and
     renamed into place, so a failed write leaves nothing of it (a CheckpointWriteError)."""
@@ -286,11 +290,13 @@ def export_denoiser(
             diffusers = require("diffusers", "export")
             config = {**scheduler_config, "_diffusers_version": diffusers.__version__}
             scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if pipeline_folder is not None and "_class_name" in scheduler_config:
-                # the pipeline's from_pretrained builds the class its model_index.json names
-                index = read_model_index(tmp)
-                index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
-                (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        index = {}
+        if scheduler_config is not None and "_class_name" in scheduler_config:
+            # the pipeline's from_pretrained builds the class its model_index.json names
+            index["scheduler"] = ["diffusers", scheduler_config["_class_name"]]
+        if pipeline_folder is not None and (index or pipeline_config):
+            index = {**read_model_index(tmp), **index, **(pipeline_config or {})}
+            (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for folder, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(folder, name), "rb") as f:
@@ -421,9 +427,13 @@ def export_run(
     if model_only and pipeline:
         raise ConfigError("--model-only writes the denoiser alone: drop --pipeline or it")
     folder = None if model_only else _run_pipeline(loaded, pipeline, "export")
+    # SDXLPipeline's null condition is zeros unless told otherwise; the run's CFG dropout
+    # trained encode_prompt(""), the negative prompt fastsp.sample uses
+    sdxl = {"force_zeros_for_empty_prompt": False} if loaded.model_config.family == "sdxl" else {}
     return export_denoiser(
         loaded.model.denoiser,
         out_dir,
         pipeline_folder=folder,
         scheduler_config=scheduler_config(loaded.train_config),
+        pipeline_config=sdxl,
     )

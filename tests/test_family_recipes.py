@@ -23,6 +23,7 @@ pytest.importorskip("transformers")
 
 from pipeline_tiny import T5_LENGTH, save_pipeline  # noqa: E402
 
+from fastsp import sample as sample_cli  # noqa: E402
 from fastsp.checkpoint import load_model  # noqa: E402
 from fastsp.flow import scheduler_config  # noqa: E402
 from fastsp.sampling import image_grid  # noqa: E402
@@ -86,7 +87,7 @@ def _write_images(folder: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(SECTIONS))
-def test_the_familys_recipe_end_to_end(family, build_once, tmp_path):
+def test_the_familys_recipe_end_to_end(family, build_once, tmp_path, monkeypatch):
     _, folder_name, pipeline_class = SECTIONS[family]
     pipeline = build_once(f"pipeline_{family}", lambda folder: save_pipeline(family, folder))
     (tmp_path / folder_name).symlink_to(pipeline, target_is_directory=True)
@@ -122,25 +123,35 @@ def test_the_familys_recipe_end_to_end(family, build_once, tmp_path):
             model = type(denoiser).from_pretrained(tmp_path / _option(command, "--to-diffusers"))
             assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
 
-    # ... and draws the images `fastsp.sample` wrote, from the same seed
+    # ... and draws the images `fastsp.sample` wrote, from the same seed: as the recipe samples,
+    # and with classifier-free guidance against the empty prompt (the exported pipeline's own
+    # null condition; Flux: its true CFG, given the empty negative prompt)
     num, steps = int(_option(sample, "--num")), int(_option(sample, "--steps"))
-    cfg = float(_option(sample, "--cfg") or 1)
-    guidance = {"guidance_scale": run.model.config.guidance if family == "flux" else cfg}
+    guided = tmp_path / "guided.png"
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths, its runs' --init among them
+    assert sample_cli.main([*sample[3:], "--cfg", "2", "--out", str(guided)]) == 0
     exported.set_progress_bar_config(disable=True)
-    images = exported(
-        prompt=[_option(sample, "--prompt")] * num,
-        num_inference_steps=steps,
-        height=16,
-        width=16,
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="pt",
-        **guidance,
-    ).images
-    png = np.asarray(Image.open(tmp_path / _option(sample, "--out")))
-    drawn = image_grid(images * 2 - 1, padding=0 if num == 1 else 1)
-    assert png.shape == drawn.shape == (17 + 1, 2 * 17 + 1, 3)  # 2 images of 16 x 16
-    # the same computation in another process: at most a rounding step apart
-    assert np.abs(png.astype(int) - drawn.astype(int)).max() <= 1
+    for png, cfg in ((tmp_path / _option(sample, "--out"), _option(sample, "--cfg")), (guided, 2)):
+        cfg = float(cfg or 1)
+        if family == "flux":
+            options = {"guidance_scale": run.model.config.guidance, "true_cfg_scale": cfg}
+            options.update({"negative_prompt": ""} if cfg > 1 else {})
+        else:
+            options = {"guidance_scale": cfg}
+        images = exported(
+            prompt=[_option(sample, "--prompt")] * num,
+            num_inference_steps=steps,
+            height=16,
+            width=16,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="pt",
+            **options,
+        ).images
+        written = np.asarray(Image.open(png))
+        drawn = image_grid(images * 2 - 1, padding=0 if num == 1 else 1)
+        assert written.shape == drawn.shape == (17 + 1, 2 * 17 + 1, 3)  # 2 images of 16 x 16
+        # the same computation in another process: at most a rounding step apart
+        assert np.abs(written.astype(int) - drawn.astype(int)).max() <= 1, cfg
 
 
 # ---- refusals of sample and export for a --model diffusers run ---------------------------------
