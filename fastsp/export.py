@@ -19,6 +19,15 @@ Exit status (fastsp.cli): 0 written; 2 invalid input (a missing or damaged check
 diffusers cannot express, an OUT that is not new or empty or cannot be written); 4 a write that
 failed (a full disk; nothing of OUT is left), with a one-line message.
 
+A `--model diffusers` run (SD, SDXL, SD3, Flux: fastsp.family_pipelines.export_run) is written
+as a whole pipeline folder, the pipeline folder it started from (or --pipeline FOLDER) with its
+unet/ or transformer/ replaced by the run's and its scheduler/ by the run's process, which the
+family's pipeline class (StableDiffusionXLPipeline, ...) loads with from_pretrained(OUT); with
+--model-only, or when the run did not start from a pipeline folder, as the denoiser's own model
+folder (plus scheduler_config.json).
+
+    python -m fastsp.export --checkpoint runs/flux_sp --to-diffusers out/flux [--pipeline FLUX]
+
 A LoRA run's checkpoint (--lora-rank) is written as its adapter alone, OUT/pytorch_lora_weights.
 safetensors in the diffusers LoRA format that a Stable Diffusion pipeline's
 `load_lora_weights(OUT)` loads onto the base UNet (fastsp.lora); with --merge, as the full
@@ -40,6 +49,8 @@ from fastsp.diffusers_unet import check_export_folder, export_to_diffusers
 from fastsp.dit import DiT
 from fastsp.dit_diffusers import export_dit
 from fastsp.errors import ConfigError
+from fastsp.family_config import DiffusersConfig
+from fastsp.family_pipelines import export_run
 from fastsp.flow import scheduler_config
 
 
@@ -67,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a LoRA checkpoint: write the full weights with the adapters merged, not the adapter",
     )
+    parser.add_argument(
+        "--pipeline",
+        default=None,
+        help="a --model diffusers run: the pipeline folder to write the run into (default: the "
+        "one the run started from)",
+    )
+    parser.add_argument(
+        "--model-only",
+        action="store_true",
+        help="a --model diffusers run: write its denoiser's model folder, not a pipeline folder",
+    )
     return parser
 
 
@@ -75,7 +97,18 @@ def export(args: argparse.Namespace) -> None:
     loaded = checkpoint_lib.load_model(args.checkpoint, weights=args.weights, merge=args.merge)
     model = loaded.model
     scheduler = scheduler_config(loaded.train_config)  # the process the run trained with
-    if loaded.train_config.lora_rank and not args.merge:
+    family_run = isinstance(loaded.model_config, DiffusersConfig)
+    if not family_run and (args.pipeline or args.model_only):
+        given = " and ".join(
+            f for f, v in (("--pipeline", args.pipeline), ("--model-only", args.model_only)) if v
+        )
+        raise ConfigError(
+            f"{given}: for --model diffusers runs; {args.checkpoint} is a fastsp model, exported "
+            "as a diffusers model folder: drop it"
+        )
+    if family_run and not args.merge:
+        out = export_run(loaded, args.to_diffusers, args.pipeline, args.model_only)
+    elif loaded.train_config.lora_rank and not args.merge:
         out = export_lora(loaded, args.to_diffusers)
     elif args.merge and not loaded.train_config.lora_rank:
         raise ConfigError(

@@ -5,16 +5,22 @@ python -m fastsp.sample --checkpoint runs/digits --cfg 7.5 --cfg-rescale 0.7 --l
         --out threes.png
 python -m fastsp.sample --checkpoint runs/sd21_sp --prompt "a photo of a cat" --num 4 \
         --vae SD/vae --text-encoder SD/text_encoder --out cats.png
+python -m fastsp.sample --checkpoint runs/sdxl_sp --prompt "a photo of a cat" --num 4 \
+        [--pipeline SDXL] --out cats.png
 
 With --prompt (a model trained with --cond context on text embeddings) the prompt is encoded by
 the local CLIP text encoder, the model samples latents, and the local VAE decodes them to RGB;
-diffusers and transformers come with the `sd` extra (`pip install -e ".[sd]"`). The drawing
-and the PNG grids are fastsp.sampling's; this module reads and checks the command line.
+diffusers and transformers come with the `sd` extra (`pip install -e ".[sd]"`). A `--model
+diffusers` run (SD, SDXL, SD3, Flux) is drawn by its family's diffusers pipeline instead, from
+--pipeline or the pipeline folder the run started from, with the run's scheduler
+(fastsp.family_pipelines.sample_run). The drawing and the PNG grids are fastsp.sampling's; this
+module reads and checks the command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +31,7 @@ from fastsp.checkpoint import LoadedModel, load_model
 from fastsp.cli import error_status
 from fastsp.config_fields import SAMPLERS
 from fastsp.errors import CheckpointError, ConfigError
+from fastsp.family_config import DiffusersConfig
 from fastsp.flow import process_from_config
 from fastsp.run_folder import check_output_file
 from fastsp.sampling import (
@@ -67,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"grid images sampled at once (default {DEFAULT_BATCH}); any --num runs in the "
         "memory of one batch, and batch b starts from noise seeded by (--seed, b)",
     )
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    parser.add_argument(
+        "--sampler", default=None, choices=SAMPLERS, help="fastsp's sampler (default ddim)"
+    )
     parser.add_argument(
         "--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
     )
@@ -95,11 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument(
         "--tokenizer", default=None, help="local tokenizer folder (default: beside the encoder)"
     )
+    family = parser.add_argument_group("prompt sampling of a --model diffusers run")
+    family.add_argument(
+        "--pipeline",
+        default=None,
+        help="the diffusers pipeline folder that draws it (default: the one the run started from)",
+    )
+    family.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="Flux: the guidance value the transformer takes (default the run's --guidance)",
+    )
     return parser
 
 
 # the options only prompt sampling reads: refused without --prompt rather than ignored
-_PROMPT_OPTIONS = ("negative_prompt", "vae", "text_encoder", "tokenizer")
+_PROMPT_OPTIONS = ("negative_prompt", "vae", "text_encoder", "tokenizer", "pipeline", "guidance")
+# the options of fastsp's own prompt sampling, which a diffusers run's pipeline replaces
+_FASTSP_PROMPT_OPTIONS = ("vae", "text_encoder", "tokenizer", "sampler")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -117,17 +140,12 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--device cuda was requested but torch sees no CUDA GPU; use --device cpu"
         )
     if args.prompt is None:
-        given = [f"--{name.replace('_', '-')}" for name in _PROMPT_OPTIONS if getattr(args, name)]
+        given = [_flag(name) for name in _PROMPT_OPTIONS if getattr(args, name) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to prompt sampling; pass --prompt")
         return
-    missing = [option for option in ("vae", "text_encoder") if getattr(args, option) is None]
-    if missing:
-        names = " and ".join(f"--{name.replace('_', '-')}" for name in missing)
-        raise ConfigError(
-            f"--prompt needs {names}: the local folders of the text encoder that made the "
-            "training context and of the VAE that decodes the latents (or a pipeline folder)"
-        )
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {args.guidance:g}")
     if args.negative_prompt is not None and args.cfg == 1:
         raise ConfigError("--negative-prompt is only used by guidance; pass --cfg > 1 with it")
     if args.batch_size is not None:
@@ -135,6 +153,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             "--batch-size applies to grids; prompt sampling draws its --num full-size images "
             f"(default {DEFAULT_PROMPT_NUM}) at once: drop --batch-size"
         )
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def check_label(label: int | None, num_classes: int) -> None:
@@ -196,6 +218,19 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
     from fastsp import sd_components  # diffusers and transformers only for prompts
 
     model_config = loaded.model_config
+    given = [_flag(name) for name in ("pipeline", "guidance") if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} apply to --model diffusers runs; {args.checkpoint} is a fastsp "
+            "model: drop them (--vae and --text-encoder give its encoders)"
+        )
+    missing = [option for option in ("vae", "text_encoder") if getattr(args, option) is None]
+    if missing:
+        raise ConfigError(
+            f"--prompt needs {' and '.join(map(_flag, missing))}: the local folders of the text "
+            "encoder that made the training context and of the VAE that decodes the latents "
+            "(or a pipeline folder)"
+        )
     if model_config.context_dim == 0:
         raise ConfigError(
             f"--prompt needs a model trained with --cond context on text embeddings; "
@@ -250,6 +285,39 @@ def sample_prompt(args: argparse.Namespace, loaded: LoadedModel) -> None:
     save_png(image_grid(images, padding=0 if args.num == 1 else 1), args.out)
 
 
+def sample_family(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """`--num` images of `--prompt` from a `--model diffusers` run, drawn by its family's
+    pipeline (fastsp.family_pipelines.sample_run), written as sample_prompt writes them."""
+    from fastsp.family_pipelines import sample_run
+
+    if args.prompt is None:
+        raise ConfigError(
+            f"{args.checkpoint} is a {loaded.model_config.family} model, sampled from a prompt: "
+            "pass --prompt (and --pipeline when the run did not start from a pipeline folder)"
+        )
+    given = [_flag(name) for name in _FASTSP_PROMPT_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: a {loaded.model_config.family} run is drawn by its diffusers "
+            "pipeline (its encoders, VAE and the run's scheduler); drop them, pass --pipeline"
+        )
+    check_label(args.label, loaded.model_config.num_classes)
+    images = sample_run(
+        loaded,
+        args.prompt,
+        num=args.num,
+        steps=args.steps,
+        cfg=args.cfg,
+        cfg_rescale=args.cfg_rescale,
+        guidance=args.guidance,
+        seed=args.seed,
+        device=args.device,
+        negative_prompt=args.negative_prompt,
+        pipeline=args.pipeline,
+    )
+    save_png(image_grid(images, padding=0 if args.num == 1 else 1), args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -259,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size is None:
             args.batch_size = DEFAULT_BATCH
         loaded = load_model(args.checkpoint, weights=args.weights, device=args.device)
-        if args.prompt is None:
-            sample_grid(args, loaded)
+        if isinstance(loaded.model_config, DiffusersConfig):
+            sample_family(args, loaded)
         else:
-            sample_prompt(args, loaded)
+            args.sampler = args.sampler or "ddim"
+            (sample_grid if args.prompt is None else sample_prompt)(args, loaded)
     except (ValueError, CheckpointError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -115,6 +115,13 @@ def test_an_export_with_a_scheduler_config_replaces_the_pipelines(build_once, tm
     assert pipeline_class.from_pretrained(out).scheduler.config.shift == 1.7
     model = export_denoiser(denoiser, tmp_path / "model", scheduler_config=trained)
     assert FlowMatchEulerDiscreteScheduler.from_pretrained(model).config.shift == 1.7
+    # another class than the pipeline's (SDXL's Euler): model_index.json names the run's
+    sdxl, unet, sdxl_class = _load(build_once, "sdxl")
+    ddim = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+    out = export_denoiser(unet, tmp_path / "sdxl", sdxl, scheduler_config=ddim)
+    scheduler = sdxl_class.from_pretrained(out).scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    assert scheduler.config.prediction_type == "v_prediction"
 
 
 def test_refusals_name_the_problem_and_write_nothing(build_once, tmp_path):
