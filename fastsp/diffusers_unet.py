@@ -20,12 +20,14 @@ model's size plus one tensor, and diffusers is not imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import struct
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -375,6 +377,36 @@ def export_to_diffusers(
     return write_diffusers_folder(out_dir, config, weights, scheduler_config)
 
 
+@contextlib.contextmanager
+def assembled_beside(out: Path) -> Iterator[Path]:
+    """A new temporary folder beside `out` (new or empty: `check_export_folder`) to assemble an
+    export in; leaving the block syncs its files and renames it to `out`, so `out` is either
+    whole or absent. A write that fails (a full disk; safetensors raises its own type) removes it
+    and reads as a CheckpointWriteError naming `out`; any other error removes it too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if out.exists():
+            out.rmdir()  # empty, checked by check_export_folder
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or str(error)
+        raise CheckpointWriteError(
+            f"cannot write {out}: {reason}; nothing of it was written (it is assembled beside "
+            "it and renamed into place): free space (or fix the cause) and rerun"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_diffusers_folder(
     out_dir: str | Path,
     config: dict[str, Any],
@@ -389,10 +421,7 @@ def write_diffusers_folder(
     out = Path(out_dir)
     check_export_folder(out)
     config = {**config, "_diffusers_version": EXPORT_DIFFUSERS_VERSION}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with assembled_beside(out) as tmp:
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -400,22 +429,6 @@ def write_diffusers_folder(
             scheduler_config = {**scheduler_config, "_diffusers_version": EXPORT_DIFFUSERS_VERSION}
             text = json.dumps(scheduler_config, indent=2, sort_keys=True) + "\n"
             (tmp / SCHEDULER_CONFIG_NAME).write_text(text)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own type
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or str(error)
-        raise CheckpointWriteError(
-            f"cannot write {out}: {reason}; nothing of it was written (it is assembled beside "
-            "it and renamed into place): free space (or fix the cause) and rerun"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -18,17 +18,14 @@ diffusers and transformers come with the `sd` extra; without them a ConfigError 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
-from fastsp.errors import CheckpointWriteError, ConfigError
+from fastsp.errors import ConfigError
 from fastsp.sd_components import require
 
 __all__ = [
@@ -257,7 +254,7 @@ def export_denoiser(
 
     out_dir must not exist or be empty; it is assembled in a temporary folder beside it and
     renamed into place, so a failed write leaves nothing of it (a CheckpointWriteError)."""
-    from fastsp.diffusers_unet import check_export_folder
+    from fastsp.diffusers_unet import assembled_beside, check_export_folder
 
     out = Path(out_dir)
     check_export_folder(out)
@@ -272,16 +269,17 @@ def export_denoiser(
                 f"{out} is inside the pipeline folder {pipeline_folder}, which the export "
                 f"copies; pass a folder outside it"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    with assembled_beside(out) as tmp:
         if pipeline_folder is None:
             denoiser.save_pretrained(tmp)
             scheduler_path = tmp / "scheduler_config.json"
         else:
             root = Path(pipeline_folder)
             shutil.copytree(
-                root, tmp, ignore=lambda d, names: [slot] if Path(d) == root else [], symlinks=False
+                root,
+                tmp,
+                ignore=lambda d, names: [slot] if Path(d) == root else [],
+                dirs_exist_ok=True,
             )
             denoiser.save_pretrained(tmp / slot)
             scheduler_path = tmp / "scheduler" / "scheduler_config.json"
@@ -297,23 +295,6 @@ def export_denoiser(
         if pipeline_folder is not None and (index or pipeline_config):
             index = {**read_model_index(tmp), **index, **(pipeline_config or {})}
             (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for folder, _, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(folder, name), "rb") as f:
-                    os.fsync(f.fileno())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as error:  # a full disk: safetensors raises its own type
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or str(error)
-        raise CheckpointWriteError(
-            f"cannot write {out}: {reason}; nothing of it was written (it is assembled beside "
-            "it and renamed into place): free space (or fix the cause) and rerun"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
