@@ -5,45 +5,30 @@ import json
 from pathlib import Path
 
 import torch
+from sd_tiny import TINY_UNET_CONFIG
 
 CONTEXT_LEN = 5
 # Each family's constructor arguments (diffusers 0.42), the latent channels and the pooled width.
 TINY = {
     "sd": dict(
         cls="UNet2DConditionModel",
-        config=dict(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=4,
-        ),
+        config={**TINY_UNET_CONFIG, "cross_attention_dim": 16},
         pooled=0,
     ),
     "sdxl": dict(
         cls="UNet2DConditionModel",
-        config=dict(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=4,
-            projection_class_embeddings_input_dim=8 + 6 * 4,  # pooled 8 + 6 time ids x 4
-            cross_attention_dim=16,
-            norm_num_groups=4,
-        ),
+        config={  # SDXL's layout: attention in the lower block only, deeper there
+            **TINY_UNET_CONFIG,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 2),
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 4,
+            "projection_class_embeddings_input_dim": 8 + 6 * 4,  # pooled 8 + 6 time ids x 4
+            "cross_attention_dim": 16,
+        },
         pooled=8,
     ),
     "sd3": dict(

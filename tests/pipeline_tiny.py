@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from sd_tiny import MAX_LENGTH, WORDS, save_tokenizer
+from sd_tiny import MAX_LENGTH, TINY_UNET_CONFIG, WORDS, save_tokenizer
 
 T5_DIM = 64  # SD3 pads its CLIP contexts (2 x 32) to T5's width
 T5_LENGTH = 6  # --max-sequence-length of the tests: short T5 contexts
@@ -83,19 +83,8 @@ def _vae(latent_channels: int, shift_factor: float | None, scaling_factor: float
 def _unet(cross_attention_dim: int, **extra):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=4,
-        **extra,
-    ).eval()
+    config = {**TINY_UNET_CONFIG, "cross_attention_dim": cross_attention_dim, **extra}
+    return UNet2DConditionModel(**config).eval()
 
 
 def _sd(clip_tokenizer, vocab_size):
