@@ -2,17 +2,20 @@
 
 fastsp/fake_cuda.cpp registers a CUDA device guard, CUDA hooks ("built, not available") and a
 CUDA generator in a CPU-only torch; `load_fake_cuda` builds it with torch.utils.cpp_extension at
-first use (in a child process), caches it, and loads it with RTLD_GLOBAL. fastsp.dryrun calls it
-first thing, which is why importing the dry run registers fake CUDA in the whole process.
+first use (in a child process, once however many dry runs start together), caches it, and
+loads it with RTLD_GLOBAL. fastsp.dryrun calls it first thing, which is why importing the dry
+run registers fake CUDA in the whole process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +34,13 @@ def _extension_dir() -> Path:
     return Path(root) / f"fastsp_fake_cuda_{digest}"
 
 
-def _build(folder: Path) -> Path:
-    """Compile fake_cuda.cpp in a child process (building needs torch imported, and this process
-    must not import torch before the library is loaded); returns the shared library."""
+def _library(folder: Path) -> Path:
+    """The built extension in `folder`, built first if it is not there: under a lock on the
+    folder, so that concurrent dry runs (a job's ranks, a test suite's workers) build it once,
+    and moved into place whole, so that none loads a library another is still linking."""
+    library = folder / "fastsp_fake_cuda.so"
+    if library.is_file():
+        return library
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -47,6 +54,19 @@ def _build(folder: Path) -> Path:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_INVALID_INPUT) from None
+    with open(folder / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not library.is_file():  # not built by the process that held the lock before
+            build = folder / f"build-{os.getpid()}"
+            build.mkdir(exist_ok=True)
+            os.replace(_build(build), library)
+            shutil.rmtree(build, ignore_errors=True)  # the compiler's objects
+    return library
+
+
+def _build(folder: Path) -> Path:
+    """Compile fake_cuda.cpp in a child process (building needs torch imported, and this process
+    must not import torch before the library is loaded); returns the shared library."""
     code = (
         "import sys; from torch.utils.cpp_extension import load; "
         "load('fastsp_fake_cuda', [sys.argv[1]], build_directory=sys.argv[2], "
@@ -78,9 +98,7 @@ def load_fake_cuda() -> None:
         # A CUDA (or ROCm) build registers the real guard, hooks and generator; registering
         # them twice would stop the process (c10's registry exits on a duplicate key).
         return
-    library = _extension_dir() / "fastsp_fake_cuda.so"
-    if not library.is_file():
-        library = _build(library.parent)
+    library = _library(_extension_dir())
     for name in ("libc10.so", "libtorch_cpu.so"):  # the symbols the extension links against
         ctypes.CDLL(str(torch_lib / name), mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)

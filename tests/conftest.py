@@ -11,8 +11,8 @@ addopts; `-n 0` runs it in one process). What keeps that safe, and what every te
   port 0 for MASTER_PORT), never a fixed one.
 - What several tests read is built once per run by `build_once` (a session fixture): read-only
   for the tests; a test that writes copies it into its tmp_path first.
-- Tests that share a resource outside tmp_path (the dry run's fake-CUDA extension, built into
-  torch's extension folder) carry the same `xdist_group`, so that one worker runs them in turn.
+- A resource outside tmp_path that several workers may build at once (the dry run's fake-CUDA
+  extension, in torch's extension folder) is built under a lock by its owner (fastsp.fake_cuda).
 - Tests marked `slow` are handed out first, so that the longest ones do not end the run alone.
 """
 

@@ -2,10 +2,12 @@
 FLOPs that match an independent count, and planted faults are reported by name.
 
 fastsp.dryrun registers fake CUDA process-wide before torch loads, so every case runs in a
-subprocess; the first one also builds the C++ extension (cached afterwards).
+subprocess; the first one also builds the C++ extension (cached afterwards; fastsp.fake_cuda
+builds it once under a lock, however many workers start a dry run at once).
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +28,6 @@ pytestmark = [
         torch.backends.cuda.is_built() and not torch.cuda.is_available(),
         reason="a CUDA build of torch without a GPU: the dry run needs the CPU-only build or a GPU",
     ),
-    # One worker runs these in turn: the first builds the extension into torch's extension
-    # folder, which the others would otherwise build or load at the same moment.
-    pytest.mark.xdist_group("fake_cuda_extension"),
 ]
 
 
@@ -332,3 +331,32 @@ def test_a_diffusers_family_dry_runs_from_its_config_alone(family, tmp_path):
     assert sp["state_bytes"] - mse["state_bytes"] >= 2 * parameters
     assert 1.0 < figures["sp_mse_flop_ratio"] < 3.0
     assert mse["graph"] == [] and sp["graph"] == [] and sp["host_syncs"] == 0
+
+
+BUILD_SCRIPT = """
+import sys
+from fastsp import fake_cuda
+fake_cuda.load_fake_cuda()  # builds into $TORCH_EXTENSIONS_DIR, then loads
+import torch
+sys.exit(0 if torch.zeros(1).sum() == 0 else 1)
+"""
+
+
+@pytest.mark.slow
+def test_dry_runs_that_start_together_build_the_extension_once(tmp_path):
+    # A job's ranks (or a test run's workers) starting dry runs at once into an empty extension
+    # folder: one builds under the folder's lock, the other waits and loads the finished library.
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_SCRIPT], cwd=REPO, env=env, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    for process in starts:
+        assert process.wait(timeout=600) == 0, process.stderr.read().decode()[-3000:]
+    (folder,) = tmp_path.iterdir()
+    assert sorted(path.name for path in folder.iterdir()) == [
+        ".build.lock",
+        "fastsp_fake_cuda.so",
+    ]  # one library; the compiler's objects went with their build folder
