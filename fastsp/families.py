@@ -165,12 +165,6 @@ def mid_tap_name(config: DiffusersConfig) -> str:
     return f"single_transformer_blocks.{first - double - 1}"
 
 
-def describe_attention(network: DiffusersDenoiser) -> str:
-    """backends.json's attention line: the module's own attention processors (diffusers')."""
-    processors = sorted({type(p).__name__ for p in network.denoiser.attn_processors.values()})
-    return f"diffusers' own processors ({', '.join(processors)}: torch SDPA), xformers not used"
-
-
 def from_pretrained(config: DiffusersConfig, folder: Path) -> DiffusersDenoiser:
     """The wrapper around diffusers' own `from_pretrained` of a model folder (fp32)."""
     denoiser = denoiser_class(config).from_pretrained(folder, torch_dtype=torch.float32)

@@ -34,6 +34,8 @@ from fastsp.config_fields import (
 from fastsp.errors import ConfigError
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
+# The attention backends of diffusers' processors (fastsp.family_attention): no "math" there
+_BACKENDS = tuple(b for b in ATTENTION_BACKENDS if b != "math")
 # The diffusers classes a run trains, each with its family (a UNet's is decided by its config)
 DENOISER_CLASSES = {
     "UNet2DConditionModel": "sd",
@@ -74,7 +76,9 @@ class DiffusersConfig:
     in_channels: int = option(4, "latent channels of the unpacked latents (from the data)")
     num_classes: int = option(0, "always 0: the families are text-conditioned")
     context_dim: int = option(0, "the prompt embeddings' width (from the data)")
-    attention_backend: str = option("auto", "diffusers' own attention", ATTENTION_BACKENDS)
+    attention_backend: str = option(
+        "auto", "xformers where it runs, else diffusers' SDPA (fastsp.family_attention)", _BACKENDS
+    )
     guidance: float = option(1.0, "flux with guidance_embeds: the guidance value it is given")
     num_timesteps: int = option(1000, "fastsp's T: the model time t is sigma T under flow")
 
@@ -89,7 +93,7 @@ class DiffusersConfig:
         require_int(self, "in_channels", 1)
         require_int(self, "num_classes", 0, 0, note=" (the families take no class labels)")
         require_int(self, "context_dim", 0)
-        require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        require_choice("attention_backend", self.attention_backend, _BACKENDS)
         require_number(self, "guidance", 0)
         require_int(self, "num_timesteps", 2)
 
@@ -157,9 +161,13 @@ def _read_json(path: Path) -> Any:
 def diffusers_model_config(train: Any, model_overrides: dict[str, Any]) -> DiffusersConfig:
     """The model config of `--model diffusers --init FOLDER` (`train`: the TrainConfig): the
     folder's class and config, its family checked against the process, the run's guidance and T.
-    Model options are refused (the folder's config.json is the architecture)."""
+    Model options are refused (the folder's config.json is the architecture), but for
+    --attention-backend."""
     init, diffusion = train.init, train.diffusion
     run = dict(guidance=train.guidance, num_timesteps=train.num_timesteps)
+    model_overrides = dict(model_overrides)
+    if "attention_backend" in model_overrides:
+        run["attention_backend"] = model_overrides.pop("attention_backend")
     saved = _read_json(Path(init) / "config.json") if init else None  # a run or checkpoint folder
     if isinstance(saved, dict) and saved.get("model", {}).get("kind") == "diffusers":
         model = {k: v for k, v in saved["model"].items() if k != "kind"}

@@ -388,6 +388,8 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
     assert all(torch.equal(v, ema[k]) for k, v in loaded.model.state_dict().items())
     stage2 = tmp_path / "stage2"
     _train(*_run_options(family, data, stage2), "--init", stage1, "--objective", "self_perceptual")
+    attention = json.loads((stage2 / "backends.json").read_text())["attention"]
+    assert "(sdpa: inputs are on cpu, xformers needs CUDA tensors;" in attention
     metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
 
@@ -400,6 +402,7 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
         ("unsupported class", "is not a denoiser fastsp trains"),
         ("a pipeline missing its part", "lists transformer/, but"),
         ("without --model diffusers", "holds a SD3Transformer2DModel: train it with --model"),
+        ("forced xformers on CPU", "--attention-backend xformers cannot run the SD3Transformer"),
     ],
 )
 def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
@@ -412,6 +415,8 @@ def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
         options += ["--objective", "self_perceptual", "--perceptual-layers", "down2"]
     elif case == "a pipeline missing its part":
         (pipeline / "transformer" / "config.json").unlink()
+    elif case == "forced xformers on CPU":
+        options += ["--attention-backend", "xformers"]
     elif case == "without --model diffusers":
         options.remove("--model")
         options.remove("diffusers")
