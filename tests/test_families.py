@@ -6,8 +6,9 @@ models of each family built here (tests/family_tiny.py):
 - feature taps: "mid" and module paths per family; the perceptual pass runs no block after the
   deepest tap (a module-call counter), and its features equal, in float64, the same module's
   outputs in an uncut forward;
-- the fast step equals the naive reference step in float64 for each family, both objectives, and
-  reads nothing on the host; CFG dropout gives dropped rows the empty prompt's context AND pooled
+- the fast step equals the naive reference step in float64 for each family, MSE and the
+  self-perceptual loss, and model guidance (SDXL, SD3, Flux: the null condition is the empty
+  prompt's context and pooled embedding, SDXL's time ids kept), and reads nothing on the host; CFG dropout gives dropped rows the empty prompt's context AND pooled
   embedding, and keeps the time ids;
 - the trainer end to end on hand-written shards (train, checkpoint with diffusers' key names,
   stage 2 from it), DDP over two processes equal to one, and the refusals (exit 2, nothing
@@ -39,6 +40,7 @@ from fastsp.errors import ConfigError
 from fastsp.families import DiffusersDenoiser
 from fastsp.family_config import DiffusersConfig, check_data, family_of
 from fastsp.flow import FlowProcess
+from fastsp.model_guidance import ModelGuidance
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
 
@@ -218,9 +220,13 @@ def test_an_unknown_tap_or_a_container_names_the_valid_ones():
 
 
 # ---- the step ----------------------------------------------------------------------------------
-def _step(family, model, perceptual, objective, online=None, **options) -> TrainStep:
+def _step(family, model, perceptual, objective, online=None, ema=None, **options) -> TrainStep:
     process = _process(family)
     loss = SelfPerceptualLoss(perceptual, process) if objective == "self_perceptual" else None
+    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
+    guidance = None
+    if objective == "model_guidance":  # the EMA guides, as the trainer builds it
+        guidance = ModelGuidance(ema, process.num_timesteps, **_GUIDANCE)
     context = conditions(family, 1)["context"].shape[1:]
     config = StepConfig(
         seed=3,
@@ -236,11 +242,12 @@ def _step(family, model, perceptual, objective, online=None, **options) -> Train
         config,
         model=model,
         online=online or model,
-        ema=copy.deepcopy(model).requires_grad_(False),
+        ema=ema,
         optimizer=torch.optim.AdamW(model.parameters(), lr=LR, fused=True),
         schedule=process,
         perceptual_loss=loss,
         device=torch.device("cpu"),
+        model_guidance=guidance,
     )
 
 
@@ -249,31 +256,65 @@ def _batch(family):
     return {"x": x, **cond}
 
 
+# Model guidance (fastsp.model_guidance): w and t_max with guided and unguided rows in the batch
+_GUIDANCE = {"scale": 0.45, "t_max": 1.0}
+_DROPOUT = {"mse": 0.0, "self_perceptual": 0.0, "model_guidance": 0.5}
+
+
+def _null_condition(family, step, cond, drop):
+    """What CFG dropout gives the dropped rows, written out: the empty prompt's context and
+    pooled embedding; SDXL's time ids are kept."""
+    null = {"context": step.null_context.expand_as(cond["context"])}
+    if "pooled" in cond:
+        null["pooled"] = step.null_pooled.expand_as(cond["pooled"])
+    dropped = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k], v)
+               for k, v in cond.items() if k in null}  # fmt: skip
+    return {**cond, **dropped}, {**cond, **null}
+
+
 @pytest.mark.parametrize(
     "family, objective",
     [
         *[(family, "mse") for family in FAMILIES],
         *[(family, "self_perceptual") for family in FAMILIES if family != "sdxl"],
         pytest.param("sdxl", "self_perceptual", marks=pytest.mark.slow),
+        *[(family, "model_guidance") for family in ("sdxl", "sd3", "flux")],
     ],
 )
 def test_fast_step_equals_the_reference_step_per_family(family, objective):
     model, perceptual = _wrapped(family), _wrapped(family, seed=1).eval().requires_grad_(False)
-    ref_model = copy.deepcopy(model)
+    ema = _wrapped(family, seed=2).requires_grad_(False)  # a guide that differs from the model
+    ref_model, ref_ema = copy.deepcopy(model), copy.deepcopy(ema)
     batch = _batch(family)
-    step = _step(family, model, perceptual, objective)
+    dropout = _DROPOUT[objective]
+    step = _step(family, model, perceptual, objective, ema=ema, label_dropout=dropout)
+    g = torch.Generator().manual_seed(9)  # the empty prompt's embeddings of prepared shards
+    step.null_context.copy_(torch.randn(step.null_context.shape, generator=g))
+    if step.null_pooled is not None:
+        step.null_pooled.copy_(torch.randn(step.null_pooled.shape, generator=g))
     step.load(batch, 5, LR, 0.1)
     with FailOnHostSync():
         step.compute(zero_grad=False)
 
     process = _process(family)
-    noise, t, _, t_prime = step_randomness(
-        3, 5, B, (4, SIDE, SIDE), process, 0.0, "cpu", step.perceptual_loss, torch.float64
+    noise, t, drop, t_prime = step_randomness(
+        3, 5, B, (4, SIDE, SIDE), process, dropout, "cpu", step.perceptual_loss, torch.float64
     )
     cond = {k: v for k, v in batch.items() if k != "x"}
     args = (batch["x"], noise, t)
     flow = PROCESS[family] == "flow"
-    if objective == "mse" and flow:
+    if objective == "model_guidance":
+        assert 0 < int(drop.sum()) < B  # guided rows and rows dropout gave the empty prompt
+        cond, null_cond = _null_condition(family, step, cond, drop)
+        if family == "sdxl":  # the null condition keeps the time ids, row for row
+            assert torch.equal(step.null_condition(B, cond)["time_ids"], batch["time_ids"])
+        alphas = None if flow else process.alphas_cumprod.double()
+        ref_loss = reference.reference_model_guidance_loss(
+            ref_model, ref_ema, *args, cond, null_cond, ~drop, **_GUIDANCE,
+            alphas_cumprod=alphas, num_timesteps=process.num_timesteps,
+            prediction_type=process.prediction_type,
+        )  # fmt: skip
+    elif objective == "mse" and flow:
         ref_loss = reference.reference_flow_mse_loss(ref_model, *args, **cond)
     elif objective == "mse":
         alphas = process.alphas_cumprod.double()
