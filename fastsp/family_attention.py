@@ -8,11 +8,12 @@ diffusers' xformers path per processor (0.42), the pairs
 `Attention.set_use_memory_efficient_attention_xformers` makes, and the attention dispatcher:
 
     processor (families)                  xformers
-    AttnProcessor2_0 (sd, sdxl)           XFormersAttnProcessor
+    AttnProcessor2_0 (sd, sdxl, pixart)   XFormersAttnProcessor
     JointAttnProcessor2_0 (sd3)           XFormersJointAttnProcessor
     FluxAttnProcessor (flux), any         the dispatcher's "xformers" backend
       processor of the dispatcher           (`ModelMixin.set_attention_backend`)
-    anything else                         none: it keeps its own processor (SDPA)
+    anything else (sana's linear self-    none: it keeps its own processor (SDPA)
+      and its cross-attention)
 
 The pairs are swapped with `set_attn_processor` rather than through
 `enable_xformers_memory_efficient_attention`, which runs a CUDA probe (no fake-CUDA dry run) and

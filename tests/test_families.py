@@ -2,14 +2,16 @@
 models of each family built here (tests/family_tiny.py):
 
 - the wrapper calls each module as diffusers' pipelines do (Flux's packing and ids through
-  FluxPipeline's own helpers);
+  FluxPipeline's own helpers; PixArt-alpha's size conditions, Sana's timestep scale, and the
+  learned variance half dropped);
 - feature taps: "mid" and module paths per family; the perceptual pass runs no block after the
   deepest tap (a module-call counter), and its features equal, in float64, the same module's
   outputs in an uncut forward;
 - the fast step equals the naive reference step in float64 for each family, MSE and the
   self-perceptual loss, and model guidance (SDXL, SD3, Flux: the null condition is the empty
-  prompt's context and pooled embedding, SDXL's time ids kept), and reads nothing on the host; CFG dropout gives dropped rows the empty prompt's context AND pooled
-  embedding, and keeps the time ids;
+  prompt's context and pooled embedding, SDXL's time ids kept), and reads nothing on the host;
+  CFG dropout gives dropped rows the empty prompt's context AND pooled embedding, and keeps the
+  time ids;
 - the trainer end to end on hand-written shards (train, checkpoint with diffusers' key names,
   stage 2 from it), DDP over two processes equal to one, and the refusals (exit 2, nothing
   written).
@@ -111,8 +113,8 @@ def test_flux_is_called_as_flux_pipeline_packs_and_ids_it():
     assert torch.equal(model(x, t, **cond), expected)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
-def test_the_unets_and_sd3_are_called_with_their_pipelines_timesteps(family):
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "pixart", "sana"])
+def test_the_unets_and_transformers_are_called_with_their_pipelines_timesteps(family):
     model = _wrapped(family)
     x, t, cond = _inputs(family)
     kwargs = {"encoder_hidden_states": cond["context"], "return_dict": False}
@@ -121,6 +123,16 @@ def test_the_unets_and_sd3_are_called_with_their_pipelines_timesteps(family):
     if family == "sd3":  # StableDiffusion3Pipeline: timestep = sigma * 1000
         kwargs["pooled_projections"] = cond["pooled"]
         expected = model.denoiser(hidden_states=x, timestep=t, **kwargs)[0]
+    elif family == "pixart":  # PixArtAlphaPipeline: the image size in pixels, the eps half
+        height = width = SIDE * 8
+        kwargs["added_cond_kwargs"] = {
+            "resolution": torch.tensor([height, width]).repeat(B, 1).to(x.dtype),
+            "aspect_ratio": torch.tensor([float(height / width)]).repeat(B, 1).to(x.dtype),
+        }
+        expected = model.denoiser(x, timestep=t, **kwargs)[0].chunk(2, dim=1)[0]
+    elif family == "sana":  # SanaPipeline: timestep = sigma * 1000 * timestep_scale
+        scale = model.denoiser.config.timestep_scale
+        expected = model.denoiser(x, timestep=t * scale, **kwargs)[0]
     else:
         expected = model.denoiser(x, t, **kwargs)[0]
     assert torch.equal(model(x, t, **cond), expected)
@@ -144,12 +156,16 @@ _BLOCKS = {
     "sdxl": ("down_blocks", "mid_block", "up_blocks"),
     "sd3": ("transformer_blocks",),
     "flux": ("transformer_blocks", "single_transformer_blocks"),
+    "pixart": ("transformer_blocks",),
+    "sana": ("transformer_blocks",),
 }
 _MID = {
     "sd": "mid_block",
     "sdxl": "mid_block",
     "sd3": "transformer_blocks.0",  # 2 blocks: the output of the first
     "flux": "single_transformer_blocks.0",  # 1 double + 3 single: the output of the first 2
+    "pixart": "transformer_blocks.0",
+    "sana": "transformer_blocks.0",
 }
 
 
@@ -371,6 +387,17 @@ def test_cfg_dropout_drops_context_and_pooled_to_the_empty_prompt_and_keeps_time
     assert torch.equal(seen["context"][~drop], batch["context"][~drop])
     assert torch.equal(seen["pooled"][~drop], batch["pooled"][~drop])
     assert torch.equal(seen["time_ids"], batch["time_ids"])  # never dropped
+
+
+def test_sana_sprint_and_pixarts_variance_half():
+    # Sana-Sprint's guidance embedding (consistency distillation) is refused in one line;
+    # PixArt-alpha's out_channels 2 C is a learned variance the data need not match.
+    with pytest.raises(ConfigError, match="guidance_embeds .Sana-Sprint.*not supported"):
+        family_of("SanaTransformer2DModel", {"guidance_embeds": True})
+    pixart = _config("pixart")
+    assert (pixart.out_latent_channels, pixart.context_width, pixart.pooled_dim) == (4, 16, 0)
+    check_data(pixart, "pixart", {"channels": 4, "context_dim": 16, "pooled_dim": 0,
+                                  "time_ids": False})  # fmt: skip
 
 
 def test_data_of_another_family_or_shape_is_refused():

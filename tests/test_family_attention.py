@@ -4,8 +4,9 @@ tests/family_tiny.py:
 - the decision is fastsp.attention's rule (here with xformers' availability monkeypatched, since
   this machine has no GPU): SDPA on CPU and where xformers' extension does not load, with the
   reason; xformers where it runs; a forced xformers that cannot run refused in one line;
-- the choice reaches the module: diffusers' xformers processors (SD, SDXL, SD3) or the attention
-  dispatcher's xformers backend (Flux) on every attention module, the process's active backend
+- the choice reaches the module: diffusers' xformers processors (SD, SDXL, SD3, PixArt) or the
+  attention dispatcher's xformers backend (Flux) on every attention module (Sana's processors
+  have no xformers path and keep SDPA), the process's active backend
   untouched, and with a float64 stand-in for xformers' kernel the swapped processors compute the
   family's output; a CPU run keeps its processors and its output to the bit;
 - on a GPU with xformers' extension (marked cuda): xformers' forward and backward agree with
@@ -22,10 +23,11 @@ from fastsp import family_attention
 from fastsp.errors import ConfigError
 from fastsp.family_config import DiffusersConfig
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")  # with an xformers path in diffusers
 CPU = torch.device("cpu")
 _XFORMERS = {"sd": "XFormersAttnProcessor", "sdxl": "XFormersAttnProcessor",
-             "sd3": "XFormersJointAttnProcessor", "flux": "FluxAttnProcessor"}  # fmt: skip
+             "sd3": "XFormersJointAttnProcessor", "flux": "FluxAttnProcessor",
+             "pixart": "XFormersAttnProcessor"}  # fmt: skip
 _NO_EXTENSION = "xformers 0.0.35's C++/CUDA extension does not load (built for another torch)"
 
 
@@ -75,18 +77,18 @@ def test_the_decision_is_fastsps_rule(family, monkeypatch):
         DiffusersConfig(**{**_config(family).__dict__, "attention_backend": "math"})
 
 
-def test_a_processor_without_an_xformers_path_keeps_sdpa(monkeypatch):
-    # A processor diffusers has no xformers twin for (here AttnProcessor, the pre-SDPA one):
-    # auto keeps SDPA for the module and says why; a forced xformers is refused.
-    from diffusers.models.attention_processor import AttnProcessor
-
-    model = _wrapped("sd")
-    model.denoiser.set_attn_processor(AttnProcessor())
+def test_sanas_processors_have_no_xformers_path_and_keep_sdpa(monkeypatch):
+    # Sana's linear self-attention (no softmax) and its cross-attention have no xformers twin in
+    # diffusers: auto keeps them, and says why, even where xformers runs; a forced xformers is
+    # refused in one line.
+    model = _wrapped("sana")
+    processors = _processors(model)
     _xformers_available(monkeypatch, True)
     line = family_attention.use_attention([model], "auto", CPU, torch.float32)
-    assert "(sdpa: diffusers has no xformers path for AttnProcessor;" in line
-    assert {name for name, _ in _processors(model)} == {"AttnProcessor"}
-    with pytest.raises(ConfigError, match="no xformers path for AttnProcessor"):
+    pathless = "SanaAttnProcessor2_0, SanaLinearAttnProcessor2_0"
+    assert f"(sdpa: diffusers has no xformers path for {pathless};" in line
+    assert _processors(model) == processors
+    with pytest.raises(ConfigError, match=f"no xformers path for {pathless}; pass"):
         family_attention.use_attention([model], "xformers", CPU, torch.float32)
 
 
