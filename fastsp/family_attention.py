@@ -140,7 +140,8 @@ def describe(denoiser: nn.Module) -> str:
             active = _AttentionBackendRegistry.get_active_backend()[0]
             kernel = f"dispatcher: {getattr(active, 'value', active)}"
         else:
-            kernel = "xformers" if name.startswith("XFormers") else "torch SDPA"
+            known = "torch SDPA" if type(processor) in xformers_processors() else "its own"
+            kernel = "xformers" if name.startswith("XFormers") else known
         counts[f"{name} ({kernel})"] = counts.get(f"{name} ({kernel})", 0) + 1
     total = sum(counts.values())
     return ", ".join(f"{name} for {n} of {total} attention modules" for name, n in counts.items())
