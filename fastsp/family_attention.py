@@ -2,7 +2,9 @@
 it runs (fastsp.attention.choose_kernel: CUDA inputs, xformers' own C++/CUDA extension loads and
 its dispatcher has one of its own operators for the module's heads) AND diffusers has an xformers
 path for the module's attention processor; diffusers' own SDPA processors otherwise. The choice
-is made once, before the step is built, and backends.json names it with the reason.
+is made once, before the step is built, and backends.json names it with the reason. Under
+--compile `auto` keeps SDPA: diffusers' xformers processors call xformers' Python dispatcher,
+which dynamo cannot trace (xformers#765; fastsp's own layers wrap the kernel in custom ops).
 
 diffusers' xformers path per processor (0.42), the pairs
 `Attention.set_use_memory_efficient_attention_xformers` makes, and the attention dispatcher:
@@ -78,13 +80,22 @@ def _probe(module: nn.Module, device: torch.device, dtype: torch.dtype):
 
 
 def decide_attention(
-    denoiser: nn.Module, backend: str, device: torch.device, dtype: torch.dtype
+    denoiser: nn.Module,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    compiled: bool = False,
 ) -> tuple[str, str]:
     """("xformers" or "sdpa", why) for a training step of `denoiser` (diffusers' module) in
-    `dtype` on `device` under `--attention-backend backend` ("auto", "xformers" or "sdpa").
-    A forced xformers that cannot run raises ConfigError listing every reason."""
+    `dtype` on `device` under `--attention-backend backend` ("auto", "xformers" or "sdpa");
+    `compiled`: the networks go through torch.compile. A forced xformers that cannot run raises
+    ConfigError listing every reason."""
     if backend == "sdpa":
         return "sdpa", "--attention-backend sdpa"
+    if backend == "auto" and compiled:
+        # diffusers' xformers processors call xformers' Python dispatcher, which dynamo cannot
+        # trace (xformers#765); fastsp's own layers wrap it in custom ops, diffusers' do not
+        return "sdpa", "--compile: diffusers' xformers processors are not compile-safe"
     modules = _attention_modules(denoiser).values()
     pathless = sorted({type(p).__name__ for _, p in modules if _xformers_path(p) is None})
     partial = f"diffusers has no xformers path for {', '.join(pathless)}" if pathless else ""
@@ -147,14 +158,16 @@ def describe(denoiser: nn.Module) -> str:
     return ", ".join(f"{name} for {n} of {total} attention modules" for name, n in counts.items())
 
 
-def use_attention(networks, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def use_attention(
+    networks, backend: str, device: torch.device, dtype: torch.dtype, compiled: bool = False
+) -> str:
     """Give every diffusers denoiser in `networks` (the online, EMA and frozen networks, wrapped
     or not) the attention `decide_attention` chooses; returns backends.json's attention line."""
     denoisers = {
         id(m): m.denoiser for n in networks for m in n.modules() if isinstance(m, DiffusersDenoiser)
     }
     first = next(iter(denoisers.values()))
-    kernel, why = decide_attention(first, backend, device, dtype)
+    kernel, why = decide_attention(first, backend, device, dtype, compiled)
     if kernel == "xformers":
         for denoiser in denoisers.values():
             set_xformers(denoiser)

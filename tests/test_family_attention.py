@@ -73,6 +73,11 @@ def test_the_decision_is_fastsps_rule(family, monkeypatch):
         "sdpa",
         "--attention-backend sdpa",
     )
+    kernel, why = family_attention.decide_attention(denoiser, "auto", CPU, torch.bfloat16, True)
+    assert (kernel, why) == (
+        "sdpa",
+        "--compile: diffusers' xformers processors are not compile-safe",
+    )
     with pytest.raises(ConfigError, match="invalid value 'math' for attention_backend"):
         DiffusersConfig(**{**_config(family).__dict__, "attention_backend": "math"})
 

@@ -139,7 +139,7 @@ def assemble(
     attention_backend = describe_attention(model_cfg.attention_backend, device)
     if isinstance(model_cfg, DiffusersConfig):  # diffusers' processors: xformers or SDPA
         backend = model_cfg.attention_backend
-        attention_backend = use_attention([*networks, ema], backend, device, dtype)
+        attention_backend = use_attention([*networks, ema], backend, device, dtype, cfg.compile)
     attention_fmha = None
     if device.type == "cuda" and model_cfg.attention_backend in ("auto", "xformers"):
         attention_fmha = record_fmha(networks, device, dtype)
