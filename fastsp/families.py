@@ -1,6 +1,7 @@
 """A diffusers denoiser trained in place: `DiffusersDenoiser` wraps diffusers' own module
-(`UNet2DConditionModel` for SD 1.x/2.x and SDXL, `SD3Transformer2DModel`, `FluxTransformer2DModel`)
-behind fastsp's model call, and names its feature taps.
+(`UNet2DConditionModel` for SD 1.x/2.x and SDXL, `SD3Transformer2DModel`, `FluxTransformer2DModel`,
+`PixArtTransformer2DModel`, `SanaTransformer2DModel`) behind fastsp's model call, and names its
+feature taps.
 
     forward(x, t, *, labels=None, context=None, pooled=None, time_ids=None) -> prediction like x
 
@@ -15,6 +16,14 @@ sigma * T). Each family's conventions are written once, here (what diffusers' pi
                        encoder_hidden_states=context, img_ids, txt_ids), unpacked (FluxPipeline:
                        2x2 patches of the latents as tokens; img_ids (0, row, col) per token,
                        txt_ids zeros; the guidance value g with guidance_embeds)
+    pixart transformer(x, timestep=t, encoder_hidden_states=context, added_cond_kwargs
+                       {"resolution": 8 (H, W), "aspect_ratio": H / W} where the module uses
+                       them (PixArt-alpha at 1024 px), else None)        (PixArtAlphaPipeline)
+    sana   transformer(x, timestep=1000 sigma timestep_scale, encoder_hidden_states=context)
+                                                                          (SanaPipeline)
+
+PixArt's and Sana's pipelines keep the first C output channels where out_channels is 2 C (a
+learned variance), and so does the wrapper: the variance half is not trained.
 
 Feature taps (`feature_taps`, read by fastsp.perceptual.FeatureExtractor, which stops the forward
 after the deepest): "mid" is the UNet's mid_block, and for the transformers the image-token hidden
@@ -22,9 +31,10 @@ states after the first depth // 2 blocks. Flux's blocks count in the order they 
 double-stream `transformer_blocks` then the 38 single-stream `single_transformer_blocks` of
 Flux.1 (57: "mid" is single_transformer_blocks.8, whose output ends the first 28); every block of
 both lists returns (text tokens, image tokens), the single-stream ones having split their joint
-sequence back at the text length, so a block's tap is its second output. Any module path of the
-diffusers module is a tap too (a transformer block: its image tokens; another module: its first
-output).
+sequence back at the text length, so a block's tap is its second output. PixArt's and Sana's
+blocks (cross-attention to the text, no text stream) return the image tokens alone: "mid" of
+PixArt-alpha's 28 is transformer_blocks.13. Any module path of the diffusers module is a tap too
+(an SD3 or Flux block: its image tokens; another module: its first output).
 
 The module's state_dict keeps diffusers' key names (no "denoiser." prefix), so a checkpoint's
 model.safetensors loads with `cls.from_config(config); load_state_dict(...)`.
@@ -44,6 +54,8 @@ _PREFIX = "denoiser."
 # A transformer block, whose output is (text tokens, image tokens)
 _BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.\d+")
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+# PixArt's VAE (SD's): 8 pixels per latent, 2 ** (len(block_out_channels) - 1)
+_PIXART_VAE_SCALE = 8
 
 
 def denoiser_class(config: DiffusersConfig) -> type[nn.Module]:
@@ -84,7 +96,13 @@ class DiffusersDenoiser(nn.Module):
             return self.denoiser(
                 x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False
             )[0]
+        if self.family == "pixart":
+            return self._pixart(x, t, context)
         sigma = t.to(x.dtype) / self.config.num_timesteps  # fastsp's flow time t = sigma T
+        if self.family == "sana":
+            timestep = 1000 * sigma * self.denoiser.config.timestep_scale
+            out = self.denoiser(x, context, timestep, return_dict=False)[0]
+            return out[:, : x.shape[1]]  # SanaPipeline: a learned variance half is dropped
         if self.family == "sd3":
             return self.denoiser(
                 hidden_states=x,
@@ -94,6 +112,20 @@ class DiffusersDenoiser(nn.Module):
                 return_dict=False,
             )[0]
         return self._flux(x, sigma, context, pooled)
+
+    def _pixart(self, x, t, context):
+        b, _, h, w = x.shape
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.denoiser.use_additional_conditions:  # PixArtAlphaPipeline: the size in pixels
+            size = [torch.full((b,), float(_PIXART_VAE_SCALE * n), device=x.device) for n in (h, w)]
+            added = {
+                "resolution": torch.stack(size, dim=1).to(x.dtype),
+                "aspect_ratio": torch.full((b, 1), h / w, device=x.device, dtype=x.dtype),
+            }
+        out = self.denoiser(
+            x, encoder_hidden_states=context, timestep=t, added_cond_kwargs=added, return_dict=False
+        )[0]
+        return out[:, : x.shape[1]]  # PixArtAlphaPipeline: the learned variance half is dropped
 
     def _flux(self, x, sigma, context, pooled):
         b, c, h, w = x.shape
@@ -163,12 +195,6 @@ def mid_tap_name(config: DiffusersConfig) -> str:
     if first <= double:
         return f"transformer_blocks.{first - 1}"
     return f"single_transformer_blocks.{first - double - 1}"
-
-
-def describe_attention(network: DiffusersDenoiser) -> str:
-    """backends.json's attention line: the module's own attention processors (diffusers')."""
-    processors = sorted({type(p).__name__ for p in network.denoiser.attn_processors.values()})
-    return f"diffusers' own processors ({', '.join(processors)}: torch SDPA), xformers not used"
 
 
 def from_pretrained(config: DiffusersConfig, folder: Path) -> DiffusersDenoiser:

@@ -12,6 +12,12 @@ and the process must match, decided from the folder's config.json:
                                                                          "text_time")
     sd3     SD3Transformer2DModel   flow     context, pooled
     flux    FluxTransformer2DModel  flow     context, pooled  (+ guidance with guidance_embeds)
+    pixart  PixArtTransformer2DModel ddpm    context  (PixArt-alpha's resolution and aspect ratio
+                                                       from the latents' size)
+    sana    SanaTransformer2DModel  flow     context
+
+PixArt and Sana train on the context without the prompt's attention mask their pipelines pass
+(every token attended, as SD3 and Flux do); Sana-Sprint (guidance_embeds) is refused.
 """
 
 from __future__ import annotations
@@ -33,15 +39,24 @@ from fastsp.config_fields import (
 )
 from fastsp.errors import ConfigError
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart", "sana")
+# The attention backends of diffusers' processors (fastsp.family_attention): no "math" there
+_BACKENDS = tuple(b for b in ATTENTION_BACKENDS if b != "math")
 # The diffusers classes a run trains, each with its family (a UNet's is decided by its config)
 DENOISER_CLASSES = {
     "UNet2DConditionModel": "sd",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "PixArtTransformer2DModel": "pixart",
+    "SanaTransformer2DModel": "sana",
 }
 # The process each family was trained under: its weights predict that process's target
-FAMILY_PROCESS = {"sd": "ddpm", "sdxl": "ddpm", "sd3": "flow", "flux": "flow"}
+FAMILY_PROCESS = {
+    "sd": "ddpm", "sdxl": "ddpm", "sd3": "flow", "flux": "flow", "pixart": "ddpm", "sana": "flow"
+}  # fmt: skip
+# The diffusers config key of each family's prompt-embedding width (sd, sdxl: cross_attention_dim)
+_CONTEXT_KEY = {"sd3": "joint_attention_dim", "flux": "joint_attention_dim",
+                "pixart": "caption_channels", "sana": "caption_channels"}  # fmt: skip
 # The subfolder of a pipeline folder that holds the denoiser
 _PIPELINE_SUBFOLDERS = ("unet", "transformer")
 # SDXL's added time ids: original size (h, w), crop top-left, target size (h, w)
@@ -57,6 +72,11 @@ def family_of(class_name: str, config: dict[str, Any]) -> str:
         )
     if class_name == "UNet2DConditionModel" and config.get("addition_embed_type") == "text_time":
         return "sdxl"
+    if class_name == "SanaTransformer2DModel" and config.get("guidance_embeds"):
+        raise ConfigError(
+            "a SanaTransformer2DModel with guidance_embeds (Sana-Sprint, trained by consistency "
+            "distillation) is not supported; pass a Sana model folder without it"
+        )
     return DENOISER_CLASSES[class_name]
 
 
@@ -74,7 +94,9 @@ class DiffusersConfig:
     in_channels: int = option(4, "latent channels of the unpacked latents (from the data)")
     num_classes: int = option(0, "always 0: the families are text-conditioned")
     context_dim: int = option(0, "the prompt embeddings' width (from the data)")
-    attention_backend: str = option("auto", "diffusers' own attention", ATTENTION_BACKENDS)
+    attention_backend: str = option(
+        "auto", "xformers where it runs, else diffusers' SDPA (fastsp.family_attention)", _BACKENDS
+    )
     guidance: float = option(1.0, "flux with guidance_embeds: the guidance value it is given")
     num_timesteps: int = option(1000, "fastsp's T: the model time t is sigma T under flow")
 
@@ -89,7 +111,7 @@ class DiffusersConfig:
         require_int(self, "in_channels", 1)
         require_int(self, "num_classes", 0, 0, note=" (the families take no class labels)")
         require_int(self, "context_dim", 0)
-        require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        require_choice("attention_backend", self.attention_backend, _BACKENDS)
         require_number(self, "guidance", 0)
         require_int(self, "num_timesteps", 2)
 
@@ -101,13 +123,14 @@ class DiffusersConfig:
     @property
     def out_latent_channels(self) -> int:
         out = self.diffusers.get("out_channels") or self.diffusers.get("in_channels", 64)
+        if self.family in ("pixart", "sana") and out == 2 * self.latent_channels:
+            return self.latent_channels  # a learned variance half, which the pipelines drop
         return out // 4 if self.family == "flux" else out
 
     @property
     def context_width(self) -> int:
         """D of the prompt embeddings the module takes."""
-        key = "cross_attention_dim" if self.family in ("sd", "sdxl") else "joint_attention_dim"
-        width = self.diffusers.get(key)
+        width = self.diffusers.get(_CONTEXT_KEY.get(self.family, "cross_attention_dim"))
         return width if is_int(width) else -1  # a per-block list: refused by check_data
 
     @property
@@ -117,7 +140,7 @@ class DiffusersConfig:
             total = self.diffusers.get("projection_class_embeddings_input_dim") or 0
             return total - SDXL_TIME_IDS * (self.diffusers.get("addition_time_embed_dim") or 0)
         if self.family in ("sd3", "flux"):
-            return self.diffusers.get("pooled_projection_dim", 0)
+            return self.diffusers.get("pooled_projection_dim", 0)  # pixart, sana: none
         return 0
 
     @property
@@ -157,9 +180,13 @@ def _read_json(path: Path) -> Any:
 def diffusers_model_config(train: Any, model_overrides: dict[str, Any]) -> DiffusersConfig:
     """The model config of `--model diffusers --init FOLDER` (`train`: the TrainConfig): the
     folder's class and config, its family checked against the process, the run's guidance and T.
-    Model options are refused (the folder's config.json is the architecture)."""
+    Model options are refused (the folder's config.json is the architecture), but for
+    --attention-backend."""
     init, diffusion = train.init, train.diffusion
     run = dict(guidance=train.guidance, num_timesteps=train.num_timesteps)
+    model_overrides = dict(model_overrides)
+    if "attention_backend" in model_overrides:
+        run["attention_backend"] = model_overrides.pop("attention_backend")
     saved = _read_json(Path(init) / "config.json") if init else None  # a run or checkpoint folder
     if isinstance(saved, dict) and saved.get("model", {}).get("kind") == "diffusers":
         model = {k: v for k, v in saved["model"].items() if k != "kind"}

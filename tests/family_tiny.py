@@ -63,8 +63,43 @@ TINY = {
         ),
         pooled=8,
     ),
+    "pixart": dict(
+        cls="PixArtTransformer2DModel",
+        config=dict(  # PixArt-alpha's layout: the size conditions and a learned variance half
+            num_attention_heads=3,  # the size embeddings take a third of the width each
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            cross_attention_dim=24,
+            caption_channels=16,
+            sample_size=8,
+            patch_size=2,
+            use_additional_conditions=True,
+        ),
+        pooled=0,
+    ),
+    "sana": dict(
+        cls="SanaTransformer2DModel",
+        config=dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=16,
+            sample_size=8,
+            patch_size=1,
+            timestep_scale=0.5,  # not 1: the wrapper must apply it
+        ),
+        pooled=0,
+    ),
 }
-PROCESS = {"sd": "ddpm", "sdxl": "ddpm", "sd3": "flow", "flux": "flow"}
+PROCESS = {"sd": "ddpm", "sdxl": "ddpm", "sd3": "flow", "flux": "flow", "pixart": "ddpm",
+           "sana": "flow"}  # fmt: skip
 
 
 def tiny_denoiser(family: str, seed: int = 0) -> torch.nn.Module:
@@ -88,7 +123,9 @@ def conditions(family: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random context [n, L, D], pooled [n, P] and (SDXL) time ids [n, 6] of `family`."""
     g = torch.Generator().manual_seed(seed)
     spec = TINY[family]
-    width = spec["config"].get("cross_attention_dim") or spec["config"]["joint_attention_dim"]
+    config = spec["config"]
+    width = config.get("caption_channels") or config.get("cross_attention_dim")
+    width = width or config["joint_attention_dim"]
     out = {"context": torch.randn(n, CONTEXT_LEN, width, generator=g)}
     if spec["pooled"]:
         out["pooled"] = torch.randn(n, spec["pooled"], generator=g)

@@ -306,7 +306,10 @@ def test_the_dry_world_size_is_the_dry_runs_own_option():
     assert check_world_size("ddp", None) == 1 and check_world_size("fsdp", "8") == 8
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize(
+    "family",
+    ["sdxl", "flux", *[pytest.param(f, marks=pytest.mark.slow) for f in ("pixart", "sana")]],
+)
 def test_a_diffusers_family_dry_runs_from_its_config_alone(family, tmp_path):
     # --model diffusers on a folder with only config.json (no weight is read): the step of the
     # module itself, capturable, holding weights, EMA and Adam's moments (16 bytes per weight)

@@ -2,13 +2,16 @@
 models of each family built here (tests/family_tiny.py):
 
 - the wrapper calls each module as diffusers' pipelines do (Flux's packing and ids through
-  FluxPipeline's own helpers);
+  FluxPipeline's own helpers; PixArt-alpha's size conditions, Sana's timestep scale, and the
+  learned variance half dropped);
 - feature taps: "mid" and module paths per family; the perceptual pass runs no block after the
   deepest tap (a module-call counter), and its features equal, in float64, the same module's
   outputs in an uncut forward;
-- the fast step equals the naive reference step in float64 for each family, both objectives, and
-  reads nothing on the host; CFG dropout gives dropped rows the empty prompt's context AND pooled
-  embedding, and keeps the time ids;
+- the fast step equals the naive reference step in float64 for each family, MSE and the
+  self-perceptual loss, and model guidance (all but SD: the null condition is the empty
+  prompt's context and pooled embedding, SDXL's time ids kept), and reads nothing on the host;
+  CFG dropout gives dropped rows the empty prompt's context AND pooled embedding, and keeps the
+  time ids;
 - the trainer end to end on hand-written shards (train, checkpoint with diffusers' key names,
   stage 2 from it), DDP over two processes equal to one, and the refusals (exit 2, nothing
   written).
@@ -39,6 +42,7 @@ from fastsp.errors import ConfigError
 from fastsp.families import DiffusersDenoiser
 from fastsp.family_config import DiffusersConfig, check_data, family_of
 from fastsp.flow import FlowProcess
+from fastsp.model_guidance import ModelGuidance
 from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
 
@@ -109,8 +113,8 @@ def test_flux_is_called_as_flux_pipeline_packs_and_ids_it():
     assert torch.equal(model(x, t, **cond), expected)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
-def test_the_unets_and_sd3_are_called_with_their_pipelines_timesteps(family):
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "pixart", "sana"])
+def test_the_unets_and_transformers_are_called_with_their_pipelines_timesteps(family):
     model = _wrapped(family)
     x, t, cond = _inputs(family)
     kwargs = {"encoder_hidden_states": cond["context"], "return_dict": False}
@@ -119,6 +123,16 @@ def test_the_unets_and_sd3_are_called_with_their_pipelines_timesteps(family):
     if family == "sd3":  # StableDiffusion3Pipeline: timestep = sigma * 1000
         kwargs["pooled_projections"] = cond["pooled"]
         expected = model.denoiser(hidden_states=x, timestep=t, **kwargs)[0]
+    elif family == "pixart":  # PixArtAlphaPipeline: the image size in pixels, the eps half
+        height = width = SIDE * 8
+        kwargs["added_cond_kwargs"] = {
+            "resolution": torch.tensor([height, width]).repeat(B, 1).to(x.dtype),
+            "aspect_ratio": torch.tensor([float(height / width)]).repeat(B, 1).to(x.dtype),
+        }
+        expected = model.denoiser(x, timestep=t, **kwargs)[0].chunk(2, dim=1)[0]
+    elif family == "sana":  # SanaPipeline: timestep = sigma * 1000 * timestep_scale
+        scale = model.denoiser.config.timestep_scale
+        expected = model.denoiser(x, timestep=t * scale, **kwargs)[0]
     else:
         expected = model.denoiser(x, t, **kwargs)[0]
     assert torch.equal(model(x, t, **cond), expected)
@@ -142,12 +156,16 @@ _BLOCKS = {
     "sdxl": ("down_blocks", "mid_block", "up_blocks"),
     "sd3": ("transformer_blocks",),
     "flux": ("transformer_blocks", "single_transformer_blocks"),
+    "pixart": ("transformer_blocks",),
+    "sana": ("transformer_blocks",),
 }
 _MID = {
     "sd": "mid_block",
     "sdxl": "mid_block",
     "sd3": "transformer_blocks.0",  # 2 blocks: the output of the first
     "flux": "single_transformer_blocks.0",  # 1 double + 3 single: the output of the first 2
+    "pixart": "transformer_blocks.0",
+    "sana": "transformer_blocks.0",
 }
 
 
@@ -218,9 +236,13 @@ def test_an_unknown_tap_or_a_container_names_the_valid_ones():
 
 
 # ---- the step ----------------------------------------------------------------------------------
-def _step(family, model, perceptual, objective, online=None, **options) -> TrainStep:
+def _step(family, model, perceptual, objective, online=None, ema=None, **options) -> TrainStep:
     process = _process(family)
     loss = SelfPerceptualLoss(perceptual, process) if objective == "self_perceptual" else None
+    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
+    guidance = None
+    if objective == "model_guidance":  # the EMA guides, as the trainer builds it
+        guidance = ModelGuidance(ema, process.num_timesteps, **_GUIDANCE)
     context = conditions(family, 1)["context"].shape[1:]
     config = StepConfig(
         seed=3,
@@ -236,11 +258,12 @@ def _step(family, model, perceptual, objective, online=None, **options) -> Train
         config,
         model=model,
         online=online or model,
-        ema=copy.deepcopy(model).requires_grad_(False),
+        ema=ema,
         optimizer=torch.optim.AdamW(model.parameters(), lr=LR, fused=True),
         schedule=process,
         perceptual_loss=loss,
         device=torch.device("cpu"),
+        model_guidance=guidance,
     )
 
 
@@ -249,31 +272,65 @@ def _batch(family):
     return {"x": x, **cond}
 
 
+# Model guidance (fastsp.model_guidance): w and t_max with guided and unguided rows in the batch
+_GUIDANCE = {"scale": 0.45, "t_max": 1.0}
+_DROPOUT = {"mse": 0.0, "self_perceptual": 0.0, "model_guidance": 0.5}
+
+
+def _null_condition(family, step, cond, drop):
+    """What CFG dropout gives the dropped rows, written out: the empty prompt's context and
+    pooled embedding; SDXL's time ids are kept."""
+    null = {"context": step.null_context.expand_as(cond["context"])}
+    if "pooled" in cond:
+        null["pooled"] = step.null_pooled.expand_as(cond["pooled"])
+    dropped = {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k], v)
+               for k, v in cond.items() if k in null}  # fmt: skip
+    return {**cond, **dropped}, {**cond, **null}
+
+
 @pytest.mark.parametrize(
     "family, objective",
     [
         *[(family, "mse") for family in FAMILIES],
         *[(family, "self_perceptual") for family in FAMILIES if family != "sdxl"],
         pytest.param("sdxl", "self_perceptual", marks=pytest.mark.slow),
+        *[(family, "model_guidance") for family in ("sdxl", "sd3", "flux", "pixart", "sana")],
     ],
 )
 def test_fast_step_equals_the_reference_step_per_family(family, objective):
     model, perceptual = _wrapped(family), _wrapped(family, seed=1).eval().requires_grad_(False)
-    ref_model = copy.deepcopy(model)
+    ema = _wrapped(family, seed=2).requires_grad_(False)  # a guide that differs from the model
+    ref_model, ref_ema = copy.deepcopy(model), copy.deepcopy(ema)
     batch = _batch(family)
-    step = _step(family, model, perceptual, objective)
+    dropout = _DROPOUT[objective]
+    step = _step(family, model, perceptual, objective, ema=ema, label_dropout=dropout)
+    g = torch.Generator().manual_seed(9)  # the empty prompt's embeddings of prepared shards
+    step.null_context.copy_(torch.randn(step.null_context.shape, generator=g))
+    if step.null_pooled is not None:
+        step.null_pooled.copy_(torch.randn(step.null_pooled.shape, generator=g))
     step.load(batch, 5, LR, 0.1)
     with FailOnHostSync():
         step.compute(zero_grad=False)
 
     process = _process(family)
-    noise, t, _, t_prime = step_randomness(
-        3, 5, B, (4, SIDE, SIDE), process, 0.0, "cpu", step.perceptual_loss, torch.float64
+    noise, t, drop, t_prime = step_randomness(
+        3, 5, B, (4, SIDE, SIDE), process, dropout, "cpu", step.perceptual_loss, torch.float64
     )
     cond = {k: v for k, v in batch.items() if k != "x"}
     args = (batch["x"], noise, t)
     flow = PROCESS[family] == "flow"
-    if objective == "mse" and flow:
+    if objective == "model_guidance":
+        assert 0 < int(drop.sum()) < B  # guided rows and rows dropout gave the empty prompt
+        cond, null_cond = _null_condition(family, step, cond, drop)
+        if family == "sdxl":  # the null condition keeps the time ids, row for row
+            assert torch.equal(step.null_condition(B, cond)["time_ids"], batch["time_ids"])
+        alphas = None if flow else process.alphas_cumprod.double()
+        ref_loss = reference.reference_model_guidance_loss(
+            ref_model, ref_ema, *args, cond, null_cond, ~drop, **_GUIDANCE,
+            alphas_cumprod=alphas, num_timesteps=process.num_timesteps,
+            prediction_type=process.prediction_type,
+        )  # fmt: skip
+    elif objective == "mse" and flow:
         ref_loss = reference.reference_flow_mse_loss(ref_model, *args, **cond)
     elif objective == "mse":
         alphas = process.alphas_cumprod.double()
@@ -332,6 +389,17 @@ def test_cfg_dropout_drops_context_and_pooled_to_the_empty_prompt_and_keeps_time
     assert torch.equal(seen["time_ids"], batch["time_ids"])  # never dropped
 
 
+def test_sana_sprint_and_pixarts_variance_half():
+    # Sana-Sprint's guidance embedding (consistency distillation) is refused in one line;
+    # PixArt-alpha's out_channels 2 C is a learned variance the data need not match.
+    with pytest.raises(ConfigError, match="guidance_embeds .Sana-Sprint.*not supported"):
+        family_of("SanaTransformer2DModel", {"guidance_embeds": True})
+    pixart = _config("pixart")
+    assert (pixart.out_latent_channels, pixart.context_width, pixart.pooled_dim) == (4, 16, 0)
+    check_data(pixart, "pixart", {"channels": 4, "context_dim": 16, "pooled_dim": 0,
+                                  "time_ids": False})  # fmt: skip
+
+
 def test_data_of_another_family_or_shape_is_refused():
     model = _config("sd3")
     fits = {"channels": 4, "context_dim": 16, "pooled_dim": 8, "time_ids": False}
@@ -365,7 +433,7 @@ def _run_options(family, data, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "pixart", "sana"])
 def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
     pipeline = write_pipeline_folder(family, tmp_path / "pipeline")
     data = write_shards(family, tmp_path / "data")
@@ -388,6 +456,9 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
     assert all(torch.equal(v, ema[k]) for k, v in loaded.model.state_dict().items())
     stage2 = tmp_path / "stage2"
     _train(*_run_options(family, data, stage2), "--init", stage1, "--objective", "self_perceptual")
+    attention = json.loads((stage2 / "backends.json").read_text())["attention"]
+    why = "diffusers has no xformers path" if family == "sana" else "inputs are on cpu"
+    assert f"(sdpa: {why}" in attention
     metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
 
@@ -400,6 +471,7 @@ def test_a_family_trains_both_stages_through_the_trainer(family, tmp_path):
         ("unsupported class", "is not a denoiser fastsp trains"),
         ("a pipeline missing its part", "lists transformer/, but"),
         ("without --model diffusers", "holds a SD3Transformer2DModel: train it with --model"),
+        ("forced xformers on CPU", "--attention-backend xformers cannot run the SD3Transformer"),
     ],
 )
 def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
@@ -412,6 +484,8 @@ def test_refusals_exit_2_and_write_nothing(case, message, tmp_path):
         options += ["--objective", "self_perceptual", "--perceptual-layers", "down2"]
     elif case == "a pipeline missing its part":
         (pipeline / "transformer" / "config.json").unlink()
+    elif case == "forced xformers on CPU":
+        options += ["--attention-backend", "xformers"]
     elif case == "without --model diffusers":
         options.remove("--model")
         options.remove("diffusers")

@@ -26,6 +26,7 @@ from fastsp import diffusers_unet, dist, families
 from fastsp.attention import describe_backend as describe_attention
 from fastsp.config import DiTConfig, TrainConfig, UNetConfig
 from fastsp.errors import ConfigError
+from fastsp.family_attention import use_attention
 from fastsp.family_config import DiffusersConfig, find_denoiser_folder
 from fastsp.feature_loss import feature_mse_backend
 from fastsp.model_guidance import ModelGuidance
@@ -133,11 +134,12 @@ def assemble(
     stream = torch.cuda.Stream(device) if plan.graph.captured and ddp else None
     if ddp:
         online = wrap_ddp(model, device, stream)
-    attention_backend = describe_attention(model_cfg.attention_backend, device)
-    if isinstance(model_cfg, DiffusersConfig):  # the module's own attention, not fastsp's
-        attention_backend = families.describe_attention(model)
     networks = [model] + ([perceptual_loss.features.network] if perceptual_loss else [])
     dtype = torch.bfloat16 if plan.bf16 else torch.float32  # what the attention layers see
+    attention_backend = describe_attention(model_cfg.attention_backend, device)
+    if isinstance(model_cfg, DiffusersConfig):  # diffusers' processors: xformers or SDPA
+        backend = model_cfg.attention_backend
+        attention_backend = use_attention([*networks, ema], backend, device, dtype, cfg.compile)
     attention_fmha = None
     if device.type == "cuda" and model_cfg.attention_backend in ("auto", "xformers"):
         attention_fmha = record_fmha(networks, device, dtype)
