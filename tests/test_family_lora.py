@@ -13,7 +13,9 @@ of each family (tests/family_tiny.py):
 
 import copy
 import json
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -230,3 +232,89 @@ def test_the_exported_adapter_loads_into_the_family_pipeline(family, tmp_path):
     with safe_open(str(written), "pt") as f:  # the LoraConfig diffusers rebuilds it from
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert (metadata[prefix + "r"], metadata[prefix + "lora_alpha"]) == (2, 3.0)
+
+
+# ---- the LoRA recipe of docs/family_recipes.md, end to end ---------------------------------------
+@pytest.mark.slow
+def test_the_lora_recipe_end_to_end(build_once, tmp_path):
+    # prepare -> stage 2 with --lora-rank -> sample -> export the adapter and the merged pipeline,
+    # as written in the document, on the tiny Flux pipeline (tests/test_family_recipes.py's way)
+    import diffusers
+    import prefork
+    from pipeline_tiny import save_pipeline
+    from test_family_recipes import _option, _write_images, recipe_commands
+
+    from fastsp.checkpoint import load_model
+    from fastsp.families import DiffusersDenoiser
+
+    pipeline = build_once("pipeline_flux", lambda folder: save_pipeline("flux", folder))
+    (tmp_path / "FLUX").symlink_to(pipeline, target_is_directory=True)
+    _write_images(tmp_path / "IMAGES")
+    commands = recipe_commands("flux", "## LoRA on a family")
+    for command in commands:
+        done = prefork.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+        assert done.returncode == 0, f"{command[1:]}\n{done.stderr[-3000:]}"
+    train, sample, adapter, merged = commands[1:]
+    run = load_model(tmp_path / _option(train, "--out"))
+    assert run.train_config.lora_rank == 16 and lora.has_adapters(run.model)
+    assert "adapters off" in (tmp_path / _option(train, "--out") / "backends.json").read_text()
+    assert (tmp_path / _option(sample, "--out")).is_file()
+
+    # The adapter loads into the base pipeline through diffusers' own loader: the run's EMA
+    # adapters, tensor for tensor, and the run's outputs (float32)
+    folder = tmp_path / _option(adapter, "--to-diffusers")
+    assert sorted(p.name for p in folder.iterdir()) == [lora.LORA_WEIGHTS_NAME]
+    pipe = diffusers.FluxPipeline.from_pretrained(tmp_path / "FLUX")
+    pipe.load_lora_weights(folder, adapter_name="run")
+    theirs = {k: v for k, v in pipe.transformer.state_dict().items() if ".lora_" in k}
+    ours = lora.adapter_state(run.model)
+    assert len(theirs) == len(ours)
+    for key, tensor in ours.items():  # diffusers names the adapter: lora_A.run.weight
+        assert torch.equal(theirs[key.replace(".weight", ".run.weight")], tensor), key
+    x, t, _ = _inputs("flux", torch.float32)
+    cond = {
+        "context": torch.randn(B, 6, run.model.config.context_width),
+        "pooled": torch.randn(B, run.model.config.pooled_dim),
+    }
+    with torch.no_grad():
+        expected = run.model(x, t, **cond)
+        loaded = DiffusersDenoiser(run.model.config, pipe.transformer)(x, t, **cond)
+        merged_model = diffusers.FluxPipeline.from_pretrained(
+            tmp_path / _option(merged, "--to-diffusers")
+        ).transformer
+        assert not lora.has_adapters(merged_model)
+        merged_out = DiffusersDenoiser(run.model.config, merged_model)(x, t, **cond)
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_family_run_starts_from_a_diffusers_lora_file(tmp_path):
+    # --lora-init FILE: the trainer's LoRA model starts from the file's adapters (a step at a
+    # vanishing learning rate leaves them there); another rank is refused, exit 2
+    import prefork
+    from family_tiny import write_pipeline_folder, write_shards
+    from test_families import ROOT, _run_options
+
+    from fastsp.checkpoint import load_model
+
+    pipeline = write_pipeline_folder("flux", tmp_path / "pipeline")
+    data = write_shards("flux", tmp_path / "data")
+    _, source = _stage1_and_lora("flux", torch.float32, rank=2)
+    written = lora.save_diffusers_lora(source, _lora_cfg(rank=2), tmp_path / "adapter")
+
+    def train(out, rank):
+        options = [*_run_options("flux", data, tmp_path / out), "--init", pipeline]
+        options += ["--objective", "self_perceptual", "--lora-rank", rank, "--lora-init", written]
+        argv = [sys.executable, str(ROOT / "fastsp" / "train.py"), *map(str, options)]
+        return prefork.run(argv + ["--steps", "1", "--lr", "1e-12"], cwd=tmp_path)
+
+    done = train("run", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for weights in ("model", "ema"):
+        started = lora.adapter_state(load_model(tmp_path / "run", weights).model)
+        for key, tensor in lora.adapter_state(source).items():
+            torch.testing.assert_close(started[key], tensor, rtol=0, atol=1e-9)
+    done = train("other", 4)
+    assert done.returncode == 2 and "another rank" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "other" / "checkpoints").exists()
