@@ -287,6 +287,14 @@ def test_the_lora_recipe_end_to_end(build_once, tmp_path):
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_out, expected, rtol=1e-5, atol=1e-5)
 
+    # the adapter is written alone: a pipeline folder for it is refused, nothing written
+    from fastsp import export
+
+    out = tmp_path / "refused"
+    argv = ["--checkpoint", str(tmp_path / _option(train, "--out")), "--to-diffusers", str(out)]
+    assert export.main([*argv, "--pipeline", str(tmp_path / "FLUX")]) == 2
+    assert not out.exists()
+
 
 @pytest.mark.slow
 def test_a_family_run_starts_from_a_diffusers_lora_file(tmp_path):
