@@ -43,6 +43,7 @@ from fastsp.models import build_model
 
 ModelConfig = UNetConfig | DiTConfig | DiffusersConfig
 
+# SD3's and Flux's joint attention: the image stream's projections and the context stream's
 _JOINT_ATTENTION = (
     "attn.to_k",
     "attn.to_q",
