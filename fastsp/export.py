@@ -29,9 +29,11 @@ folder (plus scheduler_config.json).
     python -m fastsp.export --checkpoint runs/flux_sp --to-diffusers out/flux [--pipeline FLUX]
 
 A LoRA run's checkpoint (--lora-rank) is written as its adapter alone, OUT/pytorch_lora_weights.
-safetensors in the diffusers LoRA format that a Stable Diffusion pipeline's
-`load_lora_weights(OUT)` loads onto the base UNet (fastsp.lora); with --merge, as the full
-network with the adapters merged into its weights, as any other checkpoint.
+safetensors in the diffusers LoRA format that the pipeline's `load_lora_weights(OUT)` loads onto
+the base denoiser (fastsp.lora: a Stable Diffusion pipeline for a fastsp UNet; the family's
+pipeline for a `--model diffusers` run, StableDiffusionXLPipeline, FluxPipeline, ...); with
+--merge, as the full network with the adapters merged into its weights, as any other checkpoint
+(a family run's: a pipeline folder, or with --model-only its model folder).
 """
 
 from __future__ import annotations
@@ -106,15 +108,22 @@ def export(args: argparse.Namespace) -> None:
             f"{given}: for --model diffusers runs; {args.checkpoint} is a fastsp model, exported "
             "as a diffusers model folder: drop it"
         )
-    if family_run and not args.merge:
-        out = export_run(loaded, args.to_diffusers, args.pipeline, args.model_only)
-    elif loaded.train_config.lora_rank and not args.merge:
-        out = export_lora(loaded, args.to_diffusers)
-    elif args.merge and not loaded.train_config.lora_rank:
+    lora_run = loaded.train_config.lora_rank > 0
+    if args.merge and not lora_run:
         raise ConfigError(
             f"--merge merges LoRA adapters, but {loaded.checkpoint} is a full fine-tune "
             "(--lora-rank 0); drop --merge"
         )
+    if lora_run and not args.merge:
+        if args.pipeline or args.model_only:
+            raise ConfigError(
+                f"{'--pipeline' if args.pipeline else '--model-only'}: {loaded.checkpoint} is a "
+                "LoRA run, exported as its adapter alone (the family pipeline's "
+                "load_lora_weights loads it); drop it, or pass --merge to write the merged model"
+            )
+        out = export_lora(loaded, args.to_diffusers)
+    elif family_run:  # the full or merged denoiser, in a pipeline folder or alone
+        out = export_run(loaded, args.to_diffusers, args.pipeline, args.model_only)
     elif isinstance(model, DiT):  # its sample_size is the config's input_size
         out = export_dit(model, args.to_diffusers, scheduler_config=scheduler)
         trained, size = loaded.train_config.resolution, model.config.input_size
@@ -137,8 +146,9 @@ def export(args: argparse.Namespace) -> None:
 
 
 def export_lora(loaded: checkpoint_lib.LoadedModel, out_dir: str) -> Path:
-    """The adapter of a LoRA UNet as OUT/pytorch_lora_weights.safetensors, written by diffusers'
-    own LoRA writer into a temporary folder beside OUT and renamed into place."""
+    """The adapter of a LoRA UNet or family model as OUT/pytorch_lora_weights.safetensors,
+    written by diffusers' own LoRA writer into a temporary folder beside OUT and renamed into
+    place."""
     if isinstance(loaded.model, DiT):
         raise ConfigError(
             "diffusers' DiTPipeline loads no LoRA adapters; pass --merge to export the DiT with "

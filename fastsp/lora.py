@@ -1,4 +1,5 @@
-"""LoRA adapters on fastsp's UNet and DiT through peft, and the perceptual pass with them off.
+"""LoRA adapters through peft on fastsp's UNet and DiT and on the diffusers families (SD, SDXL,
+SD3, Flux: fastsp.families), and the perceptual pass with them off.
 
 With `--lora-rank R` the online model is the stage-1 weights W, frozen, plus an adapter per
 targeted layer, W + (alpha / R) B A, with B initialised to zero (peft's LoraConfig). The base
@@ -12,7 +13,10 @@ launch.
 peft does the work (inject_adapter_in_model, the adapter switches, get/set_peft_model_state_dict,
 LoraLayer.merge); this module owns the rest: the default targets of each model kind and the
 refusals, the EMA of the adapters alone (its base tensors are the model's), the diffusers LoRA
-format of `fastsp.export` and `--lora-init`, and merging into a plain network.
+format of `fastsp.export` and `--lora-init`, and merging into a plain network. On a family model
+the adapters go into the diffusers module itself (`DiffusersDenoiser.denoiser`, as diffusers'
+`add_adapter` puts them), so peft's names are diffusers' and its file is the one diffusers'
+training scripts write: `unet.` + names for SD and SDXL, `transformer.` + names for SD3 and Flux.
 """
 
 from __future__ import annotations
@@ -32,9 +36,24 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from fastsp.errors import CheckpointError, ConfigError
+from fastsp.families import DiffusersDenoiser
+from fastsp.family_config import DiffusersConfig
 from fastsp.model_config import DiTConfig, UNetConfig, model_kind
 from fastsp.models import build_model
 
+ModelConfig = UNetConfig | DiTConfig | DiffusersConfig
+
+# SD3's and Flux's joint attention: the image stream's projections and the context stream's
+_JOINT_ATTENTION = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 # Attention projections and feed-forward layers of each model kind (matched as peft matches
 # target_modules: a module whose name is the target or ends in "." + target).
 DEFAULT_TARGETS = {
@@ -48,20 +67,45 @@ DEFAULT_TARGETS = {
         "ff.proj_out",
     ),
     "dit": ("attn.to_qkv", "attn.to_out", "mlp.fc1", "mlp.fc2"),
+    # The diffusers families: the defaults of diffusers' own LoRA scripts
+    # (examples/dreambooth/train_dreambooth_lora_sdxl.py: to_k, to_q, to_v, to_out.0 of every
+    # attention; train_dreambooth_lora_sd3.py and _flux.py without --lora_layers: the joint
+    # attention's image projections and its context projections add_*_proj and to_add_out)
+    "sd": ("to_k", "to_q", "to_v", "to_out.0"),
+    "sdxl": ("to_k", "to_q", "to_v", "to_out.0"),
+    "sd3": _JOINT_ATTENTION,
+    "flux": _JOINT_ATTENTION,
 }
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name of an adapter file
 _OPTIONS = ("lora_alpha", "lora_targets", "lora_dropout", "lora_init")  # they need --lora-rank
 
 
-def targets(cfg, model_cfg: UNetConfig | DiTConfig) -> tuple[str, ...]:
+def _kind(model_cfg: ModelConfig) -> str:
+    """The key of DEFAULT_TARGETS: the model kind, or a diffusers model's family."""
+    return model_cfg.family if isinstance(model_cfg, DiffusersConfig) else model_kind(model_cfg)
+
+
+def _describe(model_cfg: ModelConfig) -> str:
+    if isinstance(model_cfg, DiffusersConfig):
+        return f"{model_cfg.family} {model_cfg.class_name}"
+    return model_kind(model_cfg)
+
+
+def _peft_root(model: torch.nn.Module) -> torch.nn.Module:
+    """The module peft's adapters and names live in: a family model's diffusers module, whose
+    names are diffusers' (the wrapper renames its state dict, which peft's lookups read)."""
+    return model.denoiser if isinstance(model, DiffusersDenoiser) else model
+
+
+def targets(cfg, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The module names (peft's suffix match) that get adapters: --lora-targets or the
-    defaults of the model kind."""
+    defaults of the model kind (a diffusers model: of its family)."""
     if cfg.lora_targets:
         return tuple(name.strip() for name in cfg.lora_targets.split(",") if name.strip())
-    return DEFAULT_TARGETS[model_kind(model_cfg)]
+    return DEFAULT_TARGETS[_kind(model_cfg)]
 
 
-def lora_config(cfg, model_cfg: UNetConfig | DiTConfig) -> LoraConfig:
+def lora_config(cfg, model_cfg: ModelConfig) -> LoraConfig:
     """peft's LoraConfig of a run of `cfg` (a TrainConfig with lora_rank > 0)."""
     return LoraConfig(
         r=cfg.lora_rank,
@@ -75,9 +119,10 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def check_options(cfg, model_cfg: UNetConfig | DiTConfig) -> None:
+def check_options(cfg, model_cfg: ModelConfig) -> None:
     """Refuse LoRA options without --lora-rank, and targets that name no layer of the model
-    (listing the layer names it has). Builds the model on the meta device: reads nothing."""
+    (listing the layer names it has). Builds the model on the meta device (a diffusers model:
+    its class's from_config there): reads nothing."""
     if cfg.lora_rank == 0:
         given = [
             "--" + name.replace("_", "-") for name in _OPTIONS if getattr(cfg, name) not in (0, "")
@@ -89,7 +134,7 @@ def check_options(cfg, model_cfg: UNetConfig | DiTConfig) -> None:
             )
         return
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = _peft_root(build_model(model_cfg))
     layers = [
         name
         for name, module in model.named_modules()
@@ -100,7 +145,7 @@ def check_options(cfg, model_cfg: UNetConfig | DiTConfig) -> None:
         names = sorted({_short_name(n) for n in layers})
         given = "--lora-targets" if cfg.lora_targets else "the default --lora-targets"
         raise ConfigError(
-            f"{given} {','.join(unmatched)}: no layer of the {model_kind(model_cfg)} is named "
+            f"{given} {','.join(unmatched)}: no layer of the {_describe(model_cfg)} is named "
             f"so; pass --lora-targets with names its Linear and Conv2d layers end in: "
             f"{', '.join(names)}"
         )
@@ -112,10 +157,10 @@ def _short_name(name: str) -> str:
     return ".".join(parts[-2:]) if len(parts) > 1 and not parts[-2].isdigit() else parts[-1]
 
 
-def add_adapters(model: torch.nn.Module, cfg, model_cfg: UNetConfig | DiTConfig):
+def add_adapters(model: torch.nn.Module, cfg, model_cfg: ModelConfig):
     """`model` with peft's LoRA layers injected in place (B = 0: the same function), its base
     weights frozen: only the adapters require gradients."""
-    model = inject_adapter_in_model(lora_config(cfg, model_cfg), model)
+    inject_adapter_in_model(lora_config(cfg, model_cfg), _peft_root(model))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return model
@@ -159,11 +204,12 @@ def tie_frozen(ema: torch.nn.Module, model: torch.nn.Module) -> None:
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `model` under peft's names (`...to_qkv.lora_A.weight`)."""
-    return get_peft_model_state_dict(model)
+    """The adapter tensors of `model` under peft's names (`...to_qkv.lora_A.weight`; a family
+    model's under diffusers' module names)."""
+    return get_peft_model_state_dict(_peft_root(model))
 
 
-def merged(model: torch.nn.Module, model_cfg: UNetConfig | DiTConfig) -> torch.nn.Module:
+def merged(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Module:
     """A plain network (no peft layers) holding W + (alpha / R) B A for every adapted layer
     (peft's LoraLayer.merge on a copy); `model` is left as it was."""
     model = copy.deepcopy(model)
@@ -181,20 +227,36 @@ def merged(model: torch.nn.Module, model_cfg: UNetConfig | DiTConfig) -> torch.n
     return plain
 
 
-# ---- the diffusers LoRA format (UNet2DConditionModel under a pipeline's "unet." prefix) --------
+# ---- the diffusers LoRA format: a pipeline's "unet." or "transformer." + diffusers' names ------
+
+
+def _pipeline_family(model: torch.nn.Module):
+    """fastsp.family_pipelines' Family whose pipeline loads `model`'s adapters: a fastsp UNet's
+    is Stable Diffusion's."""
+    from fastsp.family_pipelines import FAMILIES
+
+    name = model.family if isinstance(model, DiffusersDenoiser) else "sd"
+    return next(family for family in FAMILIES.values() if family.name == name)
+
+
+def _their_modules(model: torch.nn.Module, module: str) -> list[str]:
+    """The diffusers module names of an adapted layer of `model`: a family model's own name,
+    a fastsp UNet's diffusers names (three for a fused to_qkv, two for to_kv)."""
+    if isinstance(model, DiffusersDenoiser):
+        return [module]
+    from fastsp.diffusers_unet import diffusers_names
+
+    return [name.removesuffix(".weight") for name in diffusers_names(module + ".weight")]
 
 
 def diffusers_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters of a fastsp UNet under diffusers' module names, as a pipeline's
-    `load_lora_weights` reads them. A fused projection (to_qkv, to_kv) splits exactly: each part
-    W_i + B_i A keeps the shared A and takes its rows of B."""
-    from fastsp.diffusers_unet import diffusers_names
-
-    state = adapter_state(model)
+    """The adapters of a fastsp UNet or a family model under diffusers' module names, as a
+    pipeline's `load_lora_weights` reads them. A fused projection (to_qkv, to_kv) splits
+    exactly: each part W_i + B_i A keeps the shared A and takes its rows of B."""
     out = {}
-    for key, tensor in state.items():
+    for key, tensor in adapter_state(model).items():
         module, kind = key.split(".lora_")
-        theirs = [name.removesuffix(".weight") for name in diffusers_names(module + ".weight")]
+        theirs = _their_modules(model, module)
         if kind == "B.weight":
             parts = tensor.chunk(len(theirs))
         else:  # one A per part: a file holds no two names of one tensor
@@ -215,15 +277,20 @@ def diffusers_lora_metadata(cfg, state: dict[str, torch.Tensor]) -> dict:
 
 
 def save_diffusers_lora(model: torch.nn.Module, cfg, out_dir: Path) -> Path:
-    """OUT/pytorch_lora_weights.safetensors through diffusers' own writer
-    (StableDiffusionLoraLoaderMixin.save_lora_weights), with the LoraConfig as metadata."""
-    from diffusers import StableDiffusionPipeline
+    """OUT/pytorch_lora_weights.safetensors through diffusers' own writer, the save_lora_weights
+    of the pipeline that loads it (StableDiffusionPipeline for a fastsp UNet and SD,
+    StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline), with the LoraConfig as
+    metadata."""
+    import diffusers
 
+    family = _pipeline_family(model)
     state = diffusers_lora_state(model)
-    StableDiffusionPipeline.save_lora_weights(
+    getattr(diffusers, family.pipeline_class).save_lora_weights(
         out_dir,
-        unet_lora_layers=state,
-        unet_lora_adapter_metadata=diffusers_lora_metadata(cfg, state),
+        **{
+            f"{family.denoiser}_lora_layers": state,
+            f"{family.denoiser}_lora_adapter_metadata": diffusers_lora_metadata(cfg, state),
+        },
     )
     return out_dir / LORA_WEIGHTS_NAME
 
@@ -256,21 +323,18 @@ def load_adapter(model: torch.nn.Module, source: Path) -> None:
             f"--lora-rank {next(iter(ours.values())).shape[0]} with these targets; pass the "
             "--lora-rank and --lora-targets it was trained with"
         )
-    set_peft_model_state_dict(model, state)
+    set_peft_model_state_dict(_peft_root(model), state)
 
 
 def _from_diffusers(model, weights: dict[str, torch.Tensor], source: Path) -> dict:
-    """diffusers LoRA tensors ("unet." + diffusers names) under peft's names of `model`: the
-    inverse of `diffusers_lora_state`. A fused projection needs one A shared by its parts."""
-    from fastsp.diffusers_unet import diffusers_names
-
+    """diffusers LoRA tensors ("unet." or "transformer." + diffusers names) under peft's names
+    of `model`: the inverse of `diffusers_lora_state`. A fused projection needs one A shared by
+    its parts."""
+    prefix = _pipeline_family(model).denoiser + "."
     state = {}
     for key in adapter_state(model):
         module, kind = key.split(".lora_")
-        theirs = [
-            "unet." + name.removesuffix(".weight") + f".lora_{kind}"
-            for name in diffusers_names(module + ".weight")
-        ]
+        theirs = [f"{prefix}{name}.lora_{kind}" for name in _their_modules(model, module)]
         missing = [name for name in theirs if name not in weights]
         if missing:
             raise CheckpointError(

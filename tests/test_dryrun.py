@@ -363,3 +363,28 @@ def test_dry_runs_that_start_together_build_the_extension_once(tmp_path):
         ".build.lock",
         "fastsp_fake_cuda.so",
     ]  # one library; the compiler's objects went with their build folder
+
+
+@pytest.mark.slow
+def test_a_lora_family_dry_run_holds_no_frozen_copy_and_reads_nothing_on_the_host(tmp_path):
+    # --lora-rank on a diffusers family: the step with the transformer's adapters off for the
+    # perceptual pass, capturable; what outlives it is the fp32 base (4 bytes per weight) and
+    # the adapters' state alone, not a frozen copy or the base's EMA and Adam moments
+    from family_tiny import TINY, conditions, tiny_denoiser
+
+    model = tiny_denoiser("flux")
+    model.save_config(tmp_path / "denoiser")
+    parameters = sum(p.numel() for p in model.parameters())
+    out = tmp_path / "dryrun.json"
+    args = ["-m", "fastsp.dryrun", "--preset", "tiny", "--model", "diffusers", "--init"]
+    args += [str(tmp_path / "denoiser"), "--diffusion", "flow", "--cond", "context"]
+    args += ["--channels", "4", "--resolution", "8", "--context-len"]
+    args += [str(conditions("flux", 1)["context"].shape[1]), "--lora-rank", "2"]
+    result = _run([*args, "--objective", "self_perceptual", "--json", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for objective in ("self_perceptual", "mse"):
+        step = figures["steps"][objective]
+        assert step["model"]["class_name"] == TINY["flux"]["cls"]
+        assert 4 * parameters < step["state_bytes"] < 1.2 * 4 * parameters, objective
+        assert step["graph"] == [] and step["host_syncs"] == 0, objective

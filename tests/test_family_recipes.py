@@ -51,9 +51,10 @@ SIZES = {
 CAPTIONS = ("a photo of a cat", "a red dog", "blue", "a cat")
 
 
-def recipe_commands(family: str) -> list[list[str]]:
-    """The commands of the family's bash block in docs/family_recipes.md, at CPU sizes."""
-    title = SECTIONS[family][0]
+def recipe_commands(family: str, title: str | None = None) -> list[list[str]]:
+    """The commands of the family's bash block in docs/family_recipes.md (or of the section
+    `title`), at CPU sizes."""
+    title = title or SECTIONS[family][0]
     section = RECIPES.read_text().split(f"\n{title}", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     commands = []

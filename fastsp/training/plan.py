@@ -353,7 +353,7 @@ def check_optimizer(cfg: TrainConfig, device_type: str) -> None:
         )
 
 
-def check_lora(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig) -> None:
+def check_lora(cfg: TrainConfig, model_cfg: UNetConfig | DiTConfig | DiffusersConfig) -> None:
     """LoRA options need --lora-rank, peft and targets the model has (fastsp.lora)."""
     if cfg.lora_rank == 0 and not (
         cfg.lora_alpha or cfg.lora_targets or cfg.lora_dropout or cfg.lora_init
