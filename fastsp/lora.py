@@ -75,6 +75,10 @@ DEFAULT_TARGETS = {
     "sdxl": ("to_k", "to_q", "to_v", "to_out.0"),
     "sd3": _JOINT_ATTENTION,
     "flux": _JOINT_ATTENTION,
+    # PixArt's self- and cross-attention (attn1, attn2) as SD's; Sana: to_k, to_q, to_v, the
+    # default of examples/dreambooth/train_dreambooth_lora_sana.py
+    "pixart": ("to_k", "to_q", "to_v", "to_out.0"),
+    "sana": ("to_k", "to_q", "to_v"),
 }
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name of an adapter file
 _OPTIONS = ("lora_alpha", "lora_targets", "lora_dropout", "lora_init")  # they need --lora-rank
@@ -233,10 +237,17 @@ def merged(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Module:
 def _pipeline_family(model: torch.nn.Module):
     """fastsp.family_pipelines' Family whose pipeline loads `model`'s adapters: a fastsp UNet's
     is Stable Diffusion's."""
-    from fastsp.family_pipelines import FAMILIES
+    from fastsp.family_pipelines import FAMILIES, SUPPORTED
 
     name = model.family if isinstance(model, DiffusersDenoiser) else "sd"
-    return next(family for family in FAMILIES.values() if family.name == name)
+    family = next((family for family in FAMILIES.values() if family.name == name), None)
+    if family is None:
+        raise ConfigError(
+            f"a LoRA adapter of a {name} model: adapters are written in the format of the "
+            f"pipelines fastsp supports ({SUPPORTED}); pass --merge --model-only to write the "
+            f"merged {name} model folder instead"
+        )
+    return family
 
 
 def _their_modules(model: torch.nn.Module, module: str) -> list[str]:

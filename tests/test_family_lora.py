@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
 
 FAMILIES = tuple(TINY)
+# the families whose diffusers pipeline fastsp exports to (PixArt and Sana: the model folder only)
+PIPELINE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
 def _lora_cfg(rank=4, **options) -> TrainConfig:
@@ -66,12 +69,15 @@ def test_default_targets_are_diffusers_scripts_and_bad_targets_name_the_layers()
     for family in FAMILIES:
         lora.check_options(_lora_cfg(), _config(family))  # on the meta device
         _, model = _stage1_and_lora(family, torch.float32)
-        if family in ("sd", "sdxl"):  # self- and cross-attention of every transformer block
-            projections = ("to_q", "to_k", "to_v", "to_out.0")
+        if family in ("sd", "sdxl", "pixart", "sana"):  # self- and cross-attention of each block
+            projections = ("to_q", "to_k", "to_v") + (() if family == "sana" else ("to_out.0",))
             assert _adapted(model) == {f"attn{i}.{p}" for i in (1, 2) for p in projections}
         else:  # both streams of the joint attention; Flux's single blocks have no to_out
             assert _adapted(model) == joint, family
         assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+        if family not in PIPELINE_FAMILIES:  # no pipeline format to write the adapter alone in
+            with pytest.raises(ConfigError, match=r"^a LoRA adapter of a .*--merge --model-only"):
+                lora.save_diffusers_lora(model, _lora_cfg(), Path("/nonexistent"))
     with pytest.raises(
         ConfigError,
         match=r"--lora-targets to_qkv: no layer of the flux FluxTransformer2DModel.*"
@@ -195,7 +201,10 @@ def _pipeline_with(family, denoiser):
 
 @pytest.mark.parametrize(
     "family",
-    [pytest.param(f, marks=pytest.mark.slow) if f in ("sd", "sdxl") else f for f in FAMILIES],
+    [
+        pytest.param(f, marks=pytest.mark.slow) if f in ("sd", "sdxl") else f
+        for f in PIPELINE_FAMILIES
+    ],
 )
 def test_the_exported_adapter_loads_into_the_family_pipeline(family, tmp_path):
     _, ours = _stage1_and_lora(family, rank=2, lora_alpha=3.0)
