@@ -232,12 +232,10 @@ def check_run(train: Any, model: DiffusersConfig, resolution: int) -> None:
         raise ConfigError(
             f"a {model.family} model is text-conditioned: pass --cond context (not {train.cond})"
         )
-    unsupported = {"--lora-rank": train.lora_rank > 0, "--parallel fsdp": train.parallel == "fsdp"}
-    refused = [name for name, given in unsupported.items() if given]
-    if refused:
+    if train.lora_rank > 0:
         raise ConfigError(
-            f"{', '.join(refused)}: not supported with --model diffusers yet; drop it (DDP and "
-            "full fine-tuning are)"
+            "--lora-rank: not supported with --model diffusers yet; drop it (full fine-tuning "
+            "is, under DDP or --parallel fsdp)"
         )
     if model.family in ("sd", "sdxl"):
         multiple = 2 ** (len(model.diffusers.get("block_out_channels", (0,))) - 1)
