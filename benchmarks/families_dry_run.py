@@ -4,17 +4,11 @@ configs, without downloading a weight: the dry run (fastsp.dryrun: fake CUDA, me
 
     python benchmarks/families_dry_run.py                          # -> runs/bench/
     python benchmarks/families_dry_run.py --out benchmarks/results  # the committed table
-    python benchmarks/families_dry_run.py --out benchmarks/results --dry-world-size 8 \
-        --families sdxl,flux.1-dev --batches 1                     # FSDP2 on 8 GPUs
 
 For each family and batch (1 and a typical 4), `python -m fastsp.dryrun` runs the self-perceptual
 step and the MSE step (its own pair), and this script tabulates TFLOP per step, the peak of live
 tensor memory, images/s at 40% MFU of an H100 SXM's dense bf16 peak and the self-perceptual /
 MSE FLOP ratio into families_dry_run.md (and .json). Predictions for a GPU, not measurements.
-With --dry-world-size N the runs are rank 0 of N GPUs under FSDP2 (`--parallel fsdp
---dry-world-size N`, fastsp.dryrun_parallel; the batch per GPU as above, N times it in all; the
-weights contiguous, as fully_shard needs) and the table, families_dry_run_fsdp<N>.md, adds rank
-0's state (its shards of the weights, gradients, Adam moments, EMA and frozen copy).
 
 The configs are the published config.json values (the "_name_or_path"-free content of
 unet/config.json of stabilityai/stable-diffusion-xl-base-1.0, transformer/config.json of
@@ -116,24 +110,18 @@ FAMILIES = {
 BATCHES = (1, 4)
 
 
-def command(folder: Path, options: list[str], batch: int, world_size: int = 1) -> list[str]:
-    """The dry run of `batch` items per GPU; under FSDP2 (world_size > 1) rank 0 of
-    world_size, whose --batch-size is the global batch."""
-    if world_size > 1:
-        formats = ("--channels-last", "--no-channels-last")
-        options = [o for o in options if o not in formats] + ["--no-channels-last"]
-        options += ["--parallel", "fsdp", "--dry-world-size", str(world_size)]
+def command(folder: Path, options: list[str], batch: int) -> list[str]:
     return [
         "-m", "fastsp.dryrun", "--preset", "sd21", "--model", "diffusers", "--init", str(folder),
         "--cond", "context", "--resolution", "128", "--objective", "self_perceptual",
-        "--batch-size", str(batch * world_size), *options,
+        "--batch-size", str(batch), *options,
     ]  # fmt: skip
 
 
-def dry_run(folder: Path, options: list[str], batch: int, world_size: int = 1) -> dict:
+def dry_run(folder: Path, options: list[str], batch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "dryrun.json"
-        args = command(folder, options, batch, world_size)
+        args = command(folder, options, batch)
         done = subprocess.run(
             [sys.executable, *args, "--json", str(out)], capture_output=True, text=True, cwd=REPO
         )
@@ -146,15 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "bench"))
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated names")
-    parser.add_argument(
-        "--batches", default=",".join(map(str, BATCHES)), help="batches per GPU, comma-separated"
-    )
-    parser.add_argument(
-        "--dry-world-size", type=int, default=1, help="N > 1: rank 0 of N GPUs under FSDP2"
-    )
     args = parser.parse_args()
-    world_size = args.dry_world_size
-    sharded = world_size > 1
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.families.split(","):
@@ -162,8 +142,8 @@ def main() -> None:
             folder = Path(tmp) / str(len(results))
             folder.mkdir()
             (folder / "config.json").write_text(json.dumps(config))
-            for batch in map(int, args.batches.split(",")):
-                figures = dry_run(folder, options, batch, world_size)
+            for batch in BATCHES:
+                figures = dry_run(folder, options, batch)
                 results[f"{name}, batch {batch}"] = figures
                 name_shown = NAMES[name]
                 sp, mse = figures["steps"]["self_perceptual"], figures["steps"]["mse"]
@@ -173,31 +153,17 @@ def main() -> None:
                     f"{sp['flops'] / 1e12:.1f} | {mse['flops'] / 1e12:.1f} | "
                     f"{figures['sp_mse_flop_ratio']:.3f} | {sp['peak_bytes'] / GIB:.1f} | "
                     f"{mse['peak_bytes'] / GIB:.1f} | {batch * h100 / sp['flops']:.2f} | "
-                    f"{batch * h100 / mse['flops']:.2f} | "
-                    + (
-                        f"{sp['state_bytes'] / GIB:.2f} | {mse['state_bytes'] / GIB:.2f} | "
-                        if sharded
-                        else ""
-                    )
-                    + f"{sp['cpu_seconds']:.0f} |"
+                    f"{batch * h100 / mse['flops']:.2f} | {sp['cpu_seconds']:.0f} |"
                 )
                 print(rows[-1], flush=True)
     date = datetime.date.today().isoformat()
-    shown = " ".join(command(Path("FOLDER"), ["..."], 1, world_size))
-    names = ", ".join(NAMES[name] for name in args.families.split(","))
-    title = f"# Dry run of {names} steps at 1024 px ({date})"
-    invoked = "--out benchmarks/results"
-    if sharded:
-        title = f"# Dry run of {names} steps at 1024 px, FSDP2 on {world_size} GPUs ({date})"
-        invoked += f" --dry-world-size {world_size} --families {args.families}"
-        invoked += f" --batches {args.batches}"
-    state_columns = "SP state GiB | MSE state GiB | " if sharded else ""
+    shown = " ".join(command(Path("FOLDER"), ["..."], 1))
     text = "\n".join(
         [
-            title,
+            f"# Dry run of SDXL, SD3.5-medium and Flux.1-dev steps at 1024 px ({date})",
             "",
-            f"Predictions for a GPU, not GPU measurements: `python benchmarks/families_dry_run.py "
-            f"{invoked}` on "
+            "Predictions for a GPU, not GPU measurements: `python benchmarks/families_dry_run.py "
+            "--out benchmarks/results` on "
             f"{platform.machine()} ({platform.processor() or 'CPU'}, torch "
             f"{next(iter(results.values()))['torch']}, CPU only), which runs `python {shown}` "
             "per family and batch on a folder holding only the family's published config.json "
@@ -211,41 +177,23 @@ def main() -> None:
             "989 TFLOP/s dense bf16 / FLOPs per step. CPU s: the self-perceptual dry run's "
             "wall time on this shared 2-core machine.",
             "",
-            *(
-                [
-                    f"Under FSDP2: rank 0 of {world_size} (a fake process group whose "
-                    "collectives move nothing, fastsp/dryrun_parallel.py), the batch and the "
-                    "figures per GPU; fully_shard per block (fastsp.training.parallel.units), "
-                    "the frozen copy sharded too; the weights contiguous (--no-channels-last). "
-                    "State: rank 0's shards of the fp32 weights, gradients, Adam moments and "
-                    "EMA (and the bf16 frozen copy for SP) plus the step's replicated buffers. "
-                    "The peak adds the blocks all-gathered while they run and the activations. "
-                    "Not counted: NCCL's buffers, the allocator's per-stream pools, the time of "
-                    "the collectives.",
-                    "",
-                ]
-                if sharded
-                else []
-            ),
-            "| model | batch per GPU | parameters | SP TFLOP/step | MSE TFLOP/step | "
-            "SP/MSE FLOPs | SP peak GiB | MSE peak GiB | SP images/s (H100, 40% MFU) | "
-            f"MSE images/s | {state_columns}CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (3 if sharded else 1),
+            "| model | batch | parameters | SP TFLOP/step | MSE TFLOP/step | SP/MSE FLOPs | "
+            "SP peak GiB | MSE peak GiB | SP images/s (H100, 40% MFU) | MSE images/s | CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             "A peak above 80 GiB does not fit one H100 as configured (full fine-tuning of every "
             "weight with fp32 master weights, two AdamW moments and an EMA: 16 bytes per "
-            "parameter before activations); such a model needs sharding (`--parallel fsdp`, "
-            "see docs/lora_fsdp_memory.md) or LoRA.",
+            "parameter before activations); such a model needs sharding (FSDP) or LoRA, which "
+            "`--model diffusers` does not offer yet.",
             "",
         ]
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"families_dry_run_fsdp{world_size}" if sharded else "families_dry_run"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"wrote {out / f'{stem}.md'}")
+    (out / "families_dry_run.md").write_text(text)
+    (out / "families_dry_run.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {out / 'families_dry_run.md'}")
 
 
 if __name__ == "__main__":
