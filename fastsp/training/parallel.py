@@ -10,6 +10,13 @@ update then runs on the local shards (fastsp.step.local). On CUDA the blocks com
 with fp32 master weights and fp32 gradient reduction (MixedPrecisionPolicy). The step is not
 captured as a CUDA graph (fastsp.training.graph_plan.plan_graph says why).
 
+A diffusers module (--model diffusers) is sharded per block of its family (`units`). Its
+perceptual pass stops the forward after the deepest tap by an exception
+(fastsp.perceptual.FeatureExtractor), so FSDP2's root post-forward, which frees the last
+all-gather buffer, does not run for the frozen network: the block gathered last (the tap's, or
+the last one before it) stays allocated until that network's next all-gather replaces it, one
+block's weights more per GPU (the dry run counts them; docs/lora_fsdp_memory.md).
+
 A checkpoint of a sharded run is the same folder with `dcp/` (torch.distributed.checkpoint:
 every rank writes its shards, rank 0 the metadata) in place of model.safetensors, ema.safetensors
 and optimizer.pt (fastsp.checkpoint.SHARDED_FILES). All ranks write it into a hidden temporary
