@@ -184,9 +184,8 @@ def main() -> None:
             "",
             "A peak above 80 GiB does not fit one H100 as configured (full fine-tuning of every "
             "weight with fp32 master weights, two AdamW moments and an EMA: 16 bytes per "
-            "parameter before activations); such a model needs sharding (FSDP), which "
-            "`--model diffusers` does not offer yet, or LoRA (`--lora-rank`: "
-            "docs/lora_fsdp_memory.md).",
+            "parameter before activations); such a model needs sharding (`--parallel fsdp`) or "
+            "LoRA (`--lora-rank`): docs/lora_fsdp_memory.md.",
             "",
         ]
     )

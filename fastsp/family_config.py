@@ -253,17 +253,11 @@ def check_data(model: DiffusersConfig, data_family: str, conditions: dict[str, A
 
 
 def check_run(train: Any, model: DiffusersConfig, resolution: int) -> None:
-    """What a run of a diffusers denoiser needs (`train`: the TrainConfig): a text context,
-    a resolution its patches and levels divide, and no option it does not support yet."""
+    """What a run of a diffusers denoiser needs (`train`: the TrainConfig): a text context
+    and a resolution its patches and levels divide."""
     if train.cond != "context":
         raise ConfigError(
             f"a {model.family} model is text-conditioned: pass --cond context (not {train.cond})"
-        )
-    unsupported = {"--parallel fsdp": train.parallel == "fsdp"}
-    refused = [name for name, given in unsupported.items() if given]
-    if refused:
-        raise ConfigError(
-            f"{', '.join(refused)}: not supported with --model diffusers yet; drop it (DDP is)"
         )
     if model.family in ("sd", "sdxl"):
         multiple = 2 ** (len(model.diffusers.get("block_out_channels", (0,))) - 1)

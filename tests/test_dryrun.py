@@ -388,3 +388,51 @@ def test_a_lora_family_dry_run_holds_no_frozen_copy_and_reads_nothing_on_the_hos
         assert step["model"]["class_name"] == TINY["flux"]["cls"]
         assert 4 * parameters < step["state_bytes"] < 1.2 * 4 * parameters, objective
         assert step["graph"] == [] and step["host_syncs"] == 0, objective
+
+
+FAMILY_FSDP_SCRIPT = """
+import sys
+import fastsp.dryrun as dryrun  # first: before torch
+
+one = dryrun.main([*sys.argv[3:], "--batch-size", "2", "--json", sys.argv[1]])
+fsdp = ["--parallel", "fsdp", "--dry-world-size", "2", "--no-channels-last"]
+sys.exit(one or dryrun.main([*sys.argv[3:], "--batch-size", "4", *fsdp, "--json", sys.argv[2]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_diffusers_unet_under_fsdp2_holds_its_shards_of_the_state(tmp_path):
+    # The tiny SDXL-layout diffusers UNet (fastsp.families), rank 0 of 2 under FSDP2 against one
+    # process, 2 items each: the state of every weight (16 bytes: weights, EMA, Adam's moments;
+    # 18 with the bf16 frozen copy) cut to its padded Shard(0) chunk, the replicated rest as
+    # one process's; no host read in the sharded step. The self-perceptual step also keeps the
+    # frozen copy's last all-gather, of the block before the "mid" tap (mid_block.resnets.1, in
+    # bf16): the perceptual pass stops the forward by an exception (fastsp.perceptual), so the
+    # root's post-forward, which frees FSDP2's last all-gather, never runs; the next step's
+    # first all-gather replaces it.
+    from family_tiny import conditions, tiny_denoiser
+
+    model = tiny_denoiser("sdxl")
+    model.save_config(tmp_path / "denoiser")
+    one, sharded = tmp_path / "one.json", tmp_path / "fsdp2.json"
+    args = ["--preset", "tiny", "--model", "diffusers", "--init", str(tmp_path / "denoiser")]
+    args += ["--diffusion", "ddpm", "--cond", "context", "--channels", "4", "--resolution", "8"]
+    args += ["--context-len", str(conditions("sdxl", 1)["context"].shape[1])]
+    args += ["--objective", "self_perceptual"]
+    result = _run(["-c", FAMILY_FSDP_SCRIPT, str(one), str(sharded), *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = {n: json.loads(p.read_text())["steps"] for n, p in ((1, one), (2, sharded))}
+    weights = sum(p.numel() for p in model.parameters())
+    last_gathered = {"mse": 0, "self_perceptual": 2 * _elements(model.mid_block.resnets[-1])}
+    for objective, state_bytes_per_weight in (("mse", 16), ("self_perceptual", 18)):
+        alone, rank0 = figures[1][objective], figures[2][objective]
+        assert rank0["world_size"] == 2 and alone["parameters"] == rank0["parameters"] == weights
+        replicated = alone["state_bytes"] - state_bytes_per_weight * weights
+        assert 0 < replicated < 0.01 * alone["state_bytes"], objective
+        shards = state_bytes_per_weight * _sharded_elements(model, 2)
+        assert rank0["state_bytes"] == shards + replicated + last_gathered[objective], objective
+        assert rank0["host_syncs"] == 0, objective
+
+
+def _elements(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -10,6 +10,13 @@ update then runs on the local shards (fastsp.step.local). On CUDA the blocks com
 with fp32 master weights and fp32 gradient reduction (MixedPrecisionPolicy). The step is not
 captured as a CUDA graph (fastsp.training.graph_plan.plan_graph says why).
 
+A diffusers module (--model diffusers) is sharded per block of its family (`units`). Its
+perceptual pass stops the forward after the deepest tap by an exception
+(fastsp.perceptual.FeatureExtractor), so FSDP2's root post-forward, which frees the last
+all-gather buffer, does not run for the frozen network: the block gathered last (the tap's, or
+the last one before it) stays allocated until that network's next all-gather replaces it, one
+block's weights more per GPU (the dry run counts them; docs/lora_fsdp_memory.md).
+
 A checkpoint of a sharded run is the same folder with `dcp/` (torch.distributed.checkpoint:
 every rank writes its shards, rank 0 the metadata) in place of model.safetensors, ema.safetensors
 and optimizer.pt (fastsp.checkpoint.SHARDED_FILES). All ranks write it into a hidden temporary
@@ -22,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +52,21 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import dist
 from fastsp.dit import DiTBlock
 from fastsp.errors import CheckpointError, CheckpointWriteError, ConfigError
+from fastsp.families import DiffusersDenoiser
 from fastsp.faults import kill_point
 from fastsp.step import local
 from fastsp.unet import ResBlock, SpatialTransformer
 
-# The units FSDP2 gathers one at a time: the UNet's residual and transformer blocks, the DiT's
-# blocks; what is left (embeddings, the first and last layers) belongs to the root.
+# The units FSDP2 gathers one at a time: fastsp's UNet's residual and transformer blocks and the
+# DiT's blocks; in a diffusers module (fastsp.families), each module of its block lists: the
+# UNets' resnets and attentions of their down, mid and up blocks, the transformers'
+# transformer_blocks and Flux's single_transformer_blocks. A unit's own blocks stay in it (a UNet
+# attention's transformer_blocks); what is left (embeddings, down- and upsamplers, the first and
+# last layers) belongs to the root.
 _BLOCKS = (ResBlock, SpatialTransformer, DiTBlock)
+_BLOCK_LISTS = re.compile(
+    r"(.+\.)?(resnets|attentions|transformer_blocks|single_transformer_blocks)"
+)
 
 
 def check_launch(parallel: str) -> None:
@@ -83,13 +100,41 @@ def shard(network: torch.nn.Module, device: torch.device, bf16: bool) -> torch.n
     policy = MixedPrecisionPolicy()
     if bf16 and device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for module in network.modules():
-        if isinstance(module, _BLOCKS):
-            fully_shard(module, mesh=mesh, mp_policy=policy)
+    for unit in units(network):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    # FSDP2 warns of a unit returning a view (an in-place op on it would skip the unit's
+    # pre-backward all-gather); Flux's single-stream blocks return their image tokens as a view
+    # of the joint sequence, which diffusers' transformer_flux reads out of place only (torch.cat,
+    # norm_out): tests/test_fsdp.py's Flux run trains the weights one process trains.
+    warnings.filterwarnings(
+        "ignore", r"FSDP2-wrapped module \(FSDPFluxSingleTransformerBlock\) returned a view"
+    )
     return fully_shard(network, mesh=mesh, mp_policy=policy)
 
 
+def units(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of `network` that `shard` gives a fully_shard each, outermost first
+    (_BLOCKS, _BLOCK_LISTS)."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, module in network.named_modules():
+        parent, _, index = name.rpartition(".")
+        inside = any(name.startswith(f"{outer}.") for outer in found)
+        listed = index.isdigit() and _BLOCK_LISTS.fullmatch(parent) is not None
+        if not inside and (isinstance(module, _BLOCKS) or listed):
+            found[name] = module
+    return list(found.values())
+
+
+def _keyed(network: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameter paths are `network`'s checkpoint keys: a diffusers denoiser's
+    own module (fastsp.families keeps diffusers' key names through state-dict hooks, which
+    torch.distributed.checkpoint's get_state_dict, naming each tensor by its module path, does
+    not follow)."""
+    return network.denoiser if isinstance(network, DiffusersDenoiser) else network
+
+
 def _state(model, ema, optimizer) -> dict[str, Any]:
+    model, ema = _keyed(model), _keyed(ema)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     for group in optimizer_state["param_groups"]:
         # the step's learning rate is a device tensor (fastsp.step); a number on disk, as in a
@@ -152,9 +197,12 @@ def load_training_state(checkpoint: Path, model, ema, optimizer) -> dict[str, An
             "folder to resume from the previous checkpoint"
         ) from None
     set_state_dict(
-        model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"]
+        _keyed(model),
+        optimizer,
+        model_state_dict=saved["model"],
+        optim_state_dict=saved["optimizer"],
     )
-    set_model_state_dict(ema, saved["ema"])
+    set_model_state_dict(_keyed(ema), saved["ema"])
     torch.set_rng_state(rng["cpu"])
     return state
 
