@@ -23,6 +23,7 @@ from pathlib import Path
 from fastsp.errors import EXIT_INVALID_INPUT
 
 _SOURCE = Path(__file__).with_name("fake_cuda.cpp")
+_loaded = False  # the registrations are in this process
 
 
 def _extension_dir() -> Path:
@@ -87,7 +88,11 @@ def _build(folder: Path) -> Path:
 
 def load_fake_cuda() -> None:
     """Load fake_cuda.cpp's registrations into this process, building them first if needed.
-    Must run before `import torch`: torch reads the CUDA hooks registry once, at first use."""
+    Must run before `import torch`: torch reads the CUDA hooks registry once, at first use.
+    Loading again is a no-op (a process that imported the dry run runs it again as __main__)."""
+    global _loaded
+    if _loaded:
+        return
     if "torch" in sys.modules:
         raise RuntimeError(
             "fastsp.dryrun must be imported before torch (it registers fake CUDA, which torch "
@@ -97,8 +102,10 @@ def load_fake_cuda() -> None:
     if any((torch_lib / name).exists() for name in ("libtorch_cuda.so", "libtorch_hip.so")):
         # A CUDA (or ROCm) build registers the real guard, hooks and generator; registering
         # them twice would stop the process (c10's registry exits on a duplicate key).
+        _loaded = True
         return
     library = _library(_extension_dir())
     for name in ("libc10.so", "libtorch_cpu.so"):  # the symbols the extension links against
         ctypes.CDLL(str(torch_lib / name), mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    _loaded = True

@@ -30,9 +30,10 @@ from pathlib import Path
 SERVER = Path(__file__).with_name("prefork_server.py")
 REPO = SERVER.parent.parent
 
-# One server per environment (what its imports read), a few at most: each holds an imported torch.
-MAX_SERVERS = 3
-_servers: dict[tuple[tuple[str, str], ...], subprocess.Popen] = {}
+# One server per kind (a trainer's, or a dry run's with fake CUDA) and environment (what its
+# imports read), a few at most: each holds an imported torch.
+MAX_SERVERS = 4
+_servers: dict[tuple[bool, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
 
 
 def _import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -43,20 +44,20 @@ def _import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, v) for k, v in env.items() if not k.startswith(runtime)))
 
 
-def _server_for(env: dict[str, str]) -> subprocess.Popen | None:
-    """The running server for `env`'s import environment, started if there is room; None: run a
-    fresh interpreter."""
-    key = _import_environment(env)
+def _server_for(env: dict[str, str], dry_run: bool) -> subprocess.Popen | None:
+    """The running server of that kind for `env`'s import environment, started if there is
+    room; None: run a fresh interpreter."""
+    key = (dry_run, _import_environment(env))
     server = _servers.get(key)
     if server is not None and server.poll() is None:
         return server
     if not hasattr(os, "fork") or (server is None and len(_servers) >= MAX_SERVERS):
         return None
     server = subprocess.Popen(
-        [sys.executable, str(SERVER)],
+        [sys.executable, str(SERVER), *(["--dryrun"] if dry_run else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=dict(key),
+        env=dict(key[1]),
         cwd=REPO,
         text=True,
     )
@@ -79,6 +80,17 @@ def _ours(module: str) -> bool:
     return module.split(".")[0] == "fastsp"
 
 
+def _dry_run_code(code: str) -> bool:
+    """Source whose first import past the standard library is the dry run's: it registers fake
+    CUDA before torch loads, which a dry-run server has done the same way."""
+    for line in code.splitlines():
+        if line.startswith(("import ", "from ")):
+            module = line.split()[1]
+            if module.split(".")[0] not in sys.stdlib_module_names:
+                return module == "fastsp.dryrun"
+    return False
+
+
 def _answer(server: subprocess.Popen, deadline: float) -> dict:
     while True:
         left = deadline - time.monotonic()
@@ -96,18 +108,24 @@ def run(
     cmd: list[str], *, env: dict[str, str] | None = None, cwd=None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)`
-    for `cmd` = [sys.executable, script.py, ...] or [sys.executable, "-m", "fastsp...", ...], forked
-    from the server when the environment allows; any other command runs as subprocess.run."""
+    for `cmd` = [sys.executable, script.py, ...], [sys.executable, "-m", "fastsp...", ...] or a dry
+    run's [sys.executable, "-c", code importing fastsp.dryrun first, ...], forked from the
+    server of its kind when the environment allows; any other command runs as subprocess.run."""
     env = dict(os.environ if env is None else env)
     cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
     cmd = [os.fspath(part) for part in cmd]
     if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _ours(cmd[2]):
         target = {"module": cmd[2], "argv": cmd[3:]}
+        dry_run = cmd[2] == "fastsp.dryrun"
     elif cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py"):
         target = {"script": os.path.join(cwd, cmd[1]), "argv": cmd[2:]}
+        script = Path(target["script"])
+        dry_run = script.is_file() and _dry_run_code(script.read_text())
+    elif cmd[:2] == [sys.executable, "-c"] and len(cmd) > 2 and _dry_run_code(cmd[2]):
+        target, dry_run = {"code": cmd[2], "argv": cmd[3:]}, True
     else:
         target = None
-    server = _server_for(env) if target is not None else None
+    server = _server_for(env, dry_run) if target is not None else None
     if server is None:
         return subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout

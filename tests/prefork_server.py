@@ -1,6 +1,10 @@
 """The server side of tests/prefork.py: imports the trainer once, then forks one child per run.
 
-Protocol (JSON lines): a request {"script" or "module", "argv", "env", "cwd", "stdout", "stderr"}
+Started with `--dryrun`, it imports fastsp.dryrun first, which registers fake CUDA before torch
+loads, as `python -m fastsp.dryrun` or a `python -c` script that imports it first does.
+
+Protocol (JSON lines): a request {"script", "module" or "code", "argv", "env", "cwd", "stdout",
+"stderr"}
 on stdin; the answers {"pid": ...} as soon as the child exists, then {"returncode": ...} when it
 has ended (negative: the signal that ended it, as `subprocess` reports it). The answers go out
 on the stdout this process was started with; each child writes its own stdout and stderr to the
@@ -16,6 +20,10 @@ import runpy
 import sys
 import threading
 import traceback
+
+if sys.argv[1:] == ["--dryrun"]:  # a dry-run server: fake CUDA registered before torch loads
+    import fastsp.dryrun  # noqa: F401  # isort: skip
+    import fastsp.dryrun_parallel  # noqa: F401  (the fake process group of --dry-world-size)
 
 import torch._dynamo  # noqa: F401  (torch.optim's constructor imports it: every trainer pays it)
 
@@ -45,7 +53,13 @@ def _run_child(request: dict) -> None:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         try:
-            if "module" in request:  # python -m module: the working directory first on the path
+            if "code" in request:  # python -c code: the working directory first on the path
+                sys.path[0] = ""
+                sys.argv = ["-c", *request["argv"]]
+                main = type(sys)("__main__")
+                sys.modules["__main__"] = main
+                exec(compile(request["code"], "<string>", "exec"), main.__dict__)
+            elif "module" in request:  # python -m module: the working directory first on the path
                 sys.path[0] = os.getcwd()
                 sys.argv = ["-m", *request["argv"]]  # runpy puts the module's file first
                 # a fresh `python -m` runs the module as __main__ beside no imported copy

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,11 +33,10 @@ pytestmark = [
 
 
 def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    # A fresh interpreter, not tests/prefork.py's fork: the dry run registers fake CUDA before
-    # torch is imported, and the prefork server has imported torch.
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
-    )
+    # Forked from a dry-run server (tests/prefork.py) that registered fake CUDA before torch, as
+    # `python -m fastsp.dryrun` does: the same process a fresh interpreter would be after its
+    # imports.
+    return prefork.run([sys.executable, *args], cwd=REPO, timeout=timeout)
 
 
 def _reference_flops(model_cfg: dict, batch: int, resolution: int) -> dict[str, int]:
