@@ -56,3 +56,22 @@ def test_exit_statuses_and_messages_are_a_fresh_interpreters(tmp_path):
         cwd=REPO,
     )
     assert killed.returncode == -9
+
+
+@pytest.mark.slow
+def test_a_forked_dry_run_prints_what_a_fresh_one_prints():
+    # the dry-run server registers fake CUDA before torch, as `python -m fastsp.dryrun` does;
+    # its children print the same figures (but for the CPU seconds they took), and a `-c`
+    # script importing the dry run first is served the same way
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dry = [sys.executable, "-m", "fastsp.dryrun", "--preset", "dit_tiny", "--batch-size", "4"]
+    fresh, forked = _fresh(dry, env), prefork.run(dry, env=env, cwd=REPO)
+    assert fresh.returncode == forked.returncode == 0, forked.stderr[-2000:]
+
+    def _same(text):
+        return re.sub(r"\d+ s on this CPU", "", text)
+
+    assert "FLOP per step" in fresh.stdout and _same(forked.stdout) == _same(fresh.stdout)
+    script = "import sys\nimport fastsp.dryrun as dryrun\nsys.exit(dryrun.main(sys.argv[1:]))\n"
+    scripted = prefork.run([sys.executable, "-c", script, *dry[3:]], env=env, cwd=REPO)
+    assert scripted.returncode == 0 and _same(scripted.stdout) == _same(fresh.stdout)
