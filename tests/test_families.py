@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from family_tiny import (
@@ -413,11 +414,8 @@ def test_data_of_another_family_or_shape_is_refused():
 
 # ---- the trainer -------------------------------------------------------------------------------
 def _train(*argv, check=True):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "fastsp" / "train.py"), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    done = prefork.run(
+        [sys.executable, str(ROOT / "fastsp" / "train.py"), *map(str, argv)], cwd=ROOT
     )
     if check:
         assert done.returncode == 0, done.stderr[-3000:]

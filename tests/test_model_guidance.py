@@ -7,10 +7,10 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import prefork
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -212,7 +212,7 @@ def test_a_short_model_guidance_run_of_the_digits_preset_trains(tmp_path):
         "--sample-steps", "2", "--checkpoint-every", "0", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    result = prefork.run(argv, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "objective: model guidance, w = 0.3 where t / T <= 0.75" in result.stdout
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
