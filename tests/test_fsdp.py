@@ -225,6 +225,30 @@ def test_fsdp_flux_self_perceptual_resumes_from_two_processes_on_one(tmp_path):
     assert _weights(final, "model").keys() == tiny_denoiser("flux").state_dict().keys()
 
 
+@pytest.mark.slow
+def test_fsdp_lora_on_flux_trains_the_adapters_one_process_trains(tmp_path):
+    # The large-model recipe: LoRA on a diffusers Flux under FSDP2, self-perceptual with the
+    # sharded transformer's adapters off for the perceptual pass; two ranks train the adapters
+    # (and their EMA) one plain process trains, and the base stays the pipeline's weights.
+    pipeline = write_pipeline_folder("flux", tmp_path / "pipeline")
+    data = write_shards("flux", tmp_path / "data")
+    flux = [*COMMON, "--model", "diffusers", "--diffusion", "flow", "--cond", "context"]
+    flux += ["--data", str(data), "--resolution", "8", "--init", str(pipeline)]
+    flux += ["--objective", "self_perceptual", "--lora-rank", "4", "--steps", "2"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    _ok(_launch(None, [*flux, "--out", str(single)]))
+    _ok(_launch(2, [*flux, "--parallel", "fsdp", "--out", str(sharded)]))
+    assert "adapters off" in (sharded / "backends.json").read_text()
+    final = sharded / "checkpoints" / "step_00000002"
+    _assert_same_weights(final, single / "checkpoints" / "step_00000002")
+    base = tiny_denoiser("flux").state_dict()  # the pipeline folder's weights (seeded)
+    for name, tensor in _weights(final, "model").items():
+        if "lora_B" in name:  # peft starts B at zero: trained, it is not
+            assert tensor.abs().max() > 0, name
+        elif "lora_" not in name:
+            assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), name
+
+
 def test_a_diffusers_family_under_fsdp_is_planned_with_capture_refused(tmp_path):
     # --parallel fsdp with --model diffusers passes the plan (fastsp.family_config.check_run);
     # its step is not captured, for FSDP2's reason, where the same DDP run on CUDA is.
