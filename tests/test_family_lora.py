@@ -24,12 +24,13 @@ from family_tiny import TINY, conditions
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_families import LR, SIDE, B, _batch, _config, _inputs, _process, _wrapped
+from test_lora import check_adapters_off_is_the_frozen_copy
 from test_step import FailOnHostSync
 
 from fastsp import lora, reference
 from fastsp.config import TrainConfig
 from fastsp.errors import CheckpointError, ConfigError
-from fastsp.perceptual import FeatureExtractor, SelfPerceptualLoss
+from fastsp.perceptual import SelfPerceptualLoss
 from fastsp.step import StepConfig, TrainStep, step_randomness
 
 FAMILIES = tuple(TINY)
@@ -92,14 +93,7 @@ def test_default_targets_are_diffusers_scripts_and_bad_targets_name_the_layers()
 )
 def test_adapters_off_features_equal_a_frozen_copy_bit_for_bit(family, layers):
     frozen, model = _stage1_and_lora(family, torch.float32)
-    x, t, cond = _inputs(family, torch.float32)
-    off = FeatureExtractor(model, layers, lambda: lora.adapters_off(model))(x, t, cond)
-    ours = FeatureExtractor(frozen, layers)(x, t, cond)
-    on = FeatureExtractor(model, layers)(x, t, cond)
-    for name in layers:
-        assert torch.equal(off[name], ours[name]), name
-        assert not torch.allclose(on[name], ours[name]), name  # the adapters do change them
-    assert model.training  # the switch restores the mode and every adapter
+    check_adapters_off_is_the_frozen_copy(frozen, model, layers, *_inputs(family, torch.float32))
 
 
 def _lora_step(family, model) -> TrainStep:

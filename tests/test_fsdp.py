@@ -141,11 +141,16 @@ def test_fsdp_lora_trains_the_adapters_one_process_trains(tmp_path, stage1):
     final = sharded / "checkpoints" / "step_00000004"
     _assert_same_weights(final, single / "checkpoints" / "step_00000004")
     init = load_file(checkpoint_lib.list_checkpoints(stage1)[-1] / "ema.safetensors")
-    for name, tensor in _weights(final, "model").items():
+    _assert_adapters_trained_on(init, _weights(final, "model"))
+
+
+def _assert_adapters_trained_on(base: dict, trained: dict) -> None:
+    """`trained` (a LoRA model's weights) kept `base`'s weights and trained its adapters."""
+    for name, tensor in trained.items():
         if "lora_B" in name:  # peft starts B at zero: trained, it is not
             assert tensor.abs().max() > 0, name
         elif "lora_" not in name:
-            assert torch.equal(tensor, init[name.replace(".base_layer.", ".")]), name
+            assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), name
 
 
 def test_fsdp_refuses_channels_last_weights_before_anything_is_written(tmp_path):
@@ -203,15 +208,20 @@ def test_the_units_are_each_family_s_blocks_and_the_rest_is_the_root():
     assert parallel.units(network) == [m for m in network.modules() if isinstance(m, blocks)]
 
 
+def _tiny_flux_options(tmp_path: Path) -> list[str]:
+    """The options of a run of a tiny diffusers Flux from its pipeline folder, on its shards."""
+    pipeline = write_pipeline_folder("flux", tmp_path / "pipeline")
+    data = write_shards("flux", tmp_path / "data")
+    flux = [*COMMON, "--model", "diffusers", "--diffusion", "flow", "--cond", "context"]
+    return flux + ["--data", str(data), "--resolution", "8", "--init", str(pipeline)]
+
+
 @pytest.mark.slow
 def test_fsdp_flux_self_perceptual_resumes_from_two_processes_on_one(tmp_path):
     # A tiny diffusers Flux in stage 2 straight from its pipeline folder, its frozen perceptual
     # network sharded too: two ranks to step 2, one rank from there to 4, against one plain
     # process. The checkpoint's DCP keys are diffusers' own names (one process reads them).
-    pipeline = write_pipeline_folder("flux", tmp_path / "pipeline")
-    data = write_shards("flux", tmp_path / "data")
-    flux = [*COMMON, "--model", "diffusers", "--diffusion", "flow", "--cond", "context"]
-    flux += ["--data", str(data), "--resolution", "8", "--init", str(pipeline)]
+    flux = _tiny_flux_options(tmp_path)
     flux += ["--objective", "self_perceptual"]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     _ok(_launch(None, [*flux, "--steps", "4", "--out", str(single)]))
@@ -230,10 +240,7 @@ def test_fsdp_lora_on_flux_trains_the_adapters_one_process_trains(tmp_path):
     # The large-model recipe: LoRA on a diffusers Flux under FSDP2, self-perceptual with the
     # sharded transformer's adapters off for the perceptual pass; two ranks train the adapters
     # (and their EMA) one plain process trains, and the base stays the pipeline's weights.
-    pipeline = write_pipeline_folder("flux", tmp_path / "pipeline")
-    data = write_shards("flux", tmp_path / "data")
-    flux = [*COMMON, "--model", "diffusers", "--diffusion", "flow", "--cond", "context"]
-    flux += ["--data", str(data), "--resolution", "8", "--init", str(pipeline)]
+    flux = _tiny_flux_options(tmp_path)
     flux += ["--objective", "self_perceptual", "--lora-rank", "4", "--steps", "2"]
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     _ok(_launch(None, [*flux, "--out", str(single)]))
@@ -242,20 +249,13 @@ def test_fsdp_lora_on_flux_trains_the_adapters_one_process_trains(tmp_path):
     final = sharded / "checkpoints" / "step_00000002"
     _assert_same_weights(final, single / "checkpoints" / "step_00000002")
     base = tiny_denoiser("flux").state_dict()  # the pipeline folder's weights (seeded)
-    for name, tensor in _weights(final, "model").items():
-        if "lora_B" in name:  # peft starts B at zero: trained, it is not
-            assert tensor.abs().max() > 0, name
-        elif "lora_" not in name:
-            assert torch.equal(tensor, base[name.replace(".base_layer.", ".")]), name
+    _assert_adapters_trained_on(base, _weights(final, "model"))
 
 
 def test_a_diffusers_family_under_fsdp_is_planned_with_capture_refused(tmp_path):
     # --parallel fsdp with --model diffusers passes the plan (fastsp.family_config.check_run);
     # its step is not captured, for FSDP2's reason, where the same DDP run on CUDA is.
-    pipeline = write_pipeline_folder("flux", tmp_path / "pipeline")
-    data = write_shards("flux", tmp_path / "data")
-    flux = [*COMMON, "--model", "diffusers", "--diffusion", "flow", "--cond", "context"]
-    flux += ["--data", str(data), "--resolution", "8", "--init", str(pipeline)]
+    flux = _tiny_flux_options(tmp_path)
     flux += ["--objective", "self_perceptual", "--out", str(tmp_path / "run")]
     plans = {}
     for parallel_option in ("ddp", "fsdp"):

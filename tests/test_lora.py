@@ -63,6 +63,13 @@ def test_adapters_off_features_equal_a_frozen_copy_bit_for_bit(kind, layers):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 1, RES, RES, generator=g)
     t, cond = torch.tensor([3, 500, 999]), {"labels": torch.tensor([0, 4, 9])}
+    check_adapters_off_is_the_frozen_copy(frozen, model, layers, x, t, cond)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def check_adapters_off_is_the_frozen_copy(frozen, model, layers, x, t, cond):
+    """The tapped features of `model` with its adapters off equal `frozen`'s bit for bit (and
+    with them on, differ); the switch leaves the model training."""
     off = FeatureExtractor(model, layers, lambda: lora.adapters_off(model))(x, t, cond)
     ours = FeatureExtractor(frozen, layers)(x, t, cond)
     on = FeatureExtractor(model, layers)(x, t, cond)
@@ -70,7 +77,6 @@ def test_adapters_off_features_equal_a_frozen_copy_bit_for_bit(kind, layers):
         assert torch.equal(off[name], ours[name]), name
         assert not torch.allclose(on[name], ours[name]), name  # the adapters do change them
     assert model.training  # the switch restores the mode and every adapter
-    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 
 def _lora_step(model, objective="self_perceptual", **options):
