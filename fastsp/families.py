@@ -185,6 +185,14 @@ class DiffusersDenoiser(nn.Module):
         return dict(self.denoiser.named_modules())[self.mid_name], self.output_index(self.mid_name)
 
 
+def named_by_path(model: nn.Module) -> nn.Module:
+    """The module of `model` whose parameter paths are its checkpoint keys: a DiffusersDenoiser's
+    diffusers module (the wrapper keeps diffusers' key names through state-dict hooks, which
+    lookups by module path, peft's and torch.distributed.checkpoint's, do not follow); any other
+    model itself."""
+    return model.denoiser if isinstance(model, DiffusersDenoiser) else model
+
+
 def mid_tap_name(config: DiffusersConfig) -> str:
     """The module path of the "mid" tap (module docstring)."""
     if config.family in ("sd", "sdxl"):

@@ -36,7 +36,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from fastsp.errors import CheckpointError, ConfigError
-from fastsp.families import DiffusersDenoiser
+from fastsp.families import DiffusersDenoiser, named_by_path
 from fastsp.family_config import DiffusersConfig
 from fastsp.model_config import DiTConfig, UNetConfig, model_kind
 from fastsp.models import build_model
@@ -95,12 +95,6 @@ def _describe(model_cfg: ModelConfig) -> str:
     return model_kind(model_cfg)
 
 
-def _peft_root(model: torch.nn.Module) -> torch.nn.Module:
-    """The module peft's adapters and names live in: a family model's diffusers module, whose
-    names are diffusers' (the wrapper renames its state dict, which peft's lookups read)."""
-    return model.denoiser if isinstance(model, DiffusersDenoiser) else model
-
-
 def targets(cfg, model_cfg: ModelConfig) -> tuple[str, ...]:
     """The module names (peft's suffix match) that get adapters: --lora-targets or the
     defaults of the model kind (a diffusers model: of its family)."""
@@ -138,7 +132,7 @@ def check_options(cfg, model_cfg: ModelConfig) -> None:
             )
         return
     with torch.device("meta"):
-        model = _peft_root(build_model(model_cfg))
+        model = named_by_path(build_model(model_cfg))
     layers = [
         name
         for name, module in model.named_modules()
@@ -164,7 +158,7 @@ def _short_name(name: str) -> str:
 def add_adapters(model: torch.nn.Module, cfg, model_cfg: ModelConfig):
     """`model` with peft's LoRA layers injected in place (B = 0: the same function), its base
     weights frozen: only the adapters require gradients."""
-    inject_adapter_in_model(lora_config(cfg, model_cfg), _peft_root(model))
+    inject_adapter_in_model(lora_config(cfg, model_cfg), named_by_path(model))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return model
@@ -210,7 +204,7 @@ def tie_frozen(ema: torch.nn.Module, model: torch.nn.Module) -> None:
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of `model` under peft's names (`...to_qkv.lora_A.weight`; a family
     model's under diffusers' module names)."""
-    return get_peft_model_state_dict(_peft_root(model))
+    return get_peft_model_state_dict(named_by_path(model))
 
 
 def merged(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Module:
@@ -334,7 +328,7 @@ def load_adapter(model: torch.nn.Module, source: Path) -> None:
             f"--lora-rank {next(iter(ours.values())).shape[0]} with these targets; pass the "
             "--lora-rank and --lora-targets it was trained with"
         )
-    set_peft_model_state_dict(_peft_root(model), state)
+    set_peft_model_state_dict(named_by_path(model), state)
 
 
 def _from_diffusers(model, weights: dict[str, torch.Tensor], source: Path) -> dict:

@@ -52,7 +52,7 @@ from fastsp import checkpoint as checkpoint_lib
 from fastsp import dist
 from fastsp.dit import DiTBlock
 from fastsp.errors import CheckpointError, CheckpointWriteError, ConfigError
-from fastsp.families import DiffusersDenoiser
+from fastsp.families import named_by_path
 from fastsp.faults import kill_point
 from fastsp.step import local
 from fastsp.unet import ResBlock, SpatialTransformer
@@ -66,6 +66,15 @@ from fastsp.unet import ResBlock, SpatialTransformer
 _BLOCKS = (ResBlock, SpatialTransformer, DiTBlock)
 _BLOCK_LISTS = re.compile(
     r"(.+\.)?(resnets|attentions|transformer_blocks|single_transformer_blocks)"
+)
+
+
+# FSDP2 warns of a unit returning a view (an in-place op on it would skip the unit's pre-backward
+# all-gather); Flux's single-stream blocks return their image tokens as a view of the joint
+# sequence, which diffusers' transformer_flux reads out of place only (torch.cat, norm_out):
+# tests/test_fsdp.py's Flux run trains the weights one process trains.
+warnings.filterwarnings(
+    "ignore", r"FSDP2-wrapped module \(FSDPFluxSingleTransformerBlock\) returned a view"
 )
 
 
@@ -102,13 +111,6 @@ def shard(network: torch.nn.Module, device: torch.device, bf16: bool) -> torch.n
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for unit in units(network):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    # FSDP2 warns of a unit returning a view (an in-place op on it would skip the unit's
-    # pre-backward all-gather); Flux's single-stream blocks return their image tokens as a view
-    # of the joint sequence, which diffusers' transformer_flux reads out of place only (torch.cat,
-    # norm_out): tests/test_fsdp.py's Flux run trains the weights one process trains.
-    warnings.filterwarnings(
-        "ignore", r"FSDP2-wrapped module \(FSDPFluxSingleTransformerBlock\) returned a view"
-    )
     return fully_shard(network, mesh=mesh, mp_policy=policy)
 
 
@@ -125,16 +127,8 @@ def units(network: torch.nn.Module) -> list[torch.nn.Module]:
     return list(found.values())
 
 
-def _keyed(network: torch.nn.Module) -> torch.nn.Module:
-    """The module whose parameter paths are `network`'s checkpoint keys: a diffusers denoiser's
-    own module (fastsp.families keeps diffusers' key names through state-dict hooks, which
-    torch.distributed.checkpoint's get_state_dict, naming each tensor by its module path, does
-    not follow)."""
-    return network.denoiser if isinstance(network, DiffusersDenoiser) else network
-
-
 def _state(model, ema, optimizer) -> dict[str, Any]:
-    model, ema = _keyed(model), _keyed(ema)
+    model, ema = named_by_path(model), named_by_path(ema)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     for group in optimizer_state["param_groups"]:
         # the step's learning rate is a device tensor (fastsp.step); a number on disk, as in a
@@ -197,12 +191,12 @@ def load_training_state(checkpoint: Path, model, ema, optimizer) -> dict[str, An
             "folder to resume from the previous checkpoint"
         ) from None
     set_state_dict(
-        _keyed(model),
+        named_by_path(model),
         optimizer,
         model_state_dict=saved["model"],
         optim_state_dict=saved["optimizer"],
     )
-    set_model_state_dict(_keyed(ema), saved["ema"])
+    set_model_state_dict(named_by_path(ema), saved["ema"])
     torch.set_rng_state(rng["cpu"])
     return state
 
