@@ -141,20 +141,29 @@ def test_fast_lora_step_equals_the_reference_step_in_float64(objective):
             ref_model, frozen, ref_optimizer, *args, t_prime, alphas, labels=batch["label"]
         )
     assert step.loss_sum.item() == pytest.approx(ref_loss, rel=1e-12)
+    for p, q in check_only_adapters_train(step, model, ref_model, base_before, rel=1e-12):
+        assert torch.allclose(p, q, rtol=0, atol=2 * LR * 2**-24)
+
+
+def check_only_adapters_train(step, model, ref_model, base_before, rel):
+    """After one fast step of a LoRA `model` and the reference step of `ref_model`: the base got
+    no gradient and never moved, each adapter's gradient equals the reference's within `rel` of
+    its largest, and only the adapters have Adam state and an EMA (whose base tensors are the
+    model's own). Returns the (adapter, reference adapter) pairs."""
+    adapters = []
     pairs = zip(model.named_parameters(), ref_model.parameters(), strict=True)
     for (name, p), q in pairs:
         if not p.requires_grad:  # the base: no gradient, never moved
             assert p.grad is None and torch.equal(p, base_before[name]), name
             continue
         scale = q.grad.abs().max().item() + 1e-30
-        assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-12 * scale), name
-        assert torch.allclose(p, q, rtol=0, atol=2 * LR * 2**-24), name
-    # Adam state and EMA for the adapters alone; the EMA's base tensors are the model's own
-    adapters = [p for p in model.parameters() if p.requires_grad]
-    assert set(map(id, step.optimizer.state)) == set(map(id, adapters))
+        assert torch.allclose(p.grad, q.grad, rtol=0, atol=rel * scale), name
+        adapters.append((p, q))
+    assert set(map(id, step.optimizer.state)) == {id(p) for p, _ in adapters}
     assert len(step.ema_params) == len(adapters)
     for name, p in step.ema.named_parameters():
         assert (p is model.get_parameter(name)) == ("lora_" not in name), name
+    return adapters
 
 
 @pytest.mark.slow
