@@ -223,7 +223,9 @@ def test_non_contiguous(case, dtype, reduction):
 @pytest.mark.parametrize("reduction", _REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_broadcasting_matches_mse_loss(dtype, reduction):
-    x, y = torch.randn(4, 6, 5, 3, dtype=dtype), torch.randn(1, 6, 1, 1, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # its own draw, whatever ran before on this worker
+    x = torch.randn(4, 6, 5, 3, generator=gen).to(dtype)
+    y = torch.randn(1, 6, 1, 1, generator=gen).to(dtype)
     with pytest.warns(UserWarning, match="Using a target size"):
         _check_against_references(x, y, reduction)
 
