@@ -28,6 +28,16 @@ if sys.argv[1:] == ["--dryrun"]:  # a dry-run server: fake CUDA registered befor
 import torch._dynamo  # noqa: F401  (torch.optim's constructor imports it: every trainer pays it)
 
 import fastsp.train  # noqa: F401  (fastsp, torch, triton)
+from fastsp.family_config import DENOISER_CLASSES
+
+try:  # the sd extra: diffusers imports each model class at first use, in every child otherwise
+    import diffusers
+    import diffusers.models.attention_dispatch  # noqa: F401  (fastsp.family_attention's)
+
+    for name in (*DENOISER_CLASSES, "AutoencoderKL"):
+        getattr(diffusers, name)
+except ImportError:
+    pass
 
 
 def _exit_code(error: SystemExit) -> int:
