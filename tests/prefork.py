@@ -10,8 +10,12 @@ environment and working directory; `run` returns what `subprocess.run(..., captu
 text=True)` would. Python reads some variables only at import (TRITON_INTERPRET,
 OMP_NUM_THREADS, PYTHONPATH, ...), so a forked child cannot change them: runs whose environments
 differ in anything but fastsp's runtime switches (FASTSP_*) and pytest's current test name go to
-different servers, and past
-`MAX_SERVERS` of those, or where fork is not available, to a fresh interpreter.
+different servers, and past `MAX_SERVERS` of those, or where fork is not available, to a fresh
+interpreter.
+
+torchrun's workers are forked the same way (`torchrun`): the agent starts a light stand-in per
+worker (tests/prefork_rank.py) that has a rank server fork the worker with the stand-in's stdio,
+passes on the signals it gets and ends as the worker ends; the worker dies with its stand-in.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,31 +35,38 @@ from pathlib import Path
 SERVER = Path(__file__).with_name("prefork_server.py")
 REPO = SERVER.parent.parent
 
-# One server per kind (a trainer's, or a dry run's with fake CUDA) and environment (what its
-# imports read), a few at most: each holds an imported torch.
-MAX_SERVERS = 4
-_servers: dict[tuple[bool, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
+# One server per kind (a trainer's, a dry run's with fake CUDA, or torchrun workers') and
+# environment (what its imports read), a few at most: each holds an imported torch.
+MAX_SERVERS = 5
+_servers: dict[tuple[str, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
+_rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+RANK_STAND_IN = SERVER.with_name("prefork_rank.py")
 
 
-def _import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+def import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The part of `env` a server's imports may have read: all of it but fastsp's runtime
-    switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), which fastsp reads when it acts, and the name
-    of the test pytest is running (PYTEST_CURRENT_TEST, another in every test)."""
-    runtime = ("FASTSP_", "PYTEST_CURRENT_TEST")
+    switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), which fastsp reads when it acts, the name
+    of the test pytest is running (PYTEST_CURRENT_TEST, another in every test) and the servers'
+    own (PREFORK_RANK_SOCKET)."""
+    runtime = ("FASTSP_", "PYTEST_CURRENT_TEST", "PREFORK_")
     return tuple(sorted((k, v) for k, v in env.items() if not k.startswith(runtime)))
 
 
-def _server_for(env: dict[str, str], dry_run: bool) -> subprocess.Popen | None:
-    """The running server of that kind for `env`'s import environment, started if there is
-    room; None: run a fresh interpreter."""
-    key = (dry_run, _import_environment(env))
+def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
+    """The running server of `kind` ("trainer", "dryrun" or "ranks") for `env`'s import
+    environment, started if there is room; None: run a fresh interpreter."""
+    key = (kind, import_environment(env))
     server = _servers.get(key)
     if server is not None and server.poll() is None:
         return server
     if not hasattr(os, "fork") or (server is None and len(_servers) >= MAX_SERVERS):
         return None
+    options = {"trainer": [], "dryrun": ["--dryrun"]}.get(kind)
+    if kind == "ranks":
+        _rank_sockets[key] = os.path.join(tempfile.mkdtemp(prefix="prefork_"), "ranks")
+        options = ["--ranks", _rank_sockets[key]]
     server = subprocess.Popen(
-        [sys.executable, str(SERVER), *(["--dryrun"] if dry_run else [])],
+        [sys.executable, str(SERVER), *options],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=dict(key[1]),
@@ -67,12 +79,52 @@ def _server_for(env: dict[str, str], dry_run: bool) -> subprocess.Popen | None:
     return server
 
 
+def torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[list[str], dict]:
+    """`cmd` = [sys.executable, "-m", "torch.distributed.run", OPTIONS..., SCRIPT or -m MODULE,
+    ARGS...] with its workers forked from a rank server (tests/prefork_rank.py stands in for
+    each towards torchrun's agent): the command and environment to start it with. Options
+    written `--name value` or `--no-python`, or no room for a server: `cmd` and `env` as given."""
+    env = dict(os.environ if env is None else env)
+    cmd = [os.fspath(part) for part in cmd]
+    if cmd[:3] != [sys.executable, "-m", "torch.distributed.run"]:
+        return cmd, env
+    options, module, nproc, at = [], False, 1, 3
+    while at < len(cmd) and cmd[at].startswith("-"):
+        option = cmd[at]
+        if option in ("-m", "--module"):
+            module = True
+        elif "=" in option:
+            name, value = option.split("=", 1)
+            if name in ("--nproc_per_node", "--nproc-per-node"):
+                nproc = int(value) if value.isdigit() else 1
+            options.append(option)
+        elif option == "--standalone":
+            options.append(option)
+        else:  # a value in the next word, or a mode the stand-in does not play
+            return cmd, env
+        at += 1
+    worker = dict(env)
+    if nproc > 1:  # what torch.distributed.run sets for its workers when the caller has not
+        worker.setdefault("OMP_NUM_THREADS", "1")
+    server = _server_for(worker, "ranks")
+    if server is None:
+        return cmd, env
+    socket_path = _rank_sockets[("ranks", import_environment(worker))]
+    target = ["-m", *cmd[at:]] if module else cmd[at:]
+    return [*cmd[:3], *options, str(RANK_STAND_IN), *target], {
+        **env,
+        "PREFORK_RANK_SOCKET": socket_path,
+    }
+
+
 @atexit.register
 def _stop() -> None:
     for server in _servers.values():
         if server.poll() is None:
             server.stdin.close()
             server.wait(timeout=30)
+    for socket_path in _rank_sockets.values():
+        shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
 
 
 def _ours(module: str) -> bool:
@@ -110,22 +162,24 @@ def run(
     """`subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)`
     for `cmd` = [sys.executable, script.py, ...], [sys.executable, "-m", "fastsp...", ...] or a dry
     run's [sys.executable, "-c", code importing fastsp.dryrun first, ...], forked from the
-    server of its kind when the environment allows; any other command runs as subprocess.run."""
+    server of its kind when the environment allows; a torchrun command (`torchrun`) with its
+    workers forked; any other command runs as subprocess.run."""
     env = dict(os.environ if env is None else env)
     cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
-    cmd = [os.fspath(part) for part in cmd]
+    cmd, env = torchrun(cmd, env)  # torchrun's workers fork from a rank server
     if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _ours(cmd[2]):
         target = {"module": cmd[2], "argv": cmd[3:]}
-        dry_run = cmd[2] == "fastsp.dryrun"
+        kind = "dryrun" if cmd[2] == "fastsp.dryrun" else "trainer"
     elif cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py"):
         target = {"script": os.path.join(cwd, cmd[1]), "argv": cmd[2:]}
         script = Path(target["script"])
         dry_run = script.is_file() and _dry_run_code(script.read_text())
+        kind = "dryrun" if dry_run else "trainer"
     elif cmd[:2] == [sys.executable, "-c"] and len(cmd) > 2 and _dry_run_code(cmd[2]):
-        target, dry_run = {"code": cmd[2], "argv": cmd[3:]}, True
+        target, kind = {"code": cmd[2], "argv": cmd[3:]}, "dryrun"
     else:
         target = None
-    server = _server_for(env, dry_run) if target is not None else None
+    server = _server_for(env, kind) if target is not None else None
     if server is None:
         return subprocess.run(
             cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout

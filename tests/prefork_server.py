@@ -11,24 +11,43 @@ on the stdout this process was started with; each child writes its own stdout an
 named files. The server itself never runs a torch operation and starts no thread, so that
 forking it is safe (OpenMP's thread pool does not exist yet) and each child starts where a fresh
 interpreter would after its imports.
+
+Started with `--ranks SOCKET`, it forks torchrun's workers instead (tests/prefork_rank.py): each
+worker's stand-in connects to the Unix socket SOCKET and sends one JSON line {"script" or
+"module", "argv", "env", "cwd"} with its stdin, stdout, stderr and the read end of a pipe only
+it holds; the answers are {"pid": ...}, then {"returncode": ...}, or {"refused": reason} where
+the worker's environment differs from this server's in what imports read (it then starts
+fresh). Each forked worker kills itself when that pipe's other end closes, so it never outlives
+its stand-in. The server ends when its stdin closes.
 """
 
+import array
 import atexit
+import io
 import json
 import os
 import runpy
+import select
+import signal
+import socket
 import sys
 import threading
 import traceback
+
+from prefork import import_environment
+
+# What the imports below can read, taken before them (some write into os.environ): hence the
+# E402s that follow
+STARTED_WITH = dict(os.environ)
 
 if sys.argv[1:] == ["--dryrun"]:  # a dry-run server: fake CUDA registered before torch loads
     import fastsp.dryrun  # noqa: F401  # isort: skip
     import fastsp.dryrun_parallel  # noqa: F401  (the fake process group of --dry-world-size)
 
-import torch._dynamo  # noqa: F401  (torch.optim's constructor imports it: every trainer pays it)
+import torch._dynamo  # noqa: E402, F401  (torch.optim's constructor imports it)
 
-import fastsp.train  # noqa: F401  (fastsp, torch, triton)
-from fastsp.family_config import DENOISER_CLASSES
+import fastsp.train  # noqa: E402, F401  (fastsp, torch, triton)
+from fastsp.family_config import DENOISER_CLASSES  # noqa: E402
 
 try:  # the sd extra: diffusers imports each model class at first use, in every child otherwise
     import diffusers
@@ -49,16 +68,21 @@ def _exit_code(error: SystemExit) -> int:
     return 1
 
 
-def _run_child(request: dict) -> None:
+def _files_as_stdio(request: dict) -> None:
+    """A run's stdin from /dev/null, its stdout and stderr into the files it names."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def _run_child(request: dict, stdio=_files_as_stdio) -> None:
     """In the forked child: become `python script argv...` and never return."""
     code = 1
     try:
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(target, fd)
-            os.close(target)
+        stdio(request)
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
@@ -114,5 +138,111 @@ def serve() -> None:
         answers.flush()
 
 
+# What torchrun's agent adds to each worker's environment: torch.distributed.elastic's
+# LocalElasticAgent's variables, read when the process group starts, and inductor's cache
+# folder, which torch writes into the agent's environment when it first asks for it and reads
+# when it compiles. Nothing reads them at import.
+_AGENT_VARIABLES = {
+    *("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"),
+    *("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE"),
+    *("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR"),
+}
+
+
+def _import_differences(env: dict[str, str]) -> list[str]:
+    """The variables in which a worker's environment differs from this server's where imports
+    may have read them."""
+    worker, mine = dict(import_environment(env)), dict(import_environment(STARTED_WITH))
+    for name in [n for n in worker if n not in mine]:
+        if name in _AGENT_VARIABLES or name.startswith("TORCHELASTIC_"):
+            del worker[name]
+    return sorted(n for n in worker.keys() | mine.keys() if worker.get(n) != mine.get(n))
+
+
+def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    """One worker's request line and the file descriptors that came with it."""
+    fds = array.array("i")
+    data, ancillary, _, _ = connection.recvmsg(1 << 16, socket.CMSG_SPACE(4 * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    while not data.endswith(b"\n"):
+        more = connection.recv(1 << 16)
+        if not more:
+            raise ConnectionError("a worker's stand-in left before its request was whole")
+        data += more
+    return json.loads(data), list(fds)
+
+
+def _worker_stdio(fds: list[int]):
+    """In a forked worker: the stand-in's stdin, stdout and stderr, written through unbuffered
+    (torchrun starts workers with `python -u`), and death with the stand-in."""
+
+    def stdio(request: dict) -> None:
+        stdin, stdout, stderr, alive = fds
+        for fd, target in ((0, stdin), (1, stdout), (2, stderr)):
+            os.dup2(target, fd)
+            os.close(target)
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            raw = io.FileIO(fd, "w", closefd=False)
+            setattr(sys, name, io.TextIOWrapper(raw, encoding="utf-8", write_through=True))
+
+        def die_with_the_stand_in() -> None:
+            os.read(alive, 1)  # end of file: the stand-in has ended
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=die_with_the_stand_in, daemon=True).start()
+
+    return stdio
+
+
+def serve_ranks(path: str) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    answers = os.fdopen(os.dup(1), "w")
+    answers.write(json.dumps({"ready": True}) + "\n")
+    answers.flush()
+    workers: dict[int, socket.socket] = {}  # pid -> its stand-in's connection
+    while True:
+        readable, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
+        if sys.stdin in readable and not sys.stdin.readline():
+            break
+        if listener in readable:
+            connection, _ = listener.accept()
+            request, fds = _receive(connection)
+            differences = _import_differences(request["env"])
+            if differences or len(fds) != 4:
+                reason = f"imports read {differences}" if differences else "no stdio"
+                connection.sendall(json.dumps({"refused": reason}).encode() + b"\n")
+                connection.close()
+            else:
+                if threading.active_count() != 1:
+                    raise RuntimeError("the prefork server must be single-threaded to fork")
+                pid = os.fork()
+                if pid == 0:
+                    for other in (listener, *workers.values(), connection, answers):
+                        other.close()
+                    _run_child(request, stdio=_worker_stdio(fds))
+                workers[pid] = connection
+                connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            for fd in fds:
+                os.close(fd)
+        while workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            connection = workers.pop(pid)
+            returncode = os.waitstatus_to_exitcode(status)
+            try:
+                connection.sendall(json.dumps({"returncode": returncode}).encode() + b"\n")
+            except OSError:  # the stand-in is gone (it was killed): nothing to tell
+                pass
+            connection.close()
+
+
 if __name__ == "__main__":
-    serve()
+    if sys.argv[1:2] == ["--ranks"]:
+        serve_ranks(sys.argv[2])
+    else:
+        serve()

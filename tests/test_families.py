@@ -20,7 +20,6 @@ models of each family built here (tests/family_tiny.py):
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -547,10 +546,8 @@ def test_ddp_over_two_processes_trains_the_weights_one_process_does(tmp_path):
         out = tmp_path / f"p{processes}"
         argv = [str(a) if a != "OUT" else str(out) for a in options]
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        done = subprocess.run(
+        done = prefork.run(  # torchrun's workers forked (tests/prefork.py)
             [sys.executable, *launcher, str(ROOT / "fastsp" / "train.py"), *argv],
-            capture_output=True,
-            text=True,
             cwd=ROOT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )

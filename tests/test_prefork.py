@@ -1,9 +1,11 @@
 """The forked runs many tests use (tests/prefork.py) are the runs a fresh interpreter makes."""
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import prefork
@@ -75,3 +77,99 @@ def test_a_forked_dry_run_prints_what_a_fresh_one_prints():
     script = "import sys\nimport fastsp.dryrun as dryrun\nsys.exit(dryrun.main(sys.argv[1:]))\n"
     scripted = prefork.run([sys.executable, "-c", script, *dry[3:]], env=env, cwd=REPO)
     assert scripted.returncode == 0 and _same(scripted.stdout) == _same(fresh.stdout)
+
+
+# A torchrun worker that says where it came from: forked workers have the trainer imported
+WORKER = """
+import json, os, signal, sys, time
+seen = sys.argv[1]
+rank = os.environ["RANK"]
+said = {"pid": os.getpid(), "forked": "fastsp.train" in sys.modules, "argv": sys.argv[2:]}
+print(f"rank {rank} on stdout"); print(f"rank {rank} on stderr", file=sys.stderr)
+def stop(number, frame):
+    open(os.path.join(seen, f"stopped{rank}"), "w").close()
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+with open(os.path.join(seen, f"{rank}.json.tmp"), "w") as f:
+    json.dump(said, f)
+os.replace(os.path.join(seen, f"{rank}.json.tmp"), os.path.join(seen, f"{rank}.json"))
+if sys.argv[2] == "wait":
+    while True:
+        time.sleep(0.05)
+sys.exit(int(rank) * 3)
+"""
+
+
+def _worker_run(tmp_path, name, mode):
+    seen = tmp_path / name
+    seen.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return seen, [*torchrun, "--nproc_per_node=2", str(script), str(seen), mode]
+
+
+def _said(seen, rank, deadline=60):
+    path = seen / f"{rank}.json"
+    for _ in range(deadline * 20):
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never started")
+
+
+@pytest.mark.slow
+def test_torchrun_workers_are_forked_and_their_stand_ins_pass_on_output_and_status(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    seen, cmd = _worker_run(tmp_path, "exit", "exit")
+    result = prefork.run(cmd, env=env, cwd=tmp_path)
+    for rank in (0, 1):
+        said = _said(seen, rank, deadline=1)
+        assert said["forked"] and said["argv"] == ["exit"]
+        assert f"rank {rank} on stdout" in result.stdout
+        assert f"rank {rank} on stderr" in result.stderr
+    # rank 1 exits 3: torchrun sees that status and names it
+    assert result.returncode != 0
+    assert re.search(r"exitcode\s*:\s*3", result.stderr), result.stderr[-3000:]
+    # an environment the server's imports did not read: the workers start fresh, and work
+    cmd, environment = prefork.torchrun(cmd, env)
+    seen, cmd[-2] = tmp_path / "fresh", str(tmp_path / "fresh")
+    seen.mkdir()
+    environment["PYTHONHASHSEED"] = "1"
+    fresh = subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=120)
+    assert not _said(seen, 0, deadline=1)["forked"] and fresh.returncode != 0
+
+
+@pytest.mark.slow
+def test_a_torchrun_worker_gets_its_stand_ins_signals_and_dies_with_it(tmp_path):
+    seen, cmd = _worker_run(tmp_path, "wait", "wait")
+    cmd, env = prefork.torchrun(cmd, {**os.environ, "OMP_NUM_THREADS": "1"})
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        workers = {rank: _said(seen, rank)["pid"] for rank in (0, 1)}
+        stand_ins = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+        by_rank = {}
+        for pid in stand_ins:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            by_rank[int(next(v for v in environ if v.startswith(b"RANK="))[5:])] = int(pid)
+        assert set(by_rank) == {0, 1} and not set(by_rank.values()) & set(workers.values())
+        os.kill(by_rank[0], 9)  # the stand-in killed: its worker goes with it
+        for _ in range(200):
+            if not Path(f"/proc/{workers[0]}").exists() or _zombie(workers[0]):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker outlived its stand-in")
+        # torchrun then stops rank 1 with SIGTERM, which its stand-in passes on: it exits 75
+        _, stderr = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert (seen / "stopped1").exists() and not (seen / "stopped0").exists()
+    assert agent.returncode != 0, stderr[-3000:]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True

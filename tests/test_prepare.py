@@ -13,7 +13,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -239,10 +238,8 @@ def _command(launcher: list[str], args: list[str]) -> None:
     """Run `launcher -m fastsp.prepare args` in a clean single-threaded environment (the same
     float32 reduction order in every process)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    result = subprocess.run(
+    result = prefork.run(  # forked: a plain run from a server, torchrun's workers from another
         [sys.executable, *launcher, "-m", "fastsp.prepare", *args],
-        capture_output=True,
-        text=True,
         cwd=REPO,
         timeout=300,
         env={**env, "OMP_NUM_THREADS": "1"},

@@ -61,8 +61,9 @@ def _train(args, **env):
 
 
 def _start(cmd, **env):
+    cmd, environment = prefork.torchrun(cmd, _env(**env))  # a torchrun's workers are forked
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env)
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
     )
 
 
