@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -246,26 +245,14 @@ def test_torchrun_workers_get_the_nccl_setting_for_graph_capture(tmp_path):
     script.write_text(WORKER_ENVIRONMENT_SCRIPT)
     seen = tmp_path / "seen"
     seen.mkdir()
-    result = subprocess.run(
-        [*torchrun, "--nproc_per_node=2", str(script), str(seen)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = prefork.run([*torchrun, "--nproc_per_node=2", str(script), str(seen)], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in ("0", "1"):
         assert json.loads((seen / f"{rank}.json").read_text()) == {"before": "1", "after": "0"}
     # The real CPU run (gloo, no graphs) keeps the agent's value and records that it did.
     out = tmp_path / "run"
     args = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--out", str(out)]
-    result = subprocess.run(
-        [*torchrun, "--nproc_per_node=2", TRAIN_SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = prefork.run([*torchrun, "--nproc_per_node=2", TRAIN_SCRIPT, *args], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     backends = json.loads((out / "backends.json").read_text())
     assert backends["graph_environment"] == "unchanged (no CUDA-graph capture with DDP on CUDA)"
