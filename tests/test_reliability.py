@@ -271,10 +271,8 @@ def test_sigterm_to_the_torchrun_agent_checkpoints_and_resumes(tmp_path):
 def test_a_killed_rank_is_named_by_rank_0_with_the_intact_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--sample-every", "0"]
-    result = subprocess.run(
+    result = prefork.run(  # torchrun's workers forked
         _torchrun(2, [*args, "--out", str(out)]),
-        capture_output=True,
-        text=True,
         timeout=300,
         env=_env(FASTSP_KILL_AT="step:3", FASTSP_KILL_RANK="1"),
     )
@@ -295,10 +293,8 @@ def test_a_killed_rank_is_named_by_rank_0_with_the_intact_checkpoint(tmp_path):
 def test_elastic_restart_after_a_rank_dies_resumes_by_itself(tmp_path, uninterrupted):
     out = tmp_path / "run"
     args = ["--steps", str(STEPS), "--checkpoint-every", "2", "--out", str(out), "--resume"]
-    result = subprocess.run(
+    result = prefork.run(  # torchrun's workers forked
         _torchrun(2, args, extra=["--max-restarts=1"]),
-        capture_output=True,
-        text=True,
         timeout=300,
         # torchrun shares its rendezvous store with the workers by default, and a restarted
         # process group can then read the previous attempt's gloo addresses (pytorch#135712).
