@@ -10,8 +10,9 @@ environment and working directory; `run` returns what `subprocess.run(..., captu
 text=True)` would. Python reads some variables only at import (TRITON_INTERPRET,
 OMP_NUM_THREADS, PYTHONPATH, ...), so a forked child cannot change them: runs whose environments
 differ in anything but fastsp's runtime switches (FASTSP_*) and pytest's current test name go to
-different servers, and past `MAX_SERVERS` of those, or where fork is not available, to a fresh
-interpreter.
+different servers; past `MAX_SERVERS` of those the least recently used one stops (a test
+worker runs one test at a time, so none of its runs is in flight), and where fork is not
+available runs start a fresh interpreter.
 
 torchrun's workers are forked the same way (`torchrun`): the agent starts a light stand-in per
 worker (tests/prefork_rank.py) that has a rank server fork the worker with the stand-in's stdio,
@@ -36,8 +37,10 @@ SERVER = Path(__file__).with_name("prefork_server.py")
 REPO = SERVER.parent.parent
 
 # One server per kind (a trainer's, a dry run's with fake CUDA, or torchrun workers') and
-# environment (what its imports read), a few at most: each holds an imported torch.
-MAX_SERVERS = 5
+# environment (what its imports read), kept in order of use, the least recently used first.
+# Each holds an imported torch (about 0.5 GB resident, most of it shared) and costs about two
+# fresh interpreters to start; the suite's test workers use up to 7 each.
+MAX_SERVERS = 8
 _servers: dict[tuple[str, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
 _rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 RANK_STAND_IN = SERVER.with_name("prefork_rank.py")
@@ -54,13 +57,18 @@ def import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
     """The running server of `kind` ("trainer", "dryrun" or "ranks") for `env`'s import
-    environment, started if there is room; None: run a fresh interpreter."""
+    environment, started where none runs (the least recently used stopped past MAX_SERVERS);
+    None where fork is not available: run a fresh interpreter."""
     key = (kind, import_environment(env))
-    server = _servers.get(key)
-    if server is not None and server.poll() is None:
-        return server
-    if not hasattr(os, "fork") or (server is None and len(_servers) >= MAX_SERVERS):
+    if key in _servers and _servers[key].poll() is None:
+        _servers[key] = _servers.pop(key)  # now the most recently used
+        return _servers[key]
+    if key in _servers:  # it has ended
+        _stop_server(key)
+    if not hasattr(os, "fork"):
         return None
+    while len(_servers) >= MAX_SERVERS:
+        _stop_server(next(iter(_servers)))
     options = {"trainer": [], "dryrun": ["--dryrun"]}.get(kind)
     if kind == "ranks":
         _rank_sockets[key] = os.path.join(tempfile.mkdtemp(prefix="prefork_"), "ranks")
@@ -117,14 +125,19 @@ def torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[list[st
     }
 
 
+def _stop_server(key) -> None:
+    server = _servers.pop(key)
+    if server.poll() is None:
+        server.stdin.close()
+        server.wait(timeout=30)
+    if key in _rank_sockets:
+        shutil.rmtree(os.path.dirname(_rank_sockets.pop(key)), ignore_errors=True)
+
+
 @atexit.register
 def _stop() -> None:
-    for server in _servers.values():
-        if server.poll() is None:
-            server.stdin.close()
-            server.wait(timeout=30)
-    for socket_path in _rank_sockets.values():
-        shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
+    while _servers:
+        _stop_server(next(iter(_servers)))
 
 
 def _ours(module: str) -> bool:
