@@ -96,6 +96,11 @@ os.replace(os.path.join(seen, f"{rank}.json.tmp"), os.path.join(seen, f"{rank}.j
 if sys.argv[2] == "wait":
     while True:
         time.sleep(0.05)
+if rank == "1":  # exit 3 only once rank 0 has said its piece: torchrun then stops the others
+    for _ in range(1200):
+        if os.path.exists(os.path.join(seen, "0.json")):
+            break
+        time.sleep(0.05)
 sys.exit(int(rank) * 3)
 """
 
