@@ -120,15 +120,26 @@ def _run_child(request: dict, stdio=_files_as_stdio) -> None:
         os._exit(code)
 
 
-def serve() -> None:
-    answers = os.fdopen(os.dup(1), "w")
+def _fork() -> int:
     if threading.active_count() != 1:  # a forked child would lose the other threads' locks
         raise RuntimeError("the prefork server must be single-threaded before it forks")
+    return os.fork()
+
+
+def _ready():
+    """The answers' stream (a copy of the stdout this process was started with), the first
+    answer sent."""
+    answers = os.fdopen(os.dup(1), "w")
     answers.write(json.dumps({"ready": True}) + "\n")
     answers.flush()
+    return answers
+
+
+def serve() -> None:
+    answers = _ready()
     for line in sys.stdin:
         request = json.loads(line)
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:
             _run_child(request)
         answers.write(json.dumps({"pid": pid}) + "\n")
@@ -149,10 +160,13 @@ _AGENT_VARIABLES = {
 }
 
 
+_IMPORTS_READ = dict(import_environment(STARTED_WITH))
+
+
 def _import_differences(env: dict[str, str]) -> list[str]:
     """The variables in which a worker's environment differs from this server's where imports
     may have read them."""
-    worker, mine = dict(import_environment(env)), dict(import_environment(STARTED_WITH))
+    worker, mine = dict(import_environment(env)), _IMPORTS_READ
     for name in [n for n in worker if n not in mine]:
         if name in _AGENT_VARIABLES or name.startswith("TORCHELASTIC_"):
             del worker[name]
@@ -200,9 +214,7 @@ def serve_ranks(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
-    answers = os.fdopen(os.dup(1), "w")
-    answers.write(json.dumps({"ready": True}) + "\n")
-    answers.flush()
+    answers = _ready()
     workers: dict[int, socket.socket] = {}  # pid -> its stand-in's connection
     while True:
         readable, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
@@ -217,9 +229,7 @@ def serve_ranks(path: str) -> None:
                 connection.sendall(json.dumps({"refused": reason}).encode() + b"\n")
                 connection.close()
             else:
-                if threading.active_count() != 1:
-                    raise RuntimeError("the prefork server must be single-threaded to fork")
-                pid = os.fork()
+                pid = _fork()
                 if pid == 0:
                     for other in (listener, *workers.values(), connection, answers):
                         other.close()

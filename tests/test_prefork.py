@@ -11,6 +11,7 @@ from pathlib import Path
 import prefork
 import pytest
 from safetensors.torch import load_file
+from test_reliability import _rank_pid
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "fastsp" / "train.py")
@@ -152,12 +153,8 @@ def test_a_torchrun_worker_gets_its_stand_ins_signals_and_dies_with_it(tmp_path)
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         workers = {rank: _said(seen, rank)["pid"] for rank in (0, 1)}
-        stand_ins = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
-        by_rank = {}
-        for pid in stand_ins:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            by_rank[int(next(v for v in environ if v.startswith(b"RANK="))[5:])] = int(pid)
-        assert set(by_rank) == {0, 1} and not set(by_rank.values()) & set(workers.values())
+        by_rank = {rank: _rank_pid(agent.pid, rank) for rank in (0, 1)}  # the agent's children
+        assert not set(by_rank.values()) & set(workers.values())
         os.kill(by_rank[0], 9)  # the stand-in killed: its worker goes with it
         for _ in range(200):
             if not Path(f"/proc/{workers[0]}").exists() or _zombie(workers[0]):
