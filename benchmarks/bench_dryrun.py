@@ -9,9 +9,9 @@ step and the MSE step of that config, and writes dryrun_sd21_<date>.md (and .jso
 (--out benchmarks/results for a result to commit) with the figures beside the reference figures
 of issue 13 (measured by another session the same way: 53.3 / 39.6 TFLOP per step, ratio 1.35,
 peaks about 39.7 / 34.5 GiB at batch 16).
-These are predictions for a GPU, not measurements on one: FLOPs from FlopCounterMode, memory as
-the peak of live tensor bytes (the CUDA caching allocator's reserve is above it), and images/s
-at an assumed 40% model FLOPs utilisation of the datasheet's dense bf16 peak.
+These are predictions for a GPU, not measurements on one: FLOPs by torch.utils.flop_counter's
+formulas, memory as the peak of live tensor bytes (the CUDA caching allocator's reserve is above
+it), and images/s at an assumed 40% model FLOPs utilisation of the datasheet's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def markdown(figures: dict, command: list[str], batch_size: int) -> str:
         "",
         "Predictions for a GPU, not GPU measurements: `python " + " ".join(command) + "` on "
         f"{platform.processor() or platform.machine()} (torch {figures['torch']}, CPU only). "
-        "FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one whole step (matmuls, "
+        "FLOPs: `torch.utils.flop_counter`'s formulas over one whole step (matmuls, "
         "convolutions, flash attention; elementwise ops, the MSE, clipping, AdamW and EMA are "
         "not counted). Memory: the peak of live CUDA tensor bytes during the step, after a first "
         "step has created the optimizer state (the caching allocator reserves more); state: "

@@ -171,8 +171,8 @@ def main() -> None:
             "latent channels, prompt length). Full fine-tuning, bf16 autocast, fp32 master "
             "weights, fused AdamW, EMA, the frozen perceptual network in bf16 tapped at 'mid' "
             "(SDXL: mid_block; SD3.5-M: transformer_blocks.11; Flux: "
-            "single_transformer_blocks.8). FLOPs: `FlopCounterMode` over one whole step "
-            "(matmuls, convolutions, attention). Memory: the peak of live tensor bytes "
+            "single_transformer_blocks.8). FLOPs: `torch.utils.flop_counter`'s formulas over one "
+            "whole step (matmuls, convolutions, attention). Memory: the peak of live tensor bytes "
             "(the caching allocator reserves more). Images/s: batch x 40% of an H100 SXM's "
             "989 TFLOP/s dense bf16 / FLOPs per step. CPU s: the self-perceptual dry run's "
             "wall time on this shared 2-core machine.",

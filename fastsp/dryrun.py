@@ -16,8 +16,9 @@ the other one for the ratio):
     tensor in a CUDA op, a host read (.item(), bool(), a device-to-host copy), operands of
     different dtypes in a matmul, convolution or attention (what autocast must prevent), the
     fused AdamW kernel's device, dtype and layout checks (fake_fused_adamw);
-  - the FLOPs of one step (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions,
-    attention; elementwise work, the MSE and the optimizer are not counted);
+  - the FLOPs of one step (torch.utils.flop_counter's formulas, per op, as its FlopCounterMode
+    counts them: matmuls, convolutions, attention; elementwise work, the MSE and the optimizer
+    are not counted);
   - the peak of live tensor memory over the step (LiveMemory);
   - the self-perceptual / MSE FLOP ratio, and the images/s that 40% model FLOPs utilisation
     would give on an H100 SXM and an H200 SXM (dense bf16 peaks from NVIDIA's datasheets);
@@ -64,7 +65,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from fastsp import config_cli, dist  # noqa: E402
 from fastsp.checkpoint import atomic_write_text  # noqa: E402
@@ -144,11 +144,15 @@ class StepChecks(TorchDispatchMode):
     reference step, --no-cuda-graph) may sync: its host reads are counted and read as 1 (fake
     tensors hold no value), so `if finite.item():` takes the path of a good step."""
 
-    def __init__(self):
+    def __init__(self, *observers):
         super().__init__()
         self.captured = True  # the plan's answer (fastsp.training.graph_plan.plan_graph)
         self.replayed = False  # inside the measured step: what a captured graph would replay
         self.host_syncs = 0
+        # What sees every op's outputs (LiveMemory, Roofline) from inside this one mode: each
+        # Python dispatch mode on the stack costs every op a round trip, which was a third of a
+        # dry run's time when each was a mode of its own.
+        self.observers = list(observers)
 
     def _sync(self, what: str) -> None:
         if self.captured:
@@ -202,6 +206,8 @@ class StepChecks(TorchDispatchMode):
             isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(out)
         ):
             self._sync(f"device-to-host copy in the step ({func} of {_describe(on_cuda)} to cpu)")
+        for observer in self.observers:
+            observer.observe(func, args, kwargs, out)
         return out
 
 
@@ -401,13 +407,13 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size
     exception of another kind) is a bug of fastsp and propagates as it is."""
     # outside the fake mode: the schedule branches on values
     plan = dry_plan(cfg, model_cfg, world_size)
-    memory = LiveMemory()
-    checks = StepChecks()
+    memory, roofline = LiveMemory(), Roofline()
+    checks = StepChecks(memory)
     checks.captured = plan.graph.captured
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the CPU batch and tables come in
     started = time.perf_counter()
     resizes = storage_resizes(memory.resized)  # FSDP2 frees unsharded blocks by resizing
-    with cuda_autocast_on(), fake, memory, resizes, checks, FlashSDPA():
+    with cuda_autocast_on(), fake, resizes, checks, FlashSDPA():
         run, batch = build_step(plan, step_class)
         step = run.step
         lr, ema_weight = learning_rate(plan.cfg, 0), 1.0 - ema_decay(plan.cfg, 0)
@@ -416,23 +422,21 @@ def dry_step(cfg, model_cfg, step_class: type[TrainStep] = TrainStep, world_size
             memory.reset_peak()
             state = memory.live  # what outlives a step: weights, EMA, optimizer state, buffers
             checks.host_syncs = 0
-            with FlopCounterMode(display=False) as flops, Roofline() as roofline:
-                step.load(batch, 1, lr, ema_weight)  # what TrainStep.run does: load, then the
-                checks.replayed = True  # step (replayed as a graph when captured)
-                step.compute()
-                checks.replayed = False
+            checks.observers.append(roofline)  # the measured step's FLOPs and bytes, per op
+            step.load(batch, 1, lr, ema_weight)  # what TrainStep.run does: load, then the
+            checks.replayed = True  # step (replayed as a graph when captured)
+            step.compute()
+            checks.replayed = False
         except ExpectedStop:
             raise
         except RuntimeError as error:  # an op the GPU would refuse (torch's op errors)
             raise DryRunFault(_fault_line(error)) from error
-    by_op = {
-        str(op).removeprefix("aten."): count
-        for op, count in flops.get_flop_counts().get("Global", {}).items()
-    }
+    # FLOPs by torch.utils.flop_counter's formulas (Roofline applies them op by op)
+    by_op = {name: op["flops"] for name, op in roofline.ops.items() if op["flops"]}
     return {
         "objective": cfg.objective,
         "world_size": world_size,
-        "flops": flops.get_total_flops(),
+        "flops": sum(by_op.values()),
         "flops_by_op": by_op,
         "peak_bytes": memory.peak,
         "predicted": predict(roofline, cfg.batch_size // world_size),  # per GPU

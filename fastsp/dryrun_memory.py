@@ -15,18 +15,18 @@ import weakref
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 
-class LiveMemory(TorchDispatchMode):
+class LiveMemory:
     """The bytes of CUDA tensor storages alive, and their peak: every op's outputs are counted
     once per storage (views share theirs) until the storage is freed or resized (`resized`).
     A tensor subclass (FSDP2's DTensor) counts the storages of the tensors it wraps: its own
-    ops on them run below this mode, unseen."""
+    ops on them run below the dry run's dispatch mode (fastsp.dryrun.StepChecks, which calls
+    `observe` after every op), unseen."""
 
     def __init__(self):
-        super().__init__()
         self.live = 0
         self.peak = 0
         self._bytes: dict[int, int] = {}  # each counted storage's size
@@ -57,12 +57,11 @@ class LiveMemory(TorchDispatchMode):
             self.live += storage.nbytes()
             weakref.finalize(storage, self._freed, storage._cdata)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def observe(self, func, args, kwargs, out) -> None:
+        """Count the outputs of one op (called by the dry run's one dispatch mode)."""
         for t in tree_leaves(out):
             self._count(t)
         self.peak = max(self.peak, self.live)
-        return out
 
 
 @contextlib.contextmanager

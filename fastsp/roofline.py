@@ -55,17 +55,21 @@ class Roofline(TorchDispatchMode):
         self.ops: dict[str, dict] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **(kwargs or {}))
+        self.observe(func, args, kwargs or {}, out)
+        return out
+
+    def observe(self, func, args, kwargs, out) -> None:
+        """Record one op that ran with `args`, `kwargs` and made `out`."""
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         storages = {t.untyped_storage()._cdata for t in inputs}
         if not outputs:
-            return out  # a metadata query (prim.device, sizes): no kernel
+            return  # a metadata query (prim.device, sizes): no kernel
         if not func._schema.is_mutable and all(
             t.untyped_storage()._cdata in storages for t in outputs
         ):
-            return out  # views of the inputs: no bytes move
+            return  # views of the inputs: no bytes move
         packet = func._overloadpacket
         flops = (
             flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
@@ -83,7 +87,6 @@ class Roofline(TorchDispatchMode):
         for gpu, peaks in GPUS.items():
             peak = peaks["bf16_tflops" if low_precision else "fp32_tflops"] * 1e12
             record[gpu] += max(flops / peak, moved / (peaks["hbm_tb_s"] * 1e12))
-        return out
 
 
 def predict(roofline: Roofline, batch: int) -> dict:
