@@ -6,7 +6,11 @@ triton is first imported; hence here, before any test module imports fastsp.
 The suite runs on parallel workers (pytest-xdist: `-n logical --dist loadgroup`, pyproject.toml's
 addopts; `-n 0` runs it in one process). What keeps that safe, and what every test keeps to:
 - Files go under tmp_path or tmp_path_factory only: never runs/, benchmarks/results/, the
-  repository or the home folder (FASTSP_CACHE points into this run's temporary folder).
+  repository or the home folder (FASTSP_CACHE points into this run's temporary folder). The one
+  exception is the bytecode of fastsp, kernels and tests, compiled once before the workers start
+  (`pytest_configure`) into the `__pycache__` folders Python itself uses (ignored by git) where
+  PYTHONDONTWRITEBYTECODE keeps Python from writing it: otherwise each of the suite's hundreds of
+  processes would compile the package from source again.
 - Distributed runs take a port the system picks (torchrun --standalone, or a socket bound to
   port 0 for MASTER_PORT), never a fixed one.
 - What several tests read is built once per run by `build_once` (a session fixture): read-only
@@ -16,8 +20,10 @@ addopts; `-n 0` runs it in one process). What keeps that safe, and what every te
 - Tests marked `slow` are handed out first, so that the longest ones do not end the run alone.
 """
 
+import compileall
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +42,10 @@ from filelock import FileLock  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds (scheduled first)")
+    if sys.flags.dont_write_bytecode and not hasattr(config, "workerinput"):  # the controller
+        repo = Path(__file__).resolve().parents[1]
+        for folder in ("fastsp", "kernels", "tests"):  # pip compiled the installed packages
+            compileall.compile_dir(repo / folder, quiet=1)
 
 
 def pytest_collection_modifyitems(config, items):
