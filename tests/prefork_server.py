@@ -58,6 +58,11 @@ try:  # the sd extra: diffusers imports each model class at first use, in every 
 except ImportError:
     pass
 
+try:  # the lora extra: the first LoRA option imports peft (fastsp.lora), in every child otherwise
+    import fastsp.lora  # noqa: F401
+except ImportError:
+    pass
+
 
 def _exit_code(error: SystemExit) -> int:
     if error.code is None:
