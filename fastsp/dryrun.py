@@ -149,9 +149,8 @@ class StepChecks(TorchDispatchMode):
         self.captured = True  # the plan's answer (fastsp.training.graph_plan.plan_graph)
         self.replayed = False  # inside the measured step: what a captured graph would replay
         self.host_syncs = 0
-        # What sees every op's outputs (LiveMemory, Roofline) from inside this one mode: each
-        # Python dispatch mode on the stack costs every op a round trip, which was a third of a
-        # dry run's time when each was a mode of its own.
+        # What sees every op's outputs (LiveMemory, Roofline), from inside this one mode: each
+        # Python dispatch mode on the stack costs every op another round trip through Python.
         self.observers = list(observers)
 
     def _sync(self, what: str) -> None:
