@@ -99,9 +99,14 @@ def write_comparison(
     seed: int,
     device,
     guidance: dict[str, tuple[float, float]] | None = None,
+    columns: int | None = None,
+    stacked: bool = False,
 ) -> None:
-    """EMA samples of each run, same noise and labels, side by side in one PNG: without guidance,
-    or for the titles in `guidance` with its (CFG scale, rescale phi)."""
+    """EMA samples of each run, same noise and labels, in one PNG: without guidance, or for the
+    titles in `guidance` with its (CFG scale, rescale phi). Each run's panel has `columns` images
+    a row (default: one row per cycle through the classes, else a square); the panels stand side
+    by side, or with `stacked` one above the other, so that sample i of every run (the same noise
+    and label) sits in the same column."""
     panels = []
     for title, run_dir in runs.items():
         scale, rescale = (guidance or {}).get(title, (1.0, 0.0))
@@ -122,21 +127,23 @@ def write_comparison(
             seed=seed,
             device=device,
         )
-        columns = classes if classes > 0 and num % classes == 0 else None
+        per_row = columns or (classes if classes > 0 and num % classes == 0 else None)
         panels.append(
             labelled(
-                image_grid(images, columns=columns),
+                image_grid(images, columns=per_row),
                 title,
                 display_scale(train_cfg.resolution) // 2 or 1,
             )
         )
     gap = 16
-    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
-    canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
-    left = 0
-    for panel in panels:
-        canvas.paste(panel, (left, 0))
-        left += panel.width + gap
+    along = [p.height if stacked else p.width for p in panels]
+    across = max(p.width if stacked else p.height for p in panels)
+    length = sum(along) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (across, length) if stacked else (length, across), "white")
+    offset = 0
+    for panel, size in zip(panels, along, strict=True):
+        canvas.paste(panel, (0, offset) if stacked else (offset, 0))
+        offset += size + gap
     save_png(np.asarray(canvas), path)
 
 

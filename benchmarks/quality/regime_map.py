@@ -701,7 +701,8 @@ def figure(results: list[dict], results_dir: Path) -> bool:
     """RESULTS/figure.png: training-split FID (no CFG) against stage-2 steps, one panel per
     compared setting (mean over seeds, min-max band; dashed: stage 1 with its best CFG); and
     RESULTS/samples.png: the setting with every variant, seed 0, MSE without CFG, MSE with the
-    best CFG and the self-perceptual rows without CFG, from the same noise and labels."""
+    best CFG and the self-perceptual rows without CFG, from the same noise and labels, one row
+    above the other."""
     compared = [r for r in results if r["compared"] and r["status"] == "done"]
     if not compared:
         return False
@@ -735,7 +736,15 @@ def figure(results: list[dict], results_dir: Path) -> bool:
         runs[f"{name}, no CFG"] = Path(widest["stage2"][name][0]["checkpoint"])
     num = 40 if widest["setting"]["data"] == "letters" else 50  # labels 0, 1, ... in order
     write_comparison(
-        results_dir / "samples.png", runs, num, steps=25, seed=0, device="cpu", guidance=guidance
+        results_dir / "samples.png",
+        runs,
+        num,
+        steps=25,
+        seed=0,
+        device="cpu",
+        guidance=guidance,
+        columns=num // 2,
+        stacked=True,  # sample i of every row in one column: the same noise and label
     )
     return True
 
@@ -744,7 +753,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 settings, 1 seed")
     parser.add_argument(
-        "--flow", action="store_true", help="letters16_c8_s600_class and letters16_c16_s300_class under --diffusion flow"
+        "--flow",
+        action="store_true",
+        help="letters16_c8_s600_class and letters16_c16_s300_class under --diffusion flow",
     )
     parser.add_argument(
         "--strong-teacher",
