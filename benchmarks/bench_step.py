@@ -80,7 +80,10 @@ MODELS = {
     "dit_tiny": ("dit_tiny", dict(batch_size=64)),
     "dit_digits": ("dit_digits", dict(batch_size=64)),
     "dit_xl2": ("dit_xl2", dict(resolution=32, batch_size=32)),
+    # the regime map's widest guidance gap (benchmarks/quality/regime_map.py): 16x16 letters, base 8
+    "letters_c8": ("digits", dict(data="letters", resolution=16, batch_size=64, cond="class")),
 }
+MODEL_OVERRIDES = {"letters_c8": dict(base_channels=8)}  # model-config fields, beside MODELS
 VARIANTS = {
     "reference": dict(train_step="reference", cuda_graph=False),
     "fast_eager": dict(cuda_graph=False),
@@ -124,7 +127,7 @@ def case_config(
     fields["channels_last"] = memory_format == "channels_last" and variant != "reference"
     fields["objective"] = objective
     fields["init"] = str(out.parent / "stage1")
-    return config_lib.resolve(preset, fields, {})
+    return config_lib.resolve(preset, fields, MODEL_OVERRIDES.get(model, {}))
 
 
 def write_stage1(model: str, device: torch.device, root: Path) -> None:
