@@ -137,7 +137,7 @@ def test_stage2_without_a_real_gap_runs_only_under_its_plan_option_and_is_labell
     assert not regime_map.compared(unreal, regime_map.FLOW)  # the rule stays the rule
     anyway = dict(regime_map.FLOW, stage2_without_real_gap=True)
     assert regime_map.compared(unreal, anyway)
-    (setting,) = regime_map.settings(anyway)
+    setting = regime_map.settings(anyway)[0]
     stage2 = {
         name: [{"train_fid": fid, "train_fid_curve": [[0, 60.0], [300, fid]]}]
         for name, fid in (("mse", 50.0), ("sp", 45.0))
@@ -158,6 +158,20 @@ def test_stage2_without_a_real_gap_runs_only_under_its_plan_option_and_is_labell
     plain = regime_map.table([dict(done, compared=False, status="done")], regime_map.FLOW)
     assert "No setting has a real guidance gap, so no stage 2 was run." in plain
     assert "run anyway" not in plain
+
+
+def test_every_variant_goes_to_the_widest_real_gap_before_a_wider_one_the_rule_calls_noise():
+    real = regime_map.guidance_gap([{"sweeps": {"0": _sweep(40 + d, 30)}} for d in (0, 1, 2)])
+    noisy = regime_map.guidance_gap([{"sweeps": {"0": _sweep(40 + d, 30)}} for d in (-9, 0, 30)])
+    assert real["real"] and not noisy["real"] and noisy["gap_mean"] > real["gap_mean"]
+    anyway = dict(regime_map.FLOW, stage2_without_real_gap=True)
+    gaps = {"narrow_real": real, "wide_noise": noisy}
+    assert regime_map.widest_setting(gaps, anyway) == "narrow_real"
+    assert regime_map.widest_setting(gaps, regime_map.FLOW) == "narrow_real"
+    # with no real gap, the option's settings compete; without it, none gets stage 2
+    only_noise = {"wide_noise": noisy, "other": dict(noisy, gap_mean=1.0)}
+    assert regime_map.widest_setting(only_noise, anyway) == "wide_noise"
+    assert regime_map.widest_setting(only_noise, regime_map.FLOW) is None
 
 
 class FakeTraining:

@@ -22,17 +22,16 @@ conditioning) and each seed:
    guidance gap of one (training seed, sampling seed) is FID(cfg 1) - FID(best cfg), the best
    scale being the one of lowest mean training-split FID over all of them. The gap is real when
    its mean exceeds 2 standard deviations of those gaps (and 0);
-3. where the gap is real (an unconditional setting runs only where its class-conditional twin's
-   gap is real), stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed,
-   data and noise: the variants of `paper_variants` in every such setting, those of `variants`
-   in the class-conditional setting of the widest mean gap. Besides MSE continued and the
-   paper's self-perceptual loss: its variants (timesteps, layers, MSE added), the normalised
-   features (--perceptual-norm channel, energy), the strong teacher (the perceptual network is
-   the final EMA of the longest stage-1 length of the same run and seed: a longer setting's,
-   or a length of `teachers` trained on only for this; absent, and said so, where the run has
-   none) and model guidance at three scales (class-conditional settings only). `curve_points`
-   checkpoints of each run are scored without CFG on the training split (the FID-against-steps
-   curve);
+3. where the gap is real (an unconditional setting runs only where its class-conditional twin's gap
+   is real), stage 2 continues from stage 1's EMA for as many steps as stage 1, same seed, data and
+   noise: the variants of `paper_variants` in every such setting, those of `variants` in the
+   class-conditional setting of the widest real mean gap (`widest_setting`). Besides MSE continued
+   and the paper's self-perceptual loss: its variants (timesteps, layers, MSE added), the normalised
+   features (--perceptual-norm channel, energy), the strong teacher (the perceptual network is the
+   final EMA of the longest stage-1 length of the same run and seed: a longer setting's, or a length
+   of `teachers` trained on only for this; absent, and said so, where the run has none) and model
+   guidance at three scales (class-conditional settings only). `curve_points` checkpoints of each
+   run are scored without CFG on the training split (the FID-against-steps curve);
 4. the best of each family (the normalised ones, the strong teacher, model guidance, and the
    rest: the paper's variants) is the one of lowest mean final training-split FID; then the
    held-out split scores, once, the final rows: MSE continued without CFG, MSE continued with
@@ -175,8 +174,8 @@ def setting_name(data: str, channels: int, stage1: int, cond: str, resolution: i
 # Rectified flow (issues 23 and 28): two settings of the FULL map with a real guidance gap under
 # DDPM, their 3 seeds and sampling, trained and sampled with --diffusion flow (beside
 # regime_map/'s rows). letters16_c16_s300 (issue 23: MSE and the paper's loss) and the DDPM map's
-# widest gap, letters16_c8_s600, with its strong teacher's length; the setting of the wider gap
-# under flow gets issue 28's comparison (MSE, its best CFG, the paper's loss, the normalised
+# widest gap, letters16_c8_s600, with its strong teacher's length; the setting of the wider real
+# gap under flow gets issue 28's comparison (MSE, its best CFG, the paper's loss, the normalised
 # features, the strong teacher, model guidance), the other MSE and the paper's loss.
 FLOW = dict(
     FULL,
@@ -558,6 +557,15 @@ def stage2_variants(rows: Path, work: Path, setting: dict, plan: dict, names):
     return variants, notes
 
 
+def widest_setting(gaps: dict[str, dict], plan: dict) -> str | None:
+    """The setting that gets every variant: of the real gaps, the widest; only where no gap is
+    real, the widest of those stage 2 runs on anyway (--stage2-without-real-gap), so that a
+    wider gap the rule calls noise never takes the comparison from a real one."""
+    real = [name for name, gap in gaps.items() if gap["real"]]
+    candidates = real or [name for name, gap in gaps.items() if compared(gap, plan)]
+    return max(candidates, key=lambda name: gaps[name]["gap_mean"], default=None)
+
+
 def one_pass(rows: Path, work: Path, plan: dict) -> tuple[list[dict], bool]:
     """Everything this worker can do now, in order: every class-conditional stage 1 (phase 1),
     then, once every gap is known, stage 2 and held-out rows, the setting of the widest gap
@@ -576,8 +584,7 @@ def one_pass(rows: Path, work: Path, plan: dict) -> tuple[list[dict], bool]:
         ]
         return [dict(r, compared=False, status="pending") for r in partial], True
     gaps = {name: guidance_gap(runs) for name, runs in stage1.items()}
-    real = [name for name, gap in gaps.items() if compared(gap, plan)]
-    widest = max(real, key=lambda name: gaps[name]["gap_mean"], default=None)
+    widest = widest_setting(gaps, plan)
 
     def priority(s: dict) -> tuple:
         return (s["name"] != widest, s["cond"] != "class", -gaps[twin_of(s["name"])]["gap_mean"])
