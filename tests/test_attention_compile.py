@@ -121,6 +121,7 @@ def _targets(graphs) -> list:
     return [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
 
 
+@pytest.mark.slow
 def test_unet_compiles_fullgraph_with_the_xformers_kernel(xformers_available):
     torch._dynamo.reset()
     model = _unet()
@@ -178,6 +179,7 @@ def test_the_xformers_kernel_equals_sdpa(xformers_available):
         assert xformers_available.calls["forward"] - before == 8
 
 
+@pytest.mark.slow
 def test_compiled_auto_without_a_choice_runs_sdpa_and_checks_nothing(xformers_available):
     # A caller that compiles without choosing first (kernel None): auto is SDPA inside compiled
     # code, and dynamo traces no xformers check.

@@ -148,6 +148,7 @@ def test_weights_of_another_shape_stay_a_checkpoint_error(checkpoint):
         _load(checkpoint, "model.safetensors")
 
 
+@pytest.mark.slow
 def test_sampling_a_damaged_checkpoint_exits_2_and_writes_nothing(checkpoint, tmp_path):
     _truncate(checkpoint / "ema.safetensors")
     out = tmp_path / "x.png"

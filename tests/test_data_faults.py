@@ -478,6 +478,7 @@ def test_train_cli_stops_on_bad_image(tmp_path, cut_folder):
     assert str(bad) in result.stderr and "--on-bad-data skip" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_cli_skips_bad_image(tmp_path, cut_folder):
     data, bad = cut_folder
     out = tmp_path / "run"

@@ -56,6 +56,7 @@ def _reference_flops(model_cfg: dict, batch: int, resolution: int) -> dict[str, 
     }
 
 
+@pytest.mark.slow
 def test_tiny_dry_run_passes_for_both_objectives_with_independently_checked_flops(tmp_path):
     out = tmp_path / "dryrun.json"
     result = _run(["-m", "fastsp.dryrun", "--preset", "tiny", "--json", str(out)])
@@ -102,6 +103,7 @@ def test_tiny_dry_run_passes_for_both_objectives_with_independently_checked_flop
     assert "predicted step (roofline" in result.stdout
 
 
+@pytest.mark.slow
 def test_planted_faults_are_reported_naming_the_fault(tmp_path):
     out = tmp_path / "faults.json"
     result = _run([str(REPO / "tests" / "dryrun_faults.py"), str(out)])
@@ -121,6 +123,7 @@ def test_planted_faults_are_reported_naming_the_fault(tmp_path):
         assert "\n" not in line, name
 
 
+@pytest.mark.slow
 def test_options_train_refuses_are_refused_with_exit_2():
     # every option goes through fastsp/train.py's parser and checks, before any step runs
     result = _run(
@@ -178,6 +181,7 @@ def test_an_internal_error_is_reported_as_such_not_as_a_fault():
     assert "internal error of the dry run" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_flow_process_dry_runs_with_the_same_networks(tmp_path):
     # --diffusion flow changes the noising and the targets, not the networks: the MSE step's
     # convolutions count exactly what the DDPM one's do, and the step would be captured
@@ -310,6 +314,7 @@ def test_the_dry_world_size_is_the_dry_runs_own_option():
     "family",
     ["sdxl", "flux", *[pytest.param(f, marks=pytest.mark.slow) for f in ("pixart", "sana")]],
 )
+@pytest.mark.slow
 def test_a_diffusers_family_dry_runs_from_its_config_alone(family, tmp_path):
     # --model diffusers on a folder with only config.json (no weight is read): the step of the
     # module itself, capturable, holding weights, EMA and Adam's moments (16 bytes per weight)

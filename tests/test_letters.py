@@ -99,6 +99,7 @@ def test_selectable_like_digits(tmp_path, capsys):
     assert '"num_classes": 62' in config and '"data": "letters"' in config
 
 
+@pytest.mark.slow
 def test_letters_classifier_is_cached_and_far_above_chance(tmp_path):
     classifier, info = builtin_classifier.load_or_train_classifier(
         _RESOLUTION, tmp_path, data="letters"

@@ -113,6 +113,7 @@ def test_bare_kernels_name_without_an_installed_package_is_an_empty_namespace():
     assert result.stdout.split() == ["None", "[]", "False"]
 
 
+@pytest.mark.slow
 def test_diffusers_models_import_from_the_repository_root():
     pytest.importorskip("diffusers")
     probe = "from diffusers import UNet2DConditionModel, AutoencoderKL; print('imported')"

@@ -403,6 +403,7 @@ def test_a_read_only_out_is_invalid_input(tmp_path):
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_unreadable_newest_checkpoint_is_never_called_damaged(run_dir):
     newest = run_dir / "checkpoints" / "step_00000002"
     for target, mode in ((newest / "model.safetensors", 0o000), (newest, 0o000)):

@@ -148,6 +148,7 @@ def test_missing_folders_name_what_was_expected(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("missing", ["transformers", "diffusers"])
+@pytest.mark.slow
 def test_without_the_sd_extra_the_command_exits_2_naming_it(run, sd, tmp_path, missing):
     argv = ["--checkpoint", str(run), "--prompt", PROMPT, "--vae", str(sd), "--text-encoder"]
     argv += [str(sd), "--out", str(tmp_path / "x.png")]
