@@ -46,13 +46,38 @@ _rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 RANK_STAND_IN = SERVER.with_name("prefork_rank.py")
 
 
+# Variables that nothing reads at import, so that a child forked from a server may differ from
+# it in them:
+# - fastsp's runtime switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), read when fastsp acts; the
+#   name of the test pytest is running (another in every test); the servers' own;
+# - what torchrun's agent gives each worker (torch.distributed.elastic's LocalElasticAgent), read
+#   when the process group starts, and TORCH_NCCL_ASYNC_ERROR_HANDLING, read by ProcessGroupNCCL
+#   when it is created; TORCH_DISABLE_SHARE_RDZV_TCP_STORE, read by the agent's rendezvous;
+# - what libraries write into a test worker's own environment as its tests run, read when they
+#   act: inductor's cache folder and its tensor-pointer handle (written at its first compile,
+#   for its compile workers) and sklearn's KMP_ settings (written at its import, read by Intel's
+#   OpenMP, which the Linux wheels of torch and sklearn do not load: both bundle GNU's libgomp).
+# Without the last group, every test worker would start a new server of each kind after its
+# first in-process compile or digits load.
+RUNTIME_PREFIXES = ("FASTSP_", "PYTEST_CURRENT_TEST", "PREFORK_", "TORCHELASTIC_", "KMP_")
+RUNTIME_NAMES = {
+    *("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"),
+    *("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE"),
+    *("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"),
+    *("TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"),
+}
+
+
 def import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """The part of `env` a server's imports may have read: all of it but fastsp's runtime
-    switches (FASTSP_KILL_AT, FASTSP_CACHE, ...), which fastsp reads when it acts, the name
-    of the test pytest is running (PYTEST_CURRENT_TEST, another in every test) and the servers'
-    own (PREFORK_RANK_SOCKET)."""
-    runtime = ("FASTSP_", "PYTEST_CURRENT_TEST", "PREFORK_")
-    return tuple(sorted((k, v) for k, v in env.items() if not k.startswith(runtime)))
+    """The part of `env` a server's imports may have read: all of it but the variables read
+    only when used (RUNTIME_PREFIXES, RUNTIME_NAMES)."""
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in env.items()
+            if not k.startswith(RUNTIME_PREFIXES) and k not in RUNTIME_NAMES
+        )
+    )
 
 
 def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:

@@ -154,27 +154,13 @@ def serve() -> None:
         answers.flush()
 
 
-# What torchrun's agent adds to each worker's environment: torch.distributed.elastic's
-# LocalElasticAgent's variables, read when the process group starts, and inductor's cache
-# folder, which torch writes into the agent's environment when it first asks for it and reads
-# when it compiles. Nothing reads them at import.
-_AGENT_VARIABLES = {
-    *("RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"),
-    *("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE"),
-    *("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR"),
-}
-
-
 _IMPORTS_READ = dict(import_environment(STARTED_WITH))
 
 
 def _import_differences(env: dict[str, str]) -> list[str]:
     """The variables in which a worker's environment differs from this server's where imports
-    may have read them."""
+    may have read them (prefork.import_environment)."""
     worker, mine = dict(import_environment(env)), _IMPORTS_READ
-    for name in [n for n in worker if n not in mine]:
-        if name in _AGENT_VARIABLES or name.startswith("TORCHELASTIC_"):
-            del worker[name]
     return sorted(n for n in worker.keys() | mine.keys() if worker.get(n) != mine.get(n))
 
 

@@ -40,7 +40,7 @@ def _launch(nproc: int | None, args: list[str], **env) -> subprocess.CompletedPr
     launcher = [sys.executable]
     if nproc is not None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     # torchrun's runs start fresh; a plain process is forked from a server (tests/prefork.py)
     return prefork.run([*launcher, TRAIN, *args], env=environment, timeout=300)
 

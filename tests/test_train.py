@@ -239,7 +239,6 @@ def test_torchrun_workers_get_the_nccl_setting_for_graph_capture(tmp_path):
     """torchrun's agent sets TORCH_NCCL_ASYNC_ERROR_HANDLING in every worker (here "1", as its
     default), so the capture recipe's "0" must be assigned, not set as a default."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     script = tmp_path / "worker.py"
     script.write_text(WORKER_ENVIRONMENT_SCRIPT)
