@@ -9,12 +9,13 @@ in a fresh one), running the same `fastsp/train.py` as `__main__` with the run's
 environment and working directory; `run` returns what `subprocess.run(..., capture_output=True,
 text=True)` would. Python reads some variables only at import (TRITON_INTERPRET,
 OMP_NUM_THREADS, PYTHONPATH, ...), so a forked child cannot change them: runs whose environments
-differ in anything but fastsp's runtime switches (FASTSP_*) and pytest's current test name go to
-different servers; past `MAX_SERVERS` of those the least recently used one stops (a test
+differ in anything but the variables read only when used (`RUNTIME_NAMES`, `RUNTIME_PREFIXES`)
+go to different servers; past `MAX_SERVERS` of those the least recently used one stops (a test
 worker runs one test at a time, so none of its runs is in flight), and where fork is not
 available runs start a fresh interpreter.
 
-torchrun's workers are forked the same way (`torchrun`): the agent starts a light stand-in per
+torchrun's agent is forked as a trainer run is, and its workers too (`torchrun`): the agent
+starts a light stand-in per
 worker (tests/prefork_rank.py) that has a rank server fork the worker with the stand-in's stdio,
 passes on the signals it gets and ends as the worker ends; the worker dies with its stand-in.
 """
@@ -39,7 +40,8 @@ REPO = SERVER.parent.parent
 # One server per kind (a trainer's, a dry run's with fake CUDA, or torchrun workers') and
 # environment (what its imports read), kept in order of use, the least recently used first.
 # Each holds an imported torch (about 0.5 GB resident, most of it shared) and costs about two
-# fresh interpreters to start; the suite's test workers use up to 7 each.
+# fresh interpreters to start: a test worker needs one of each kind, and one more for each
+# environment a test sets that imports read (TRITON_INTERPRET=0, say).
 MAX_SERVERS = 8
 _servers: dict[tuple[str, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
 _rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
@@ -165,9 +167,10 @@ def _stop() -> None:
         _stop_server(next(iter(_servers)))
 
 
-def _ours(module: str) -> bool:
-    """fastsp's commands are forked; other modules (torchrun's agent) start fresh."""
-    return module.split(".")[0] == "fastsp"
+def _forked_module(module: str) -> bool:
+    """fastsp's commands and torchrun's agent (torch.distributed.run, which then starts its
+    workers' stand-ins) are forked; other modules start fresh."""
+    return module.split(".")[0] == "fastsp" or module == "torch.distributed.run"
 
 
 def _dry_run_code(code: str) -> bool:
@@ -205,7 +208,7 @@ def run(
     env = dict(os.environ if env is None else env)
     cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
     cmd, env = torchrun(cmd, env)  # torchrun's workers fork from a rank server
-    if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _ours(cmd[2]):
+    if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _forked_module(cmd[2]):
         target = {"module": cmd[2], "argv": cmd[3:]}
         kind = "dryrun" if cmd[2] == "fastsp.dryrun" else "trainer"
     elif cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py"):
