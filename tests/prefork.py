@@ -15,9 +15,9 @@ worker runs one test at a time, so none of its runs is in flight), and where for
 available runs start a fresh interpreter.
 
 torchrun's agent is forked as a trainer run is, and its workers too (`torchrun`): the agent
-starts a light stand-in per
-worker (tests/prefork_rank.py) that has a rank server fork the worker with the stand-in's stdio,
-passes on the signals it gets and ends as the worker ends; the worker dies with its stand-in.
+starts a light stand-in per worker (tests/prefork_rank.py) that has a rank server fork the
+worker with the stand-in's stdio, passes on the signals it gets and ends as the worker ends; the
+worker dies with its stand-in.
 """
 
 from __future__ import annotations
