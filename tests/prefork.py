@@ -44,6 +44,7 @@ REPO = SERVER.parent.parent
 # environment a test sets that imports read (TRITON_INTERPRET=0, say).
 MAX_SERVERS = 8
 _servers: dict[tuple[str, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
+_busy: dict[tuple[str, tuple[tuple[str, str], ...]], ForkedProcess] = {}  # a `start` child runs
 _rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 RANK_STAND_IN = SERVER.with_name("prefork_rank.py")
 
@@ -85,8 +86,11 @@ def import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
     """The running server of `kind` ("trainer", "dryrun" or "ranks") for `env`'s import
     environment, started where none runs (the least recently used stopped past MAX_SERVERS);
-    None where fork is not available: run a fresh interpreter."""
+    None where fork is not available, or where that server's child of `start` still runs: run a
+    fresh interpreter."""
     key = (kind, import_environment(env))
+    if key in _busy:
+        return None
     if key in _servers and _servers[key].poll() is None:
         _servers[key] = _servers.pop(key)  # now the most recently used
         return _servers[key]
@@ -108,7 +112,11 @@ def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
         cwd=REPO,
         text=True,
     )
-    if json.loads(server.stdout.readline() or "{}").get("ready") is not True:
+    try:
+        ready = _answer(server, None)
+    except RuntimeError:
+        ready = {}
+    if ready.get("ready") is not True:
         raise RuntimeError("the prefork server did not start (its stderr says why)")
     _servers[key] = server
     return server
@@ -154,6 +162,8 @@ def torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[list[st
 
 def _stop_server(key) -> None:
     server = _servers.pop(key)
+    if key in _busy:  # a child of `start` left running (its test failed): it goes first
+        _busy.pop(key).kill()
     if server.poll() is None:
         server.stdin.close()
         server.wait(timeout=30)
@@ -184,58 +194,132 @@ def _dry_run_code(code: str) -> bool:
     return False
 
 
-def _answer(server: subprocess.Popen, deadline: float) -> dict:
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        ready, _, _ = select.select([server.stdout], [], [], left)
-        if ready:
-            line = server.stdout.readline()
-            if not line:
-                raise RuntimeError("the prefork server ended")
-            return json.loads(line)
+# Answer bytes read from each server's stdout past its last whole line. The pipe is read
+# directly: a buffered reader could hold a second answer (a run's end right after its start)
+# where select() no longer sees it.
+_pending: dict[int, bytes] = {}
+
+
+def _answer(server: subprocess.Popen, deadline: float | None) -> dict | None:
+    """The server's next answer; None where none is whole by `deadline` (None: no limit)."""
+    fd = server.stdout.fileno()
+    while b"\n" not in _pending.get(fd, b""):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            raise RuntimeError("the prefork server ended")
+        _pending[fd] = _pending.get(fd, b"") + chunk
+    line, _, _pending[fd] = _pending[fd].partition(b"\n")
+    return json.loads(line)
+
+
+class ForkedProcess:
+    """What the tests use of a subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True) (pid,
+    poll, wait, send_signal, communicate, returncode) for a run forked from a server. Its
+    output goes to files, read when it has ended. Its server takes no other run meanwhile:
+    one started then runs fresh (`_server_for`)."""
+
+    def __init__(self, args: list[str], key, server: subprocess.Popen, request: dict):
+        self.args, self.returncode = args, None
+        self._key, self._server = key, server
+        self._folder = tempfile.TemporaryDirectory(prefix="prefork_")
+        self._files = [os.path.join(self._folder.name, name) for name in ("stdout", "stderr")]
+        request = {**request, "stdout": self._files[0], "stderr": self._files[1]}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        self.pid = _answer(server, None)["pid"]
+        _busy[key] = self
+        self._output: tuple[str, str] | None = None
+
+    def poll(self) -> int | None:
+        self._ended_by(0)
+        return self.returncode
+
+    def _ended_by(self, timeout: float | None) -> bool:
+        if self.returncode is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            answer = _answer(self._server, deadline)
+            if answer is None:
+                return False
+            self.returncode = answer["returncode"]
+            del _busy[self._key]
+        return True
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended_by(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # as Popen: never a pid that may have been reused
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        if self._output is None:
+            self._output = tuple(Path(f).read_text() for f in self._files)
+            self._folder.cleanup()
+        return self._output
+
+
+def _forked_target(cmd: list[str], cwd: str) -> tuple[dict, str] | None:
+    """What a server runs for `cmd` and the kind of server that runs it; None: run it fresh."""
+    if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _forked_module(cmd[2]):
+        kind = "dryrun" if cmd[2] == "fastsp.dryrun" else "trainer"
+        return {"module": cmd[2], "argv": cmd[3:]}, kind
+    if cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py"):
+        script = Path(cwd, cmd[1])
+        dry_run = script.is_file() and _dry_run_code(script.read_text())
+        return {"script": str(script), "argv": cmd[2:]}, "dryrun" if dry_run else "trainer"
+    if cmd[:2] == [sys.executable, "-c"] and len(cmd) > 2 and _dry_run_code(cmd[2]):
+        return {"code": cmd[2], "argv": cmd[3:]}, "dryrun"
+    return None
+
+
+def start(
+    cmd: list[str], *, env: dict[str, str] | None = None, cwd=None, start_new_session=False
+) -> ForkedProcess | subprocess.Popen:
+    """`subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env, cwd=cwd,
+    start_new_session=start_new_session)` for the commands `run` forks, forked from the server
+    of its kind where one is free (a ForkedProcess); a torchrun command with its workers forked;
+    any other command as subprocess.Popen."""
+    env = dict(os.environ if env is None else env)
+    cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
+    cmd, env = torchrun([os.fspath(part) for part in cmd], env)  # workers from a rank server
+    target = _forked_target(cmd, cwd)
+    server = _server_for(env, target[1]) if target is not None else None
+    if server is None:
+        return subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=cwd,
+            start_new_session=start_new_session,
+        )
+    request = {**target[0], "env": env, "cwd": cwd, "new_session": start_new_session}
+    return ForkedProcess(cmd, (target[1], import_environment(env)), server, request)
 
 
 def run(
     cmd: list[str], *, env: dict[str, str] | None = None, cwd=None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)`
-    for `cmd` = [sys.executable, script.py, ...], [sys.executable, "-m", "fastsp...", ...] or a dry
-    run's [sys.executable, "-c", code importing fastsp.dryrun first, ...], forked from the
-    server of its kind when the environment allows; a torchrun command (`torchrun`) with its
-    workers forked; any other command runs as subprocess.run."""
-    env = dict(os.environ if env is None else env)
-    cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
-    cmd, env = torchrun(cmd, env)  # torchrun's workers fork from a rank server
-    if cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] == "-m" and _forked_module(cmd[2]):
-        target = {"module": cmd[2], "argv": cmd[3:]}
-        kind = "dryrun" if cmd[2] == "fastsp.dryrun" else "trainer"
-    elif cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py"):
-        target = {"script": os.path.join(cwd, cmd[1]), "argv": cmd[2:]}
-        script = Path(target["script"])
-        dry_run = script.is_file() and _dry_run_code(script.read_text())
-        kind = "dryrun" if dry_run else "trainer"
-    elif cmd[:2] == [sys.executable, "-c"] and len(cmd) > 2 and _dry_run_code(cmd[2]):
-        target, kind = {"code": cmd[2], "argv": cmd[3:]}, "dryrun"
-    else:
-        target = None
-    server = _server_for(env, kind) if target is not None else None
-    if server is None:
-        return subprocess.run(
-            cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
-        )
-    with tempfile.TemporaryDirectory(prefix="prefork_") as folder:
-        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        request = {**target, "env": env, "cwd": cwd, "stdout": str(out), "stderr": str(err)}
-        server.stdin.write(json.dumps(request) + "\n")
-        server.stdin.flush()
-        deadline = time.monotonic() + timeout
-        pid = _answer(server, deadline)["pid"]
-        try:
-            returncode = _answer(server, deadline)["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            _answer(server, time.monotonic() + 30)
-            raise subprocess.TimeoutExpired(cmd, timeout) from None
-        return subprocess.CompletedProcess(cmd, returncode, out.read_text(), err.read_text())
+    for `cmd` = [sys.executable, script.py, ...], [sys.executable, "-m", "fastsp...", ...],
+    torchrun's agent [sys.executable, "-m", "torch.distributed.run", ...] or a dry run's
+    [sys.executable, "-c", code importing fastsp.dryrun first, ...], forked from the server of
+    its kind when the environment allows (`start`); any other command runs as subprocess.run."""
+    process = start(cmd, env=env, cwd=cwd)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=30)
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

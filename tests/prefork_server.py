@@ -4,9 +4,9 @@ Started with `--dryrun`, it imports fastsp.dryrun first, which registers fake CU
 loads, as `python -m fastsp.dryrun` or a `python -c` script that imports it first does.
 
 Protocol (JSON lines): a request {"script", "module" or "code", "argv", "env", "cwd", "stdout",
-"stderr"}
-on stdin; the answers {"pid": ...} as soon as the child exists, then {"returncode": ...} when it
-has ended (negative: the signal that ended it, as `subprocess` reports it). The answers go out
+"stderr", "new_session"} on stdin; the answers {"pid": ...} as soon as the child exists, then
+{"returncode": ...} when it has ended (negative: the signal that ended it, as `subprocess`
+reports it). The answers go out
 on the stdout this process was started with; each child writes its own stdout and stderr to the
 named files. The server itself never runs a torch operation and starts no thread, so that
 forking it is safe (OpenMP's thread pool does not exist yet) and each child starts where a fresh
@@ -87,6 +87,8 @@ def _run_child(request: dict, stdio=_files_as_stdio) -> None:
     """In the forked child: become `python script argv...` and never return."""
     code = 1
     try:
+        if request.get("new_session"):  # Popen's start_new_session: its own process group
+            os.setsid()
         stdio(request)
         os.environ.clear()
         os.environ.update(request["env"])

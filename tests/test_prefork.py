@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +79,50 @@ def test_a_forked_dry_run_prints_what_a_fresh_one_prints():
     script = "import sys\nimport fastsp.dryrun as dryrun\nsys.exit(dryrun.main(sys.argv[1:]))\n"
     scripted = prefork.run([sys.executable, "-c", script, *dry[3:]], env=env, cwd=REPO)
     assert scripted.returncode == 0 and _same(scripted.stdout) == _same(fresh.stdout)
+
+
+# A run that says where it came from, then waits for SIGTERM (exit 75)
+WAITER = """
+import json, os, signal, sys, time
+print("on stdout"); print("on stderr", file=sys.stderr)
+signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(75))
+said = {"pid": os.getpid(), "group": os.getpgid(0), "forked": "fastsp.train" in sys.modules}
+with open(sys.argv[1] + ".tmp", "w") as f:
+    json.dump(said, f)
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(0.05)
+"""
+FORKED = "import sys; print('fastsp.train' in sys.modules)"
+
+
+def test_a_started_run_is_a_forked_popen_and_its_server_takes_no_other_run(tmp_path):
+    # prefork.start stands for subprocess.Popen: the pid is the run's own, in a process group
+    # of its own with start_new_session; a run asked for meanwhile starts fresh, and the server
+    # forks again once the started run has ended
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    waiter, said = tmp_path / "waiter.py", tmp_path / "said.json"
+    waiter.write_text(WAITER)
+    (tmp_path / "forked.py").write_text(FORKED)
+    asks = [sys.executable, str(tmp_path / "forked.py")]
+    assert prefork.run(asks, env=env).stdout == "True\n"  # its server is up
+    process = prefork.start(
+        [sys.executable, str(waiter), str(said)], env=env, start_new_session=True
+    )
+    for _ in range(1200):
+        if said.exists() or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    own = {"pid": process.pid, "group": process.pid, "forked": True}
+    assert json.loads(said.read_text()) == own
+    assert prefork.run(asks, env=env).stdout == "False\n"  # fresh: the server is busy
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(timeout=0.1)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.communicate(timeout=60) == ("on stdout\n", "on stderr\n")
+    assert process.returncode == 75 and process.poll() == 75
+    assert prefork.run(asks, env=env).stdout == "True\n"
 
 
 # A torchrun worker that says where it came from: forked workers have the trainer imported

@@ -61,10 +61,7 @@ def _train(args, **env):
 
 
 def _start(cmd, **env):
-    cmd, environment = prefork.torchrun(cmd, _env(**env))  # a torchrun's workers are forked
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
-    )
+    return prefork.start(cmd, env=_env(**env))  # a Popen, forked from a server (and its workers)
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -135,11 +135,8 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_75(tmp_
     out = tmp_path / "run"
     args = ["--data", str(data), "--num-workers", "2", "--checkpoint-every", "0"]
     args += ["--out", str(out), "--resume"]
-    process = subprocess.Popen(
+    process = prefork.start(
         [sys.executable, TRAIN, *COMMON, *args, "--steps", "100000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         env=_env(),
         start_new_session=True,  # its own process group, as a scheduler's job has
     )
@@ -199,7 +196,14 @@ def _caught(pid: int) -> int:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_start_exits_75_and_leaves_no_folder(tmp_path, sig):
     out = tmp_path / "run"
-    process = _start([sys.executable, TRAIN, *COMMON, "--steps", "5", "--out", str(out)])
+    # a fresh interpreter, not one forked from a server: the signal may come during its imports
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *COMMON, "--steps", "5", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     deadline = time.time() + 60
     # SIGTERM caught: the entry point's handlers are in (torch is not imported yet)
     while not _caught(process.pid) & (1 << (signal.SIGTERM - 1)):
