@@ -273,6 +273,11 @@ class TrainStep:
         # Under FSDP2 the model and the EMA are sharded alike: the update runs on the local shards
         self.ema_params = [local(p) for name, p in ema.named_parameters() if name in trained]
         self.model_values = [local(p.detach()) for p in self.params]
+        # torch's gradient norm and clip run one foreach kernel over plain tensors but a kernel
+        # per tensor for types it does not list (foreach=None): fake tensors among them, so the
+        # dry run would count a launch per parameter that a GPU never makes. Asked for by name;
+        # FSDP2's DTensors keep the per-tensor path torch picks for them.
+        self.foreach_norm = not any(is_dtensor(p) for p in self.params)
         self.force_skip = torch.zeros((), dtype=torch.bool, device=device)  # warm-up: no update
         self.found_inf = torch.zeros((), device=device)
         self.generator = torch.Generator(device=device)
@@ -386,10 +391,13 @@ class TrainStep:
         # gradient norm is not finite: fused AdamW reads `found_inf` and leaves parameters,
         # moments and its step count alone; the EMA moves by a zero weight.
         if self.config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.params, self.config.grad_clip, foreach=self.foreach_norm or None
+            )
         else:
             grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.params if p.grad is not None]
+                [p.grad for p in self.params if p.grad is not None],
+                foreach=self.foreach_norm or None,
             )
         if is_dtensor(grad_norm):  # FSDP2: all-reduced already, read on every rank
             grad_norm = grad_norm.full_tensor()
