@@ -15,7 +15,7 @@ worker runs one test at a time, so none of its runs is in flight), and where for
 available runs start a fresh interpreter.
 
 torchrun's agent is forked as a trainer run is, and its workers too (`torchrun`): the agent
-starts a light stand-in per worker (tests/prefork_rank.py) that has a rank server fork the
+starts a light stand-in per worker (tests/prefork_rank.py) that has the trainer server fork the
 worker with the stand-in's stdio, passes on the signals it gets and ends as the worker ends; the
 worker dies with its stand-in.
 """
@@ -37,15 +37,16 @@ from pathlib import Path
 SERVER = Path(__file__).with_name("prefork_server.py")
 REPO = SERVER.parent.parent
 
-# One server per kind (a trainer's, a dry run's with fake CUDA, or torchrun workers') and
-# environment (what its imports read), kept in order of use, the least recently used first.
+# One server per kind (a trainer's, which forks torchrun's workers too, or a dry run's with fake
+# CUDA) and environment (what its imports read), kept in order of use, the least recently used
+# first.
 # Each holds an imported torch (about 0.5 GB resident, most of it shared) and costs about two
 # fresh interpreters to start: a test worker needs one of each kind, and one more for each
 # environment a test sets that imports read (TRITON_INTERPRET=0, say).
 MAX_SERVERS = 8
 _servers: dict[tuple[str, tuple[tuple[str, str], ...]], subprocess.Popen] = {}
 _busy: dict[tuple[str, tuple[tuple[str, str], ...]], ForkedProcess] = {}  # a `start` child runs
-_rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+_rank_sockets: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}  # each server's
 RANK_STAND_IN = SERVER.with_name("prefork_rank.py")
 
 
@@ -83,13 +84,13 @@ def import_environment(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
-    """The running server of `kind` ("trainer", "dryrun" or "ranks") for `env`'s import
-    environment, started where none runs (the least recently used stopped past MAX_SERVERS);
-    None where fork is not available, or where that server's child of `start` still runs: run a
-    fresh interpreter."""
+def _server_for(env: dict[str, str], kind: str, free: bool = True) -> subprocess.Popen | None:
+    """The running server of `kind` ("trainer" or "dryrun") for `env`'s import environment,
+    started where none runs (the least recently used stopped past MAX_SERVERS); None where fork
+    is not available, or where `free` asks for a server that takes a run on stdin and that
+    server's child of `start` still runs: run a fresh interpreter."""
     key = (kind, import_environment(env))
-    if key in _busy:
+    if free and key in _busy:
         return None
     if key in _servers and _servers[key].poll() is None:
         _servers[key] = _servers.pop(key)  # now the most recently used
@@ -100,12 +101,10 @@ def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
         return None
     while len(_servers) >= MAX_SERVERS:
         _stop_server(next(iter(_servers)))
-    options = {"trainer": [], "dryrun": ["--dryrun"]}.get(kind)
-    if kind == "ranks":
-        _rank_sockets[key] = os.path.join(tempfile.mkdtemp(prefix="prefork_"), "ranks")
-        options = ["--ranks", _rank_sockets[key]]
+    _rank_sockets[key] = os.path.join(tempfile.mkdtemp(prefix="prefork_"), "ranks")
+    options = ["--dryrun"] if kind == "dryrun" else []
     server = subprocess.Popen(
-        [sys.executable, str(SERVER), *options],
+        [sys.executable, str(SERVER), *options, _rank_sockets[key]],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=dict(key[1]),
@@ -124,9 +123,10 @@ def _server_for(env: dict[str, str], kind: str) -> subprocess.Popen | None:
 
 def torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[list[str], dict]:
     """`cmd` = [sys.executable, "-m", "torch.distributed.run", OPTIONS..., SCRIPT or -m MODULE,
-    ARGS...] with its workers forked from a rank server (tests/prefork_rank.py stands in for
-    each towards torchrun's agent): the command and environment to start it with. Options
-    written `--name value` or `--no-python`, or no room for a server: `cmd` and `env` as given."""
+    ARGS...] with its workers forked from the trainer server of their environment
+    (tests/prefork_rank.py stands in for each towards torchrun's agent): the command and
+    environment to start it with. Options written `--name value` or `--no-python`, or no room
+    for a server: `cmd` and `env` as given."""
     env = dict(os.environ if env is None else env)
     cmd = [os.fspath(part) for part in cmd]
     if cmd[:3] != [sys.executable, "-m", "torch.distributed.run"]:
@@ -149,10 +149,9 @@ def torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[list[st
     worker = dict(env)
     if nproc > 1:  # what torch.distributed.run sets for its workers when the caller has not
         worker.setdefault("OMP_NUM_THREADS", "1")
-    server = _server_for(worker, "ranks")
-    if server is None:
+    if _server_for(worker, "trainer", free=False) is None:
         return cmd, env
-    socket_path = _rank_sockets[("ranks", import_environment(worker))]
+    socket_path = _rank_sockets[("trainer", import_environment(worker))]
     target = ["-m", *cmd[at:]] if module else cmd[at:]
     return [*cmd[:3], *options, str(RANK_STAND_IN), *target], {
         **env,
@@ -290,7 +289,7 @@ def start(
     any other command as subprocess.Popen."""
     env = dict(os.environ if env is None else env)
     cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
-    cmd, env = torchrun([os.fspath(part) for part in cmd], env)  # workers from a rank server
+    cmd, env = torchrun([os.fspath(part) for part in cmd], env)  # its workers from a trainer server
     target = _forked_target(cmd, cwd)
     server = _server_for(env, target[1]) if target is not None else None
     if server is None:

@@ -2,8 +2,8 @@
 
 torchrun starts each worker as `python -u tests/prefork_rank.py [-m MODULE | SCRIPT] ARGS...`.
 This process imports nothing heavy: it hands its stdin, stdout and stderr, its environment,
-working directory and command to the rank server named by PREFORK_RANK_SOCKET (a
-`tests/prefork_server.py --ranks` that has imported the trainer once), which forks the worker
+working directory and command to the server listening at PREFORK_RANK_SOCKET (a
+`tests/prefork_server.py` that has imported the trainer once), which forks the worker
 from its imported state. This process stands in for the worker towards torchrun's agent: it
 passes on every signal the agent (or a test) sends it, and ends as the worker ended, with its
 exit status or by its signal. Where it ends first (SIGKILL), the worker kills itself: it
@@ -28,7 +28,7 @@ def _fresh(command: list[str]) -> None:
 def _line(stream) -> dict:
     line = stream.readline()
     if not line:
-        raise ConnectionError("the rank server ended before the worker")
+        raise ConnectionError("the prefork server ended before the worker")
     return json.loads(line)
 
 

@@ -1,24 +1,25 @@
 """The server side of tests/prefork.py: imports the trainer once, then forks one child per run.
 
-Started with `--dryrun`, it imports fastsp.dryrun first, which registers fake CUDA before torch
-loads, as `python -m fastsp.dryrun` or a `python -c` script that imports it first does.
+`python tests/prefork_server.py [--dryrun] SOCKET`. With `--dryrun`, it imports fastsp.dryrun
+first, which registers fake CUDA before torch loads, as `python -m fastsp.dryrun` or a
+`python -c` script that imports it first does.
 
-Protocol (JSON lines): a request {"script", "module" or "code", "argv", "env", "cwd", "stdout",
-"stderr", "new_session"} on stdin; the answers {"pid": ...} as soon as the child exists, then
+Runs (JSON lines on stdin): a request {"script", "module" or "code", "argv", "env", "cwd",
+"stdout", "stderr", "new_session"}; the answers {"pid": ...} as soon as the child exists, then
 {"returncode": ...} when it has ended (negative: the signal that ended it, as `subprocess`
-reports it). The answers go out
-on the stdout this process was started with; each child writes its own stdout and stderr to the
-named files. The server itself never runs a torch operation and starts no thread, so that
-forking it is safe (OpenMP's thread pool does not exist yet) and each child starts where a fresh
-interpreter would after its imports.
+reports it), on the stdout this process was started with; each child writes its own stdout and
+stderr to the named files.
 
-Started with `--ranks SOCKET`, it forks torchrun's workers instead (tests/prefork_rank.py): each
-worker's stand-in connects to the Unix socket SOCKET and sends one JSON line {"script" or
-"module", "argv", "env", "cwd"} with its stdin, stdout, stderr and the read end of a pipe only
-it holds; the answers are {"pid": ...}, then {"returncode": ...}, or {"refused": reason} where
-the worker's environment differs from this server's in what imports read (it then starts
-fresh). Each forked worker kills itself when that pipe's other end closes, so it never outlives
-its stand-in. The server ends when its stdin closes.
+torchrun's workers (tests/prefork_rank.py), on the Unix socket SOCKET: each worker's stand-in
+connects and sends one JSON line {"script" or "module", "argv", "env", "cwd"} with its stdin,
+stdout, stderr and the read end of a pipe only it holds; the answers are {"pid": ...}, then
+{"returncode": ...}, or {"refused": reason} where the worker's environment differs from this
+server's in what imports read (it then starts fresh). Each forked worker kills itself when that
+pipe's other end closes, so it never outlives its stand-in.
+
+The server itself never runs a torch operation and starts no thread, so that forking it is safe
+(OpenMP's thread pool does not exist yet) and each child starts where a fresh interpreter would
+after its imports. It ends when its stdin closes.
 """
 
 import array
@@ -40,7 +41,7 @@ from prefork import import_environment
 # E402s that follow
 STARTED_WITH = dict(os.environ)
 
-if sys.argv[1:] == ["--dryrun"]:  # a dry-run server: fake CUDA registered before torch loads
+if sys.argv[1:2] == ["--dryrun"]:  # a dry-run server: fake CUDA registered before torch loads
     import fastsp.dryrun  # noqa: F401  # isort: skip
     import fastsp.dryrun_parallel  # noqa: F401  (the fake process group of --dry-world-size)
 
@@ -142,20 +143,6 @@ def _ready():
     return answers
 
 
-def serve() -> None:
-    answers = _ready()
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = _fork()
-        if pid == 0:
-            _run_child(request)
-        answers.write(json.dumps({"pid": pid}) + "\n")
-        answers.flush()
-        _, status = os.waitpid(pid, 0)
-        answers.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
-        answers.flush()
-
-
 _IMPORTS_READ = dict(import_environment(STARTED_WITH))
 
 
@@ -203,16 +190,49 @@ def _worker_stdio(fds: list[int]):
     return stdio
 
 
-def serve_ranks(path: str) -> None:
+class _Requests:
+    """The requests on stdin, read from the descriptor itself: select() cannot see a second
+    line that a buffered reader took in with the first."""
+
+    def __init__(self):
+        self.pending, self.ended = b"", False
+
+    def read(self) -> list[dict]:
+        chunk = os.read(0, 1 << 16)
+        self.ended = not chunk
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        return [json.loads(line) for line in lines]
+
+
+def serve(path: str) -> None:
+    """Fork a run per request on stdin (its answers on the stdout this process was started
+    with) and a torchrun worker per stand-in on the socket at `path`, until stdin closes."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
     answers = _ready()
-    workers: dict[int, socket.socket] = {}  # pid -> its stand-in's connection
-    while True:
-        readable, _, _ = select.select([listener, sys.stdin], [], [], 0.02)
-        if sys.stdin in readable and not sys.stdin.readline():
-            break
+    requests = _Requests()
+    # pid -> its stand-in's connection, or None for a run asked for on stdin
+    children: dict[int, socket.socket | None] = {}
+
+    def fork() -> int:
+        """os.fork, the child without this loop's sockets and answers."""
+        pid = _fork()
+        if pid == 0:
+            for other in (listener, answers, *(c for c in children.values() if c)):
+                other.close()
+        return pid
+
+    while not requests.ended:
+        readable, _, _ = select.select([listener, 0], [], [], 0.02)
+        if 0 in readable:
+            for request in requests.read():
+                pid = fork()
+                if pid == 0:
+                    _run_child(request)
+                children[pid] = None
+                answers.write(json.dumps({"pid": pid}) + "\n")
+                answers.flush()
         if listener in readable:
             connection, _ = listener.accept()
             request, fds = _receive(connection)
@@ -222,30 +242,30 @@ def serve_ranks(path: str) -> None:
                 connection.sendall(json.dumps({"refused": reason}).encode() + b"\n")
                 connection.close()
             else:
-                pid = _fork()
+                pid = fork()
                 if pid == 0:
-                    for other in (listener, *workers.values(), connection, answers):
-                        other.close()
+                    connection.close()
                     _run_child(request, stdio=_worker_stdio(fds))
-                workers[pid] = connection
+                children[pid] = connection
                 connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             for fd in fds:
                 os.close(fd)
-        while workers:
+        while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            connection = workers.pop(pid)
-            returncode = os.waitstatus_to_exitcode(status)
+            connection = children.pop(pid)
+            answer = json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n"
+            if connection is None:
+                answers.write(answer)
+                answers.flush()
+                continue
             try:
-                connection.sendall(json.dumps({"returncode": returncode}).encode() + b"\n")
+                connection.sendall(answer.encode())
             except OSError:  # the stand-in is gone (it was killed): nothing to tell
                 pass
             connection.close()
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--ranks"]:
-        serve_ranks(sys.argv[2])
-    else:
-        serve()
+    serve(sys.argv[-1])
