@@ -7,10 +7,11 @@ The suite runs on parallel workers (pytest-xdist: `-n logical --dist loadgroup`,
 addopts; `-n 0` runs it in one process). What keeps that safe, and what every test keeps to:
 - Files go under tmp_path or tmp_path_factory only: never runs/, benchmarks/results/, the
   repository or the home folder (FASTSP_CACHE points into this run's temporary folder). The one
-  exception is the bytecode of fastsp, kernels and tests, compiled once before the workers start
-  (`pytest_configure`) into the `__pycache__` folders Python itself uses (ignored by git) where
-  PYTHONDONTWRITEBYTECODE keeps Python from writing it: otherwise each of the suite's hundreds of
-  processes would compile the package from source again.
+  exception is bytecode, compiled once before the workers start (`_compile_bytecode`) into the
+  `__pycache__` folders Python itself uses (ignored by git): fastsp's, kernels' and the tests'
+  where PYTHONDONTWRITEBYTECODE keeps Python from writing it (otherwise each of the suite's
+  hundreds of processes would compile them from source again), and torch's where its installer
+  left it out (the README's `pip install --no-compile`: pip compiles on one core, this on all).
 - Distributed runs take a port the system picks (torchrun --standalone, or a socket bound to
   port 0 for MASTER_PORT), never a fixed one.
 - What several tests read is built once per run by `build_once` (a session fixture): read-only
@@ -21,12 +22,29 @@ addopts; `-n 0` runs it in one process). What keeps that safe, and what every te
 """
 
 import compileall
+import importlib.util
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+
+def _compile_bytecode() -> None:
+    """In the controller, before anything imports torch: the bytecode that the workers and the
+    processes they start would otherwise compile again and again (see the module docstring)."""
+    if sys.flags.dont_write_bytecode:  # uv and pip compiled the installed packages
+        repo = Path(__file__).resolve().parents[1]
+        for folder in ("fastsp", "kernels", "tests"):
+            compileall.compile_dir(repo / folder, quiet=1)
+    torch_package = Path(importlib.util.find_spec("torch").origin).parent
+    if not (torch_package / "__pycache__").is_dir():
+        # quiet=2: torch ships a file of Python 3.12 syntax (testing/_internal/py312_intrinsics)
+        compileall.compile_dir(torch_package, quiet=2, workers=0)
+
+
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    _compile_bytecode()
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 if "PYTEST_XDIST_WORKER" in os.environ:
@@ -42,10 +60,6 @@ from filelock import FileLock  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds (scheduled first)")
-    if sys.flags.dont_write_bytecode and not hasattr(config, "workerinput"):  # the controller
-        repo = Path(__file__).resolve().parents[1]
-        for folder in ("fastsp", "kernels", "tests"):  # pip compiled the installed packages
-            compileall.compile_dir(repo / folder, quiet=1)
 
 
 def pytest_collection_modifyitems(config, items):
