@@ -56,6 +56,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_speed import skip_repatching
+
+    skip_repatching()
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
