@@ -19,6 +19,8 @@ addopts; `-n 0` runs it in one process). What keeps that safe, and what every te
 - A resource outside tmp_path that several workers may build at once (the dry run's fake-CUDA
   extension, in torch's extension folder) is built under a lock by its owner (fastsp.fake_cuda).
 - Tests marked `slow` are handed out first, so that the longest ones do not end the run alone.
+- Under Triton's interpreter, the language is patched once per kernel launch, not again at every
+  helper call inside it (tests/interpreter_speed.py).
 """
 
 import compileall
