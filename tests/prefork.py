@@ -166,6 +166,8 @@ def _stop_server(key) -> None:
     if server.poll() is None:
         server.stdin.close()
         server.wait(timeout=30)
+    _pending.pop(server.stdout.fileno(), None)  # unread answers, never a later server's
+    server.stdout.close()
     if key in _rank_sockets:
         shutil.rmtree(os.path.dirname(_rank_sockets.pop(key)), ignore_errors=True)
 
@@ -289,7 +291,7 @@ def start(
     any other command as subprocess.Popen."""
     env = dict(os.environ if env is None else env)
     cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
-    cmd, env = torchrun([os.fspath(part) for part in cmd], env)  # its workers from a trainer server
+    cmd, env = torchrun(cmd, env)  # its workers from a trainer server
     target = _forked_target(cmd, cwd)
     server = _server_for(env, target[1]) if target is not None else None
     if server is None:
