@@ -7,12 +7,11 @@ The suite runs on parallel workers (pytest-xdist: `-n logical --dist loadgroup`,
 addopts; `-n 0` runs it in one process). What keeps that safe, and what every test keeps to:
 - Files go under tmp_path or tmp_path_factory only: never runs/, benchmarks/results/, the
   repository or the home folder (FASTSP_CACHE points into this run's temporary folder). The one
-  exception is bytecode, compiled once before the workers start (`_compile_bytecode`) into the
-  `__pycache__` folders Python itself uses (ignored by git): fastsp's, kernels' and the tests'
-  where PYTHONDONTWRITEBYTECODE keeps Python from writing it (otherwise each of the suite's
-  hundreds of processes would compile them from source again), and that of torch and the
-  packages it requires where their installer left it out (the README's `pip install
-  --no-compile`: pip compiles on one core, this on all).
+  exception is bytecode, in the `__pycache__` folders Python itself uses (ignored by git): the
+  suite's processes write it as they import, PYTHONDONTWRITEBYTECODE or not, so that each
+  module is compiled once per run (by the first process that imports it) and only the modules
+  the suite imports are compiled, not every one installed (the README's install compiles
+  none: `pip install --no-compile`, uv's default).
 - Distributed runs take a port the system picks (torchrun --standalone, or a socket bound to
   port 0 for MASTER_PORT), never a fixed one.
 - What several tests read is built once per run by `build_once` (a session fixture): read-only
@@ -24,73 +23,15 @@ addopts; `-n 0` runs it in one process). What keeps that safe, and what every te
   helper call inside it (tests/interpreter_speed.py).
 """
 
-import compileall
-import importlib.metadata
-import importlib.util
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-
-def _compile_bytecode() -> None:
-    """In the controller, before anything imports torch: the bytecode that the workers and the
-    processes they start would otherwise compile again and again (see the module docstring)."""
-    if sys.flags.dont_write_bytecode:  # uv and pip compiled the installed packages
-        repo = Path(__file__).resolve().parents[1]
-        for folder in ("fastsp", "kernels", "tests"):
-            compileall.compile_dir(repo / folder, quiet=1)
-    torch_package = Path(importlib.util.find_spec("torch").origin).parent
-    if not (torch_package / "__pycache__").is_dir():
-        # The one `pip install --no-compile` installed torch and what it requires (sympy,
-        # networkx, jinja2, filelock, typing_extensions, ...): every module of theirs that a
-        # process imports would otherwise be compiled from source in that process (sympy's 470
-        # cost each process that starts torch's fake tensors or compiler about 1.5 s).
-        # quiet=2: torch ships a file of Python 3.12 syntax (testing/_internal/py312_intrinsics)
-        for path in _installed_paths(_requirement_closure("torch")):
-            if path.is_dir():
-                compileall.compile_dir(path, quiet=2, workers=0)
-            elif path.suffix == ".py":
-                compileall.compile_file(path, quiet=2)
-
-
-def _requirement_closure(name: str) -> set[str]:
-    """`name` and the distributions it requires, transitively (those installed here)."""
-    from packaging.requirements import Requirement
-
-    found, todo = set(), [name]
-    while todo:
-        requirement = todo.pop()
-        key = requirement.lower().replace("_", "-")
-        if key in found:
-            continue
-        try:
-            requires = importlib.metadata.requires(requirement) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        found.add(key)
-        for line in requires:
-            parsed = Requirement(line)
-            if parsed.marker is None or parsed.marker.evaluate({"extra": ""}):
-                todo.append(parsed.name)
-    return found
-
-
-def _installed_paths(names: set[str]) -> set[Path]:
-    """The top-level packages and modules that the distributions `names` installed."""
-    paths = set()
-    for name in names:
-        distribution = importlib.metadata.distribution(name)
-        for file in distribution.files or []:
-            top = file.parts[0]
-            if top != ".." and not top.endswith((".dist-info", ".data")) and top != "__pycache__":
-                paths.add(Path(distribution.locate_file(top)))
-    return paths
-
-
-if "PYTEST_XDIST_WORKER" not in os.environ:
-    _compile_bytecode()
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller, before the workers start
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # for every process of the run
+    sys.dont_write_bytecode = False
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 if "PYTEST_XDIST_WORKER" in os.environ:
