@@ -41,7 +41,7 @@ def _launch(nproc: int | None, args: list[str], **env) -> subprocess.CompletedPr
     if nproc is not None:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    # torchrun's runs start fresh; a plain process is forked from a server (tests/prefork.py)
+    # forked from a server (tests/prefork.py): a plain process, or torchrun's agent and ranks
     return prefork.run([*launcher, TRAIN, *args], env=environment, timeout=300)
 
 
